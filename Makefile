@@ -1,0 +1,35 @@
+# Two commands: `make run` (the whole loop on the embedded default) and `make test` (the suite).
+# Both build .venv from uv.lock first; package caches stay outside the checkout (~/.cache).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+CACHE ?= $(HOME)/.cache/kto-loop
+export UV_CACHE_DIR ?= $(HOME)/.cache/uv
+export UV_PYTHON_DOWNLOADS := never
+UV := $(CACHE)/uv/bin/uv
+VENV_STAMP := .venv/.synced
+
+.PHONY: run test bench setup clean
+
+run: $(VENV_STAMP)
+	.venv/bin/kto-loop up
+
+test: $(VENV_STAMP)
+	.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV_STAMP)
+	.venv/bin/python -m bench $(BENCH_ARGS)
+
+setup: $(VENV_STAMP)
+
+# uv itself comes from PyPI into a small venv of its own (works where system pip is locked down).
+$(UV):
+	$(PYTHON) -m venv $(CACHE)/uv
+	$(CACHE)/uv/bin/pip install --quiet --disable-pip-version-check uv
+
+$(VENV_STAMP): $(UV) pyproject.toml uv.lock
+	$(UV) sync --locked --python $(PYTHON)
+	touch $@
+
+clean:
+	rm -rf .venv data

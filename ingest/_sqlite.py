@@ -1,0 +1,108 @@
+"""SQLite plumbing shared by the embedded bus and the embedded ledger.
+
+Both keep their state in one SQLite file in WAL mode that several processes open at once, so
+they need the same things: a ``sqlite:///`` URL parser, connections with the right pragmas, and
+write transactions that take the write lock up front.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import unquote
+
+logger = logging.getLogger(__name__)
+
+SQLITE_SCHEME = "sqlite://"
+
+
+def path_from_url(url: str) -> Path:
+    """The file path in a ``sqlite://`` URL: everything after ``sqlite://``.
+
+    ``sqlite:///var/lib/kto/bus.sqlite3`` is absolute (``/var/lib/kto/bus.sqlite3``);
+    ``sqlite://data/bus.sqlite3`` is relative to the working directory.
+    SQLAlchemy-style ``sqlite:////abs/path`` also resolves to ``/abs/path``.
+    """
+    if not url.startswith(SQLITE_SCHEME):
+        raise ValueError(f"not a sqlite:// URL: {url!r}")
+    raw = unquote(url[len(SQLITE_SCHEME) :])
+    if not raw or raw == "/" or raw.endswith("/"):
+        raise ValueError(f"sqlite URL {url!r} must name a file, e.g. sqlite:///var/lib/kto/bus.sqlite3")
+    if ":memory:" in raw or "?" in raw:
+        # An in-memory database is per connection, so processes would not share it.
+        raise ValueError(f"sqlite URL {url!r} must name a plain file (no :memory:, no query string)")
+    if raw.startswith("//"):
+        raw = raw[1:]
+    return Path(raw)
+
+
+def connect(path: Path, *, synchronous: str, busy_timeout_s: float) -> sqlite3.Connection:
+    """Open ``path`` (creating parent directories) in WAL mode, in autocommit mode.
+
+    Autocommit (``isolation_level=None``) because callers manage transactions explicitly with
+    ``write_transaction``; Python's implicit transactions would start deferred ones, which can
+    fail with SQLITE_BUSY on upgrade instead of waiting.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # check_same_thread=False: the owner serialises use with a lock, and close() may run elsewhere.
+    conn = sqlite3.connect(str(path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+    try:
+        _set_wal(conn, busy_timeout_s)
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+    except sqlite3.Error:
+        conn.close()
+        raise
+    return conn
+
+
+def _set_wal(conn: sqlite3.Connection, busy_timeout_s: float) -> None:
+    # Switching to WAL needs an exclusive lock and may report BUSY without waiting on the busy
+    # handler when several processes create the file together, so retry for a while.
+    deadline = time.monotonic() + busy_timeout_s
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+            continue
+        if mode.lower() != "wal":
+            raise sqlite3.OperationalError(f"could not enable WAL mode (got {mode!r})")
+        return
+
+
+@contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``: takes the write lock first, so reads inside are current.
+
+    Rolls back on any exception. When the block returns, the commit is done (and, with
+    ``synchronous=FULL``, fsync'd).
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                logger.exception("rollback failed")
+        raise
+
+
+def ensure_schema(conn: sqlite3.Connection, statements: list[str], version: int, what: str) -> None:
+    """Create tables if missing and check the file's layout version (``PRAGMA user_version``)."""
+    with write_transaction(conn):
+        found = conn.execute("PRAGMA user_version").fetchone()[0]
+        if found > version:
+            raise RuntimeError(f"{what} file has layout version {found}, newer than this code's {version}")
+        for statement in statements:
+            conn.execute(statement)
+        if found < version:
+            conn.execute(f"PRAGMA user_version={version}")

@@ -1,0 +1,144 @@
+"""The event bus: one small protocol, Kafka-shaped, with the backends chosen by URL.
+
+The shapes are Kafka's so that both backends mean the same thing: named topics split into
+partitions; each record has a key, a byte value, and a dense per-partition offset; consumers
+read in consumer groups, and a group's committed offset is the NEXT offset it will read.
+
+Backends:
+- ``sqlite:///path/bus.sqlite3`` — the embedded durable log (``ingest.sqlite_bus``);
+- ``kafka://host:port[,host:port]`` — Apache Kafka (not available yet).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+logger = logging.getLogger(__name__)
+
+TopicPartition = tuple[str, int]
+"""(topic, partition)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record as stored on the bus."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: bytes
+    timestamp: float
+    """Unix seconds at which the bus appended it."""
+
+
+_TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+def check_topic_name(topic: object) -> str:
+    """Return ``topic`` if it is a legal topic name (Kafka's rules), else raise ``ValueError``."""
+    if not isinstance(topic, str) or not _TOPIC_NAME.match(topic) or topic in (".", ".."):
+        raise ValueError(f"invalid topic name {topic!r}: use 1-249 of [A-Za-z0-9._-]")
+    return topic
+
+
+class BusUnavailable(Exception):
+    """The bus cannot be reached or cannot take the write; nothing was acknowledged.
+
+    After a rare I/O failure mid-commit the record may still have been stored, so a retry can
+    duplicate it; consumers dedupe by ``event_id``.
+    """
+
+
+class Consumer(Protocol):
+    """A member of a consumer group reading some topics.
+
+    Delivery is at-least-once: after a crash, records are re-delivered from the group's last
+    commit, so whoever consumes must be idempotent (events carry an ``event_id`` for that).
+    """
+
+    def poll(self, timeout_s: float = 1.0, max_records: int = 500) -> list[Record]:
+        """Records after this consumer's position, in offset order per partition.
+
+        The position starts at the group's committed offset, or at offset 0 when there is none.
+        Waits up to ``timeout_s`` for something new; returns ``[]`` if nothing arrived.
+        """
+        ...
+
+    def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
+        """Store the group's next offset to read per (topic, partition).
+
+        ``None`` commits the current position of everything this consumer has polled.
+        """
+        ...
+
+    def committed(self, topic: str, partition: int = 0) -> int | None:
+        """The group's committed offset for a partition, or None if it never committed."""
+        ...
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        """Make the next poll of this partition start at ``offset`` (commits nothing)."""
+        ...
+
+    def close(self) -> None:
+        """Leave the group (commits nothing); another member may take over the partitions."""
+        ...
+
+
+class Bus(Protocol):
+    """A durable, ordered, partitioned log of records."""
+
+    def create_topics(self, topics: list[str], partitions: int = 1) -> None:
+        """Create the topics that do not exist yet; existing ones are left as they are."""
+        ...
+
+    def publish(self, topic: str, key: str | None, value: bytes) -> Record:
+        """Append one record; when this returns, the record is durably stored.
+
+        Raises ``BusUnavailable`` if the record cannot be stored.
+        """
+        ...
+
+    def publish_many(self, topic: str, items: list[tuple[str | None, bytes]]) -> list[Record]:
+        """Append several (key, value) records at once, durably; all or none are stored."""
+        ...
+
+    def consumer(self, group_id: str, topics: list[str]) -> Consumer:
+        """A new member of ``group_id`` subscribed to ``topics``."""
+        ...
+
+    def end_offsets(self, topics: list[str]) -> dict[TopicPartition, int]:
+        """The offset the next record of each partition will get (for lag); unknown topics are left out."""
+        ...
+
+    def ping(self) -> None:
+        """Return if the bus is usable; raise ``BusUnavailable`` otherwise."""
+        ...
+
+    def close(self) -> None:
+        """Release connections; records already published stay."""
+        ...
+
+
+def open_bus(url: str) -> Bus:
+    """The bus backend for ``url``.
+
+    - ``sqlite:///abs/path/bus.sqlite3`` or ``sqlite://relative/bus.sqlite3``: the embedded log
+      (parent directories are created);
+    - ``kafka://host:port[,host:port]``: Apache Kafka (not available yet).
+    """
+    if url.startswith("sqlite://"):
+        # Imported here so that each backend costs only when chosen.
+        from ingest._sqlite import path_from_url
+        from ingest.sqlite_bus import SqliteBus
+
+        return SqliteBus(path_from_url(url))
+    if url.startswith("kafka://"):
+        raise ValueError(
+            "the Kafka backend is not available yet; use the embedded bus, "
+            "e.g. sqlite:///var/lib/kto-loop/bus.sqlite3"
+        )
+    raise ValueError(f"unsupported bus URL {url!r}: expected sqlite:///path/to/bus.sqlite3 or kafka://host:port")

@@ -1,0 +1,220 @@
+"""The events that flow over the bus: their schema, encoding, and topic names.
+
+Every event is one JSON object with a ``type`` discriminator and a ``schema_version``.
+Producers and consumers share this module, so a change here is a wire change:
+
+- adding an optional field is compatible (old readers ignore unknown fields);
+- anything else (removing, renaming, re-typing a field) bumps ``SCHEMA_VERSION``.
+
+A reader refuses events from a newer schema version than its own, so that an old learner never
+trains on fields it misreads; such events go to the dead-letter topic (see ``dead_letter``) and
+can be replayed once the reader is upgraded.
+
+Events are keyed by ``response_id`` on the bus, so a response and its feedback share a partition.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from ingest.bus import check_topic_name
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+"""The version this code writes and the newest it can read."""
+
+_EVENT_TYPES = ("response", "feedback")
+
+
+class _EventModel(BaseModel):
+    """Shared config: NaN/inf are refused because JSON cannot carry them faithfully."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class ChatMessage(_EventModel):
+    """One prompt message, as the client sent it."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class SamplingParams(_EventModel):
+    """The sampling parameters a completion was generated with."""
+
+    max_tokens: int = Field(ge=1)
+    temperature: float = Field(ge=0.0)
+    top_p: float = Field(ge=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+
+TokenId = Annotated[int, Field(ge=0)]
+
+
+def _new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+class ResponseEvent(_EventModel):
+    """A completion the server returned: what the learner needs to score it later.
+
+    ``completion_token_ids`` are the ids exactly as generated (not a re-tokenisation of the
+    text), so the learner's log-probs are of the tokens the user actually saw.
+    """
+
+    type: Literal["response"] = "response"
+    event_id: str = Field(default_factory=_new_event_id, min_length=1)
+    schema_version: int = SCHEMA_VERSION
+    response_id: str = Field(min_length=1)
+    created_at: float = Field(default_factory=time.time)
+    """Unix seconds."""
+    user: str | None
+    """Pseudonymous user id; None for anonymous clients."""
+    base_model: str = Field(min_length=1)
+    adapter_version: str | None
+    """The adapter version that produced the completion; None for the base model."""
+    messages: list[ChatMessage]
+    prompt_token_ids: list[TokenId]
+    completion: str
+    completion_token_ids: list[TokenId]
+    finish_reason: str
+    sampling: SamplingParams
+
+
+class FeedbackEvent(_EventModel):
+    """A thumbs-up (desirable) or thumbs-down (undesirable) on one response.
+
+    A later event from the same user for the same response replaces the earlier one.
+    """
+
+    type: Literal["feedback"] = "feedback"
+    event_id: str = Field(default_factory=_new_event_id, min_length=1)
+    schema_version: int = SCHEMA_VERSION
+    response_id: str = Field(min_length=1)
+    user: str = Field(min_length=1)
+    label: Literal["desirable", "undesirable"]
+    created_at: float = Field(default_factory=time.time)
+    """Unix seconds."""
+    comment: str | None = None
+
+
+Event = Annotated[Union[ResponseEvent, FeedbackEvent], Field(discriminator="type")]
+"""Any event; pydantic picks the class from ``type``."""
+
+_event_adapter: TypeAdapter[ResponseEvent | FeedbackEvent] = TypeAdapter(Event)
+
+
+class EventDecodeError(Exception):
+    """Bytes from the bus that are not a valid event; ``reason`` says why, for the dead letter."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def encode_event(event: ResponseEvent | FeedbackEvent) -> bytes:
+    """Serialise an event to compact UTF-8 JSON, the bus's value format."""
+    return event.model_dump_json().encode("utf-8")
+
+
+def decode_event(data: bytes) -> ResponseEvent | FeedbackEvent:
+    """Parse bus bytes into an event, or raise ``EventDecodeError`` saying what is wrong."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EventDecodeError(f"not UTF-8: {exc}") from exc
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EventDecodeError(f"not JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise EventDecodeError(f"not a JSON object but {type(obj).__name__}")
+
+    # Checked before validation so that the reason is specific, not a union error.
+    event_type = obj.get("type")
+    if event_type not in _EVENT_TYPES:
+        raise EventDecodeError(f"unknown event type {event_type!r}; expected one of {list(_EVENT_TYPES)}")
+    version = obj.get("schema_version")
+    if type(version) is not int:
+        raise EventDecodeError(f"schema_version must be an integer, got {version!r}")
+    if version > SCHEMA_VERSION:
+        raise EventDecodeError(f"schema_version {version} is newer than this reader's {SCHEMA_VERSION}")
+    if version < 1:
+        raise EventDecodeError(f"unknown schema_version {version}")
+
+    try:
+        return _event_adapter.validate_python(obj)
+    except ValidationError as exc:
+        raise EventDecodeError(_describe(exc)) from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line per invalid field, e.g. ``sampling.top_p: Input should be less than or equal to 1``."""
+    parts = []
+    for err in exc.errors():
+        # The first loc element is the union tag (e.g. "response"); the field path follows it.
+        loc = [str(p) for p in err["loc"][1:]] or [str(p) for p in err["loc"]]
+        parts.append(f"{'.'.join(loc) or '<event>'}: {err['msg']}")
+    return "invalid event: " + "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names, all sharing one prefix so that several deployments can share one broker."""
+
+    prefix: str = "kto"
+
+    def __post_init__(self) -> None:
+        # Checked here so that a bad prefix fails at start-up, not at the first publish.
+        if not self.prefix:
+            raise ValueError("the topic prefix must not be empty")
+        for name in self.all:
+            check_topic_name(name)
+
+    @property
+    def responses(self) -> str:
+        return f"{self.prefix}.responses"
+
+    @property
+    def feedback(self) -> str:
+        return f"{self.prefix}.feedback"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}.dead-letters"
+
+    @property
+    def all(self) -> list[str]:
+        return [self.responses, self.feedback, self.dead_letters]
+
+
+def dead_letter(reason: str, source_topic: str, partition: int, offset: int, raw: bytes) -> bytes:
+    """The dead-letter envelope for a record that could not be processed.
+
+    It keeps the original bytes (as text when they are UTF-8, else base64) and where they came
+    from, so an operator can inspect, fix and replay them.
+    """
+    try:
+        value, encoding = raw.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        value, encoding = base64.b64encode(raw).decode("ascii"), "base64"
+    envelope = {
+        "reason": reason,
+        "source_topic": source_topic,
+        "partition": partition,
+        "offset": offset,
+        "dead_lettered_at": time.time(),
+        "value_encoding": encoding,
+        "value": value,
+    }
+    return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

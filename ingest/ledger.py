@@ -1,0 +1,208 @@
+"""The response ledger: which responses exist, whose they are, and how they were rated.
+
+The feedback endpoint checks it before accepting a vote: the response must be one we served (and
+not older than the ledger's TTL), the voter must be the user who received it, and a repeated vote
+must be recognised as such. It is a fast index, not the record of truth: the events on the bus
+are. Losing it costs only the ability to rate older responses.
+
+One vote per response: a changed vote replaces the earlier one. An anonymous response (user
+None) is claimed by its first voter, so a stranger cannot flip somebody else's vote later.
+
+Backends, chosen by URL in ``open_ledger``: ``sqlite:///path`` (embedded) now, Redis later.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ingest._sqlite import connect, ensure_schema, path_from_url, write_transaction
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TTL_S = 7 * 24 * 3600.0
+_LABELS = ("desirable", "undesirable")
+_LAYOUT_VERSION = 1
+_PURGE_EVERY_S = 60.0
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS responses (
+        response_id TEXT PRIMARY KEY,
+        user TEXT,
+        version TEXT,
+        label TEXT,
+        feedback_event_id TEXT,
+        created_at REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS responses_created_at ON responses (created_at)",
+]
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """What the ledger knows of one response."""
+
+    response_id: str
+    user: str | None
+    """Who received it (None: anonymous, which nobody may rate)."""
+    version: str | None
+    """The adapter version that produced it (None: the base model)."""
+    label: str | None
+    """The current vote, or None before the first."""
+    feedback_event_id: str | None
+    """The event_id of the feedback event that set ``label``."""
+
+
+class UnknownResponseError(LookupError):
+    """No such response in the ledger (never served here, or older than the TTL)."""
+
+
+class NotResponseOwnerError(PermissionError):
+    """The voter is not the user who received the response."""
+
+
+class ResponseLedger(Protocol):
+    """Where the server records served responses and the votes on them."""
+
+    def record_response(self, response_id: str, user: str | None, version: str | None = None) -> None:
+        """Remember a served response, who got it and which version made it; idempotent."""
+        ...
+
+    def lookup(self, response_id: str) -> LedgerEntry | None:
+        """The entry, or None if unknown or expired."""
+        ...
+
+    def set_vote(self, response_id: str, user: str, label: str, event_id: str) -> str | None:
+        """Atomically set the vote and return the previous label (None for a first vote).
+
+        A repeated identical vote changes nothing (the first event_id stays). Raises
+        ``UnknownResponseError`` or ``NotResponseOwnerError``.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class SqliteLedger:
+    """The embedded ledger: one SQLite file in WAL mode, safe across threads and processes."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        ttl_s: float = DEFAULT_TTL_S,
+        busy_timeout_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``ttl_s``: seconds after which a response can no longer be rated (and is purged).
+        ``busy_timeout_s``: seconds to wait for another writer. ``clock``: unix seconds.
+        """
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
+        self.path = Path(path)
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last_purge = float("-inf")
+        # NORMAL, not FULL: a commit survives a process crash; only power loss may drop the last
+        # few entries, which just makes those responses unratable. The bus holds the truth.
+        self._conn: sqlite3.Connection | None = connect(
+            self.path, synchronous="NORMAL", busy_timeout_s=busy_timeout_s
+        )
+        ensure_schema(self._conn, _SCHEMA, _LAYOUT_VERSION, "ledger")
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError(f"the ledger at {self.path} is closed")
+        return self._conn
+
+    def record_response(self, response_id: str, user: str | None, version: str | None = None) -> None:
+        """Remember a served response; an expired entry with the same id starts over."""
+        if not response_id:
+            raise ValueError("response_id must not be empty")
+        now = self._clock()
+        with self._lock:
+            conn = self._connection()
+            with write_transaction(conn):
+                conn.execute(
+                    "INSERT INTO responses (response_id, user, version, created_at) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (response_id) DO UPDATE"
+                    " SET user = excluded.user, version = excluded.version, label = NULL,"
+                    " feedback_event_id = NULL, created_at = excluded.created_at"
+                    " WHERE responses.created_at <= ?",
+                    (response_id, user, version, now, now - self.ttl_s),
+                )
+                # Purging lazily here (at most once a minute) keeps the file bounded without a janitor.
+                if now - self._last_purge >= _PURGE_EVERY_S:
+                    purged = conn.execute("DELETE FROM responses WHERE created_at <= ?", (now - self.ttl_s,)).rowcount
+                    self._last_purge = now
+                    if purged:
+                        logger.info("ledger purged %d responses older than %.0f s", purged, self.ttl_s)
+
+    def lookup(self, response_id: str) -> LedgerEntry | None:
+        """The live entry for ``response_id``, or None."""
+        with self._lock:
+            row = (
+                self._connection()
+                .execute(
+                    "SELECT response_id, user, version, label, feedback_event_id FROM responses"
+                    " WHERE response_id = ? AND created_at > ?",
+                    (response_id, self._clock() - self.ttl_s),
+                )
+                .fetchone()
+            )
+        return None if row is None else LedgerEntry(*row)
+
+    def set_vote(self, response_id: str, user: str, label: str, event_id: str) -> str | None:
+        """Atomically record ``user``'s vote; return the previous label (None for a first vote)."""
+        if label not in _LABELS:
+            raise ValueError(f"label must be one of {_LABELS}, got {label!r}")
+        if not user or not event_id:
+            raise ValueError("user and event_id must not be empty")
+        with self._lock:
+            conn = self._connection()
+            # BEGIN IMMEDIATE: read and write under one lock, so concurrent votes serialise.
+            with write_transaction(conn):
+                row = conn.execute(
+                    "SELECT user, label FROM responses WHERE response_id = ? AND created_at > ?",
+                    (response_id, self._clock() - self.ttl_s),
+                ).fetchone()
+                if row is None:
+                    raise UnknownResponseError(response_id)
+                owner, previous = row
+                if owner != user:  # an anonymous response (owner None) is nobody's to rate
+                    raise NotResponseOwnerError(f"response {response_id} was not served to {user!r}")
+                if previous != label:
+                    conn.execute(
+                        "UPDATE responses SET label = ?, feedback_event_id = ? WHERE response_id = ?",
+                        (label, event_id, response_id),
+                    )
+        return previous
+
+    def close(self) -> None:
+        """Close the connection; idempotent."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> SqliteLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_ledger(url: str, *, ttl_s: float = DEFAULT_TTL_S) -> ResponseLedger:
+    """The ledger for ``url``: ``sqlite:///abs/path/ledger.sqlite3`` or ``sqlite://relative/path``."""
+    if url.startswith("sqlite://"):
+        return SqliteLedger(path_from_url(url), ttl_s=ttl_s)
+    if url.startswith("redis://"):
+        raise ValueError("the Redis ledger is not available yet; use sqlite:///path/to/ledger.sqlite3")
+    raise ValueError(f"unsupported ledger URL {url!r}: expected sqlite:///path/to/ledger.sqlite3")

@@ -1,0 +1,256 @@
+"""The embedded bus: an append-only, durable log in one SQLite file, shared by processes.
+
+Storage: one SQLite file in WAL mode with ``synchronous=FULL``. Records, topics, the groups'
+committed offsets and the partition leases all live in it, so one file is the whole bus.
+Several processes and threads may open it at once; SQLite's write lock serialises appends.
+
+Publishing rules:
+
+- ``publish`` returns only after its transaction is committed and the WAL fsync'd. An
+  acknowledged record survives SIGKILL of any process (and power loss); an unacknowledged one
+  is either wholly stored or absent, never torn.
+- Offsets of a (topic, partition) are dense, 0, 1, 2, …, assigned under the write lock, so a
+  reader never sees offset n+1 before n, whichever process wrote them.
+- Topics may have several partitions: a keyed record goes to ``crc32(key) % partitions`` (so a
+  response and its feedback share one), a keyless one round-robin. Publishing to a topic that
+  does not exist creates it with one partition, like Kafka's default broker setting.
+- Records are kept forever (there is no retention yet).
+
+Reading (consumer groups, leases, at-least-once delivery) is in ``ingest.sqlite_consumer``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sqlite3
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+from ingest._sqlite import connect, ensure_schema, write_transaction
+from ingest.bus import BusUnavailable, Record, TopicPartition, check_topic_name
+from ingest.sqlite_consumer import SqliteConsumer, partition_counts
+
+logger = logging.getLogger(__name__)
+
+_LAYOUT_VERSION = 1
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS topics (
+        name TEXT PRIMARY KEY,
+        partitions INTEGER NOT NULL CHECK (partitions >= 1),
+        created_at REAL NOT NULL)""",
+    # A rowid table (not WITHOUT ROWID) because values can be several kilobytes; the UNIQUE
+    # constraint is both the offset index and a guard against duplicate offsets.
+    """CREATE TABLE IF NOT EXISTS records (
+        id INTEGER PRIMARY KEY,
+        topic TEXT NOT NULL,
+        part INTEGER NOT NULL,
+        record_offset INTEGER NOT NULL,
+        key TEXT,
+        value BLOB NOT NULL,
+        timestamp REAL NOT NULL,
+        UNIQUE (topic, part, record_offset))""",
+    """CREATE TABLE IF NOT EXISTS group_offsets (
+        group_id TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        part INTEGER NOT NULL,
+        next_offset INTEGER NOT NULL,
+        committed_at REAL NOT NULL,
+        PRIMARY KEY (group_id, topic, part))""",
+    """CREATE TABLE IF NOT EXISTS leases (
+        group_id TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        part INTEGER NOT NULL,
+        owner TEXT NOT NULL,
+        expires_at REAL NOT NULL,
+        PRIMARY KEY (group_id, topic, part))""",
+]
+
+
+class SqliteBus:
+    """The embedded bus on the SQLite file at ``path``; see the module docstring for its rules.
+
+    Thread-safe: one connection, used under a lock (SQLite allows one writer at a time anyway).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        lease_s: float = 10.0,
+        busy_timeout_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``lease_s``: seconds a consumer keeps its partitions without polling.
+        ``busy_timeout_s``: seconds a write waits for another writer before BusUnavailable.
+        ``clock``: unix seconds, for record timestamps and leases (tests pass a fake one).
+        """
+        self.path = Path(path)
+        self._lease_s = lease_s
+        self._busy_timeout_s = busy_timeout_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._round_robin = itertools.count()
+        try:
+            self._conn: sqlite3.Connection | None = connect(
+                self.path, synchronous="FULL", busy_timeout_s=busy_timeout_s
+            )
+            ensure_schema(self._conn, _SCHEMA, _LAYOUT_VERSION, "bus")
+        except sqlite3.Error as exc:
+            raise BusUnavailable(f"cannot open the bus at {self.path}: {exc}") from exc
+        logger.info("embedded bus open at %s", self.path)
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise BusUnavailable(f"the bus at {self.path} is closed")
+        return self._conn
+
+    def create_topics(self, topics: list[str], partitions: int = 1) -> None:
+        """Create missing topics with ``partitions`` partitions; existing ones are kept as they are."""
+        for topic in topics:
+            check_topic_name(topic)
+        if partitions < 1:
+            raise ValueError(f"partitions must be >= 1, got {partitions}")
+        with self._lock:
+            conn = self._connection()
+            try:
+                with write_transaction(conn):
+                    existing = partition_counts(conn, list(topics)) if topics else {}
+                    for topic in topics:
+                        if topic in existing:
+                            if existing[topic] != partitions:
+                                logger.warning(
+                                    "topic %s exists with %d partitions, not %d; keeping it",
+                                    topic,
+                                    existing[topic],
+                                    partitions,
+                                )
+                            continue
+                        conn.execute(
+                            "INSERT INTO topics (name, partitions, created_at) VALUES (?, ?, ?)",
+                            (topic, partitions, self._clock()),
+                        )
+                        logger.info("created topic %s with %d partition(s)", topic, partitions)
+            except sqlite3.Error as exc:
+                raise BusUnavailable(f"cannot create topics: {exc}") from exc
+
+    def publish(self, topic: str, key: str | None, value: bytes) -> Record:
+        """Append one record; durable (committed and fsync'd) when this returns."""
+        return self.publish_many(topic, [(key, value)])[0]
+
+    def publish_many(self, topic: str, items: list[tuple[str | None, bytes]]) -> list[Record]:
+        """Append (key, value) records in one transaction: all stored durably, or none."""
+        check_topic_name(topic)
+        for key, value in items:
+            if key is not None and not isinstance(key, str):
+                raise TypeError(f"record key must be str or None, got {type(key).__name__}")
+            if not isinstance(value, (bytes, bytearray, memoryview)):
+                raise TypeError(f"record value must be bytes, got {type(value).__name__}")
+        if not items:
+            return []
+        with self._lock:
+            conn = self._connection()
+            try:
+                with write_transaction(conn):
+                    records = self._append(conn, topic, items)
+            except sqlite3.Error as exc:
+                raise BusUnavailable(f"cannot publish to {topic}: {exc}") from exc
+        return records
+
+    def _append(self, conn: sqlite3.Connection, topic: str, items: list[tuple[str | None, bytes]]) -> list[Record]:
+        """Assign offsets and insert; runs inside the write transaction, so MAX+1 is race-free."""
+        if conn.execute(
+            "INSERT OR IGNORE INTO topics (name, partitions, created_at) VALUES (?, 1, ?)", (topic, self._clock())
+        ).rowcount:
+            logger.info("created topic %s on first publish (1 partition)", topic)
+        partitions = partition_counts(conn, [topic])[topic]
+        now = self._clock()
+        next_offset: dict[int, int] = {}
+        records = []
+        for key, value in items:
+            if key is not None:
+                partition = zlib.crc32(key.encode("utf-8")) % partitions
+            else:
+                partition = next(self._round_robin) % partitions
+            if partition not in next_offset:
+                next_offset[partition] = conn.execute(
+                    "SELECT COALESCE(MAX(record_offset) + 1, 0) FROM records WHERE topic = ? AND part = ?",
+                    (topic, partition),
+                ).fetchone()[0]
+            records.append(Record(topic, partition, next_offset[partition], key, bytes(value), now))
+            next_offset[partition] += 1
+        conn.executemany(
+            "INSERT INTO records (topic, part, record_offset, key, value, timestamp) VALUES (?, ?, ?, ?, ?, ?)",
+            [(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp) for r in records],
+        )
+        return records
+
+    def consumer(self, group_id: str, topics: list[str]) -> SqliteConsumer:
+        """A new member of ``group_id`` reading ``topics``, with its own connection."""
+        if isinstance(topics, str):
+            raise TypeError("topics must be a list of topic names, not a string")
+        if not group_id:
+            raise ValueError("group_id must not be empty")
+        if not topics:
+            raise ValueError("a consumer needs at least one topic")
+        for topic in topics:
+            check_topic_name(topic)
+        self._connection()  # a closed bus makes no consumers
+        return SqliteConsumer(
+            self.path,
+            group_id,
+            list(topics),
+            lease_s=self._lease_s,
+            busy_timeout_s=self._busy_timeout_s,
+            clock=self._clock,
+        )
+
+    def end_offsets(self, topics: list[str]) -> dict[TopicPartition, int]:
+        """Next offset per partition of each existing topic; unknown topics are left out."""
+        if not topics:
+            return {}
+        with self._lock:
+            conn = self._connection()
+            try:
+                counts = partition_counts(conn, list(topics))
+                if not counts:
+                    return {}
+                ends = {(t, p): 0 for t, n in counts.items() for p in range(n)}
+                marks = ",".join("?" * len(counts))
+                rows = conn.execute(
+                    "SELECT topic, part, MAX(record_offset) + 1 FROM records"
+                    f" WHERE topic IN ({marks}) GROUP BY topic, part",
+                    list(counts),
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise BusUnavailable(f"cannot read end offsets: {exc}") from exc
+        ends.update({(t, p): end for t, p, end in rows})
+        return ends
+
+    def ping(self) -> None:
+        """Raise BusUnavailable unless the file is there and readable."""
+        with self._lock:
+            conn = self._connection()
+            # An unlinked file still answers queries through the open handle, so look for it.
+            if not self.path.exists():
+                raise BusUnavailable(f"the bus file {self.path} is gone")
+            try:
+                conn.execute("SELECT COUNT(*) FROM topics").fetchone()
+            except sqlite3.Error as exc:
+                raise BusUnavailable(f"the bus at {self.path} is unusable: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the connection; idempotent. Consumers made by this bus stay open."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> SqliteBus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,166 @@
+"""Model loading, shared by serve and the learner.
+
+`load_model` goes through the real `from_pretrained` path for any local directory or hub id.
+With no model named, `ensure_demo_model` builds a small random Llama plus a byte-level BPE
+tokenizer trained on text shipped with the project, so everything works offline. Tests build
+their tiny models with `build_tiny_model`, the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL_ID = "kto-loop-demo"
+
+# A plain-text chat format; the tokenizer carries it so `apply_chat_template` works unchanged.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def default_device() -> tuple[torch.device, torch.dtype]:
+    """CUDA with bf16 when a GPU is present, CPU fp32 otherwise."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def _demo_corpus() -> str:
+    return resources.files("kto_loop").joinpath("data/corpus.txt").read_text(encoding="utf-8")
+
+
+def build_tokenizer(path: Path, *, vocab_size: int = 512, corpus: str | None = None):
+    """Train a byte-level BPE tokenizer on `corpus` and save it with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = corpus if corpus is not None else _demo_corpus()
+    tok.train_from_iterator(text.splitlines(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=SPECIAL_TOKENS[3:],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_tiny_model(
+    path: Path,
+    *,
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    seed: int = 0,
+    corpus: str | None = None,
+) -> Path:
+    """Write a random Llama (config + safetensors) and its tokenizer to `path`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(path, vocab_size=vocab_size, corpus=corpus)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")],
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def ensure_demo_model(data_dir: Path) -> Path:
+    """Build the offline demo model under `data_dir` on first use; reuse it afterwards."""
+    target = Path(data_dir) / "demo-model"
+    if (target / "config.json").exists():
+        return target
+    logger.warning("no --model given: building the offline DEMO model (random weights) in %s", target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-model-", dir=target.parent))
+    try:
+        build_tiny_model(tmp, vocab_size=512, hidden_size=128, num_layers=4, num_heads=4)
+        os.replace(tmp, target)  # atomic: a half-built model is never picked up
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(model: str | Path, *, model_id: str | None = None, device=None, dtype=None) -> LoadedModel:
+    """Load a causal LM and its tokenizer with `from_pretrained`; eval mode, no grad."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device is None or dtype is None:
+        device, dtype = default_device()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device)
+    lm.eval()
+    logger.info("loaded %s on %s (%s)", model, device, dtype)
+    return LoadedModel(lm, tokenizer, model_id or str(model), torch.device(device), dtype)
+
+
+def eos_token_ids(loaded: LoadedModel) -> set[int]:
+    """Every id that ends an answer: the tokenizer's EOS and the config's (which may be a list)."""
+    ids = {loaded.tokenizer.eos_token_id}
+    config_eos = getattr(loaded.model.config, "eos_token_id", None)
+    if isinstance(config_eos, int):
+        ids.add(config_eos)
+    elif config_eos:
+        ids.update(config_eos)
+    return {i for i in ids if i is not None}
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of the chat prompt, ending where the assistant's answer begins."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    # Base models without a template: a plain transcript.
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return tokenizer(text)["input_ids"]

@@ -1,0 +1,59 @@
+"""Settings every process shares: where data lives, which model, which backends.
+
+Each process has one settings class (`serve.settings.ServeSettings`,
+`learner.settings.LearnerSettings`) built on this base; all read `KTO_*` environment variables,
+are validated at start-up, and nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_SCHEMES = ("sqlite://",)
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KTO_", extra="ignore", validate_default=True)
+
+    data_dir: Path = Path("./data")
+    """Directory for every embedded file: event log, registry, adapters, demo model."""
+
+    model: str | None = None
+    """Base model: a local directory or a hub id. None builds the offline demo model in data_dir."""
+
+    model_id: str | None = None
+    """Name the base model is served and recorded under. Default: `model`, or `kto-loop-demo`."""
+
+    bus_url: str | None = None
+    """Event bus: `sqlite:///path` (embedded, default `<data_dir>/bus.sqlite3`) or `kafka://host:port`."""
+
+    registry_url: str | None = None
+    """Adapter registry: `sqlite:///path` (embedded, default `<data_dir>/registry/registry.sqlite3`)."""
+
+    adapter_dir: Path | None = None
+    """Where adapter files live (a path all replicas share). Default: beside the registry database."""
+
+    topic_prefix: str = Field("kto", pattern=r"^[A-Za-z0-9._-]+$")
+    """Prefix of the bus topics: `<prefix>.responses`, `<prefix>.feedback`, `<prefix>.dead-letters`."""
+
+    @model_validator(mode="after")
+    def _fill_defaults(self):
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if self.bus_url is None:
+            self.bus_url = f"sqlite:///{self.data_dir / 'bus.sqlite3'}"
+        if self.registry_url is None:
+            self.registry_url = f"sqlite:///{self.data_dir / 'registry' / 'registry.sqlite3'}"
+        for name in ("bus_url", "registry_url"):
+            url = getattr(self, name)
+            if "://" not in url:
+                raise ValueError(f"{name} must be a URL like sqlite:///path, got {url!r}")
+        return self
+
+    @property
+    def base_model_id(self) -> str:
+        from kto_loop.models import DEMO_MODEL_ID
+
+        return self.model_id or self.model or DEMO_MODEL_ID

@@ -1,0 +1,65 @@
+"""Fixtures shared by every package's tests: tiny models built locally, never downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from tests.tiny import TINY_MODEL_ID
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from kto_loop.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden_size=32, num_heads=2)
+
+
+@pytest.fixture
+def tiny_model(tiny_model_dir):
+    """A fresh copy in memory per test: serving wraps it with PEFT, so tests must not share it."""
+    from kto_loop.models import load_model
+
+    return load_model(tiny_model_dir, model_id=TINY_MODEL_ID)
+
+
+def set_base_model(adapter_dir: Path, base_model: str) -> None:
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base_model
+    config_path.write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="session")
+def make_adapter(tiny_model_dir, tmp_path_factory):
+    """make_adapter(seed, r=4, target_modules=..., base_model=TINY_MODEL_ID) -> a PEFT adapter dir."""
+    from peft import LoraConfig, get_peft_model
+
+    from kto_loop.models import load_model
+
+    root = tmp_path_factory.mktemp("adapters")
+    made: dict[tuple, Path] = {}
+
+    def make(seed: int, r: int = 4, target_modules=("q_proj", "v_proj"), base_model: str = TINY_MODEL_ID) -> Path:
+        key = (seed, r, tuple(target_modules), base_model)
+        if key not in made:
+            torch.manual_seed(seed)
+            base = load_model(tiny_model_dir).model
+            # init_lora_weights=False: random A and B, so each adapter visibly changes the output
+            config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(target_modules), init_lora_weights=False)
+            model = get_peft_model(base, config)
+            path = root / f"adapter-{len(made)}"
+            model.save_pretrained(path)
+            set_base_model(path, base_model)
+            made[key] = path
+        return made[key]
+
+    return make
