@@ -13,31 +13,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import unquote
+
+from kto_loop.urls import sqlite_path
 
 logger = logging.getLogger(__name__)
 
-SQLITE_SCHEME = "sqlite://"
 
 
 def path_from_url(url: str) -> Path:
-    """The file path in a ``sqlite://`` URL: everything after ``sqlite://``.
-
-    ``sqlite:///var/lib/kto/bus.sqlite3`` is absolute (``/var/lib/kto/bus.sqlite3``);
-    ``sqlite://data/bus.sqlite3`` is relative to the working directory.
-    SQLAlchemy-style ``sqlite:////abs/path`` also resolves to ``/abs/path``.
-    """
-    if not url.startswith(SQLITE_SCHEME):
-        raise ValueError(f"not a sqlite:// URL: {url!r}")
-    raw = unquote(url[len(SQLITE_SCHEME) :])
-    if not raw or raw == "/" or raw.endswith("/"):
-        raise ValueError(f"sqlite URL {url!r} must name a file, e.g. sqlite:///var/lib/kto/bus.sqlite3")
-    if ":memory:" in raw or "?" in raw:
-        # An in-memory database is per connection, so processes would not share it.
-        raise ValueError(f"sqlite URL {url!r} must name a plain file (no :memory:, no query string)")
-    if raw.startswith("//"):
-        raw = raw[1:]
-    return Path(raw)
+    """The file path in a ``sqlite:///PATH`` URL (see ``kto_loop.urls``)."""
+    return sqlite_path(url)
 
 
 def connect(path: Path, *, synchronous: str, busy_timeout_s: float) -> sqlite3.Connection:

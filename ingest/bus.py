@@ -126,7 +126,7 @@ class Bus(Protocol):
 def open_bus(url: str) -> Bus:
     """The bus backend for ``url``.
 
-    - ``sqlite:///abs/path/bus.sqlite3`` or ``sqlite://relative/bus.sqlite3``: the embedded log
+    - ``sqlite:///PATH`` (see ``kto_loop.urls``): the embedded log
       (parent directories are created);
     - ``kafka://host:port[,host:port]``: Apache Kafka (not available yet).
     """

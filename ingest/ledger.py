@@ -200,7 +200,7 @@ class SqliteLedger:
 
 
 def open_ledger(url: str, *, ttl_s: float = DEFAULT_TTL_S) -> ResponseLedger:
-    """The ledger for ``url``: ``sqlite:///abs/path/ledger.sqlite3`` or ``sqlite://relative/path``."""
+    """The ledger for ``url``: ``sqlite:///PATH`` (see ``kto_loop.urls``)."""
     if url.startswith("sqlite://"):
         return SqliteLedger(path_from_url(url), ttl_s=ttl_s)
     if url.startswith("redis://"):

@@ -19,31 +19,32 @@ from pydantic import ValidationError
 logger = logging.getLogger(__name__)
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", help="address to listen on / talk to (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="TCP port (default 8000)")
-    parser.add_argument("--data-dir", help="where every embedded file lives (default ./data)")
-    parser.add_argument("--model", help="base model: a local directory or a hub id (default: the offline demo model)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--host", help="address to listen on / talk to (default 127.0.0.1)")
+    common.add_argument("--port", type=int, help="TCP port (default 8000)")
+    common.add_argument("--data-dir", help="where every embedded file lives (default ./data)")
+    common.add_argument("--model", help="base model: a local directory or a hub id (default: the offline demo model)")
+    common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return common
 
 
 def build_parser() -> argparse.ArgumentParser:
+    common = _common()  # on every leaf command, so options may follow the last word
     parser = argparse.ArgumentParser(prog="kto-loop", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("serve", "run the inference server"),
-                       ("up", "run the loop on the embedded default (what `make run` starts)")):
-        _common(sub.add_parser(name, help=text))
+    sub.add_parser("serve", parents=[common], help="run the inference server")
+    sub.add_parser("up", parents=[common], help="run the loop on the embedded default (what `make run` starts)")
     adapters = sub.add_parser("adapters", help="list, activate and roll back adapter versions")
-    _common(adapters)
     actions = adapters.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", help="versions with status, parent and metrics")
-    activate = actions.add_parser("activate", help="make VERSION active (`base` for no adapter)")
+    actions.add_parser("list", parents=[common], help="versions with status, parent and metrics")
+    activate = actions.add_parser("activate", parents=[common], help="make VERSION active (`base` for no adapter)")
     activate.add_argument("version")
     activate.add_argument("--reason", default="")
-    rollback = actions.add_parser("rollback", help="go back to the previous version, or to VERSION")
+    rollback = actions.add_parser("rollback", parents=[common], help="go back to the previous version, or to VERSION")
     rollback.add_argument("version", nargs="?")
     rollback.add_argument("--reason", default="")
-    actions.add_parser("history", help="every activation and rollback")
+    actions.add_parser("history", parents=[common], help="every activation and rollback")
     return parser
 
 

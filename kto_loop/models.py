@@ -20,6 +20,13 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+
+def _quiet_progress_bars() -> None:
+    # transformers draws tqdm bars on every load and save; they only clutter server logs.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
 DEMO_MODEL_ID = "kto-loop-demo"
 
 # A plain-text chat format; the tokenizer carries it so `apply_chat_template` works unchanged.
@@ -91,6 +98,7 @@ def build_tiny_model(
     """Write a random Llama (config + safetensors) and its tokenizer to `path`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    _quiet_progress_bars()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(path, vocab_size=vocab_size, corpus=corpus)
@@ -132,6 +140,7 @@ def load_model(model: str | Path, *, model_id: str | None = None, device=None, d
     """Load a causal LM and its tokenizer with `from_pretrained`; eval mode, no grad."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_progress_bars()
     if device is None or dtype is None:
         device, dtype = default_device()
     tokenizer = AutoTokenizer.from_pretrained(model)

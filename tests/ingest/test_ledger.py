@@ -143,7 +143,7 @@ def test_concurrent_votes_from_processes_serialise(tmp_path: Path, spawn_worker:
 
 
 def test_open_ledger_urls(tmp_path: Path) -> None:
-    ledger = open_ledger(f"sqlite://{tmp_path}/sub/ledger.sqlite3")
+    ledger = open_ledger(f"sqlite:///{tmp_path}/sub/ledger.sqlite3")
     assert isinstance(ledger, SqliteLedger)
     ledger.close()
     assert (tmp_path / "sub" / "ledger.sqlite3").is_file()

@@ -147,19 +147,18 @@ def test_ping_notices_a_deleted_file(bus_path: Path) -> None:
 
 def test_open_bus_with_absolute_path_creates_directories(tmp_path: Path) -> None:
     path = tmp_path / "deep" / "er" / "bus.sqlite3"
-    bus = open_bus(f"sqlite://{path}")
+    bus = open_bus(f"sqlite:///{path}")  # SQLAlchemy's convention: four slashes for an absolute path
     assert isinstance(bus, SqliteBus) and bus.path == path
     bus.publish("t", None, b"x")
     bus.close()
     assert path.is_file()
-    # SQLAlchemy's four-slash spelling means the same file.
     with open_bus(f"sqlite:///{path}") as again:
         assert again.end_offsets(["t"]) == {("t", 0): 1}
 
 
 def test_open_bus_with_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    with open_bus("sqlite://data/bus.sqlite3") as bus:
+    with open_bus("sqlite:///data/bus.sqlite3") as bus:
         bus.ping()
     assert (tmp_path / "data" / "bus.sqlite3").is_file()
 

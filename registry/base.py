@@ -1,0 +1,81 @@
+"""The Registry protocol: what serve and the learner may ask of any registry backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from registry.versions import HistoryEntry, VersionInfo
+
+
+class Registry(Protocol):
+    """Adapter versions, their files, the active pointer and its history.
+
+    Version names (v0001, v0002, …) are allocated by the registry, never reused, and a version's
+    files never change after publish. `None` as a version means the base model.
+    """
+
+    def publish(
+        self,
+        src_dir: Path,
+        *,
+        base_model: str,
+        parent: str | None,
+        metrics: dict[str, Any],
+        lineage: dict[str, Any],
+        status: str = "ready",
+        rejected_reason: str | None = None,
+    ) -> VersionInfo:
+        """Copy a PEFT adapter directory in as a new immutable version, atomically."""
+        ...
+
+    def get(self, version: str) -> VersionInfo:
+        """The version's record; UnknownVersion if there is no such visible version."""
+        ...
+
+    def list_versions(self) -> list[VersionInfo]:
+        """All visible versions, oldest first."""
+        ...
+
+    def adapter_path(self, version: str) -> Path:
+        """The directory holding the version's files; UnknownVersion if none."""
+        ...
+
+    def active(self) -> str | None:
+        """The active version, None for the base model."""
+        ...
+
+    def pointer(self) -> tuple[int, str | None]:
+        """(change counter, active version): cheap enough to poll several times a second.
+
+        The counter grows with every history entry, so a poller that saw the same counter has
+        missed nothing."""
+        ...
+
+    def activate(self, version: str | None, *, actor: str, reason: str = "") -> HistoryEntry:
+        """Point serving at `version` (None = base); UnknownVersion, VersionRejected."""
+        ...
+
+    def rollback(self, to: str | None = None, *, actor: str, reason: str = "") -> HistoryEntry:
+        """Return to an earlier version: `to` if given (BASE for the base), else the stack rule."""
+        ...
+
+    def history(self) -> list[HistoryEntry]:
+        """Every pointer change, oldest first."""
+        ...
+
+    def reject(self, version: str, reason: str, *, actor: str = "registry") -> None:
+        """Mark a version rejected forever; if it is active, roll back from it."""
+        ...
+
+    def verify_files(self, version: str) -> None:
+        """Raise VerificationError unless every file is present with its recorded checksum."""
+        ...
+
+    def ping(self) -> None:
+        """Raise if the backend cannot be reached."""
+        ...
+
+    def close(self) -> None:
+        """Release connections; idempotent."""
+        ...

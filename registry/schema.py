@@ -1,0 +1,122 @@
+"""The SQLite schema of the embedded registry, and how its connections are opened.
+
+Rows of `versions` move pending → ready | rejected, or pending → abandoned when a publish dies;
+only ready and rejected rows are ever visible. `pointer` is a single row read by every poll.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from registry.errors import RegistryError, RegistryUnavailable
+
+SCHEMA_VERSION = 1
+
+_TABLES = """
+CREATE TABLE IF NOT EXISTS versions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: numbers are never reused
+    version TEXT UNIQUE,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'ready', 'rejected', 'abandoned')),
+    parent TEXT,
+    created_at REAL NOT NULL,
+    base_model TEXT NOT NULL DEFAULT '',
+    sha256 TEXT NOT NULL DEFAULT '',
+    files TEXT NOT NULL DEFAULT '{}',  -- {relative path: sha256} of every file of the version
+    metrics TEXT NOT NULL DEFAULT '{}',
+    lineage TEXT NOT NULL DEFAULT '{}',
+    rejected_reason TEXT
+);
+CREATE TABLE IF NOT EXISTS pointer (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    counter INTEGER NOT NULL,
+    active TEXT
+);
+CREATE TABLE IF NOT EXISTS history (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    action TEXT NOT NULL CHECK (action IN ('activate', 'rollback')),
+    version TEXT,
+    previous TEXT,
+    actor TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rollback_stack (
+    pos INTEGER PRIMARY KEY,
+    version TEXT
+);
+INSERT OR IGNORE INTO pointer (id, counter, active) VALUES (1, 0, NULL);
+"""
+
+
+@contextmanager
+def unavailable_on_error(db_path: Path) -> Iterator[None]:
+    """Turn sqlite3 errors (locked past busy_timeout, I/O errors, a damaged file) into the one
+    domain error callers handle."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        raise RegistryUnavailable(f"registry database {db_path}: {e}") from e
+
+
+def connect(db_path: Path, busy_timeout_s: float) -> sqlite3.Connection:
+    """Open (creating if needed) the registry database in WAL mode with full fsync.
+
+    The connection is in autocommit mode: callers open explicit BEGIN IMMEDIATE transactions.
+    It may be shared between threads provided the caller serializes its use.
+    """
+    with unavailable_on_error(db_path):
+        conn = sqlite3.connect(
+            db_path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+    try:
+        with unavailable_on_error(db_path):
+            _prepare(conn, db_path, busy_timeout_s)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _prepare(conn: sqlite3.Connection, db_path: Path, busy_timeout_s: float) -> None:
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+    _enable_wal(conn, db_path, busy_timeout_s)
+    # FULL: a committed publish or pointer swap survives a power cut, not just a crash.
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        found = conn.execute("PRAGMA user_version").fetchone()[0]
+        if found > SCHEMA_VERSION:
+            raise RegistryError(
+                f"{db_path} has schema {found}, newer than this code's {SCHEMA_VERSION}"
+            )
+        for statement in _TABLES.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _enable_wal(conn: sqlite3.Connection, db_path: Path, busy_timeout_s: float) -> None:
+    # Switching a new file to WAL while another process does the same can fail with "database is
+    # locked" at once, without the busy handler, so retry here; once in WAL it is only a read.
+    deadline = time.monotonic() + busy_timeout_s
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != "wal":
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            break
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    if str(mode).lower() != "wal":
+        raise RegistryError(f"could not put {db_path} in WAL mode (got {mode!r})")

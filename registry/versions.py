@@ -1,0 +1,94 @@
+"""The records the registry hands out: adapter versions and pointer history entries."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+VersionStatus = Literal["ready", "rejected"]
+HistoryAction = Literal["activate", "rollback"]
+
+# Accepted wherever a version may name the base model (besides None), e.g. from an admin API.
+BASE = "base"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One published, immutable adapter version."""
+
+    version: str
+    status: VersionStatus
+    parent: str | None
+    created_at: float  # unix seconds, when the version became visible
+    base_model: str
+    sha256: str  # of adapter_model.safetensors
+    path: Path
+    metrics: dict[str, Any]
+    lineage: dict[str, Any]
+    rejected_reason: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        # path is left out on purpose: it is a detail of the host, not of the version.
+        return {
+            "version": self.version,
+            "status": self.status,
+            "parent": self.parent,
+            "created_at": self.created_at,
+            "base_model": self.base_model,
+            "sha256": self.sha256,
+            "metrics": copy.deepcopy(self.metrics),
+            "lineage": copy.deepcopy(self.lineage),
+            "rejected_reason": self.rejected_reason,
+        }
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One change of the active pointer; version None is the base model."""
+
+    seq: int
+    at: float  # unix seconds
+    action: HistoryAction
+    version: str | None
+    previous: str | None
+    actor: str
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "at": self.at,
+            "action": self.action,
+            "version": self.version,
+            "previous": self.previous,
+            "actor": self.actor,
+            "reason": self.reason,
+        }
+
+
+def metadata_json(value: dict[str, Any], what: str) -> str:
+    """Strict JSON text of a metrics or lineage dict; ValueError if it cannot be one.
+
+    Non-finite floats become null (with NaN the admin API could not serialize the version), so a
+    gate that rejects a version for a NaN loss can still record it.
+    """
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a dict, not {type(value).__name__}")
+    try:
+        return json.dumps(_finite(value), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} must be JSON-serializable: {e}") from e
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

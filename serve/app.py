@@ -1,0 +1,99 @@
+"""`create_app(settings)`: the FastAPI app; all state is built in `lifespan`, none at import."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.concurrency import run_in_threadpool
+
+from ingest.bus import open_bus
+from ingest.events import Topics
+from ingest.ledger import open_ledger
+from kto_loop.models import ensure_demo_model, load_model
+from registry import open_registry
+from serve import errors
+from serve.deps import ServeState
+from serve.engine import Engine
+from serve.hotswap import HotSwap
+from serve.metrics import ServeMetrics
+from serve.routes import admin, chat, feedback, health
+from serve.settings import ServeSettings
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state = await run_in_threadpool(_build_state, settings)
+        app.state.serve = state
+        state.engine.start()
+        await state.hotswap.sync()  # serve the active version from the first request on
+        follower = asyncio.create_task(state.hotswap.run(), name="hotswap")
+        if settings.admin_token is None:
+            logger.warning("admin API is OFF: set KTO_ADMIN_TOKEN to list, activate and roll back versions")
+        logger.info("serving %s (adapter %s)", settings.base_model_id, state.hotswap.serving or "none")
+        try:
+            yield
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+            state.engine.stop()
+            for closeable in (state.bus, state.ledger, state.registry):
+                closeable.close()
+
+    app = FastAPI(title="kto-loop", version="0.1.0", lifespan=lifespan)
+    errors.install(app)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    for module in (chat, feedback, admin, health):
+        app.include_router(module.router)
+    return app
+
+
+def _build_state(settings: ServeSettings) -> ServeState:
+    """Blocking set-up: model, engine, backends. Runs in a thread at start-up."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    model_path = settings.model or ensure_demo_model(settings.data_dir)
+    loaded = load_model(model_path, model_id=settings.base_model_id)
+    topics = Topics(settings.topic_prefix)
+    bus = open_bus(settings.bus_url)
+    bus.create_topics(topics.all)
+    registry = open_registry(settings.registry_url, settings.adapter_dir)
+    metrics = ServeMetrics()
+    metrics.set_active(None, settings.base_model_id)
+    engine = Engine(loaded, max_batch=settings.max_batch)
+    hotswap = HotSwap(engine, registry, metrics, base_model=settings.base_model_id, max_rank=settings.max_lora_rank,
+                      poll_s=settings.registry_poll_s, replica=settings.replica)
+    ledger = open_ledger(settings.resolved_ledger_url(), ttl_s=settings.ledger_ttl_s)
+    return ServeState(settings, loaded, engine, bus, topics, ledger, registry, hotswap, metrics)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies over `limit` bytes, whether or not Content-Length is honest."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            response = errors.error_body(413, f"request body over {self.limit} bytes", "invalid_request_error", "body")
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:  # an HTTPException, so FastAPI's body parsing passes it on
+                raise StarletteHTTPException(413, f"request body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)

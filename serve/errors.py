@@ -1,0 +1,119 @@
+"""Every error the API returns, in one place: domain exceptions mapped to HTTP status codes.
+
+Bodies follow OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so existing
+clients show the message. Nothing here matches on message strings.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ingest.bus import BusUnavailable
+from registry import RegistryError, UnknownVersion, VerificationError, VersionRejected
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error with its HTTP status; raise a subclass from the routes."""
+
+    status = 400
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+class BadRequest(ApiError):
+    status = 400
+
+
+class Unauthorized(ApiError):
+    status, type = 401, "authentication_error"
+
+
+class Forbidden(ApiError):
+    status, type = 403, "permission_error"
+
+
+class NotFound(ApiError):
+    status, type = 404, "not_found_error"
+
+
+class Conflict(ApiError):
+    status, type = 409, "conflict_error"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+
+
+class Unavailable(ApiError):
+    status, type = 503, "service_unavailable"
+
+
+def error_body(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
+
+
+def _field(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or "body"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError):
+        return error_body(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_body(400, "request body is not valid JSON", "invalid_request_error", "body", "invalid_json")
+        first = errors[0]
+        field = _field(tuple(first.get("loc", ())))
+        details = "; ".join(f"{_field(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors[:5])
+        return error_body(422, details, "invalid_request_error", field, "invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} not allowed on {request.url.path}"
+        return error_body(exc.status_code, message, "invalid_request_error")
+
+    @app.exception_handler(UnknownVersion)
+    async def _unknown(request: Request, exc: UnknownVersion):
+        return error_body(404, f"unknown adapter version {exc.version!r}", "not_found_error", "version")
+
+    @app.exception_handler(VersionRejected)
+    async def _rejected(request: Request, exc: VersionRejected):
+        return error_body(409, f"version {exc.version} was rejected: {exc.reason}", "conflict_error", "version")
+
+    @app.exception_handler(VerificationError)
+    async def _unverified(request: Request, exc: VerificationError):
+        return error_body(409, f"version {exc.version} failed verification: {exc.reason}", "conflict_error", "version")
+
+    @app.exception_handler(RegistryError)
+    async def _registry(request: Request, exc: RegistryError):
+        logger.exception("registry error")
+        return error_body(503, f"adapter registry unavailable: {exc}", "service_unavailable")
+
+    @app.exception_handler(BusUnavailable)
+    async def _bus(request: Request, exc: BusUnavailable):
+        logger.error("event bus unavailable: %s", exc)
+        return error_body(503, "event log unavailable; nothing was recorded, try again", "service_unavailable")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_body(500, "internal error", "internal_error")

@@ -1,0 +1,114 @@
+"""Hot-swap: follow the registry's active pointer without dropping a request.
+
+The pointer is the truth; it is read every `registry_poll_s` (one indexed query). When it
+moves, the new version is verified (checksum, then compatibility with the loaded base model)
+off the event loop, loaded on the engine thread under its immutable name, and only then do new
+requests use it. Requests already running keep the version they were pinned to; the previous
+version stays loaded for an instant rollback; older ones are unloaded once no request holds
+them. A version that fails verification is marked rejected with its reason, and the pointer is
+rolled back by the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from registry import Registry, VerificationError, check_adapter
+from serve.engine import Engine
+from serve.metrics import ServeMetrics
+
+logger = logging.getLogger(__name__)
+
+
+def _module_names(model: torch.nn.Module) -> set[str]:
+    """Short names of the Linear layers LoRA may target (q_proj, up_proj, …)."""
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+class HotSwap:
+    def __init__(self, engine: Engine, registry: Registry, metrics: ServeMetrics, *, base_model: str,
+                 max_rank: int, poll_s: float, replica: str):
+        self.engine, self.registry, self.metrics = engine, registry, metrics
+        self.base_model, self.max_rank, self.poll_s, self.replica = base_model, max_rank, poll_s, replica
+        self.serving: str | None = None  # what new requests get
+        self.previous: str | None = None
+        self._seen: int | None = None
+        self._lock = asyncio.Lock()  # the poll loop and the admin API may both call sync()
+        self._targets = _module_names(engine.loaded.model)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.sync()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the registry may be away for a moment: keep serving, keep polling
+                logger.exception("could not follow the active pointer")
+            await asyncio.sleep(self.poll_s)
+
+    @property
+    def ready(self) -> bool:
+        """True once the pointer has been read and acted on at least once."""
+        return self._seen is not None
+
+    async def sync(self) -> None:
+        """Read the pointer once; switch when it moved."""
+        async with self._lock:
+            await self._sync()
+
+    async def _sync(self) -> None:
+        seq, active = await asyncio.to_thread(self.registry.pointer)
+        if seq == self._seen:
+            return
+        started = time.perf_counter()
+        if active != self.serving:
+            if active is not None and not await self._load(active):
+                self._seen = seq
+                return
+            self.previous, self.serving = self.serving, active
+            keep = {v for v in (self.serving, self.previous) if v is not None}
+            await asyncio.wrap_future(self.engine.retain(keep))
+            self.metrics.swaps.inc()
+            self.metrics.swap_seconds.observe(time.perf_counter() - started)
+            self.metrics.set_active(active, self.base_model)
+            logger.info("now serving %s (previous %s)", active or "the base model", self.previous or "base")
+        self._seen = seq
+
+    def check(self, version: str) -> list[str]:
+        """Reasons this replica cannot serve `version` (empty when it can). Blocking I/O."""
+        try:
+            self.registry.verify_files(version)
+        except VerificationError as exc:
+            return [exc.reason]
+        return check_adapter(self.registry.adapter_path(version), base_model=self.base_model,
+                             allowed_target_modules=self._targets, max_rank=self.max_rank)
+
+    async def _load(self, version: str) -> bool:
+        if version in self.engine.loaded_versions:
+            return True
+        reasons = await asyncio.to_thread(self.check, version)
+        if reasons:
+            reason = "; ".join(reasons)
+            logger.error("refusing adapter %s: %s; staying on %s", version, reason, self.serving or "base")
+            self.metrics.swap_failures.labels(reason="verification").inc()
+            await asyncio.to_thread(self._refuse, version, reason)
+            return False
+        path: Path = self.registry.adapter_path(version)
+        try:
+            seconds = await asyncio.wrap_future(self.engine.load_adapter(version, path))
+        except Exception as exc:
+            logger.exception("loading adapter %s failed", version)
+            self.metrics.swap_failures.labels(reason="load").inc()
+            await asyncio.to_thread(self._refuse, version, f"load failed: {exc}")
+            return False
+        self.metrics.adapter_load_seconds.observe(seconds)
+        return True
+
+    def _refuse(self, version: str, reason: str) -> None:
+        # If it is the active version, the registry rolls the pointer back in the same transaction.
+        self.registry.reject(version, reason, actor=f"serve:{self.replica}")

@@ -1,0 +1,191 @@
+"""OpenAI-compatible chat: `POST /v1/chat/completions` (plain and SSE) and `GET /v1/models`.
+
+Every completed answer is written to the bus as a `response` event, and recorded in the ledger
+that feedback checks, before the client gets its last byte: an id a client can see is an id
+it can rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from ingest.events import ChatMessage, ResponseEvent, SamplingParams, encode_event
+from kto_loop.models import render_prompt
+from serve.deps import ServeState, State, UserId
+from serve.engine import Delta, Failed, Finished, GenerationRequest, Output
+from serve.errors import ApiError, BadRequest, NotFound, Unavailable
+from serve.schemas import ChatCompletionRequest
+
+logger = logging.getLogger(__name__)
+router = APIRouter(tags=["chat"])
+
+
+@router.get("/v1/models")
+async def list_models(state: State) -> dict:
+    settings = state.settings
+    entries = [
+        {"id": settings.served_model_name, "serving": state.hotswap.serving or settings.base_model_id},
+        {"id": settings.base_model_id},
+        *({"id": v, "parent": settings.base_model_id} for v in sorted(state.engine.loaded_versions)),
+    ]
+    return {"object": "list", "data": [{"object": "model", "created": 0, "owned_by": "kto-loop", **e} for e in entries]}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, state: State, user: UserId):
+    user = user or body.user
+    adapter = resolve_model(state, body.model)
+    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    prompt_ids = render_prompt(state.loaded.tokenizer, messages)
+    settings = state.settings
+    if len(prompt_ids) > settings.max_prompt_tokens:
+        raise BadRequest(f"the prompt is {len(prompt_ids)} tokens; the limit is {settings.max_prompt_tokens}",
+                         param="messages", code="context_length_exceeded")
+    max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
+    if max_tokens > settings.max_tokens_limit:
+        raise BadRequest(f"max_tokens is {max_tokens}; the limit is {settings.max_tokens_limit}", param="max_tokens")
+    request = GenerationRequest(prompt_ids, max_tokens, body.temperature, body.top_p, body.seed, body.stop, adapter)
+    call = _Call(state, body, user, messages, request)
+    if body.stream:
+        return StreamingResponse(call.sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await call.complete()
+
+
+def resolve_model(state: ServeState, name: str | None) -> str | None:
+    """The version a request is pinned to: the active one, the base (None), or a named version."""
+    settings = state.settings
+    if not name or name == settings.served_model_name:
+        return state.hotswap.serving
+    if name == settings.base_model_id:
+        return None
+    if name in state.engine.loaded_versions:
+        return name
+    raise NotFound(f"model {name!r} is not served here; GET /v1/models lists what is", param="model",
+                   code="model_not_found")
+
+
+class _Call:
+    """One chat completion: generation, the response event, the OpenAI-shaped answer."""
+
+    def __init__(self, state: ServeState, body: ChatCompletionRequest, user: str | None, messages, request):
+        self.state, self.body, self.user, self.messages, self.request = state, body, user, messages, request
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = request.adapter or state.settings.base_model_id
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+
+    async def complete(self) -> dict:
+        done = None
+        async for out in self._generate():
+            if isinstance(out, Failed):
+                raise _GenerationFailed(out.error)
+            if isinstance(out, Finished):
+                done = out
+        await self._record(done)
+        self._observe(done, stream=False)
+        return {
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
+                         "finish_reason": done.finish_reason, "logprobs": None}],
+            "usage": self._usage(done),
+        }
+
+    async def sse(self) -> AsyncIterator[str]:
+        yield self._chunk({"role": "assistant", "content": ""})
+        async for out in self._generate():
+            if isinstance(out, Delta):
+                yield self._chunk({"content": out.text})
+            elif isinstance(out, Failed):
+                yield _sse({"error": {"message": out.error, "type": "internal_error"}})
+                break
+            else:
+                try:
+                    await self._record(out)
+                except ApiError as exc:
+                    yield _sse({"error": {"message": exc.message, "type": exc.type}})
+                    break
+                self._observe(out, stream=True)
+                yield self._chunk({}, finish_reason=out.finish_reason)
+                if self.body.stream_options and self.body.stream_options.include_usage:
+                    yield _sse({**self._head(), "choices": [], "usage": self._usage(out)})
+        yield "data: [DONE]\n\n"
+
+    async def _generate(self) -> AsyncIterator[Output]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Output] = asyncio.Queue()
+        try:
+            handle = self.state.engine.submit(self.request, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+        except KeyError:  # the pinned version was unloaded between resolving and submitting
+            raise NotFound(f"model {self.model!r} is no longer loaded", param="model", code="model_not_found")
+        self.state.metrics.prompt_tokens.inc(len(self.request.prompt_ids))
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                if self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
+                    self.state.metrics.ttft_seconds.observe(self.first_token_at - self.started)
+                finished = not isinstance(out, Delta)
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:  # the client went away: free the batch slot
+                handle.cancel()
+                self.state.metrics.responses.labels(status="cancelled").inc()
+
+    async def _record(self, done: Finished) -> None:
+        """Write the response event, then the ledger entry, before answering."""
+        event = ResponseEvent(
+            response_id=self.id, user=self.user, base_model=self.state.settings.base_model_id,
+            adapter_version=self.request.adapter, messages=[ChatMessage(**m) for m in self.messages],
+            prompt_token_ids=self.request.prompt_ids, completion=done.text, completion_token_ids=done.token_ids,
+            finish_reason=done.finish_reason,
+            sampling=SamplingParams(max_tokens=self.request.max_tokens, temperature=self.request.temperature,
+                                    top_p=self.request.top_p, stop=self.request.stop, seed=self.request.seed),
+        )
+        state = self.state
+        try:
+            await run_in_threadpool(state.bus.publish, state.topics.responses, self.id, encode_event(event))
+            await run_in_threadpool(state.ledger.record_response, self.id, self.user, self.request.adapter)
+        except Exception as exc:
+            logger.error("could not record response %s: %s", self.id, exc)
+            state.metrics.responses.labels(status="unrecorded").inc()
+            raise Unavailable("the answer could not be recorded; try again") from exc
+
+    def _observe(self, done: Finished, *, stream: bool) -> None:
+        metrics = self.state.metrics
+        elapsed = time.perf_counter() - self.started
+        metrics.request_seconds.labels(stream=str(stream).lower()).observe(elapsed)
+        metrics.generation_tokens.inc(len(done.token_ids))
+        metrics.responses.labels(status=done.finish_reason).inc()
+        if len(done.token_ids) > 1 and self.first_token_at is not None:
+            metrics.inter_token_seconds.observe((time.perf_counter() - self.first_token_at) / (len(done.token_ids) - 1))
+
+    def _usage(self, done: Finished) -> dict:
+        prompt, completion = len(self.request.prompt_ids), len(done.token_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _head(self) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
+
+    def _chunk(self, delta: dict, finish_reason: str | None = None) -> str:
+        return _sse({**self._head(), "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]})
+
+
+class _GenerationFailed(ApiError):
+    status, type = 500, "internal_error"
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"

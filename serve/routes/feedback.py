@@ -1,0 +1,45 @@
+"""`POST /v1/feedback`: a thumbs-up or thumbs-down on a response the caller received.
+
+Idempotent per (response_id, user): repeating a vote is a no-op; changing it writes a new
+feedback event (the stream keeps both, the latest wins). A 202 means the event is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from ingest.events import FeedbackEvent, encode_event
+from serve.deps import State, UserId
+from serve.errors import Forbidden, NotFound, Unauthorized
+from serve.schemas import FeedbackAccepted, FeedbackRequest
+
+logger = logging.getLogger(__name__)
+router = APIRouter(tags=["feedback"])
+
+LABELS = {"up": "desirable", "down": "undesirable"}
+
+
+@router.post("/v1/feedback", status_code=202, response_model=FeedbackAccepted)
+async def feedback(body: FeedbackRequest, state: State, user: UserId) -> FeedbackAccepted:
+    if user is None:
+        raise Unauthorized("rating needs a user: send the X-User-Id header you chatted with")
+    async with state.votes:  # one vote at a time here, so check-then-write stays consistent
+        entry = await run_in_threadpool(state.ledger.lookup, body.response_id)
+        if entry is None:
+            raise NotFound(f"no response {body.response_id!r} (unknown, or too old to rate)", param="response_id")
+        if entry.user != user:
+            raise Forbidden("only the user who received a response may rate it", param="response_id")
+        label = LABELS[body.label]
+        if entry.label == label:
+            return FeedbackAccepted(id=entry.feedback_event_id, response_id=body.response_id, label=body.label,
+                                    status="unchanged")
+        event = FeedbackEvent(response_id=body.response_id, user=user, label=label, comment=body.comment)
+        await run_in_threadpool(state.bus.publish, state.topics.feedback, body.response_id, encode_event(event))
+        await run_in_threadpool(state.ledger.set_vote, body.response_id, user, label, event.event_id)
+    state.metrics.feedback.labels(label=label, version=entry.version or "base").inc()
+    return FeedbackAccepted(id=event.event_id, response_id=body.response_id, label=body.label,
+                            status="changed" if entry.label else "recorded")
+

@@ -1,0 +1,79 @@
+"""Request and response bodies of the HTTP API (OpenAI's chat completions shape)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ChatMessageIn(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[dict]
+
+    @field_validator("content")
+    @classmethod
+    def _flatten(cls, value):
+        # OpenAI clients may send content parts; only text parts mean anything to a text model.
+        if isinstance(value, str):
+            return value
+        texts = []
+        for part in value:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    # Unknown OpenAI fields (logprobs, tools, …) are ignored rather than refused, as most servers do.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = Field(None, validate_default=True)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)
+    n: int = Field(1, ge=1, le=1)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        if value is None:
+            return []
+        stops = [value] if isinstance(value, str) else value
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return [s for s in stops if s]
+
+
+class FeedbackRequest(BaseModel):
+    response_id: str = Field(min_length=1, max_length=128)
+    label: Literal["up", "down"]
+    comment: str | None = Field(None, max_length=2000)
+
+
+class FeedbackAccepted(BaseModel):
+    id: str
+    response_id: str
+    label: Literal["up", "down"]
+    status: Literal["recorded", "changed", "unchanged"]
+
+
+class RollbackRequest(BaseModel):
+    to: str | None = None
+    reason: str = Field("", max_length=500)
+
+
+class ActivateRequest(BaseModel):
+    reason: str = Field("", max_length=500)

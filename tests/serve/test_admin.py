@@ -1,0 +1,112 @@
+"""The admin API: auth, versions with lineage, activate, roll back, history; hot-swap follows."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serve.app import create_app
+from tests.serve.conftest import ADMIN
+from tests.tiny import TINY_MODEL_ID
+
+HELLO = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "temperature": 0}
+
+
+def publish(state, adapter_dir, parent=None, **metrics):
+    return state.registry.publish(adapter_dir, base_model=TINY_MODEL_ID, parent=parent, metrics=metrics,
+                                  lineage={"events": ["e1", "e2"]})
+
+
+def test_admin_needs_the_token(client):
+    assert client.get("/v1/adapters").status_code == 401
+    assert client.get("/v1/adapters", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/v1/adapters", headers={"Authorization": "Basic x"}).status_code == 401
+    assert client.get("/v1/adapters", headers=ADMIN).status_code == 200
+
+
+def test_admin_is_off_without_a_token(settings):
+    settings.admin_token = None
+    with TestClient(create_app(settings)) as client:
+        reply = client.get("/v1/adapters", headers=ADMIN)
+        assert reply.status_code == 403 and "KTO_ADMIN_TOKEN" in reply.json()["error"]["message"]
+
+
+def test_list_activate_rollback_history(client, state, make_adapter):
+    v1 = publish(state, make_adapter(1), loss=0.5).version
+    v2 = publish(state, make_adapter(2), parent=v1).version
+    listing = client.get("/v1/adapters", headers=ADMIN).json()
+    assert listing["active"] is None
+    assert [(v["version"], v["parent"], v["status"]) for v in listing["versions"]] == [(v1, None, "ready"), (v2, v1, "ready")]
+    assert listing["versions"][0]["metrics"] == {"loss": 0.5} and listing["versions"][0]["lineage"] == {"events": ["e1", "e2"]}
+
+    reply = client.post(f"/v1/adapters/{v1}/activate", json={"reason": "try it"}, headers=ADMIN)
+    assert reply.status_code == 200 and reply.json()["serving"] == v1
+    assert client.post("/v1/chat/completions", json=HELLO).json()["model"] == v1
+    client.post(f"/v1/adapters/{v2}/activate", headers=ADMIN)
+    assert client.post("/v1/chat/completions", json=HELLO).json()["model"] == v2
+
+    back = client.post("/v1/adapters/rollback", json={}, headers=ADMIN).json()
+    assert back["active"] == v1 and back["serving"] == v1
+    back = client.post("/v1/adapters/rollback", headers=ADMIN).json()
+    assert back["active"] is None
+    assert client.post("/v1/chat/completions", json=HELLO).json()["model"] == TINY_MODEL_ID
+    to = client.post("/v1/adapters/rollback", json={"to": v2, "reason": "v2 was fine"}, headers=ADMIN).json()
+    assert to["serving"] == v2
+
+    history = client.get("/v1/adapters/history", headers=ADMIN).json()["history"]
+    assert [(h["action"], h["version"]) for h in history] == [
+        ("activate", v1), ("activate", v2), ("rollback", v1), ("rollback", None), ("rollback", v2)]
+    assert history[0]["reason"] == "try it" and history[0]["actor"] == "admin" and history[0]["at"] > 0
+
+
+def test_pinning_a_version_or_the_base_by_model_name(client, state, make_adapter):
+    v1 = publish(state, make_adapter(1)).version
+    client.post(f"/v1/adapters/{v1}/activate", headers=ADMIN)
+    assert client.post("/v1/chat/completions", json={**HELLO, "model": TINY_MODEL_ID}).json()["model"] == TINY_MODEL_ID
+    assert client.post("/v1/chat/completions", json={**HELLO, "model": v1}).json()["model"] == v1
+    assert v1 in [m["id"] for m in client.get("/v1/models").json()["data"]]
+
+
+def test_unknown_version_404_and_incompatible_409(client, state, make_adapter):
+    assert client.post("/v1/adapters/v9999/activate", headers=ADMIN).status_code == 404
+    wrong_base = publish(state, make_adapter(3, base_model="some-other-model")).version
+    reply = client.post(f"/v1/adapters/{wrong_base}/activate", headers=ADMIN)
+    assert reply.status_code == 409 and "some-other-model" in reply.json()["error"]["message"]
+    listing = client.get("/v1/adapters", headers=ADMIN).json()
+    assert listing["active"] is None
+    [info] = [v for v in listing["versions"] if v["version"] == wrong_base]
+    assert info["status"] == "rejected" and info["rejected_reason"]
+
+
+def test_bad_version_published_as_active_is_refused_and_serving_stays(client, state, make_adapter):
+    """A learner (or anyone) moving the pointer to a broken version cannot take serving down."""
+    good = publish(state, make_adapter(1)).version
+    client.post(f"/v1/adapters/{good}/activate", headers=ADMIN)
+    bad = publish(state, make_adapter(4, r=4, target_modules=("q_proj", "v_proj"), base_model="elsewhere")).version
+    state.registry.activate(bad, actor="learner", reason="auto")
+    deadline = time.monotonic() + 5
+    while state.registry.active() != good and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state.registry.active() == good  # pointed back at what was serving
+    assert state.hotswap.serving == good
+    assert state.registry.get(bad).status == "rejected"
+    assert client.post("/v1/chat/completions", json=HELLO).json()["model"] == good
+    assert "kto_adapter_swap_failures_total" in client.get("/metrics").text
+
+
+def test_new_version_picked_up_without_admin_call(client, state, make_adapter):
+    """A version activated straight in the registry (as the learner does) is served within a second."""
+    v1 = publish(state, make_adapter(1)).version
+    started = time.monotonic()
+    state.registry.activate(v1, actor="learner", reason="auto")
+    while client.post("/v1/chat/completions", json=HELLO).json()["model"] != v1:
+        assert time.monotonic() - started < 5, "the new version was never served"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("path", ["/v1/adapters/v1/activate", "/v1/adapters/rollback"])
+def test_admin_bad_bodies(client, path):
+    reply = client.post(path, json={"reason": 5}, headers=ADMIN)
+    assert reply.status_code == 422 and reply.json()["error"]["param"] == "reason"

@@ -1,0 +1,92 @@
+"""Hot-swap under load: 8 streaming clients while 20 versions are activated in turn.
+
+Zero failed requests, and every response names a version that was active when it started.
+A version V_k counts as active from the moment its activation call was sent until the next
+activation call returned; a request started at s whose first chunk came at f must have been
+pinned to a version active somewhere in [s, f].
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+
+from tests.serve.conftest import ADMIN
+from tests.tiny import TINY_MODEL_ID
+
+CLIENTS = 8
+VERSIONS = 20
+
+
+def stream_once(client: httpx.Client, url: str) -> tuple[float, float, str, bool]:
+    started = time.monotonic()
+    first = None
+    model = None
+    done = False
+    body = {"messages": [{"role": "user", "content": "Tell me something"}], "max_tokens": 12, "stream": True}
+    with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers={"X-User-Id": "load"}) as reply:
+        reply.raise_for_status()
+        for line in reply.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                break
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            if first is None:
+                first, model = time.monotonic(), chunk["model"]
+    return started, first, model, done
+
+
+def test_swap_under_load(live_server, make_adapter):
+    registry = live_server.state.registry
+    versions = [registry.publish(make_adapter(100 + i), base_model=TINY_MODEL_ID, parent=None, metrics={}, lineage={}).version
+                for i in range(VERSIONS)]
+    results, failures = [], []
+    stop = threading.Event()
+
+    def client_loop():
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                try:
+                    results.append(stream_once(client, live_server.url))
+                except Exception as exc:  # any failure at all fails the test below
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=client_loop) for _ in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    windows = []  # (version, sent, returned)
+    with httpx.Client(timeout=60, headers=ADMIN) as admin:
+        time.sleep(0.3)
+        for version in versions:
+            sent = time.monotonic()
+            reply = admin.post(f"{live_server.url}/v1/adapters/{version}/activate")
+            assert reply.status_code == 200, reply.text
+            windows.append((version, sent, time.monotonic()))
+            deadline = time.monotonic() + 30  # let each version answer before the next swap
+            while not any(r[2] == version for r in list(results)) and time.monotonic() < deadline:
+                time.sleep(0.02)
+    time.sleep(0.3)
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+
+    assert failures == []
+    assert len(results) >= 2 * CLIENTS
+    assert all(done for *_, done in results)
+    active_from = {v: sent for v, sent, _ in windows}
+    active_until = {v: windows[i + 1][2] if i + 1 < len(windows) else float("inf") for i, (v, _, _) in enumerate(windows)}
+    active_from[TINY_MODEL_ID], active_until[TINY_MODEL_ID] = float("-inf"), windows[0][2]
+    served = set()
+    for started, first, model, _ in results:
+        assert model in active_from, model
+        assert active_from[model] <= first and started <= active_until[model], (model, started, first)
+        served.add(model)
+    assert served >= set(versions)  # every version answered while the others were streaming
+    # only the active and previous versions stay loaded once the load is gone
+    assert len(live_server.state.engine.loaded_versions) <= 2
