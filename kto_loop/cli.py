@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             where = ".".join(str(p) for p in error["loc"]) or "settings"
             sys.stderr.write(f"kto-loop: invalid setting {where} (KTO_{where.upper()}): {error['msg']}\n")
         return 2
+    if args.command == "up":
+        # The learner joins `up` with the learner issue; until then the loop is serve + the event log.
+        logger.info("kto-loop up: serving on the embedded default (event log and registry in %s)", settings.data_dir)
     if args.command in ("serve", "up"):
         return _serve(settings)
     return _adapters(settings, args)

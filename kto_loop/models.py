@@ -125,15 +125,45 @@ def ensure_demo_model(data_dir: Path) -> Path:
     target = Path(data_dir) / "demo-model"
     if (target / "config.json").exists():
         return target
-    logger.warning("no --model given: building the offline DEMO model (random weights) in %s", target)
+    logger.warning("no --model given: building the offline DEMO model in %s "
+                   "(a tiny Llama taught the shipped text for a few seconds: expect babble)", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-model-", dir=target.parent))
     try:
         build_tiny_model(tmp, vocab_size=512, hidden_size=128, num_layers=4, num_heads=4)
+        _teach_the_corpus(tmp)
         os.replace(tmp, target)  # atomic: a half-built model is never picked up
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _teach_the_corpus(path: Path, steps: int = 100) -> None:
+    """A few seconds of training so the demo babbles the shipped text instead of random bytes.
+
+    Each line of the corpus is a user turn answered by the next line, in the chat template.
+    """
+    loaded = load_model(path, device=torch.device("cpu"), dtype=torch.float32)
+    tokenizer, model = loaded.tokenizer, loaded.model
+    lines = [line for line in _demo_corpus().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        chat = [{"role": "user", "content": line}, {"role": "assistant", "content": lines[(i + 1) % len(lines)]}]
+        rows.append(render_prompt(tokenizer, chat, add_generation_prompt=False) + [tokenizer.eos_token_id])
+    ids = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    labels = ids.masked_fill(mask == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    logger.info("demo model trained on the shipped corpus (final loss %.2f)", loss.item())
+    model.save_pretrained(path)
 
 
 def load_model(model: str | Path, *, model_id: str | None = None, device=None, dtype=None) -> LoadedModel:
@@ -163,10 +193,10 @@ def eos_token_ids(loaded: LoadedModel) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
+def render_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of the chat prompt, ending where the assistant's answer begins."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)
