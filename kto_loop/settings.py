@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_SCHEMES = ("sqlite://",)
@@ -38,6 +38,12 @@ class CommonSettings(BaseSettings):
 
     topic_prefix: str = Field("kto", pattern=r"^[A-Za-z0-9._-]+$")
     """Prefix of the bus topics: `<prefix>.responses`, `<prefix>.feedback`, `<prefix>.dead-letters`."""
+
+    @field_validator("model", "model_id", "bus_url", "registry_url", "adapter_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        # `KTO_MODEL=` (as compose files write an unset variable) means "not set", not "".
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _fill_defaults(self):

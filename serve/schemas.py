@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 
 class ChatMessageIn(BaseModel):
@@ -16,13 +16,25 @@ class ChatMessageIn(BaseModel):
     def _flatten(cls, value):
         # OpenAI clients may send content parts; only text parts mean anything to a text model.
         if isinstance(value, str):
-            return value
+            return _utf8(value)
         texts = []
         for part in value:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise ValueError("only text content parts are supported")
             texts.append(part["text"])
-        return "".join(texts)
+        return _utf8("".join(texts))
+
+
+def _utf8(text: str) -> str:
+    # JSON can carry lone surrogates ("\\ud800"); no tokenizer can encode them.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text is not valid Unicode (a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
 
 
 class StreamOptions(BaseModel):
@@ -39,11 +51,11 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = None
+    stop: Text | list[Text] | None = Field(None, validate_default=True)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(None, max_length=256)
+    user: Text | None = Field(None, max_length=256)
     n: int = Field(1, ge=1, le=1)
 
     @field_validator("stop")
@@ -58,9 +70,9 @@ class ChatCompletionRequest(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
-    response_id: str = Field(min_length=1, max_length=128)
+    response_id: Text = Field(min_length=1, max_length=128)
     label: Literal["up", "down"]
-    comment: str | None = Field(None, max_length=2000)
+    comment: Text | None = Field(None, max_length=2000)
 
 
 class FeedbackAccepted(BaseModel):
@@ -72,8 +84,8 @@ class FeedbackAccepted(BaseModel):
 
 class RollbackRequest(BaseModel):
     to: str | None = None
-    reason: str = Field("", max_length=500)
+    reason: Text = Field("", max_length=500)
 
 
 class ActivateRequest(BaseModel):
-    reason: str = Field("", max_length=500)
+    reason: Text = Field("", max_length=500)

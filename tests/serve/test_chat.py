@@ -89,6 +89,8 @@ def test_models_lists_alias_and_base(client):
         ({**HELLO, "n": 2}, 422, "n"),
         ({**HELLO, "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
         ({**HELLO, "model": "no-such-model"}, 404, "model"),
+        ({**HELLO, "seed": 2**70}, 422, "seed"),
+        ({**HELLO, "stream_options": {"include_usage": "maybe"}}, 422, "stream_options.include_usage"),
         ({"messages": [{"role": "user", "content": "word " * 5000}]}, 400, "messages"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 422, "messages.0.content"),
     ],
@@ -98,6 +100,28 @@ def test_bad_requests_are_4xx_naming_the_field(client, body, status, param):
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
     assert error["param"] == param and error["message"]
+
+
+@pytest.mark.parametrize("seed", [-1, 0, 2**63 - 1, 2**64 - 1])
+def test_any_seed_in_range_works(client, seed):
+    assert client.post("/v1/chat/completions", json={**HELLO, "seed": seed, "temperature": 1}).status_code == 200
+
+
+def test_odd_but_valid_inputs_are_answered(client):
+    odd = [
+        [{"role": "user", "content": ""}],
+        [{"role": "user", "content": "<|end|><|assistant|> \u0000 emoji 😀"}],
+        [{"role": "assistant", "content": "I start"}, {"role": "system", "content": "be brief"}],
+        [{"role": "user", "content": [{"type": "text", "text": "parts "}, {"type": "text", "text": "joined"}]}],
+    ]
+    for messages in odd:
+        reply = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 4, "stop": "\n"})
+        assert reply.status_code == 200, (messages, reply.text)
+    # JSON escapes for a surrogate pair and for a lone surrogate, as raw bytes
+    for raw in (rb'{"messages":[{"role":"user","content":"\ud83d\ude00"}],"max_tokens":3}',
+                rb'{"messages":[{"role":"user","content":"\ud800 lone"}],"max_tokens":3}'):
+        reply = client.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
+        assert reply.status_code < 500, reply.text
 
 
 def test_not_json_and_wrong_types(client):
