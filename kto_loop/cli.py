@@ -1,7 +1,9 @@
 """`kto-loop`: one command for the whole loop.
 
     kto-loop serve        the inference server (chat, feedback, admin, metrics)
-    kto-loop up           everything on the embedded default: what `make run` starts
+    kto-loop learn        the KTO learner: events in, adapter versions out
+    kto-loop up           serve + learn on the embedded default: what `make run` starts
+    kto-loop simulate     users who chat and rate by a rule, with a learning curve
     kto-loop adapters …   list | activate VERSION | rollback [VERSION], against a running server
 
 Options on the command line override `KTO_*` environment variables.
@@ -13,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -34,7 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kto-loop", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", parents=[common], help="run the inference server")
-    sub.add_parser("up", parents=[common], help="run the loop on the embedded default (what `make run` starts)")
+    sub.add_parser("learn", parents=[common], help="run the KTO learner")
+    sub.add_parser("up", parents=[common], help="serve + learn on the embedded default (what `make run` starts)")
+    sim = sub.add_parser("simulate", parents=[common], help="simulated users who chat and rate by a rule")
+    sim.add_argument("--ratings", type=int, default=600, help="stop after this many ratings")
+    sim.add_argument("--users", type=int, default=8, help="concurrent simulated users")
+    sim.add_argument("--prefixes", default="a,e,i,o,u", help="an answer is liked iff it starts with one of these")
+    sim.add_argument("--max-tokens", type=int, default=8)
+    sim.add_argument("--plot", default=None, help="PNG learning curve (default <data-dir>/learning-curve.png)")
     adapters = sub.add_parser("adapters", help="list, activate and roll back adapter versions")
     actions = adapters.add_subparsers(dest="action", required=True)
     actions.add_parser("list", parents=[common], help="versions with status, parent and metrics")
@@ -56,21 +66,66 @@ def _overrides(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from learner.settings import LearnerSettings
     from serve.settings import ServeSettings
 
     try:
-        settings = ServeSettings(**_overrides(args))
+        settings = (LearnerSettings if args.command == "learn" else ServeSettings)(**_overrides(args))
     except ValidationError as exc:
         for error in exc.errors():
             where = ".".join(str(p) for p in error["loc"]) or "settings"
             sys.stderr.write(f"kto-loop: invalid setting {where} (KTO_{where.upper()}): {error['msg']}\n")
         return 2
-    if args.command == "up":
-        # The learner joins `up` with the learner issue; until then the loop is serve + the event log.
-        logger.info("kto-loop up: serving on the embedded default (event log and registry in %s)", settings.data_dir)
-    if args.command in ("serve", "up"):
+    if args.command == "learn":
+        return _learn(settings)
+    if args.command == "serve":
         return _serve(settings)
+    if args.command == "up":
+        return _up(settings, argv if argv is not None else sys.argv[1:])
+    if args.command == "simulate":
+        return _simulate(settings, args)
     return _adapters(settings, args)
+
+
+def _learn(settings) -> int:
+    from learner.loop import main as learn
+
+    learn(settings)
+    return 0
+
+
+def _up(settings, argv: list[str]) -> int:
+    """The learner as a child process (training must not steal the server's GIL), serve here."""
+    import subprocess
+
+    from kto_loop.models import ensure_demo_model
+
+    if settings.model is None:
+        ensure_demo_model(settings.data_dir)  # once, before two processes would both build it
+    learner_args = [a if a != "up" else "learn" for a in argv]
+    learner = subprocess.Popen([sys.executable, "-m", "kto_loop.cli", *learner_args])
+    logger.info("learner started (pid %d); serving on http://%s:%d", learner.pid, settings.host, settings.port)
+    try:
+        return _serve(settings)
+    finally:
+        learner.terminate()
+        try:
+            learner.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            learner.kill()
+
+
+def _simulate(settings, args) -> int:
+    from kto_loop.simulate import plot, simulate
+
+    url = f"http://{settings.host}:{settings.port}"
+    prefixes = tuple(p for p in args.prefixes.split(",") if p)
+    result = simulate(url, ratings=args.ratings, users=args.users, prefixes=prefixes, max_tokens=args.max_tokens)
+    for version, (n, rate) in result.rate_by_version().items():
+        print(f"{version:<24} n={n:<5} desirable={rate:.3f}")
+    path = plot(result, Path(args.plot) if args.plot else settings.data_dir / "learning-curve.png")
+    print(f"learning curve: {path}")
+    return 0
 
 
 def _serve(settings) -> int:

@@ -57,27 +57,41 @@ def _demo_corpus() -> str:
     return resources.files("kto_loop").joinpath("data/corpus.txt").read_text(encoding="utf-8")
 
 
-def build_tokenizer(path: Path, *, vocab_size: int = 512, corpus: str | None = None):
-    """Train a byte-level BPE tokenizer on `corpus` and save it with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(path: Path, *, vocab_size: int = 512, corpus: str | None = None, alphabet: str | None = None):
+    """Train a byte-level BPE tokenizer on `corpus` and save it with a chat template.
+
+    With `alphabet`, build a character-level tokenizer instead (one token per character, the
+    special tokens, and `<|unk|>`): learning tests use it for a vocabulary of a few dozen tokens.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    text = corpus if corpus is not None else _demo_corpus()
-    tok.train_from_iterator(text.splitlines(), trainer=trainer)
+    specials = list(SPECIAL_TOKENS)
+    if alphabet is not None:
+        specials.append("<|unk|>")
+        vocab = {token: i for i, token in enumerate(specials + sorted(set(alphabet)))}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        tok.add_special_tokens(specials)
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        text = corpus if corpus is not None else _demo_corpus()
+        tok.train_from_iterator(text.splitlines(), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|bos|>",
         eos_token="<|eos|>",
         pad_token="<|pad|>",
+        unk_token="<|unk|>" if alphabet is not None else None,
         additional_special_tokens=SPECIAL_TOKENS[3:],
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -94,6 +108,8 @@ def build_tiny_model(
     num_heads: int = 4,
     seed: int = 0,
     corpus: str | None = None,
+    alphabet: str | None = None,
+    init_std: float = 0.02,
 ) -> Path:
     """Write a random Llama (config + safetensors) and its tokenizer to `path`."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -101,7 +117,7 @@ def build_tiny_model(
     _quiet_progress_bars()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(path, vocab_size=vocab_size, corpus=corpus)
+    tokenizer = build_tokenizer(path, vocab_size=vocab_size, corpus=corpus, alphabet=alphabet)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -114,6 +130,9 @@ def build_tiny_model(
         eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")],
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        # transformers' 0.02 keeps a tiny model's logits within about ±1, too flat for a LoRA to
+        # move its answers much; learning tests raise it.
+        initializer_range=init_std,
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(path)
@@ -132,7 +151,11 @@ def ensure_demo_model(data_dir: Path) -> Path:
     try:
         build_tiny_model(tmp, vocab_size=512, hidden_size=128, num_layers=4, num_heads=4)
         _teach_the_corpus(tmp)
-        os.replace(tmp, target)  # atomic: a half-built model is never picked up
+        try:
+            os.replace(tmp, target)  # atomic: a half-built model is never picked up
+        except OSError:
+            if not (target / "config.json").exists():
+                raise  # not another process winning the race: a real failure
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -1,0 +1,365 @@
+"""The replay buffer: labeled examples, durable in one SQLite file, and the state of the join.
+
+One file (WAL, ``synchronous=FULL``) holds everything the learner must not lose or count twice:
+
+- ``seen``: every event_id applied, so a re-delivered event changes nothing (a dead-lettered
+  event's id is forgotten, so that replaying it from the dead-letter topic counts);
+- ``responses``: every response, with its token ids exactly as served, kept for joining; those
+  never rated are dropped after ``retention_s`` (seen event_ids too: by then they were committed);
+- ``examples``: one per rated response, with its current label, ``seq``, reference log-probs
+  and fixed KL partner; examples are kept until deleted explicitly;
+- ``pending``: feedback parked until its response arrives, with raw bytes and bus position;
+- ``outbox``: dead letters not yet published (see ``learner.consumer`` for who sends them).
+
+``seq`` is a counter, never reused, stamped on an example whenever it becomes something new to
+train on: when it is labeled, relabeled with the other label, and when its reference log-probs
+are set. An example is "fresh" above the trainer's watermark. The bump at ``set_reference`` is
+what keeps the watermark safe: an example labeled before others but referenced after them still
+lands above a watermark taken meanwhile, so it is never skipped.
+
+The KL partner of an example is the example inserted just before it (the mismatched pair of the
+KTO paper's z0: prompt i with completion i-1). The very first example has none until the second
+arrives, and takes that one; ``unreferenced`` returns only examples that have a partner.
+
+Held-out selection is the trainer's (by a hash of response_id over ``referenced()``).
+
+Thread-safe: one connection under a lock. Other processes may open the file too (WAL).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ingest._sqlite import connect, ensure_schema, write_transaction
+from learner.join import ApplyResult, Polled, apply_batch, dead_letter_event, next_counter
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RETENTION_S = 7 * 24 * 3600.0
+_PRUNE_EVERY_S = 60.0
+_LAYOUT_VERSION = 1
+_SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS seen (event_id TEXT PRIMARY KEY, seen_at REAL NOT NULL) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS seen_at ON seen (seen_at)",
+    """CREATE TABLE IF NOT EXISTS responses (
+        response_id TEXT PRIMARY KEY,
+        event_id TEXT NOT NULL,
+        user TEXT,
+        adapter_version TEXT,
+        prompt_ids TEXT NOT NULL,
+        completion_ids TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        stored_at REAL NOT NULL,
+        rejected TEXT)""",
+    "CREATE INDEX IF NOT EXISTS responses_stored_at ON responses (stored_at)",
+    """CREATE TABLE IF NOT EXISTS examples (
+        response_id TEXT PRIMARY KEY REFERENCES responses (response_id),
+        desirable INTEGER NOT NULL,
+        feedback_event_id TEXT NOT NULL,
+        labeled_at REAL NOT NULL,
+        seq INTEGER NOT NULL UNIQUE,
+        position INTEGER NOT NULL UNIQUE,
+        kl_partner TEXT,
+        ref_logp REAL,
+        kl_ref_logp REAL,
+        times_trained INTEGER NOT NULL DEFAULT 0)""",
+    "CREATE INDEX IF NOT EXISTS examples_unreferenced ON examples (position) WHERE ref_logp IS NULL",
+    """CREATE TABLE IF NOT EXISTS pending (
+        event_id TEXT PRIMARY KEY,
+        response_id TEXT NOT NULL,
+        user TEXT NOT NULL,
+        desirable INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        parked_at REAL NOT NULL,
+        topic TEXT NOT NULL,
+        part INTEGER NOT NULL,
+        record_offset INTEGER NOT NULL,
+        key TEXT,
+        raw BLOB NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS pending_response ON pending (response_id)",
+    "CREATE INDEX IF NOT EXISTS pending_parked_at ON pending (parked_at)",
+    """CREATE TABLE IF NOT EXISTS outbox (
+        id INTEGER PRIMARY KEY,
+        reason TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        part INTEGER NOT NULL,
+        record_offset INTEGER NOT NULL,
+        key TEXT,
+        raw BLOB NOT NULL,
+        queued_at REAL NOT NULL,
+        UNIQUE (topic, part, record_offset))""",
+    "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    "INSERT OR IGNORE INTO counters (name, value) VALUES ('seq', 0), ('position', 0)",
+]
+
+_EXAMPLE = """
+    SELECT e.response_id, r.user, r.prompt_ids, r.completion_ids, e.desirable, e.feedback_event_id,
+           e.labeled_at, r.adapter_version, e.seq, e.ref_logp, e.kl_partner, e.kl_ref_logp, e.times_trained,
+           p.completion_ids
+    FROM examples e JOIN responses r ON r.response_id = e.response_id
+    LEFT JOIN responses p ON p.response_id = e.kl_partner"""
+
+
+@dataclass
+class Example:
+    """A rated response, ready for KTO once ``ref_logp`` is set."""
+
+    response_id: str
+    user: str | None
+    prompt_ids: list[int]
+    """The prompt token ids exactly as served."""
+    completion_ids: list[int]
+    """The completion token ids exactly as generated (never a re-tokenisation of the text)."""
+    desirable: bool
+    feedback_event_id: str
+    """The feedback event that set the current label."""
+    labeled_at: float
+    """That feedback's created_at (unix seconds)."""
+    adapter_version: str | None
+    """The adapter version that produced the completion; None for the base model."""
+    seq: int
+    """Stamped anew when labeled, relabeled and referenced; see the module docstring."""
+    ref_logp: float | None
+    """Reference (base model) log-prob of the completion given the prompt; None until computed."""
+    kl_partner: str | None
+    """response_id of the fixed mismatched partner; None only while this is the sole example."""
+    kl_ref_logp: float | None
+    """Reference log-prob of the partner's completion given this prompt."""
+    times_trained: int
+    kl_partner_completion_ids: list[int] | None = None
+    """The partner's completion token ids, for the mismatched pair (this prompt, that completion)."""
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A queued dead letter: why, and the original record (its bytes and bus position)."""
+
+    id: int
+    reason: str
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    raw: bytes
+
+
+def _example(row: tuple) -> Example:
+    partner = row[13]
+    return Example(row[0], row[1], json.loads(row[2]), json.loads(row[3]), bool(row[4]), *row[5:13],
+                   kl_partner_completion_ids=None if partner is None else json.loads(partner))
+
+
+class ReplayBuffer:
+    """The buffer at ``path``; see the module docstring."""
+
+    def __init__(self, path: Path, *, retention_s: float = DEFAULT_RETENTION_S, busy_timeout_s: float = 10.0) -> None:
+        """``retention_s``: seconds an unrated response (and a seen event_id) is kept.
+        ``busy_timeout_s``: seconds to wait for another writer of the file.
+        """
+        if retention_s <= 0:
+            raise ValueError(f"retention_s must be > 0, got {retention_s}")
+        self.path = Path(path)
+        self.retention_s = retention_s
+        self._lock = threading.Lock()
+        self._last_prune = float("-inf")
+        # FULL: an offset is committed on the strength of this commit, so it must survive power loss.
+        self._conn: sqlite3.Connection | None = connect(self.path, synchronous="FULL", busy_timeout_s=busy_timeout_s)
+        try:
+            ensure_schema(self._conn, _SCHEMA, _LAYOUT_VERSION, "replay buffer")
+        except BaseException:
+            self._conn.close()
+            raise
+        logger.info("replay buffer open at %s: %s", self.path, self.counts())
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError(f"the replay buffer at {self.path} is closed")
+        return self._conn
+
+    # ---- writes from the consumer ----
+
+    def apply(self, batch: list[Polled], *, now: float | None = None) -> ApplyResult:
+        """Apply one polled batch in ONE transaction (see ``learner.join``); durable on return."""
+        now = time.time() if now is None else now
+        with self._lock:
+            conn = self._connection()
+            with write_transaction(conn):
+                result = apply_batch(conn, batch, now)
+                if now - self._last_prune >= _PRUNE_EVERY_S:
+                    self._prune(conn, now)
+        return result
+
+    def _prune(self, conn: sqlite3.Connection, now: float) -> None:
+        # Runs inside apply's transaction; lazily, so that the file stays bounded without a janitor.
+        cutoff = now - self.retention_s
+        dropped = conn.execute(
+            "DELETE FROM responses WHERE stored_at < ?"
+            " AND NOT EXISTS (SELECT 1 FROM examples e WHERE e.response_id = responses.response_id)",
+            (cutoff,),
+        ).rowcount
+        forgotten = conn.execute("DELETE FROM seen WHERE seen_at < ?", (cutoff,)).rowcount
+        self._last_prune = now
+        if dropped or forgotten:
+            logger.info("buffer dropped %d unrated responses and %d event ids older than %.0f s",
+                        dropped, forgotten, self.retention_s)
+
+    def expire_pending(self, now: float, ttl_s: float) -> list[DeadLetter]:
+        """Move feedback parked for ``ttl_s`` or longer (by ``now``) from ``pending`` to the outbox.
+
+        Crash-safe by construction: removing it from ``pending`` and queueing its dead letter are
+        one transaction, so the rating is either still parked or queued for the dead-letter topic,
+        never lost. Publishing it is the outbox's job (``dead_letters_to_send``), at least once.
+        Its event_id is forgotten too, so replaying the dead letter later counts it.
+        """
+        with self._lock:
+            conn = self._connection()
+            with write_transaction(conn):
+                rows = conn.execute(
+                    "SELECT event_id, response_id, topic, part, record_offset, key, raw FROM pending"
+                    " WHERE parked_at <= ? ORDER BY parked_at, event_id",
+                    (now - ttl_s,),
+                ).fetchall()
+                expired = []
+                for event_id, response_id, topic, part, offset, key, raw in rows:
+                    reason = f"response {response_id} never arrived within {ttl_s:g} s of its feedback {event_id}"
+                    dead_letter_event(conn, event_id, reason, topic, part, offset, key, raw, now)
+                    conn.execute("DELETE FROM pending WHERE event_id = ?", (event_id,))
+                    row = conn.execute(
+                        "SELECT id, reason FROM outbox WHERE topic = ? AND part = ? AND record_offset = ?",
+                        (topic, part, offset),
+                    ).fetchone()
+                    expired.append(DeadLetter(row[0], row[1], topic, part, offset, key, bytes(raw)))
+        return expired
+
+    def dead_letters_to_send(self, limit: int = 100) -> list[DeadLetter]:
+        """Queued dead letters, oldest first."""
+        with self._lock:
+            rows = self._connection().execute(
+                "SELECT id, reason, topic, part, record_offset, key, raw FROM outbox ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
+        return [DeadLetter(*row[:6], bytes(row[6])) for row in rows]
+
+    def dead_letters_sent(self, ids: Iterable[int]) -> None:
+        """Forget dead letters once the bus has acknowledged them."""
+        with self._lock:
+            conn = self._connection()
+            with write_transaction(conn):
+                conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+
+    # ---- the trainer's side ----
+
+    def unreferenced(self, limit: int) -> list[Example]:
+        """Examples without reference log-probs, oldest first; only those that have a KL partner."""
+        with self._lock:
+            rows = self._connection().execute(
+                _EXAMPLE + " WHERE e.ref_logp IS NULL AND e.kl_partner IS NOT NULL ORDER BY e.position LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [_example(row) for row in rows]
+
+    def set_reference(self, items: list[tuple[str, float, float]]) -> int:
+        """Store (response_id, ref_logp, kl_ref_logp) in one transaction; return how many were set.
+
+        A newly referenced example gets a new ``seq`` (it just became trainable); a relabel later
+        keeps these values (same tokens, same reference). Unknown ids are skipped.
+        """
+        for response_id, ref, kl_ref in items:
+            if not (math.isfinite(ref) and math.isfinite(kl_ref)):
+                raise ValueError(f"reference log-probs of {response_id} must be finite, got {ref}, {kl_ref}")
+        done = 0
+        with self._lock:
+            conn = self._connection()
+            with write_transaction(conn):
+                for response_id, ref, kl_ref in items:
+                    row = conn.execute("SELECT ref_logp FROM examples WHERE response_id = ?",
+                                       (response_id,)).fetchone()
+                    if row is None:
+                        logger.warning("set_reference: no example %s (deleted meanwhile?)", response_id)
+                        continue
+                    seq_sql, args = ("seq = ?, ", [next_counter(conn, "seq")]) if row[0] is None else ("", [])
+                    conn.execute(f"UPDATE examples SET {seq_sql}ref_logp = ?, kl_ref_logp = ? WHERE response_id = ?",
+                                 [*args, ref, kl_ref, response_id])
+                    done += 1
+        return done
+
+    def fresh(self, after_seq: int) -> list[Example]:
+        """Referenced examples with ``seq > after_seq``, in seq order."""
+        return self._select(" WHERE e.ref_logp IS NOT NULL AND e.seq > ? ORDER BY e.seq", (after_seq,))
+
+    def referenced(self) -> list[Example]:
+        """Every referenced example, oldest (first inserted) first; e.g. for a held-out split by hash."""
+        return self._select(" WHERE e.ref_logp IS NOT NULL ORDER BY e.position", ())
+
+    def replay(self, n: int, exclude: set[str], rng: random.Random) -> list[Example]:
+        """Up to ``n`` referenced examples drawn uniformly without replacement, none in ``exclude``."""
+        with self._lock:
+            ids = [r[0] for r in self._connection().execute(
+                "SELECT response_id FROM examples WHERE ref_logp IS NOT NULL ORDER BY position").fetchall()]
+        candidates = [i for i in ids if i not in exclude]
+        chosen = rng.sample(candidates, min(n, len(candidates)))
+        if not chosen:
+            return []
+        by_id = {e.response_id: e for e in self._select(
+            f" WHERE e.response_id IN ({','.join('?' * len(chosen))})", chosen)}
+        return [by_id[i] for i in chosen if i in by_id]
+
+    def max_seq(self) -> int:
+        """The highest seq of a referenced example (0 if none): ``fresh(max_seq())`` is empty."""
+        with self._lock:
+            row = self._connection().execute("SELECT MAX(seq) FROM examples WHERE ref_logp IS NOT NULL").fetchone()
+        return row[0] or 0
+
+    def mark_trained(self, response_ids: Iterable[str]) -> None:
+        """Add one to ``times_trained`` of each id (per occurrence)."""
+        with self._lock:
+            conn = self._connection()
+            with write_transaction(conn):
+                conn.executemany("UPDATE examples SET times_trained = times_trained + 1 WHERE response_id = ?",
+                                 [(i,) for i in response_ids])
+
+    def get(self, response_id: str) -> Example | None:
+        """One example, or None."""
+        found = self._select(" WHERE e.response_id = ?", (response_id,))
+        return found[0] if found else None
+
+    def counts(self) -> dict[str, int]:
+        """Totals for logs and metrics."""
+        with self._lock:
+            conn = self._connection()
+            desirable, undesirable, unreferenced = conn.execute(
+                "SELECT COALESCE(SUM(desirable), 0), COALESCE(SUM(1 - desirable), 0),"
+                " COALESCE(SUM(ref_logp IS NULL), 0) FROM examples").fetchone()
+            (pending,) = conn.execute("SELECT COUNT(*) FROM pending").fetchone()
+            (unrated,) = conn.execute(
+                "SELECT COUNT(*) FROM responses r WHERE rejected IS NULL"
+                " AND NOT EXISTS (SELECT 1 FROM examples e WHERE e.response_id = r.response_id)").fetchone()
+            (outbox,) = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        return {"desirable": desirable, "undesirable": undesirable, "pending": pending,
+                "unreferenced": unreferenced, "unrated_responses": unrated, "dead_letters_queued": outbox}
+
+    def _select(self, where: str, args: Iterable[object]) -> list[Example]:
+        with self._lock:
+            rows = self._connection().execute(_EXAMPLE + where, tuple(args)).fetchall()
+        return [_example(row) for row in rows]
+
+    def close(self) -> None:
+        """Close the file; idempotent."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> ReplayBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

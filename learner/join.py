@@ -1,0 +1,262 @@
+"""Joining feedback to responses inside the replay buffer's transaction.
+
+``apply_batch`` turns one polled batch of bus records into buffer rows, all within the write
+transaction that ``ReplayBuffer.apply`` holds, so a batch is applied wholly or not at all.
+
+The rules, record by record, in poll order:
+
+- an event whose ``event_id`` was seen before is a duplicate: counted, nothing else;
+- a response is stored (unlabeled) and resolves any feedback parked for it;
+- a feedback whose response is stored becomes an example, or relabels it when its
+  ``(created_at, event_id)`` is newer than the current label's; an older one changes nothing;
+- a feedback whose response is not stored yet is parked, with its raw bytes and bus position;
+- a feedback from another user than the response's (an anonymous response included), or on a
+  response that was rejected, is dead-lettered;
+- a record the consumer rejected (undecodable, or a decoded event it found unusable) is
+  dead-lettered; a rejected response leaves a tombstone so that its feedback is dead-lettered
+  with the reason rather than parked until the TTL (a valid response with that id, replayed
+  later, replaces the tombstone).
+
+Dead letters are rows of the ``outbox`` table, published by the consumer after the commit. A
+dead-lettered event's event_id is forgotten in the same step, so that replaying it from the
+dead-letter topic (once its response arrived, or the reader was fixed) is processed anew rather
+than dropped as a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from dataclasses import asdict, dataclass, fields
+
+from ingest.bus import Record
+from ingest.events import FeedbackEvent, ResponseEvent
+
+logger = logging.getLogger(__name__)
+
+Polled = tuple[Record, ResponseEvent | FeedbackEvent | None, str | None]
+"""One polled record: (record, its event or None if undecodable, why to reject it or None)."""
+
+
+@dataclass
+class ApplyResult:
+    """What a batch did, for logs and metrics. ``resolved`` feedback is also counted in its outcome."""
+
+    records: int = 0
+    """Records in the batch."""
+    responses: int = 0
+    """Responses stored."""
+    new_examples: int = 0
+    """Feedback that labeled a response for the first time."""
+    relabeled: int = 0
+    """Feedback that changed an example's label (a changed vote)."""
+    stale: int = 0
+    """Feedback that changed nothing: older than the current vote, or the same label again."""
+    duplicates: int = 0
+    """Events whose event_id was seen before (re-delivery, or a producer's retry)."""
+    parked: int = 0
+    """Feedback waiting for its response."""
+    resolved: int = 0
+    """Parked feedback whose response arrived in this batch."""
+    dead_lettered: int = 0
+    """Records queued for the dead-letter topic."""
+    expired: int = 0
+    """Parked feedback whose response never came (set by the consumer, not by ``apply``)."""
+
+    def __add__(self, other: ApplyResult) -> ApplyResult:
+        return ApplyResult(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _ids(tokens: list[int]) -> str:
+    return json.dumps(tokens, separators=(",", ":"))
+
+
+def next_counter(conn: sqlite3.Connection, name: str) -> int:
+    """The next value of a monotonic counter; never reused, even when rows are deleted."""
+    conn.execute("UPDATE counters SET value = value + 1 WHERE name = ?", (name,))
+    return conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
+
+
+def queue_dead_letter(
+    conn: sqlite3.Connection, reason: str, topic: str, partition: int, offset: int, key: str | None, raw: bytes,
+    now: float,
+) -> bool:
+    """Add a dead letter to the outbox; False if that bus record is already queued there."""
+    # OR IGNORE: a record re-delivered before its dead letter went out is queued once.
+    queued = conn.execute(
+        "INSERT OR IGNORE INTO outbox (reason, topic, part, record_offset, key, raw, queued_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (reason, topic, partition, offset, key, raw, now),
+    ).rowcount
+    if queued:
+        logger.warning("dead letter for %s[%d]@%d: %s", topic, partition, offset, reason)
+    return bool(queued)
+
+
+def dead_letter_event(
+    conn: sqlite3.Connection, event_id: str, reason: str, topic: str, partition: int, offset: int, key: str | None,
+    raw: bytes, now: float,
+) -> bool:
+    """Queue a decoded event's dead letter and forget its event_id, so that a replay counts anew."""
+    conn.execute("DELETE FROM seen WHERE event_id = ?", (event_id,))
+    return queue_dead_letter(conn, reason, topic, partition, offset, key, raw, now)
+
+
+@dataclass(frozen=True)
+class _Vote:
+    """A feedback event as the join needs it, whether fresh from the bus or parked."""
+
+    event_id: str
+    response_id: str
+    user: str
+    desirable: bool
+    created_at: float
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    raw: bytes
+
+    @classmethod
+    def of(cls, record: Record, event: FeedbackEvent) -> _Vote:
+        return cls(event.event_id, event.response_id, event.user, event.label == "desirable", event.created_at,
+                   record.topic, record.partition, record.offset, record.key, record.value)
+
+
+def apply_batch(conn: sqlite3.Connection, batch: list[Polled], now: float) -> ApplyResult:
+    """Apply ``batch`` (see the module docstring); the caller holds the write transaction."""
+    result = ApplyResult(records=len(batch))
+    for record, event, reject in batch:
+        if event is None:
+            result.dead_lettered += queue_dead_letter(
+                conn, reject or "undecodable", record.topic, record.partition, record.offset, record.key,
+                record.value, now)
+            continue
+        if conn.execute("INSERT OR IGNORE INTO seen (event_id, seen_at) VALUES (?, ?)",
+                        (event.event_id, now)).rowcount == 0:
+            result.duplicates += 1
+            continue
+        if isinstance(event, ResponseEvent):
+            _store_response(conn, record, event, reject, now, result)
+        elif reject is not None:
+            result.dead_lettered += dead_letter_event(
+                conn, event.event_id, reject, record.topic, record.partition, record.offset, record.key,
+                record.value, now)
+        else:
+            _join(conn, _Vote.of(record, event), now, result)
+    return result
+
+
+def _store_response(
+    conn: sqlite3.Connection, record: Record, event: ResponseEvent, reject: str | None, now: float,
+    result: ApplyResult,
+) -> None:
+    # A stored response is never replaced (its tokens are what was served and rated), except a
+    # tombstone by a usable response: a dead letter replayed once it was fixed.
+    stored = conn.execute(
+        "INSERT INTO responses (response_id, event_id, user, adapter_version, prompt_ids,"
+        " completion_ids, created_at, stored_at, rejected) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (response_id) DO UPDATE SET event_id = excluded.event_id, user = excluded.user,"
+        " adapter_version = excluded.adapter_version, prompt_ids = excluded.prompt_ids,"
+        " completion_ids = excluded.completion_ids, created_at = excluded.created_at,"
+        " stored_at = excluded.stored_at, rejected = NULL"
+        " WHERE responses.rejected IS NOT NULL AND excluded.rejected IS NULL",
+        (event.response_id, event.event_id, event.user, event.adapter_version, _ids(event.prompt_token_ids),
+         _ids(event.completion_token_ids), event.created_at, now, reject),
+    ).rowcount
+    if not stored:
+        # Same response_id under a new event_id: the first one stays (its tokens were served).
+        logger.warning("response %s arrived again as event %s; keeping the first", event.response_id, event.event_id)
+        result.duplicates += 1
+        return
+    if reject is not None:
+        result.dead_lettered += dead_letter_event(
+            conn, event.event_id, reject, record.topic, record.partition, record.offset, record.key, record.value,
+            now)
+    else:
+        result.responses += 1
+    parked = conn.execute(
+        "SELECT event_id, response_id, user, desirable, created_at, topic, part, record_offset, key, raw"
+        " FROM pending WHERE response_id = ? ORDER BY created_at, event_id",
+        (event.response_id,),
+    ).fetchall()
+    if not parked:
+        return
+    conn.execute("DELETE FROM pending WHERE response_id = ?", (event.response_id,))
+    for row in parked:
+        result.resolved += 1
+        # Oldest vote first, so the newest one ends up as the label, as if they had come in order.
+        _join(conn, _Vote(*row[:3], bool(row[3]), *row[4:]), now, result)
+
+
+def _join(conn: sqlite3.Connection, vote: _Vote, now: float, result: ApplyResult) -> None:
+    response = conn.execute(
+        "SELECT user, rejected FROM responses WHERE response_id = ?", (vote.response_id,)
+    ).fetchone()
+    if response is None:
+        conn.execute(
+            "INSERT OR IGNORE INTO pending (event_id, response_id, user, desirable, created_at, parked_at, topic,"
+            " part, record_offset, key, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (vote.event_id, vote.response_id, vote.user, vote.desirable, vote.created_at, now, vote.topic,
+             vote.partition, vote.offset, vote.key, vote.raw),
+        )
+        result.parked += 1
+        return
+    owner, rejected = response
+    reason = None
+    if rejected is not None:
+        reason = f"feedback {vote.event_id} on response {vote.response_id}: the response was rejected ({rejected})"
+    elif owner != vote.user:
+        # The server refuses such votes; this guards against a bug or a forged event.
+        reason = (f"feedback {vote.event_id} on response {vote.response_id} was rated by someone who did not "
+                  f"receive it (rated by {vote.user!r}, served to {owner!r})")
+    if reason is not None:
+        result.dead_lettered += dead_letter_event(
+            conn, vote.event_id, reason, vote.topic, vote.partition, vote.offset, vote.key, vote.raw, now)
+        return
+
+    current = conn.execute(
+        "SELECT desirable, labeled_at, feedback_event_id FROM examples WHERE response_id = ?", (vote.response_id,)
+    ).fetchone()
+    if current is None:
+        _insert_example(conn, vote)
+        result.new_examples += 1
+        return
+    desirable, labeled_at, event_id = current
+    # The latest vote wins; event_id breaks ties so every replica and every replay agrees.
+    if (vote.created_at, vote.event_id) <= (labeled_at, event_id):
+        result.stale += 1
+        return
+    if bool(desirable) == vote.desirable:
+        # Newer but the same label: record which event holds it, but it is nothing new to train on.
+        conn.execute("UPDATE examples SET feedback_event_id = ?, labeled_at = ? WHERE response_id = ?",
+                     (vote.event_id, vote.created_at, vote.response_id))
+        result.stale += 1
+        return
+    conn.execute(
+        "UPDATE examples SET desirable = ?, feedback_event_id = ?, labeled_at = ?, seq = ? WHERE response_id = ?",
+        (vote.desirable, vote.event_id, vote.created_at, next_counter(conn, "seq"), vote.response_id),
+    )
+    result.relabeled += 1
+
+
+def _insert_example(conn: sqlite3.Connection, vote: _Vote) -> None:
+    position = next_counter(conn, "position")
+    # The KL partner is fixed at insertion (its reference log-prob is computed once): the previous
+    # example. The very first example has none, so it takes the second as soon as that arrives.
+    previous = conn.execute(
+        "SELECT response_id FROM examples ORDER BY position DESC LIMIT 1"
+    ).fetchone()
+    conn.execute(
+        "INSERT INTO examples (response_id, desirable, feedback_event_id, labeled_at, seq, position, kl_partner)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (vote.response_id, vote.desirable, vote.event_id, vote.created_at, next_counter(conn, "seq"), position,
+         None if previous is None else previous[0]),
+    )
+    if previous is not None:
+        conn.execute("UPDATE examples SET kl_partner = ? WHERE kl_partner IS NULL AND response_id != ?",
+                     (vote.response_id, vote.response_id))

@@ -1,0 +1,177 @@
+"""`kto-loop learn`: from live thumbs to published adapter versions, top to bottom.
+
+Every turn of the loop: consume events into the replay buffer; compute reference log-probs of
+new examples (once each); when enough new labels arrived (or enough time passed), warm-start
+from the ACTIVE version, run K KTO steps, gate the result, publish it with its lineage, and
+activate it when the gate passed and activation is automatic.
+
+Crash safety: the buffer and its offsets are durable before anything trains on them; a publish
+is atomic in the registry; the learner's own state (watermark, optimizer) is written after the
+publish, so a crash mid-update retrains the same labels on the next start — from the active
+version, into a new version — and never counts a rating twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from ingest.bus import open_bus
+from ingest.events import Topics
+from kto_loop.models import default_device, ensure_demo_model, load_model
+from learner.buffer import Example, ReplayBuffer
+from learner.consumer import EventJoiner
+from learner.gate import decide, evaluate
+from learner.loss import paper_weights
+from learner.policy import Policy
+from learner.settings import LearnerSettings
+from learner.state import LearnerState
+from learner.update import plan_batches, run_update
+from registry import open_registry
+
+logger = logging.getLogger(__name__)
+
+
+def held_out(example: Example, fraction: float) -> bool:
+    """A stable split by response_id: the same example is held out on every run."""
+    digest = hashlib.sha256(example.response_id.encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+
+
+def main(settings: LearnerSettings, stop: threading.Event | None = None) -> None:
+    stop = stop or _stop_on_signals()
+    # ---- set-up: model, policy, backends, the learner's own state ----
+    device, _ = default_device()
+    model_path = settings.model or ensure_demo_model(settings.data_dir)
+    loaded = load_model(model_path, model_id=settings.base_model_id, device=device, dtype=torch.float32)
+    policy = Policy(loaded, settings)
+    topics = Topics(settings.topic_prefix)
+    bus = open_bus(settings.bus_url)
+    bus.create_topics(topics.all)
+    registry = open_registry(settings.registry_url, settings.adapter_dir)
+    work_dir = settings.data_dir / "learner"
+    buffer = ReplayBuffer(work_dir / "buffer.sqlite3")
+    joiner = EventJoiner(bus, topics, buffer, group_id=settings.group_id, pending_ttl_s=settings.pending_ttl_s)
+    state = LearnerState.load(work_dir / "state.pt")
+    rng = random.Random(settings.seed)
+    optimizer = None
+    last_update = time.monotonic()
+    logger.info("learner up: %s on %s, watermark %d", settings.base_model_id, device, state.watermark)
+
+    try:
+        while not stop.is_set():
+            # ---- 1. consume: events become durable examples, then offsets are committed ----
+            joiner.poll_once(timeout_s=settings.poll_timeout_s)
+
+            # ---- 2. reference log-probs, once per example, while it enters the buffer ----
+            _fill_references(policy, buffer)
+
+            # ---- 3. is an update due? ----
+            fresh = [e for e in buffer.fresh(state.watermark) if not held_out(e, settings.held_out_fraction)]
+            waited = time.monotonic() - last_update
+            if not (len(fresh) >= settings.min_new_labels
+                    or (waited >= settings.max_wait_s and len(fresh) >= settings.min_labels_on_timer)):
+                continue
+            last_update = time.monotonic()
+            watermark = buffer.max_seq()
+            everything = buffer.referenced()
+            test = [e for e in everything if held_out(e, settings.held_out_fraction)][-settings.held_out_max:]
+            replay = [e for e in everything if not held_out(e, settings.held_out_fraction)
+                      and e.seq <= state.watermark]
+
+            # ---- 4. warm-start from the ACTIVE version (after a rollback: the rolled-back one) ----
+            parent = registry.active()
+            if parent is None:
+                policy.reset()
+            elif parent != state.version or optimizer is None:
+                policy.load(registry.adapter_path(parent))
+            if optimizer is None or parent != state.version:
+                optimizer = torch.optim.AdamW(policy.trainable().values(), lr=settings.learning_rate,
+                                              weight_decay=settings.weight_decay)
+                if parent is not None and parent == state.version and state.optimizer is not None:
+                    optimizer.load_state_dict(state.optimizer)  # same lineage: keep the moments
+            before = evaluate(policy, test, with_kl=False)
+
+            # ---- 5. K steps of KTO on fresh labels mixed with replay ----
+            n_d = sum(e.desirable for e in fresh + replay)
+            weights = ((settings.desirable_weight, settings.undesirable_weight)
+                       if settings.desirable_weight is not None else paper_weights(n_d, len(fresh + replay) - n_d))
+            batches = plan_batches(fresh, replay, steps=settings.steps_per_update, size=settings.micro_batch,
+                                   replay_fraction=settings.replay_fraction, rng=rng)
+            stats = run_update(policy, optimizer, batches, beta=settings.beta, desirable_weight=weights[0],
+                               undesirable_weight=weights[1], max_grad_norm=settings.max_grad_norm)
+
+            # ---- 6. the gate ----
+            finite = policy.finite()
+            after = evaluate(policy, test) if finite else before
+            gate = decide(after, before, finite=finite, max_kl=settings.max_kl, tolerance=settings.accuracy_tolerance)
+
+            # ---- 7. publish with lineage; activate when it passed ----
+            trained = {e.response_id: e for batch in batches for e in batch}
+            lineage = {
+                "parent": parent, "feedback_event_ids": sorted(e.feedback_event_id for e in trained.values()),
+                "fresh_examples": len(fresh), "replayed_examples": len(trained) - len({e.response_id for e in fresh}),
+                "labels": {"desirable": sum(e.desirable for e in trained.values()),
+                           "undesirable": sum(not e.desirable for e in trained.values())},
+                "watermark": watermark, "buffer": buffer.counts(),
+                "hyperparameters": {"beta": settings.beta, "weights": list(weights), "lr": settings.learning_rate,
+                                    "steps": settings.steps_per_update, "micro_batch": settings.micro_batch,
+                                    "lora_rank": settings.lora_rank, "lora_alpha": settings.lora_alpha},
+                "newest_label_at": max(e.labeled_at for e in fresh),
+            }
+            metrics = {**stats.summary(), "gate": gate.to_json()}
+            version = _publish(policy, registry, settings, parent, metrics, lineage, gate)
+            buffer.mark_trained(list(trained))
+            if gate.passed:
+                state.version, state.optimizer = version, optimizer.state_dict()
+                if settings.activation == "auto":
+                    registry.activate(version, actor="learner", reason=f"gate passed (loss {stats.summary()['loss']:.4f})")
+            else:
+                logger.warning("version %s rejected by the gate: %s", version, "; ".join(gate.reasons))
+                optimizer = None  # the next update starts again from the active version
+            state.watermark = watermark
+            state.save()
+            logger.info("update -> %s: %s", version, stats.summary())
+    finally:
+        joiner.close()
+        buffer.close()
+        bus.close()
+        registry.close()
+
+
+def _fill_references(policy: Policy, buffer: ReplayBuffer, chunk: int = 32) -> None:
+    while todo := buffer.unreferenced(chunk):
+        todo = [e for e in todo if e.kl_partner_completion_ids is not None]
+        if not todo:
+            return
+        ref = policy.reference_logps([(e.prompt_ids, e.completion_ids) for e in todo])
+        kl_ref = policy.reference_logps([(e.prompt_ids, e.kl_partner_completion_ids) for e in todo])
+        buffer.set_reference([(e.response_id, float(r), float(k)) for e, r, k in zip(todo, ref, kl_ref)])
+
+
+def _publish(policy: Policy, registry, settings: LearnerSettings, parent, metrics, lineage, gate) -> str:
+    tmp = Path(tempfile.mkdtemp(prefix="kto-adapter-"))
+    try:
+        policy.save(tmp, settings.base_model_id)
+        info = registry.publish(tmp, base_model=settings.base_model_id, parent=parent, metrics=metrics,
+                                lineage=lineage, status="ready" if gate.passed else "rejected",
+                                rejected_reason=None if gate.passed else "gate: " + "; ".join(gate.reasons))
+        return info.version
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop

@@ -1,0 +1,93 @@
+"""The learner's settings (`KTO_*` environment variables, validated at start-up)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from kto_loop.settings import CommonSettings
+
+
+class LearnerSettings(CommonSettings):
+    # ---- cadence ----
+    min_new_labels: int = Field(32, ge=1)
+    """An update starts once this many new labels arrived (labels)."""
+
+    max_wait_s: float = Field(30.0, gt=0)
+    """…or once this long passed since the last update with at least `min_labels_on_timer` new ones (seconds)."""
+
+    min_labels_on_timer: int = Field(8, ge=1)
+    """New labels needed for a timer-triggered update (labels)."""
+
+    # ---- the update ----
+    beta: float = Field(0.1, gt=0)
+    """KTO β: how far the policy may move from the reference (the paper's default 0.1)."""
+
+    desirable_weight: float | None = Field(None, gt=0)
+    """λ_D; unset follows the paper's rule from the live label ratio."""
+
+    undesirable_weight: float | None = Field(None, gt=0)
+    """λ_U; unset follows the paper's rule from the live label ratio."""
+
+    steps_per_update: int = Field(8, ge=1)
+    """Optimizer steps in one update (steps)."""
+
+    micro_batch: int = Field(16, ge=2)
+    """Examples per step; at least 2 so the KL reference point z0 has a mismatched pair (examples)."""
+
+    replay_fraction: float = Field(0.5, ge=0, lt=1)
+    """Share of each micro-batch drawn from older examples once fresh ones run out (fraction)."""
+
+    learning_rate: float = Field(1e-3, gt=0)
+    """AdamW learning rate of the LoRA weights."""
+
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+
+    lora_rank: int = Field(8, ge=1)
+    """LoRA rank r."""
+
+    lora_alpha: float = Field(16.0, gt=0)
+    """LoRA α (scale α/r)."""
+
+    lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Modules LoRA adapts: a list of names (q_proj, …) or `all-linear`."""
+
+    seed: int = 0
+    """Seed for initialisation and batch sampling."""
+
+    # ---- the gate ----
+    held_out_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of examples (by a hash of response_id) never trained on, used by the gate (fraction)."""
+
+    held_out_max: int = Field(128, ge=1)
+    """Most recent held-out examples the gate evaluates (examples)."""
+
+    max_kl: float = Field(1.0, gt=0)
+    """Gate: mean per-token KL(policy ‖ base) on held-out contexts must stay below this (nats/token)."""
+
+    accuracy_tolerance: float = Field(0.05, ge=0, le=1)
+    """Gate: held-out implicit-reward accuracy may fall at most this far below the parent's (fraction)."""
+
+    activation: Literal["auto", "manual"] = "auto"
+    """`auto`: a version that passes the gate becomes active; `manual`: an operator activates it."""
+
+    # ---- joining ----
+    group_id: str = "kto-learner"
+    """Consumer group on the bus."""
+
+    pending_ttl_s: float = Field(600.0, gt=0)
+    """A rating whose response has not arrived after this long goes to dead letters (seconds)."""
+
+    poll_timeout_s: float = Field(0.5, gt=0)
+    """How long one poll of the bus waits for events (seconds)."""
+
+    @model_validator(mode="after")
+    def _weights_together(self):
+        if (self.desirable_weight is None) != (self.undesirable_weight is None):
+            raise ValueError("set both desirable_weight and undesirable_weight, or neither (the paper's rule)")
+        return self

@@ -1,0 +1,102 @@
+"""One incremental update: K optimizer steps of the KTO loss on micro-batches.
+
+Each micro-batch mixes fresh labels (not trained on yet) with replayed older ones. Reference
+log-probs come from the buffer (computed once, when the example entered it); only the policy's
+forward passes run here: one with gradient on (prompt, completion), one without on the fixed
+mismatched pair (prompt, partner's completion) for the KL reference point z0.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from learner.buffer import Example
+from learner.loss import kto_loss
+from learner.policy import Policy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class UpdateStats:
+    steps: int = 0
+    examples: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    loss: list[float] = field(default_factory=list)
+    z0: list[float] = field(default_factory=list)
+    reward_desirable: list[float] = field(default_factory=list)
+    reward_undesirable: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+        return {"steps": self.steps, "examples": self.examples, "tokens": self.tokens,
+                "seconds": round(self.seconds, 3), "loss": mean(self.loss), "z0": mean(self.z0),
+                "reward_desirable": mean(self.reward_desirable),
+                "reward_undesirable": mean(self.reward_undesirable)}
+
+
+def plan_batches(fresh: list[Example], replay_pool: list[Example], *, steps: int, size: int,
+                 replay_fraction: float, rng: random.Random) -> list[list[Example]]:
+    """`steps` micro-batches: every fresh example at least once, the rest of each batch replayed."""
+    batches = []
+    order = list(fresh)
+    rng.shuffle(order)
+    cursor = 0
+    for _ in range(steps):
+        n_replay = min(len(replay_pool), int(size * replay_fraction)) if replay_pool else 0
+        take = size - n_replay
+        batch = []
+        while len(batch) < take and order:
+            batch.append(order[cursor % len(order)])
+            cursor += 1
+            if cursor % len(order) == 0:
+                rng.shuffle(order)
+        seen = {e.response_id for e in batch}
+        pool = [e for e in replay_pool if e.response_id not in seen]
+        batch += rng.sample(pool, min(len(pool), size - len(batch)))
+        if len(batch) >= 2:  # z0 needs a mismatched pair
+            batches.append(batch)
+    return batches
+
+
+def run_update(policy: Policy, optimizer: torch.optim.Optimizer, batches: list[list[Example]], *, beta: float,
+               desirable_weight: float, undesirable_weight: float, max_grad_norm: float) -> UpdateStats:
+    stats = UpdateStats()
+    started = time.perf_counter()
+    params = list(policy.trainable().values())
+    for batch in batches:
+        device = policy.device
+        pairs = [(e.prompt_ids, e.completion_ids) for e in batch]
+        kl_pairs = [(e.prompt_ids, e.kl_partner_completion_ids) for e in batch]
+        ref = torch.tensor([e.ref_logp for e in batch], device=device)
+        kl_ref = torch.tensor([e.kl_ref_logp for e in batch], device=device)
+        desirable = torch.tensor([e.desirable for e in batch], device=device)
+
+        policy_logps = policy.logps(pairs)
+        with torch.no_grad():  # z0 is detached in the loss: no graph needed for these
+            kl_logps = policy.logps(kl_pairs)
+        loss, losses, z0 = kto_loss(policy_logps, ref, kl_logps, kl_ref, desirable, beta=beta,
+                                    desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+
+        rewards = (beta * (policy_logps.detach() - ref)).float()
+        stats.steps += 1
+        stats.examples += len(batch)
+        stats.tokens += sum(len(p) + len(c) for p, c in pairs)
+        stats.loss.append(float(loss.detach()))
+        stats.z0.append(float(z0))
+        if desirable.any():
+            stats.reward_desirable.append(float(rewards[desirable].mean()))
+        if (~desirable).any():
+            stats.reward_undesirable.append(float(rewards[~desirable].mean()))
+    stats.seconds = time.perf_counter() - started
+    return stats

@@ -1,0 +1,186 @@
+"""Fixtures for the learner tests."""
+
+from __future__ import annotations
+
+# ======================================================================================
+# Event joining and the replay buffer (test_buffer.py, test_consumer.py, join_worker.py)
+# ======================================================================================
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ingest.bus import Record
+from ingest.events import FeedbackEvent, ResponseEvent, SamplingParams, Topics, encode_event
+from ingest.sqlite_bus import SqliteBus
+from learner.buffer import ReplayBuffer
+from learner.consumer import EventJoiner
+from learner.join import ApplyResult, Polled
+
+JOIN_WORKER = Path(__file__).with_name("join_worker.py")
+
+
+class JoinClock:
+    """Unix seconds that move only when a test says so, for parking and expiry."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class EventStream:
+    """Builds events, publishes them on the test bus, and reads the dead-letter topic back."""
+
+    def __init__(self, bus: SqliteBus, topics: Topics) -> None:
+        self.bus = bus
+        self.topics = topics
+        self._offsets: dict[str, int] = {}
+        self._created = 1_000.0
+
+    def _tick(self) -> float:
+        # Monotonic created_at, so "the latest vote" is the one made last unless a test says otherwise.
+        self._created += 1.0
+        return self._created
+
+    def response(self, response_id: str, *, user: str | None = "alice", prompt: list[int] | None = None,
+                 completion: list[int] | None = None, adapter_version: str | None = "v1",
+                 publish: bool = True) -> ResponseEvent:
+        event = ResponseEvent(
+            response_id=response_id, user=user, created_at=self._tick(), base_model="tiny",
+            adapter_version=adapter_version, messages=[{"role": "user", "content": "hi"}],
+            prompt_token_ids=[1, 2, 3] if prompt is None else prompt, completion="…",
+            completion_token_ids=[7, 8] if completion is None else completion, finish_reason="stop",
+            sampling=SamplingParams(max_tokens=16, temperature=1.0, top_p=1.0),
+        )
+        if publish:
+            self.publish(event)
+        return event
+
+    def feedback(self, response_id: str, label: str = "desirable", *, user: str = "alice",
+                 created_at: float | None = None, publish: bool = True) -> FeedbackEvent:
+        event = FeedbackEvent(response_id=response_id, user=user, label=label,
+                              created_at=self._tick() if created_at is None else created_at)
+        if publish:
+            self.publish(event)
+        return event
+
+    def topic_of(self, event: ResponseEvent | FeedbackEvent) -> str:
+        return self.topics.responses if isinstance(event, ResponseEvent) else self.topics.feedback
+
+    def publish(self, event: ResponseEvent | FeedbackEvent) -> Record:
+        return self.bus.publish(self.topic_of(event), key=event.response_id, value=encode_event(event))
+
+    def publish_raw(self, topic: str, value: bytes, key: str | None = "raw") -> Record:
+        return self.bus.publish(topic, key=key, value=value)
+
+    def polled(self, *events: ResponseEvent | FeedbackEvent) -> list[Polled]:
+        """The events as a polled batch, without the bus (for buffer tests)."""
+        batch: list[Polled] = []
+        for event in events:
+            topic = self.topic_of(event)
+            offset = self._offsets.get(topic, 0)
+            self._offsets[topic] = offset + 1
+            record = Record(topic, 0, offset, event.response_id, encode_event(event), 0.0)
+            batch.append((record, event, None))
+        return batch
+
+    def dead_letters(self) -> list[dict]:
+        """Every envelope on the dead-letter topic, read by a throw-away group."""
+        consumer = self.bus.consumer(f"check-{uuid.uuid4().hex}", [self.topics.dead_letters])
+        letters = []
+        while batch := consumer.poll(timeout_s=0):
+            letters.extend(json.loads(r.value) for r in batch)
+        consumer.close()
+        return letters
+
+    @staticmethod
+    def join_all(joiner: EventJoiner) -> ApplyResult:
+        """Poll until a poll returns nothing; the sum of the results."""
+        total = ApplyResult()
+        while True:
+            result = joiner.poll_once(timeout_s=0)
+            total = total + result
+            if result.records == 0:
+                return total
+
+
+@pytest.fixture
+def join_clock() -> JoinClock:
+    return JoinClock()
+
+
+@pytest.fixture
+def topics() -> Topics:
+    return Topics("t")
+
+
+@pytest.fixture
+def event_bus(tmp_path: Path) -> Iterator[SqliteBus]:
+    bus = SqliteBus(tmp_path / "bus.sqlite3")
+    yield bus
+    bus.close()
+
+
+@pytest.fixture
+def stream(event_bus: SqliteBus, topics: Topics) -> EventStream:
+    return EventStream(event_bus, topics)
+
+
+@pytest.fixture
+def buffer_path(tmp_path: Path) -> Path:
+    return tmp_path / "buffer.sqlite3"
+
+
+@pytest.fixture
+def buffer(buffer_path: Path) -> Iterator[ReplayBuffer]:
+    buffer = ReplayBuffer(buffer_path)
+    yield buffer
+    buffer.close()
+
+
+@pytest.fixture
+def make_joiner(event_bus: SqliteBus, topics: Topics, join_clock: JoinClock) -> Iterator[Callable[..., EventJoiner]]:
+    """make_joiner(buffer, pending_ttl_s=60, **kw) -> an EventJoiner on the test bus; closed at teardown."""
+    made: list[EventJoiner] = []
+
+    def make(buffer: ReplayBuffer, pending_ttl_s: float = 60.0, **kw: object) -> EventJoiner:
+        joiner = EventJoiner(event_bus, topics, buffer, pending_ttl_s=pending_ttl_s, clock=join_clock, **kw)
+        made.append(joiner)
+        return joiner
+
+    yield make
+    for joiner in made:
+        joiner.close()
+
+
+@pytest.fixture
+def spawn_join_worker() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start ``join_worker.py`` with arguments in a child process; killed at teardown."""
+    children: list[subprocess.Popen[str]] = []
+
+    def spawn(*args: object) -> subprocess.Popen[str]:
+        child = subprocess.Popen([sys.executable, str(JOIN_WORKER), *map(str, args)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        children.append(child)
+        return child
+
+    yield spawn
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+        child.wait(timeout=10)
+        for pipe in (child.stdout, child.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+# ====================================== end of event joining and the replay buffer ====
