@@ -100,6 +100,8 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None) -> None
                 if parent is not None and parent == state.version and state.optimizer is not None:
                     optimizer.load_state_dict(state.optimizer)  # same lineage: keep the moments
             before = evaluate(policy, test, with_kl=False)
+            logger.info("update starting: %d fresh labels, %d to replay, parent %s", len(fresh), len(replay),
+                        parent or "base")
 
             # ---- 5. K steps of KTO on fresh labels mixed with replay ----
             n_d = sum(e.desirable for e in fresh + replay)
