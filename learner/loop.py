@@ -121,7 +121,8 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None) -> None
             trained = {e.response_id: e for batch in batches for e in batch}
             lineage = {
                 "parent": parent, "feedback_event_ids": sorted(e.feedback_event_id for e in trained.values()),
-                "fresh_examples": len(fresh), "replayed_examples": len(trained) - len({e.response_id for e in fresh}),
+                "fresh_examples": len(fresh),
+                "replayed_examples": sum(e.seq <= state.watermark for e in trained.values()),
                 "labels": {"desirable": sum(e.desirable for e in trained.values()),
                            "undesirable": sum(not e.desirable for e in trained.values())},
                 "watermark": watermark, "buffer": buffer.counts(),
