@@ -9,23 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny import FakeClock
+
 from ingest.ledger import SqliteLedger
 from ingest.sqlite_bus import SqliteBus
 
 WORKERS = Path(__file__).with_name("workers.py")
-
-
-class FakeClock:
-    """Unix seconds that move only when a test says so, for leases and TTLs."""
-
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

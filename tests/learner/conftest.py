@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny import FakeClock
+
 from ingest.bus import Record
 from ingest.events import FeedbackEvent, ResponseEvent, SamplingParams, Topics, encode_event
 from ingest.sqlite_bus import SqliteBus
@@ -22,19 +24,6 @@ from learner.consumer import EventJoiner
 from learner.join import ApplyResult, Polled
 
 JOIN_WORKER = Path(__file__).with_name("join_worker.py")
-
-
-class JoinClock:
-    """Unix seconds that move only when a test says so, for parking and expiry."""
-
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class EventStream:
@@ -114,8 +103,8 @@ class EventStream:
 
 
 @pytest.fixture
-def join_clock() -> JoinClock:
-    return JoinClock()
+def join_clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
@@ -148,7 +137,7 @@ def buffer(buffer_path: Path) -> Iterator[ReplayBuffer]:
 
 
 @pytest.fixture
-def make_joiner(event_bus: SqliteBus, topics: Topics, join_clock: JoinClock) -> Iterator[Callable[..., EventJoiner]]:
+def make_joiner(event_bus: SqliteBus, topics: Topics, join_clock: FakeClock) -> Iterator[Callable[..., EventJoiner]]:
     """make_joiner(buffer, pending_ttl_s=60, **kw) -> an EventJoiner on the test bus; closed at teardown."""
     made: list[EventJoiner] = []
 
