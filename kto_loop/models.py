@@ -189,6 +189,12 @@ def _teach_the_corpus(path: Path, steps: int = 100) -> None:
     model.save_pretrained(path)
 
 
+def set_torch_threads(threads: int | None) -> None:
+    """Apply the `torch_threads` setting (process-wide); None leaves torch's default."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 def load_model(model: str | Path, *, model_id: str | None = None, device=None, dtype=None) -> LoadedModel:
     """Load a causal LM and its tokenizer with `from_pretrained`; eval mode, no grad."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -36,6 +36,10 @@ class CommonSettings(BaseSettings):
     adapter_dir: Path | None = None
     """Where adapter files live (a path all replicas share). Default: beside the registry database."""
 
+    torch_threads: int | None = Field(None, ge=1)
+    """Intra-op CPU threads for torch; unset keeps torch's default (one per core). On a small CPU
+    model shared with other processes, 1 is often fastest: thread hand-offs cost more than the math."""
+
     topic_prefix: str = Field("kto", pattern=r"^[A-Za-z0-9._-]+$")
     """Prefix of the bus topics: `<prefix>.responses`, `<prefix>.feedback`, `<prefix>.dead-letters`."""
 

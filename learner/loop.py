@@ -27,7 +27,7 @@ import torch
 
 from ingest.bus import open_bus
 from ingest.events import Topics
-from kto_loop.models import default_device, ensure_demo_model, load_model
+from kto_loop.models import default_device, ensure_demo_model, load_model, set_torch_threads
 from learner.buffer import Example, ReplayBuffer
 from learner.consumer import EventJoiner
 from learner.gate import decide, evaluate
@@ -50,6 +50,7 @@ def held_out(example: Example, fraction: float) -> bool:
 def main(settings: LearnerSettings, stop: threading.Event | None = None) -> None:
     stop = stop or _stop_on_signals()
     # ---- set-up: model, policy, backends, the learner's own state ----
+    set_torch_threads(settings.torch_threads)
     device, _ = default_device()
     model_path = settings.model or ensure_demo_model(settings.data_dir)
     loaded = load_model(model_path, model_id=settings.base_model_id, device=device, dtype=torch.float32)

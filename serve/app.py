@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from ingest.bus import open_bus
 from ingest.events import Topics
 from ingest.ledger import open_ledger
-from kto_loop.models import ensure_demo_model, load_model
+from kto_loop.models import ensure_demo_model, load_model, set_torch_threads
 from registry import open_registry
 from serve import errors
 from serve.deps import ServeState
@@ -58,6 +58,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
 def _build_state(settings: ServeSettings) -> ServeState:
     """Blocking set-up: model, engine, backends. Runs in a thread at start-up."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    set_torch_threads(settings.torch_threads)
     model_path = settings.model or ensure_demo_model(settings.data_dir)
     loaded = load_model(model_path, model_id=settings.base_model_id)
     topics = Topics(settings.topic_prefix)
