@@ -81,6 +81,7 @@ def assert_learned(result, base_id: str):
     d1, n1 = result.window(len(result.ratings) - 150, len(result.ratings))
     rise = d1 / n1 - d0 / n0
     p = two_proportion_p(d0, n0, d1, n1)
+    print(f"base {d0}/{n0} = {d0 / n0:.2f} -> last 150: {d1}/{n1} = {d1 / n1:.2f}, rise {rise:.2f}, p = {p:.2g}")
     assert rise >= 0.2 and p < 0.01, (f"base {d0}/{n0}, last {d1}/{n1}, rise {rise:.2f}, p {p:.4f}",
                                        result.rate_by_version())
 
