@@ -1,5 +1,7 @@
 # Two commands: `make run` (the whole loop on the embedded default) and `make test` (the suite).
 # Both build .venv from uv.lock first; package caches stay outside the checkout (~/.cache).
+# `make services` / `make services-stop`: a local Kafka broker and redis-server (the URLs are
+# printed and kept in ~/.cache/kto-loop/services/default/env); `make test` starts its own.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -9,7 +11,7 @@ export UV_PYTHON_DOWNLOADS := never
 UV := $(CACHE)/uv/bin/uv
 VENV_STAMP := .venv/.synced
 
-.PHONY: run test bench setup clean
+.PHONY: run test bench setup clean services services-stop
 
 run: $(VENV_STAMP)
 	.venv/bin/kto-loop up
@@ -21,6 +23,15 @@ bench: $(VENV_STAMP)
 	.venv/bin/python -m bench $(BENCH_ARGS)
 
 setup: $(VENV_STAMP)
+
+# Standard library only, so these need no .venv.
+SERVICES := $(PYTHON) deploy/services/services.py --cache-dir $(CACHE)
+
+services:
+	$(SERVICES) start
+
+services-stop:
+	$(SERVICES) stop
 
 # uv itself comes from PyPI into a small venv of its own (works where system pip is locked down).
 $(UV):

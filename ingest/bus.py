@@ -6,7 +6,7 @@ read in consumer groups, and a group's committed offset is the NEXT offset it wi
 
 Backends:
 - ``sqlite:///path/bus.sqlite3`` — the embedded durable log (``ingest.sqlite_bus``);
-- ``kafka://host:port[,host:port]`` — Apache Kafka (not available yet).
+- ``kafka://host:port[,host:port]`` — Apache Kafka (``ingest.kafka_bus``).
 """
 
 from __future__ import annotations
@@ -103,7 +103,10 @@ class Bus(Protocol):
         ...
 
     def publish_many(self, topic: str, items: list[tuple[str | None, bytes]]) -> list[Record]:
-        """Append several (key, value) records at once, durably; all or none are stored."""
+        """Append several (key, value) records at once, durably.
+
+        The embedded bus stores all or none; on Kafka a failure may leave some stored.
+        """
         ...
 
     def consumer(self, group_id: str, topics: list[str]) -> Consumer:
@@ -128,7 +131,7 @@ def open_bus(url: str) -> Bus:
 
     - ``sqlite:///PATH`` (see ``kto_loop.urls``): the embedded log
       (parent directories are created);
-    - ``kafka://host:port[,host:port]``: Apache Kafka (not available yet).
+    - ``kafka://host:port[,host:port]``: Apache Kafka (the bootstrap servers).
     """
     if url.startswith("sqlite://"):
         # Imported here so that each backend costs only when chosen.
@@ -137,8 +140,7 @@ def open_bus(url: str) -> Bus:
 
         return SqliteBus(path_from_url(url))
     if url.startswith("kafka://"):
-        raise ValueError(
-            "the Kafka backend is not available yet; use the embedded bus, "
-            "e.g. sqlite:///var/lib/kto-loop/bus.sqlite3"
-        )
+        from ingest.kafka_bus import KafkaBus
+
+        return KafkaBus.from_url(url)
     raise ValueError(f"unsupported bus URL {url!r}: expected sqlite:///path/to/bus.sqlite3 or kafka://host:port")

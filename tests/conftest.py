@@ -63,3 +63,11 @@ def make_adapter(tiny_model_dir, tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory):
+    """Kafka and redis-server for this session, by the project's script (see tests/services.py)."""
+    from tests.services import session_services
+
+    yield from session_services(tmp_path_factory.mktemp("services"))

@@ -1,4 +1,5 @@
-"""The embedded bus shared by processes: concurrent writers, and a writer killed mid-stream.
+"""The bus shared by processes: concurrent writers (both backends), a writer killed mid-stream
+(the embedded file).
 
 Writers are child processes (``workers.py writer``) that print "OFFSET i" for each record only
 after ``publish`` has returned: those lines are the acknowledgements the parent checks.
@@ -11,6 +12,10 @@ import sqlite3
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from tests.ingest.conftest import both_backends
+from tests.ingest.helpers import read_all as read_group
 
 from ingest.bus import Record
 from ingest.sqlite_bus import SqliteBus
@@ -44,16 +49,18 @@ def writer_of(record: Record) -> tuple[str, int]:
     return tag, int(i)
 
 
+@both_backends
 def test_two_writer_processes_append_every_record_exactly_once(
-    bus_path: Path, tmp_path: Path, spawn_worker: Spawn
+    bus: Any, bus_url: str, tmp_path: Path, spawn_worker: Spawn
 ) -> None:
-    SqliteBus(bus_path).close()  # create the file first, as a deployment would
+    bus.create_topics(["t"])  # as a deployment would
+    topic = bus.real("t") if hasattr(bus, "real") else "t"
     go = tmp_path / "go"
     per_writer = 300
-    # One writer publishes one record per transaction, the other batches of 7.
+    # One writer publishes one record per request, the other batches of 7.
     writers = {
-        "a": spawn_worker("writer", bus_path, "t", "a", per_writer, 1, go),
-        "b": spawn_worker("writer", bus_path, "t", "b", per_writer, 7, go),
+        "a": spawn_worker("writer", bus_url, topic, "a", per_writer, 1, go),
+        "b": spawn_worker("writer", bus_url, topic, "b", per_writer, 7, go),
     }
     for child in writers.values():
         await_ready(child)
@@ -64,8 +71,7 @@ def test_two_writer_processes_append_every_record_exactly_once(
         assert child.returncode == 0, err
         acked[tag] = [parse_ack(line) for line in out.splitlines()]
 
-    with SqliteBus(bus_path) as bus:
-        records = read_all(bus, "t")
+    records = read_group(bus, ["t"])
     assert [r.offset for r in records] == list(range(2 * per_writer))
     for tag in writers:
         # All of a writer's records, once each, in its publish order, at the offsets it was told.
@@ -80,8 +86,9 @@ def test_acknowledged_records_survive_sigkill_of_the_writer(
     SqliteBus(bus_path).close()
     go = tmp_path / "go"
     # The victim writes until killed; the survivor writes 400 records around the kill.
-    victim = spawn_worker("writer", bus_path, "t", "v", 0, 1, go)
-    survivor = spawn_worker("writer", bus_path, "t", "s", 400, 3, go)
+    url = f"sqlite:///{bus_path}"
+    victim = spawn_worker("writer", url, "t", "v", 0, 1, go)
+    survivor = spawn_worker("writer", url, "t", "s", 400, 3, go)
     await_ready(victim)
     await_ready(survivor)
     go.touch()

@@ -1,11 +1,16 @@
 """Child processes for the multi-process ingest tests (run as a script, not collected).
 
-writer PATH TOPIC TAG COUNT BATCH GO_FILE
-    wait for GO_FILE, then publish COUNT records "TAG-i" (COUNT 0: forever), BATCH at a time,
-    pausing 1 ms between publishes so that concurrent writers interleave; after each publish
-    returns, print "OFFSET i" per record: the parent's proof of acknowledgement.
+writer BUS_URL TOPIC TAG COUNT BATCH GO_FILE
+    open the bus at BUS_URL (sqlite:///… or kafka://…), wait for GO_FILE, then publish COUNT
+    records "TAG-i" (COUNT 0: forever), BATCH at a time, pausing 1 ms between publishes so that
+    concurrent writers interleave; after each publish returns, print "OFFSET i" per record: the
+    parent's proof of acknowledgement.
 voter PATH RESPONSE_ID USER COUNT SEED GO_FILE
     wait for GO_FILE, then cast COUNT random votes; print "PREVIOUS NEW" for each.
+member KAFKA_URL GROUP TOPIC COMMIT_AT
+    join GROUP on Kafka (3 s session timeout), poll until it has read offsets 0..COMMIT_AT-1 of
+    partition 0, commit COMMIT_AT, print "committed COMMIT_AT", then keep polling (and reading,
+    without committing) until killed.
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ def _wait_for(go_file: str) -> None:
         time.sleep(0.005)
 
 
-def writer(path: str, topic: str, tag: str, count: str, batch: str, go_file: str) -> None:
-    from ingest.sqlite_bus import SqliteBus
+def writer(url: str, topic: str, tag: str, count: str, batch: str, go_file: str) -> None:
+    from ingest.bus import open_bus
 
-    bus = SqliteBus(path)
+    bus = open_bus(url)
     _wait_for(go_file)
     n, size = int(count), int(batch)
     i = 0
@@ -55,5 +60,19 @@ def voter(path: str, response_id: str, user: str, count: str, seed: str, go_file
     ledger.close()
 
 
+def member(url: str, group: str, topic: str, commit_at: str) -> None:
+    from ingest.kafka_bus import KafkaBus
+
+    bus = KafkaBus.from_url(url, session_timeout_s=3.0, heartbeat_interval_s=0.5)
+    consumer = bus.consumer(group, [topic])
+    seen = 0
+    while seen < int(commit_at):
+        seen += len(consumer.poll(timeout_s=0.5, max_records=int(commit_at) - seen))
+    consumer.commit({(topic, 0): int(commit_at)})
+    print("committed", commit_at, flush=True)
+    while True:  # a live member that holds the partition and reads on, committing nothing
+        consumer.poll(timeout_s=0.5)
+
+
 if __name__ == "__main__":
-    {"writer": writer, "voter": voter}[sys.argv[1]](*sys.argv[2:])
+    {"writer": writer, "voter": voter, "member": member}[sys.argv[1]](*sys.argv[2:])

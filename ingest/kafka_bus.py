@@ -1,0 +1,326 @@
+"""The Kafka bus: the ``Bus`` protocol on Apache Kafka, through kafka-python (imported lazily).
+
+URL: ``kafka://host:port[,host:port]``, the bootstrap servers.
+
+Publishing rules:
+
+- One idempotent producer per bus (``acks='all'``, ``enable_idempotence=True``): the broker
+  drops the duplicates that the producer's own retries would create, and keeps one producer's
+  records of a partition in send order.
+- Records are keyed by the key the caller gives (the response_id), so Kafka's partitioner puts
+  a response and its feedback on the same partition. Keyless records go round-robin over the
+  partitions, as on the embedded bus.
+- ``publish`` returns once every in-sync replica has the record. That is Kafka's durability:
+  replication, not fsync. On a one-node broker (tests, ``make services``) an acknowledged record
+  can be lost to a power cut; in production give the cluster ``default.replication.factor=3``
+  and ``min.insync.replicas=2`` (topics are created with the broker's default replication).
+- Failures raise ``BusUnavailable`` within a bound: up to ``timeout_s`` waiting for metadata,
+  then up to ``timeout_s`` more for the acknowledgement. A record whose wait timed out may still
+  be stored afterwards, so a retry can duplicate it (consumers dedupe by event_id).
+- ``publish_many`` sends every record, then waits for all acknowledgements. Unlike the embedded
+  bus it is not atomic: if it raises, some of the records may be stored (same dedupe remedy).
+- Publishing to a topic that does not exist creates it with one partition, as the embedded bus
+  does; the broker's own auto-creation stays off, so a typo in a consumer never makes a topic.
+- Records are kept as long as the topic's retention says (the broker's default: 7 days).
+
+Reading (consumer groups, commits, rebalances) is in ``ingest.kafka_consumer``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from typing import Any
+
+from ingest.bus import BusUnavailable, Record, TopicPartition, check_topic_name
+from ingest.kafka_consumer import KafkaGroupConsumer
+
+logger = logging.getLogger(__name__)
+
+_TOPIC_ALREADY_EXISTS = 36  # Kafka's error code
+
+
+def bootstrap_servers(url: str) -> list[str]:
+    """The ``host:port`` list of a ``kafka://host:port[,host:port]`` URL; ValueError saying what is wrong."""
+    prefix = "kafka://"
+    if not url.startswith(prefix):
+        raise ValueError(f"{url!r} is not a kafka://host:port URL")
+    rest = url[len(prefix):].rstrip("/")
+    if not rest or any(c in rest for c in "/?#@"):
+        raise ValueError(f"Kafka URL {url!r} must be kafka://host:port[,host:port] (no path, query or user)")
+    servers = []
+    for server in rest.split(","):
+        host, colon, port = server.strip().rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"Kafka URL {url!r}: {server!r} is not host:port")
+        servers.append(f"{host}:{int(port)}")
+    return servers
+
+
+class KafkaBus:
+    """The bus on a Kafka cluster; see the module docstring for its rules.
+
+    Thread-safe (the server publishes from a thread pool). The producer and admin clients are
+    made on first use, so a bus opened while the cluster is down works once it is back.
+    """
+
+    def __init__(
+        self,
+        servers: list[str],
+        *,
+        client_id: str = "kto-loop",
+        timeout_s: float = 10.0,
+        session_timeout_s: float = 10.0,
+        heartbeat_interval_s: float = 3.0,
+        max_poll_interval_s: float = 300.0,
+        metadata_max_age_s: float = 5.0,
+    ) -> None:
+        """``timeout_s``: seconds any one request (connect, metadata, send, commit) may take.
+        ``session_timeout_s``: seconds without a heartbeat before the group drops a member (a crashed consumer).
+        ``heartbeat_interval_s``: seconds between heartbeats; also how soon a member notices a rebalance.
+        ``max_poll_interval_s``: seconds a member may spend between polls before it leaves the group.
+        ``metadata_max_age_s``: seconds before metadata is refreshed (new topics and partitions are seen).
+        """
+        if not servers:
+            raise ValueError("KafkaBus needs at least one bootstrap server")
+        self.servers = list(servers)
+        self._timeout_s = timeout_s
+        ms = int(timeout_s * 1000)
+        self._client_config: dict[str, Any] = {
+            "bootstrap_servers": self.servers,
+            "client_id": client_id,
+            "request_timeout_ms": ms,
+            "bootstrap_timeout_ms": ms,
+        }
+        self._consumer_config: dict[str, Any] = {
+            **self._client_config,
+            "session_timeout_ms": int(session_timeout_s * 1000),
+            "heartbeat_interval_ms": int(heartbeat_interval_s * 1000),
+            "max_poll_interval_ms": int(max_poll_interval_s * 1000),
+            "metadata_max_age_ms": int(metadata_max_age_s * 1000),
+        }
+        self._lock = threading.Lock()
+        # kafka-python's admin client refuses (rather than queues) requests beyond its in-flight
+        # limit, so admin calls from the server's threads take turns; they are rare and short.
+        self._admin_lock = threading.RLock()
+        self._producer: Any = None
+        self._admin: Any = None
+        self._closed = False
+        self._known_topics: set[str] = set()
+        self._round_robin = itertools.count()
+        logger.info("Kafka bus on %s", ",".join(self.servers))
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> KafkaBus:
+        """A bus on the servers of a ``kafka://host:port[,host:port]`` URL."""
+        return cls(bootstrap_servers(url), **options)
+
+    def _admin_client(self) -> Any:
+        from kafka import KafkaAdminClient
+        from kafka.errors import KafkaError
+
+        with self._lock:
+            if self._closed:
+                raise BusUnavailable("the Kafka bus is closed")
+            if self._admin is None:
+                try:
+                    self._admin = KafkaAdminClient(**self._client_config)
+                except KafkaError as exc:
+                    raise BusUnavailable(f"cannot reach Kafka at {','.join(self.servers)}: {exc}") from exc
+            return self._admin
+
+    def _producer_client(self) -> Any:
+        from kafka import KafkaProducer
+        from kafka.errors import KafkaError
+
+        with self._lock:
+            if self._closed:
+                raise BusUnavailable("the Kafka bus is closed")
+            if self._producer is None:
+                ms = self._client_config["request_timeout_ms"]
+                try:
+                    self._producer = KafkaProducer(
+                        **self._client_config,
+                        acks="all",
+                        enable_idempotence=True,
+                        max_block_ms=ms,
+                        # The smallest delivery timeout Kafka allows (linger 0 + one request), so a
+                        # publish that gave up is not retried long after the caller was told so.
+                        delivery_timeout_ms=ms,
+                        linger_ms=0,
+                        allow_auto_create_topics=False,
+                    )
+                except KafkaError as exc:
+                    raise BusUnavailable(f"cannot reach Kafka at {','.join(self.servers)}: {exc}") from exc
+            return self._producer
+
+    def create_topics(self, topics: list[str], partitions: int = 1) -> None:
+        """Create missing topics with ``partitions`` partitions and wait until they have leaders.
+
+        Existing topics are kept as they are (a different partition count is logged).
+        """
+        for topic in topics:
+            check_topic_name(topic)
+        if partitions < 1:
+            raise ValueError(f"partitions must be >= 1, got {partitions}")
+        if not topics:
+            return
+        admin = self._admin_client()
+        ms = self._client_config["request_timeout_ms"]
+        with self._admin_lock:
+            self._create_topics(admin, list(topics), partitions, ms)
+        with self._lock:
+            self._known_topics.update(topics)
+
+    def _create_topics(self, admin: Any, topics: list[str], partitions: int, ms: int) -> None:
+        from kafka.errors import KafkaError
+
+        try:
+            # replication_factor -1: the broker's default.replication.factor.
+            response = admin.create_topics(
+                {t: {"num_partitions": partitions, "replication_factor": -1} for t in topics},
+                timeout_ms=ms,
+                raise_errors=False,
+            )
+            existing = []
+            for result in response["topics"]:
+                if result["error_code"] == _TOPIC_ALREADY_EXISTS:
+                    existing.append(result["name"])
+                elif result["error_code"]:
+                    raise BusUnavailable(
+                        f"cannot create topic {result['name']}: error {result['error_code']} {result['error_message']}"
+                    )
+                else:
+                    logger.info("created topic %s with %d partition(s)", result["name"], partitions)
+            admin.wait_for_topics(topics, timeout_ms=ms)
+            if existing:
+                for described in admin.describe_topics(existing):
+                    if len(described["partitions"]) != partitions:
+                        logger.warning(
+                            "topic %s exists with %d partitions, not %d; keeping it",
+                            described["name"],
+                            len(described["partitions"]),
+                            partitions,
+                        )
+        except KafkaError as exc:
+            raise BusUnavailable(f"cannot create topics {topics}: {exc}") from exc
+
+    def publish(self, topic: str, key: str | None, value: bytes) -> Record:
+        """Append one record; returns once all in-sync replicas have it."""
+        return self.publish_many(topic, [(key, value)])[0]
+
+    def publish_many(self, topic: str, items: list[tuple[str | None, bytes]]) -> list[Record]:
+        """Send (key, value) records, then wait for every acknowledgement (not atomic; see the module docstring)."""
+        from kafka.errors import KafkaError
+
+        check_topic_name(topic)
+        for key, value in items:
+            if key is not None and not isinstance(key, str):
+                raise TypeError(f"record key must be str or None, got {type(key).__name__}")
+            if not isinstance(value, (bytes, bytearray, memoryview)):
+                raise TypeError(f"record value must be bytes, got {type(value).__name__}")
+        if not items:
+            return []
+        producer = self._producer_client()
+        if topic not in self._known_topics:
+            with self._admin_lock:  # one thread creates it, the others then find it known
+                if topic not in self._known_topics:
+                    self.create_topics([topic], 1)
+        try:
+            futures = [
+                producer.send(
+                    topic,
+                    key=None if key is None else key.encode("utf-8"),
+                    value=bytes(value),
+                    partition=self._keyless_partition(producer, topic) if key is None else None,
+                )
+                for key, value in items
+            ]
+            # The futures fail by themselves at the delivery timeout; the extra second is slack.
+            deadline = time.monotonic() + self._timeout_s + 1.0
+            sent = [future.get(timeout=max(0.0, deadline - time.monotonic())) for future in futures]
+        except KafkaError as exc:
+            raise BusUnavailable(f"cannot publish to {topic}: {exc}") from exc
+        return [
+            Record(topic, meta.partition, meta.offset, key, bytes(value), meta.timestamp / 1000.0)
+            for meta, (key, value) in zip(sent, items)
+        ]
+
+    def _keyless_partition(self, producer: Any, topic: str) -> int:
+        # Kafka's sticky partitioner would put a burst of keyless records on one partition.
+        partitions = sorted(producer.partitions_for(topic))
+        return partitions[next(self._round_robin) % len(partitions)]
+
+    def consumer(self, group_id: str, topics: list[str]) -> KafkaGroupConsumer:
+        """A new member of ``group_id`` subscribed to ``topics`` (see ``ingest.kafka_consumer``)."""
+        if isinstance(topics, str):
+            raise TypeError("topics must be a list of topic names, not a string")
+        if not group_id:
+            raise ValueError("group_id must not be empty")
+        if not topics:
+            raise ValueError("a consumer needs at least one topic")
+        for topic in topics:
+            check_topic_name(topic)
+        with self._lock:
+            if self._closed:
+                raise BusUnavailable("the Kafka bus is closed")
+        return KafkaGroupConsumer(dict(self._consumer_config), group_id, list(topics))
+
+    def end_offsets(self, topics: list[str]) -> dict[TopicPartition, int]:
+        """The high watermark of each partition of the existing topics; unknown topics are left out."""
+        from kafka import TopicPartition as KafkaTopicPartition
+        from kafka.admin import OffsetSpec
+        from kafka.errors import KafkaError
+
+        if not topics:
+            return {}
+        admin = self._admin_client()
+        try:
+            with self._admin_lock:
+                described = admin.describe_topics(list(topics))
+                wanted = {
+                    KafkaTopicPartition(t["name"], p["partition_index"]): OffsetSpec.LATEST
+                    for t in described
+                    if t["error_code"] == 0
+                    for p in t["partitions"]
+                }
+                if not wanted:
+                    return {}
+                offsets = admin.list_partition_offsets(wanted, timeout_ms=self._client_config["request_timeout_ms"])
+        except KafkaError as exc:
+            raise BusUnavailable(f"cannot read end offsets: {exc}") from exc
+        return {(tp.topic, tp.partition): found.offset for tp, found in offsets.items()}
+
+    def ping(self) -> None:
+        """Raise BusUnavailable unless a metadata request to the cluster succeeds."""
+        from kafka.errors import KafkaError
+
+        admin = self._admin_client()
+        try:
+            with self._admin_lock:
+                cluster = admin.describe_cluster()
+        except KafkaError as exc:
+            raise BusUnavailable(f"Kafka at {','.join(self.servers)} does not answer: {exc}") from exc
+        if not cluster.get("brokers"):
+            raise BusUnavailable(f"Kafka at {','.join(self.servers)} reports no brokers")
+
+    def close(self) -> None:
+        """Flush and close the clients; idempotent. Consumers made by this bus stay open."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            producer, admin = self._producer, self._admin
+            self._producer = self._admin = None
+        if producer is not None:
+            producer.close(timeout=self._timeout_s)
+        if admin is not None:
+            admin.close()
+
+    def __enter__(self) -> KafkaBus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
