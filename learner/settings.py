@@ -14,7 +14,7 @@ class LearnerSettings(CommonSettings):
     min_new_labels: int = Field(32, ge=1)
     """An update starts once this many new labels arrived (labels)."""
 
-    max_wait_s: float = Field(30.0, gt=0)
+    max_wait_s: float = Field(10.0, gt=0)
     """…or once this long passed since the last update with at least `min_labels_on_timer` new ones (seconds)."""
 
     min_labels_on_timer: int = Field(8, ge=1)
