@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "learn":
         return _learn(settings)
     if args.command == "serve":
-        return _serve(settings)
+        return _serve(settings, args.log_level)
     if args.command == "up":
-        return _up(settings, argv if argv is not None else sys.argv[1:])
+        return _up(settings, argv if argv is not None else sys.argv[1:], args.log_level)
     if args.command == "simulate":
         return _simulate(settings, args)
     return _adapters(settings, args)
@@ -94,19 +94,28 @@ def _learn(settings) -> int:
     return 0
 
 
-def _up(settings, argv: list[str]) -> int:
-    """The learner as a child process (training must not steal the server's GIL), serve here."""
+def _up(settings, argv: list[str], log_level: str) -> int:
+    """The learner as a child process (training must not steal the server's GIL), serve here.
+
+    Unless KTO_TORCH_THREADS says otherwise, the cores are split between the two: each starting
+    one torch thread per core made updates 40x slower on a busy 2-core machine (bench/learner.py).
+    """
+    import os
     import subprocess
+
+    if settings.torch_threads is None:
+        settings.torch_threads = max(1, (os.cpu_count() or 2) // 2)
+    env = {**os.environ, "KTO_TORCH_THREADS": str(settings.torch_threads)}
 
     from kto_loop.models import ensure_demo_model
 
     if settings.model is None:
         ensure_demo_model(settings.data_dir)  # once, before two processes would both build it
     learner_args = [a if a != "up" else "learn" for a in argv]
-    learner = subprocess.Popen([sys.executable, "-m", "kto_loop.cli", *learner_args])
+    learner = subprocess.Popen([sys.executable, "-m", "kto_loop.cli", *learner_args], env=env)
     logger.info("learner started (pid %d); serving on http://%s:%d", learner.pid, settings.host, settings.port)
     try:
-        return _serve(settings)
+        return _serve(settings, log_level)
     finally:
         learner.terminate()
         try:
@@ -128,12 +137,12 @@ def _simulate(settings, args) -> int:
     return 0
 
 
-def _serve(settings) -> int:
+def _serve(settings, log_level: str = "info") -> int:
     import uvicorn
 
     from serve.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
                 timeout_graceful_shutdown=10)
     return 0
 

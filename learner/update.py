@@ -43,21 +43,26 @@ class UpdateStats:
 
 def plan_batches(fresh: list[Example], replay_pool: list[Example], *, steps: int, size: int,
                  replay_fraction: float, rng: random.Random) -> list[list[Example]]:
-    """`steps` micro-batches: every fresh example at least once, the rest of each batch replayed."""
+    """At least `steps` micro-batches, more if needed so every fresh example is trained once;
+    the rest of each batch is replayed."""
     batches = []
     order = list(fresh)
     rng.shuffle(order)
     cursor = 0
-    for _ in range(steps):
+    step = 0
+    while step < steps or cursor < len(order):
+        step += 1
         n_replay = min(len(replay_pool), int(size * replay_fraction)) if replay_pool else 0
-        take = size - n_replay
-        batch = []
-        while len(batch) < take and order:
-            batch.append(order[cursor % len(order)])
+        take = min(size - n_replay, len(order))  # distinct fresh examples in one batch
+        batch, seen = [], set()
+        while len(batch) < take:
+            candidate = order[cursor % len(order)]
             cursor += 1
             if cursor % len(order) == 0:
                 rng.shuffle(order)
-        seen = {e.response_id for e in batch}
+            if candidate.response_id not in seen:
+                batch.append(candidate)
+                seen.add(candidate.response_id)
         pool = [e for e in replay_pool if e.response_id not in seen]
         batch += rng.sample(pool, min(len(pool), size - len(batch)))
         if len(batch) >= 2:  # z0 needs a mismatched pair
@@ -78,9 +83,9 @@ def run_update(policy: Policy, optimizer: torch.optim.Optimizer, batches: list[l
         kl_ref = torch.tensor([e.kl_ref_logp for e in batch], device=device)
         desirable = torch.tensor([e.desirable for e in batch], device=device)
 
+        with torch.no_grad():  # z0 is detached in the loss: no graph needed (and first, so the
+            kl_logps = policy.logps(kl_pairs)  # graph below never shares the heap with these logits)
         policy_logps = policy.logps(pairs)
-        with torch.no_grad():  # z0 is detached in the loss: no graph needed for these
-            kl_logps = policy.logps(kl_pairs)
         loss, losses, z0 = kto_loss(policy_logps, ref, kl_logps, kl_ref, desirable, beta=beta,
                                     desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
         optimizer.zero_grad(set_to_none=True)
@@ -98,5 +103,6 @@ def run_update(policy: Policy, optimizer: torch.optim.Optimizer, batches: list[l
             stats.reward_desirable.append(float(rewards[desirable].mean()))
         if (~desirable).any():
             stats.reward_undesirable.append(float(rewards[~desirable].mean()))
+        del loss, losses, policy_logps, kl_logps  # free this step's graph before the next forward
     stats.seconds = time.perf_counter() - started
     return stats

@@ -192,6 +192,8 @@ class Engine:
                 fn, future = self._ops.get_nowait()
             except queue.Empty:
                 return
+            if not future.set_running_or_notify_cancel():
+                continue  # the caller gave up (e.g. shutdown cancelled a pending load)
             try:
                 future.set_result(fn())
             except Exception as exc:
