@@ -45,6 +45,15 @@ def check_topic_name(topic: object) -> str:
     return topic
 
 
+def check_records(items: list[tuple[str | None, bytes]]) -> None:
+    """Raise ``TypeError`` unless every item is a (str-or-None key, bytes value) pair."""
+    for key, value in items:
+        if key is not None and not isinstance(key, str):
+            raise TypeError(f"record key must be str or None, got {type(key).__name__}")
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise TypeError(f"record value must be bytes, got {type(value).__name__}")
+
+
 class BusUnavailable(Exception):
     """The bus cannot be reached or cannot take the write; nothing was acknowledged.
 

@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Any
 
-from ingest.bus import BusUnavailable, Record, TopicPartition, check_topic_name
+from ingest.bus import BusUnavailable, Record, TopicPartition, check_records, check_topic_name
 from ingest.kafka_consumer import KafkaGroupConsumer
 
 logger = logging.getLogger(__name__)
@@ -216,11 +216,7 @@ class KafkaBus:
         from kafka.errors import KafkaError
 
         check_topic_name(topic)
-        for key, value in items:
-            if key is not None and not isinstance(key, str):
-                raise TypeError(f"record key must be str or None, got {type(key).__name__}")
-            if not isinstance(value, (bytes, bytearray, memoryview)):
-                raise TypeError(f"record value must be bytes, got {type(value).__name__}")
+        check_records(items)
         if not items:
             return []
         producer = self._producer_client()

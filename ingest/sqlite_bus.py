@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ingest._sqlite import connect, ensure_schema, write_transaction
-from ingest.bus import BusUnavailable, Record, TopicPartition, check_topic_name
+from ingest.bus import BusUnavailable, Record, TopicPartition, check_records, check_topic_name
 from ingest.sqlite_consumer import SqliteConsumer, partition_counts
 
 logger = logging.getLogger(__name__)
@@ -144,11 +144,7 @@ class SqliteBus:
     def publish_many(self, topic: str, items: list[tuple[str | None, bytes]]) -> list[Record]:
         """Append (key, value) records in one transaction: all stored durably, or none."""
         check_topic_name(topic)
-        for key, value in items:
-            if key is not None and not isinstance(key, str):
-                raise TypeError(f"record key must be str or None, got {type(key).__name__}")
-            if not isinstance(value, (bytes, bytearray, memoryview)):
-                raise TypeError(f"record value must be bytes, got {type(value).__name__}")
+        check_records(items)
         if not items:
             return []
         with self._lock:
