@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from typing import Any
 
 from ingest.bus import BusUnavailable, Record, TopicPartition, check_topic_name
@@ -73,6 +74,13 @@ class KafkaGroupConsumer:
                 auto_offset_reset="earliest",
                 allow_auto_create_topics=False,
             )
+            # Know every topic's partitions before joining: a group leader that assigns while its
+            # metadata lacks a topic hands out nothing, and kafka-python 3 did not rejoin on the
+            # later metadata refresh (seen: a group never settled). Existing topics answer at once.
+            deadline = time.monotonic() + self._timeout_ms / 1000
+            for topic in self.topics:
+                while self._consumer.partitions_for_topic(topic) is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
             self._consumer.subscribe(self.topics, listener=_listener_type()(self))
         except KafkaError as exc:
             raise BusUnavailable(f"cannot join group {group_id}: {exc}") from exc
