@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from serve.app import create_app
+from serve.background import BackgroundServer, free_port  # noqa: F401 (free_port re-exported)
 from serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -71,41 +70,8 @@ def make_adapters(model_path: Path, out_dir: Path, count: int, *, base_model: st
     return paths
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """uvicorn in a background thread of this process; `state` is the app's ServeState."""
-
-    def __init__(self, settings: ServeSettings):
-        import uvicorn
-
-        self.app = create_app(settings)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-
-    def __enter__(self) -> "LiveServer":
-        self.thread.start()
-        deadline = time.monotonic() + 300  # a real --model may take a while to load
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the benchmark server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
-
-    @property
-    def state(self):
-        return self.app.state.serve
+class LiveServer(BackgroundServer):
+    """The server in this process, plus a reader for its metrics."""
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         """One sample of the server's Prometheus metrics, read through GET /metrics."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kto_loop.cli import main
-from tests.serve.conftest import ADMIN_TOKEN, LiveServer
+from serve.background import BackgroundServer
+from tests.serve.conftest import ADMIN_TOKEN
 from tests.tiny import TINY_MODEL_ID
 
 
@@ -21,7 +22,7 @@ def test_adapters_commands(monkeypatch, capsys, tmp_path, tiny_model_dir, make_a
 
     settings = ServeSettings(data_dir=tmp_path, model=str(tiny_model_dir), model_id=TINY_MODEL_ID,
                              admin_token=ADMIN_TOKEN, registry_poll_s=0.05)
-    with LiveServer(settings) as server:
+    with BackgroundServer(settings) as server:
         registry = server.state.registry
         v1 = registry.publish(make_adapter(1), base_model=TINY_MODEL_ID, parent=None, metrics={"loss": 0.3}, lineage={}).version
         v2 = registry.publish(make_adapter(2), base_model=TINY_MODEL_ID, parent=v1, metrics={}, lineage={}).version

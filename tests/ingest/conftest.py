@@ -8,7 +8,6 @@ fixture), with topic and group names of its own (``helpers.NamespacedBus``).
 from __future__ import annotations
 
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.ingest.helpers import NamespacedBus
-from tests.tiny import FakeClock
+from tests.tiny import FakeClock, spawn_scripts
 
 from ingest.kafka_bus import KafkaBus
 from ingest.ledger import SqliteLedger
@@ -109,23 +108,4 @@ def ledger(tmp_path: Path, clock: FakeClock) -> Iterator[SqliteLedger]:
 @pytest.fixture
 def spawn_worker() -> Iterator[Callable[..., subprocess.Popen[str]]]:
     """Start ``tests/ingest/workers.py`` with arguments in a child process; killed at teardown."""
-    children: list[subprocess.Popen[str]] = []
-
-    def spawn(*args: object) -> subprocess.Popen[str]:
-        child = subprocess.Popen(
-            [sys.executable, str(WORKERS), *map(str, args)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        children.append(child)
-        return child
-
-    yield spawn
-    for child in children:
-        if child.poll() is None:
-            child.kill()
-        child.wait(timeout=10)
-        for stream in (child.stdout, child.stderr):
-            if stream is not None:
-                stream.close()
+    yield from spawn_scripts(WORKERS)

@@ -7,14 +7,13 @@ from __future__ import annotations
 # ======================================================================================
 import json
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.tiny import FakeClock
+from tests.tiny import FakeClock, spawn_scripts
 
 from ingest.bus import Record
 from ingest.events import FeedbackEvent, ResponseEvent, SamplingParams, Topics, encode_event
@@ -154,22 +153,7 @@ def make_joiner(event_bus: SqliteBus, topics: Topics, join_clock: FakeClock) -> 
 @pytest.fixture
 def spawn_join_worker() -> Iterator[Callable[..., subprocess.Popen[str]]]:
     """Start ``join_worker.py`` with arguments in a child process; killed at teardown."""
-    children: list[subprocess.Popen[str]] = []
-
-    def spawn(*args: object) -> subprocess.Popen[str]:
-        child = subprocess.Popen([sys.executable, str(JOIN_WORKER), *map(str, args)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        children.append(child)
-        return child
-
-    yield spawn
-    for child in children:
-        if child.poll() is None:
-            child.kill()
-        child.wait(timeout=10)
-        for pipe in (child.stdout, child.stderr):
-            if pipe is not None:
-                pipe.close()
+    yield from spawn_scripts(JOIN_WORKER)
 
 
 # ====================================== end of event joining and the replay buffer ====

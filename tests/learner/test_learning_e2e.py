@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,17 +22,12 @@ import httpx
 import pytest
 
 from kto_loop.models import build_tiny_model
+from serve.background import free_port
 from kto_loop.simulate import simulate, two_proportion_p
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ."
 VOWELS = ("a", "e", "i", "o", "u")
 MODEL_ID = "tiny-chars"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-
 import pytest
 from fastapi.testclient import TestClient
 
 from serve.app import create_app
+from serve.background import BackgroundServer
 from serve.settings import ServeSettings
 from tests.tiny import TINY_MODEL_ID
 
@@ -34,44 +31,7 @@ def state(client):
     return client.app.state.serve
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """uvicorn in a background thread of the test process."""
-
-    def __init__(self, settings: ServeSettings):
-        import uvicorn
-
-        self.app = create_app(settings)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    @property
-    def state(self):
-        return self.app.state.serve
-
-
 @pytest.fixture
 def live_server(settings):
-    with LiveServer(settings) as server:
+    with BackgroundServer(settings) as server:
         yield server
