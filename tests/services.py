@@ -67,3 +67,80 @@ def session_services(state_dir: Path) -> Iterator[Services]:
         stopped = _run("stop", state_dir)
         if stopped.returncode != 0:
             logger.warning("stopping the services failed: %s", stopped.stderr)
+
+
+def _services_module():
+    """deploy/services/services.py as a module (it is a script, not part of a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kto_services", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _unavailable(why: str) -> None:
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(why, pytrace=False)
+    pytest.skip(why)
+
+
+class PrivateRedis:
+    """A redis-server of one test's own, with an append-only file, that the test may stop and restart
+    on the same port (the shared session services must never be restarted under other tests)."""
+
+    def __init__(self, state_dir: Path):
+        self._svc = _services_module()
+        self.state_dir = state_dir
+        try:
+            self._binary = self._svc.ensure_redis_server()
+        except SystemExit as exc:
+            _unavailable(f"redis-server is not available: {exc}")
+        (self.port,) = self._svc.free_ports(1)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start(fresh=True)
+
+    def start(self, fresh: bool = False) -> None:
+        self._svc.start_redis(self.state_dir, self.port, self._binary, fresh=fresh, persistent=True)
+
+    def stop(self) -> None:
+        self._svc._terminate(self.state_dir / "redis" / "redis.pid", "redis-server", grace_s=10.0)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class PrivateKafka:
+    """A Kafka broker of one test's own that the test may stop and restart on the same ports and data."""
+
+    def __init__(self, state_dir: Path, cache_dir: Path | None = None):
+        import shutil
+
+        self._svc = _services_module()
+        self.state_dir = state_dir
+        self._cache = cache_dir or self._svc.DEFAULT_CACHE
+        self._java = shutil.which("java")
+        if not self._java:
+            _unavailable("java not found: Kafka 4 needs Java 17 or newer")
+        self._libs = self._svc.ensure_kafka_libs(self._cache)
+        self.port, self._controller_port = self._svc.free_ports(2)
+        self.url = f"kafka://127.0.0.1:{self.port}"
+        self.start(fresh=True)
+
+    def start(self, fresh: bool = False) -> None:
+        try:
+            self._svc.start_kafka(self.state_dir, self._libs, self.port, self._controller_port, self._java,
+                                  fresh=fresh)
+        except SystemExit as exc:
+            _unavailable(f"the private Kafka broker did not start: {exc}")
+
+    def stop(self, kill: bool = False) -> None:
+        """Stop the broker: a controlled shutdown, or SIGKILL with ``kill``."""
+        pid_file = self.state_dir / "kafka" / "kafka.pid"
+        self._svc._terminate(pid_file, "kafka.Kafka", grace_s=0.0 if kill else 20.0)
+
+    def restart(self, kill: bool = False) -> None:
+        self.stop(kill=kill)
+        self.start()

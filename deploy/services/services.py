@@ -206,22 +206,24 @@ def _ours(pid_file: Path, marker: str) -> int | None:
     return pid if marker in cmdline else None
 
 
-def start_kafka(state: Path, libs: Path, port: int, controller_port: int, java: str) -> None:
+def start_kafka(state: Path, libs: Path, port: int, controller_port: int, java: str, *, fresh: bool = True) -> None:
+    """Start the broker of ``state``; ``fresh=False`` restarts it on the data of its last run."""
     kdir = state / "kafka"
-    shutil.rmtree(kdir, ignore_errors=True)
-    (kdir / "data").mkdir(parents=True)
     props = kdir / "server.properties"
-    props.write_text(kafka_properties(kdir / "data", port, controller_port))
     log4j = kdir / "log4j2.properties"
-    log4j.write_text(LOG4J2.format(log=kdir / "kafka.log"))
     classpath = f"{libs}/*"
     jvm = [java, "-Xms256m", "-Xmx512m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
            "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={log4j}"]
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-    fmt = subprocess.run([*jvm, "-cp", classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
-                          "-c", str(props)], capture_output=True, text=True, timeout=120)
-    if fmt.returncode != 0:
-        raise SystemExit(f"formatting Kafka storage failed:\n{fmt.stdout}{fmt.stderr}")
+    if fresh or not props.is_file():
+        shutil.rmtree(kdir, ignore_errors=True)
+        (kdir / "data").mkdir(parents=True)
+        props.write_text(kafka_properties(kdir / "data", port, controller_port))
+        log4j.write_text(LOG4J2.format(log=kdir / "kafka.log"))
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        fmt = subprocess.run([*jvm, "-cp", classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
+                              "-c", str(props)], capture_output=True, text=True, timeout=120)
+        if fmt.returncode != 0:
+            raise SystemExit(f"formatting Kafka storage failed:\n{fmt.stdout}{fmt.stderr}")
     with open(kdir / "kafka.out", "wb") as out:
         # A session of its own: Ctrl-C in the terminal that ran `make services` leaves it running.
         proc = subprocess.Popen([*jvm, "-cp", classpath, "kafka.Kafka", str(props)], stdout=out,
@@ -256,12 +258,16 @@ def ensure_redis_server() -> str:
     return found
 
 
-def start_redis(state: Path, port: int, binary: str) -> None:
+def start_redis(state: Path, port: int, binary: str, *, fresh: bool = True, persistent: bool = False) -> None:
+    """Start the redis-server of ``state``; ``fresh=False`` keeps its folder (with ``persistent``,
+    its append-only file, so a restart comes back with the data, as production Redis does)."""
     rdir = state / "redis"
-    shutil.rmtree(rdir, ignore_errors=True)
-    rdir.mkdir(parents=True)
-    # Throw-away and fast: no snapshots, no append-only file.
-    subprocess.run([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+    if fresh:
+        shutil.rmtree(rdir, ignore_errors=True)
+    rdir.mkdir(parents=True, exist_ok=True)
+    # Throw-away and fast by default: no snapshots, no append-only file.
+    subprocess.run([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                    "--appendonly", "yes" if persistent else "no", "--appendfsync", "always",
                     "--daemonize", "yes", "--dir", str(rdir), "--pidfile", str(rdir / "redis.pid"),
                     "--logfile", str(rdir / "redis.log")], check=True, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 20.0
