@@ -77,8 +77,7 @@ def _ids(tokens: list[int]) -> str:
 
 def next_counter(conn: sqlite3.Connection, name: str) -> int:
     """The next value of a monotonic counter; never reused, even when rows are deleted."""
-    conn.execute("UPDATE counters SET value = value + 1 WHERE name = ?", (name,))
-    return conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
+    return conn.execute("UPDATE counters SET value = value + 1 WHERE name = ? RETURNING value", (name,)).fetchone()[0]
 
 
 def queue_dead_letter(
@@ -257,6 +256,6 @@ def _insert_example(conn: sqlite3.Connection, vote: _Vote) -> None:
         (vote.response_id, vote.desirable, vote.event_id, vote.created_at, next_counter(conn, "seq"), position,
          None if previous is None else previous[0]),
     )
-    if previous is not None:
-        conn.execute("UPDATE examples SET kl_partner = ? WHERE kl_partner IS NULL AND response_id != ?",
-                     (vote.response_id, vote.response_id))
+    if previous is not None:  # only the first example ever lacks a partner: by primary key, no scan
+        conn.execute("UPDATE examples SET kl_partner = ? WHERE response_id = ? AND kl_partner IS NULL",
+                     (vote.response_id, previous[0]))
