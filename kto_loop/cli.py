@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--prefixes", default="a,e,i,o,u", help="an answer is liked iff it starts with one of these")
     sim.add_argument("--max-tokens", type=int, default=8)
     sim.add_argument("--plot", default=None, help="PNG learning curve (default <data-dir>/learning-curve.png)")
+    sim.add_argument("--url", action="append", dest="urls", metavar="URL",
+                     help="a server to chat with (repeat for replicas; default http://HOST:PORT from the settings)")
     adapters = sub.add_parser("adapters", help="list, activate and roll back adapter versions")
     actions = adapters.add_subparsers(dest="action", required=True)
     actions.add_parser("list", parents=[common], help="versions with status, parent and metrics")
@@ -127,9 +129,9 @@ def _up(settings, argv: list[str], log_level: str) -> int:
 def _simulate(settings, args) -> int:
     from kto_loop.simulate import plot, simulate
 
-    url = f"http://{settings.host}:{settings.port}"
+    urls = args.urls or [f"http://{settings.host}:{settings.port}"]
     prefixes = tuple(p for p in args.prefixes.split(",") if p)
-    result = simulate(url, ratings=args.ratings, users=args.users, prefixes=prefixes, max_tokens=args.max_tokens)
+    result = simulate(urls, ratings=args.ratings, users=args.users, prefixes=prefixes, max_tokens=args.max_tokens)
     for version, (n, rate) in result.rate_by_version().items():
         print(f"{version:<24} n={n:<5} desirable={rate:.3f}")
     path = plot(result, Path(args.plot) if args.plot else settings.data_dir / "learning-curve.png")

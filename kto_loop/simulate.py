@@ -8,11 +8,13 @@ saved as a PNG.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,21 +63,28 @@ def two_proportion_p(d1: int, n1: int, d2: int, n2: int) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def simulate(url: str, *, ratings: int, users: int = 8, prefixes: tuple[str, ...] = ("a", "e", "i", "o", "u"),
-             max_tokens: int = 8, temperature: float = 1.0, report_every: int = 50,
-             stop: threading.Event | None = None) -> Simulation:
-    """Chat and rate until `ratings` ratings were recorded; returns every rating in order."""
+def simulate(url: str | Sequence[str], *, ratings: int, users: int = 8,
+             prefixes: tuple[str, ...] = ("a", "e", "i", "o", "u"), max_tokens: int = 8, temperature: float = 1.0,
+             report_every: int = 50, stop: threading.Event | None = None) -> Simulation:
+    """Chat and rate until `ratings` ratings were recorded; returns every rating in order.
+
+    With several server URLs (replicas of one deployment) each user takes turns over them and
+    rates each answer on the next replica, not the one that answered, as a load balancer may."""
+    urls = [url] if isinstance(url, str) else list(url)
     result = Simulation()
     lock = threading.Lock()
     stop = stop or threading.Event()
 
     def user_loop(number: int) -> None:
         name = f"sim-{number}"
-        with httpx.Client(base_url=url, timeout=60, headers={"X-User-Id": name}) as client:
+        with contextlib.ExitStack() as stack:
+            replicas = [stack.enter_context(httpx.Client(base_url=u, timeout=60, headers={"X-User-Id": name}))
+                        for u in urls]
             turn = 0
             while not stop.is_set():
                 turn += 1
                 prompt = PROMPTS[(number + turn) % len(PROMPTS)]
+                client, rater = replicas[(number + turn) % len(urls)], replicas[(number + turn + 1) % len(urls)]
                 try:
                     reply = client.post("/v1/chat/completions", json={
                         "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
@@ -84,8 +93,8 @@ def simulate(url: str, *, ratings: int, users: int = 8, prefixes: tuple[str, ...
                     body = reply.json()
                     answer = body["choices"][0]["message"]["content"]
                     desirable = answer.startswith(prefixes)
-                    vote = client.post("/v1/feedback", json={"response_id": body["id"],
-                                                             "label": "up" if desirable else "down"})
+                    vote = rater.post("/v1/feedback", json={"response_id": body["id"],
+                                                            "label": "up" if desirable else "down"})
                     vote.raise_for_status()
                 except httpx.HTTPError as exc:
                     with lock:
