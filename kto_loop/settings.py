@@ -31,10 +31,12 @@ class CommonSettings(BaseSettings):
     """Event bus: `sqlite:///path` (embedded, default `<data_dir>/bus.sqlite3`) or `kafka://host:port`."""
 
     registry_url: str | None = None
-    """Adapter registry: `sqlite:///path` (embedded, default `<data_dir>/registry/registry.sqlite3`)."""
+    """Adapter registry: `sqlite:///path` (embedded, default `<data_dir>/registry/registry.sqlite3`)
+    or `redis://host:port/db[?prefix=kto:registry:]` (keys under the prefix; see registry.redis_keys)."""
 
     adapter_dir: Path | None = None
-    """Where adapter files live (a path all replicas share). Default: beside the registry database."""
+    """Where adapter files live (a path all replicas share). Default: beside the registry database
+    for sqlite://; `<data_dir>/adapters` for redis://, which is right only when data_dir is shared."""
 
     torch_threads: int | None = Field(None, ge=1)
     """Intra-op CPU threads for torch; unset keeps torch's default (one per core). On a small CPU
@@ -56,6 +58,8 @@ class CommonSettings(BaseSettings):
             self.bus_url = f"sqlite:///{self.data_dir / 'bus.sqlite3'}"
         if self.registry_url is None:
             self.registry_url = f"sqlite:///{self.data_dir / 'registry' / 'registry.sqlite3'}"
+        if self.adapter_dir is None and self.registry_url.startswith(("redis://", "rediss://")):
+            self.adapter_dir = self.data_dir / "adapters"  # Redis holds no files
         for name in ("bus_url", "registry_url"):
             url = getattr(self, name)
             if "://" not in url:

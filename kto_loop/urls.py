@@ -1,11 +1,12 @@
 """Backend URLs. Embedded backends take `sqlite:///PATH`, SQLAlchemy's convention: the path is
 what follows the third slash, so `sqlite:///data/bus.sqlite3` is relative to the working
-directory and `sqlite:////var/lib/kto/bus.sqlite3` is absolute."""
+directory and `sqlite:////var/lib/kto/bus.sqlite3` is absolute. Redis backends take
+`redis://host:port/db[?prefix=…]` (see `redis_url`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 SQLITE_PREFIX = "sqlite:///"
 
@@ -26,3 +27,21 @@ def sqlite_path(url: str) -> Path:
 def sqlite_url(path: Path) -> str:
     """The URL for a file path (absolute paths give the four-slash form)."""
     return f"{SQLITE_PREFIX}{path}"
+
+
+def redis_url(url: str, default_prefix: str) -> tuple[str, str, str]:
+    """Split `redis[s]://[user:password@]host:port/db[?prefix=P&…]` into (URL for redis-py, key
+    prefix, `scheme://host:port/db` for messages: no credentials).
+
+    `prefix` (default `default_prefix`) namespaces this store's keys so that several share one
+    database; every other query parameter goes to redis-py (e.g. `socket_timeout=5`)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"not a redis:// or rediss:// URL: {parts.scheme}://…")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = next((v for k, v in reversed(query) if k == "prefix"), default_prefix)
+    if not prefix:
+        raise ValueError("a Redis URL's prefix= must not be empty")
+    rest = urlencode([(k, v) for k, v in query if k != "prefix"])
+    where = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path or '/0'}"
+    return urlunsplit(parts._replace(query=rest)), prefix, where

@@ -1,6 +1,7 @@
 """Adapter versions: an immutable store, metadata and lineage, the active pointer and its history.
 
-Open one with `open_registry(url)`; every backend implements the `Registry` protocol.
+Open one with `open_registry(url, adapter_root)`; every backend implements the `Registry`
+protocol. The Redis backend (and redis-py) is imported only when a redis:// URL asks for it.
 """
 
 from __future__ import annotations
@@ -47,16 +48,24 @@ def open_registry(url: str, adapter_root: Path | None = None) -> Registry:
       `sqlite:///rel/registry.sqlite3` is relative to the working directory,
       `sqlite:////abs/registry.sqlite3` absolute); adapter directories go under `versions/`
       beside the file unless `adapter_root` is given. Created if missing.
-    - `redis://…`: not available yet.
+    - `redis://[user:password@]host:port/db[?prefix=kto:registry:]` (`rediss://` for TLS):
+      metadata, the pointer and change notifications in Redis under the key prefix (default
+      `kto:registry:`, see registry.redis_keys); adapter files under `adapter_root`, which
+      is then required: a directory every replica and the learner share.
     """
     if url.startswith(SQLITE_PREFIX):
         return SqliteRegistry(sqlite_path(url), adapter_root)
     if url.startswith(("redis://", "rediss://")):
-        raise ValueError(
-            f"registry URL {url!r}: the Redis registry backend is not available yet; "
-            "use sqlite:///<path> for the embedded registry"
-        )
+        if adapter_root is None:
+            # The URL may hold a password: name its scheme only.
+            raise ValueError(
+                "the Redis registry needs adapter_root (KTO_ADAPTER_DIR): the directory of "
+                "adapter files that every replica and the learner share"
+            )
+        from registry.redis_registry import RedisRegistry
+
+        return RedisRegistry(url, adapter_root)
     raise ValueError(
-        f"unsupported registry URL {url!r}: expected sqlite:///<path to registry.sqlite3> "
-        "(redis:// arrives later)"
+        f"unsupported registry URL scheme {url.split('://', 1)[0]!r}: expected "
+        "sqlite:///<path to registry.sqlite3> or redis://host:port/db"
     )

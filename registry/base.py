@@ -52,6 +52,13 @@ class Registry(Protocol):
         missed nothing."""
         ...
 
+    def wait_for_change(self, timeout_s: float) -> None:
+        """Block until a pointer change may have happened, or timeout_s passed; then read
+        `pointer()`. Only a wake-up hint: it may return early with nothing changed, and a
+        backend without notifications just sleeps, so a poller that calls it between reads of
+        `pointer()` sees every change within timeout_s however messages fare."""
+        ...
+
     def activate(self, version: str | None, *, actor: str, reason: str = "") -> HistoryEntry:
         """Point serving at `version` (None = base); UnknownVersion, VersionRejected."""
         ...

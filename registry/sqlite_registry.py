@@ -3,24 +3,18 @@
 Layout of the store (several processes, e.g. the server and the learner, share it at once):
 
     <root>/registry.sqlite3        metadata, the active pointer, its history (WAL mode)
-    <adapter_root>/v0001/ …        one immutable directory per version (default <root>/versions)
-    <adapter_root>/.staging/       versions being written
-    <adapter_root>/.publish.lock   flock held for the whole of a publish
+    <adapter_root>/ …              the version directories (registry.store.AdapterFiles),
+                                   default <root>/versions
 
-Publish protocol, safe against a kill at any point:
- 1. take the publish lock (publishes are serialized; they are rare and short);
- 2. reserve the name: insert a 'pending' row, invisible to every read;
- 3. copy the files to .staging/<version>, fsync files and directories;
- 4. rename to <adapter_root>/<version>, fsync the parent;
- 5. flip the row to 'ready' (or 'rejected') in one transaction: now it is visible.
-Whoever next holds the lock with nothing in flight (the next publish, or any open) sweeps what a
-killed publish left: staging directories and the directories of 'pending' rows, which become
-'abandoned' so that their names are never handed out again.
+Publishes follow registry.publishing: a name is reserved as a 'pending' row, invisible to every
+read, and flipped to 'ready' (or 'rejected') in one transaction once its directory is in place;
+the rows of killed publishes become 'abandoned', so that their names are never handed out again.
+Pointer changes (activate, rollback, reject of the active version) read and write the pointer,
+the rollback stack and the history in one IMMEDIATE transaction.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import sqlite3
@@ -31,26 +25,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from registry import publishing, schema, store
 from registry import rollback as stack_rules
-from registry import schema, store
-from registry.errors import (
-    RegistryError,
-    UnknownVersion,
-    VerificationError,
-    VersionRejected,
-)
-from registry.versions import BASE, HistoryEntry, VersionInfo, metadata_json
+from registry.errors import RegistryError, UnknownVersion, VersionRejected
+from registry.publishing import VISIBLE as _VISIBLE
+from registry.versions import BASE, HistoryEntry, VersionInfo
 
 logger = logging.getLogger(__name__)
 
-_VISIBLE = ("ready", "rejected")
 _VERSION_COLUMNS = (
     "version, state, parent, created_at, base_model, sha256, metrics, lineage, rejected_reason"
 )
-
-
-def _checkpoint(stage: str) -> None:
-    """Called between publish steps; tests replace it to kill a publish at a known point."""
 
 
 class SqliteRegistry:
@@ -61,14 +46,14 @@ class SqliteRegistry:
     ) -> None:
         self.db_path = Path(db_path)
         self.adapter_root = Path(adapter_root) if adapter_root else self.db_path.parent / "versions"
-        self._staging = self.adapter_root / ".staging"
-        self._lock_path = self.adapter_root / ".publish.lock"
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._staging.mkdir(parents=True, exist_ok=True)
+        self._files = store.AdapterFiles(self.adapter_root)
+        self._catalog = _Catalog(self)
         self._lock = threading.RLock()  # one connection, shared by this object's threads
+        self._closed = threading.Event()
         self._conn: sqlite3.Connection | None = schema.connect(self.db_path, busy_timeout_s)
         try:
-            self._sweep_if_idle()
+            publishing.sweep_if_idle(self._files, self._catalog)
         except BaseException:
             self.close()
             raise
@@ -99,19 +84,6 @@ class SqliteRegistry:
         with self._lock, schema.unavailable_on_error(self.db_path):
             return self._db().execute(sql, params).fetchall()
 
-    @contextmanager
-    def _publish_lock(self, blocking: bool = True) -> Iterator[bool]:
-        with open(self._lock_path, "a+b") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
     # ---- publish ---------------------------------------------------------------------------
 
     def publish(
@@ -125,81 +97,10 @@ class SqliteRegistry:
         status: str = "ready",
         rejected_reason: str | None = None,
     ) -> VersionInfo:
-        src_dir = Path(src_dir)
-        if status not in _VISIBLE:
-            raise ValueError(f"status must be 'ready' or 'rejected', not {status!r}")
-        if (status == "rejected") != bool(rejected_reason):
-            raise ValueError("rejected_reason is required with status 'rejected' and only then")
-        store.check_source(src_dir)
-        metrics_json = metadata_json(metrics, "metrics")
-        lineage_json = metadata_json(lineage, "lineage")
-        if parent is not None:
-            self.get(parent)  # UnknownVersion: lineage must point at a real version
-
-        with self._publish_lock():
-            self._sweep_locked()
-            version = self._reserve()
-            staging = self._staging / version
-            final = self.adapter_root / version
-            try:
-                _checkpoint("reserved")
-                files = store.copy_tree_durably(src_dir, staging)
-                _checkpoint("staged")
-                store.rename_durably(staging, final)
-                _checkpoint("renamed")
-                with self._write() as c:
-                    c.execute(
-                        "UPDATE versions SET state = ?, parent = ?, created_at = ?, base_model = ?,"
-                        " sha256 = ?, files = ?, metrics = ?, lineage = ?, rejected_reason = ?"
-                        " WHERE version = ? AND state = 'pending'",
-                        (status, parent, time.time(), base_model, files[store.WEIGHTS_FILE],
-                         json.dumps(files), metrics_json, lineage_json, rejected_reason, version),
-                    )
-            except BaseException:
-                logger.exception("publish of %s failed; cleaning up", version)
-                self._abandon(version)
-                raise
-        info = self.get(version)
-        logger.info("published %s (parent %s, status %s)", version, parent, status)
-        return info
-
-    def _reserve(self) -> str:
-        with self._write() as c:
-            seq = c.execute(
-                "INSERT INTO versions (state, created_at) VALUES ('pending', ?)", (time.time(),)
-            ).lastrowid
-            version = f"v{seq:04d}"
-            c.execute("UPDATE versions SET version = ? WHERE seq = ?", (version, seq))
-        return version
-
-    def _abandon(self, version: str) -> None:
-        # Directories first, then the row: a kill in between leaves a row the next sweep redoes.
-        store.remove_tree(self._staging / version)
-        store.remove_tree(self.adapter_root / version)
-        with self._write() as c:
-            c.execute(
-                "UPDATE versions SET state = 'abandoned' WHERE version = ? AND state = 'pending'",
-                (version,),
-            )
-
-    def _sweep_if_idle(self) -> None:
-        with self._publish_lock(blocking=False) as acquired:
-            if acquired:
-                self._sweep_locked()
-            else:
-                logger.debug("a publish is in flight; sweeping is left to it")
-
-    def _sweep_locked(self) -> None:
-        """With the publish lock held nothing is in flight, so all pending work is debris."""
-        for (version,) in self._read("SELECT version FROM versions WHERE state = 'pending'"):
-            logger.warning("removing %s, left behind by an interrupted publish", version)
-            self._abandon(version)
-        for leftover in self._staging.iterdir():
-            logger.warning("removing staging leftover %s", leftover)
-            if leftover.is_dir():
-                store.remove_tree(leftover)
-            else:
-                leftover.unlink()
+        return publishing.publish(
+            self._files, self._catalog, self.get, src_dir, base_model=base_model, parent=parent,
+            metrics=metrics, lineage=lineage, status=status, rejected_reason=rejected_reason,
+        )
 
     # ---- versions ------------------------------------------------------------------------
 
@@ -231,7 +132,7 @@ class SqliteRegistry:
             created_at=created_at,
             base_model=base_model,
             sha256=sha256,
-            path=self.adapter_root / version,
+            path=self._files.path(version),
             metrics=json.loads(metrics),
             lineage=json.loads(lineage),
             rejected_reason=reason,
@@ -267,19 +168,7 @@ class SqliteRegistry:
         )
         if not rows:
             raise UnknownVersion(version)
-        root = self.adapter_root / version
-        for rel, expected in json.loads(rows[0][0]).items():
-            path = root / rel
-            if not path.is_file():
-                raise VerificationError(version, f"{rel} is missing from {root}")
-            try:
-                actual = store.sha256_file(path)
-            except OSError as e:
-                raise VerificationError(version, f"{rel} is unreadable: {e}") from e
-            if actual != expected:
-                raise VerificationError(
-                    version, f"{rel} has sha256 {actual}, expected {expected}: the file changed"
-                )
+        self._files.verify(version, json.loads(rows[0][0]))
 
     # ---- the active pointer -----------------------------------------------------------------
 
@@ -317,6 +206,10 @@ class SqliteRegistry:
             entry = self._move_in(c, "rollback", target, stack, actor, reason)
         logger.info("%s rolled back from %s to %s", actor, previous or "base", target or "base")
         return entry
+
+    def wait_for_change(self, timeout_s: float) -> None:
+        """SQLite has no notifications: sleep timeout_s (less if closed); callers then poll."""
+        self._closed.wait(timeout_s)
 
     def history(self) -> list[HistoryEntry]:
         rows = self._read(
@@ -381,6 +274,7 @@ class SqliteRegistry:
         self._read("SELECT 1")
 
     def close(self) -> None:
+        self._closed.set()
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
@@ -392,3 +286,43 @@ class SqliteRegistry:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+class _Catalog:
+    """The SQLite side of registry.publishing: rows of `versions` move pending → ready | rejected,
+    or pending → abandoned; AUTOINCREMENT never hands a number out twice."""
+
+    def __init__(self, registry: SqliteRegistry) -> None:
+        self._registry = registry
+
+    def reserve(self) -> str:
+        with self._registry._write() as c:
+            seq = c.execute(
+                "INSERT INTO versions (state, created_at) VALUES ('pending', ?)", (time.time(),)
+            ).lastrowid
+            version = f"v{seq:04d}"
+            c.execute("UPDATE versions SET version = ? WHERE seq = ?", (version, seq))
+        return version
+
+    def commit(self, version: str, new: publishing.NewVersion, files: dict[str, str]) -> None:
+        with self._registry._write() as c:
+            updated = c.execute(
+                "UPDATE versions SET state = ?, parent = ?, created_at = ?, base_model = ?,"
+                " sha256 = ?, files = ?, metrics = ?, lineage = ?, rejected_reason = ?"
+                " WHERE version = ? AND state = 'pending'",
+                (new.status, new.parent, time.time(), new.base_model, files[store.WEIGHTS_FILE],
+                 json.dumps(files), new.metrics_json, new.lineage_json, new.rejected_reason,
+                 version),
+            ).rowcount
+            if updated != 1:
+                raise RegistryError(f"{version} is no longer pending; its publish cannot finish")
+
+    def abandon(self, version: str) -> bool:
+        with self._registry._write() as c:
+            return c.execute(
+                "UPDATE versions SET state = 'abandoned' WHERE version = ? AND state = 'pending'",
+                (version,),
+            ).rowcount == 1
+
+    def pending(self) -> list[str]:
+        rows = self._registry._read("SELECT version FROM versions WHERE state = 'pending'")
+        return [version for (version,) in rows]

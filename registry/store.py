@@ -2,19 +2,23 @@
 
 A version directory is written under a staging name, every file and directory is fsynced, and
 only then is it renamed to its final name, so a reader never sees a half-written version.
+Every backend keeps its files this way (`AdapterFiles`); only the metadata differs.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from registry.errors import InvalidAdapter
+from registry.errors import InvalidAdapter, VerificationError
 
 logger = logging.getLogger(__name__)
 
@@ -101,3 +105,77 @@ def check_source(src_dir: Path) -> None:
         raise InvalidAdapter(src_dir, f"{CONFIG_FILE} is unreadable: {e}") from e
     if not isinstance(config, dict):
         raise InvalidAdapter(src_dir, f"{CONFIG_FILE} is not a JSON object")
+
+
+class AdapterFiles:
+    """The directory of immutable versions that a registry's metadata points into.
+
+        <root>/v0001/ …        one read-only directory per version
+        <root>/.staging/       versions being written
+        <root>/.publish.lock   flock held for the whole of a publish
+
+    One root belongs to one registry. With the Redis backend it is a path all replicas share
+    (the lock then needs a filesystem with working flock: local disks, NFSv4, CephFS).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.staging = self.root / ".staging"
+        self._lock_path = self.root / ".publish.lock"
+        self.staging.mkdir(parents=True, exist_ok=True)
+
+    def path(self, version: str) -> Path:
+        return self.root / version
+
+    @contextmanager
+    def publish_lock(self, blocking: bool = True) -> Iterator[bool]:
+        """Hold the publish lock; yields False instead of waiting when not `blocking` and busy.
+        The kernel releases it when its holder dies, so a killed publish never wedges others."""
+        with open(self._lock_path, "a+b") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def stage(self, src_dir: Path, version: str) -> dict[str, str]:
+        """Durably copy src_dir to .staging/<version>; returns the manifest {path: sha256}."""
+        return copy_tree_durably(src_dir, self.staging / version)
+
+    def promote(self, version: str) -> None:
+        """Move the staged version to its final name in one atomic rename."""
+        rename_durably(self.staging / version, self.path(version))
+
+    def remove(self, version: str) -> None:
+        """Delete whatever exists of a version that never became visible."""
+        remove_tree(self.staging / version)
+        remove_tree(self.path(version))
+
+    def sweep_staging(self) -> None:
+        """Delete everything in .staging; only with the publish lock held and nothing in flight."""
+        for leftover in self.staging.iterdir():
+            logger.warning("removing staging leftover %s", leftover)
+            if leftover.is_dir():
+                remove_tree(leftover)
+            else:
+                leftover.unlink()
+
+    def verify(self, version: str, manifest: dict[str, str]) -> None:
+        """Raise VerificationError unless every file of the manifest is there, unchanged."""
+        root = self.path(version)
+        for rel, expected in manifest.items():
+            path = root / rel
+            if not path.is_file():
+                raise VerificationError(version, f"{rel} is missing from {root}")
+            try:
+                actual = sha256_file(path)
+            except OSError as e:
+                raise VerificationError(version, f"{rel} is unreadable: {e}") from e
+            if actual != expected:
+                raise VerificationError(
+                    version, f"{rel} has sha256 {actual}, expected {expected}: the file changed"
+                )

@@ -49,7 +49,7 @@ class HotSwap:
                 raise
             except Exception:  # the registry may be away for a moment: keep serving, keep polling
                 logger.exception("could not follow the active pointer")
-            await asyncio.sleep(self.poll_s)
+            await asyncio.to_thread(self.registry.wait_for_change, self.poll_s)
 
     @property
     def ready(self) -> bool:

@@ -1,7 +1,8 @@
 """Run by the registry tests in a child process: publish adapters, optionally stalling at a
 publish checkpoint (after touching a marker file) so that the parent can SIGKILL it there.
 
-usage: _publish_worker.py URL ADAPTER_DIR BASE_MODEL COUNT TAG [STALL_STAGE MARKER]
+usage: _publish_worker.py URL ADAPTER_ROOT ADAPTER_DIR BASE_MODEL COUNT TAG [STALL_STAGE MARKER]
+(ADAPTER_ROOT "-" for the backend's default)
 """
 
 from __future__ import annotations
@@ -10,22 +11,22 @@ import sys
 import time
 from pathlib import Path
 
-import registry.sqlite_registry as sqlite_registry
+import registry.publishing as publishing
 from registry import open_registry
 
 
 def main() -> None:
-    url, adapter_dir, base_model, count, tag = sys.argv[1:6]
-    if len(sys.argv) > 6:
-        stage, marker = sys.argv[6], Path(sys.argv[7])
+    url, adapter_root, adapter_dir, base_model, count, tag = sys.argv[1:7]
+    if len(sys.argv) > 7:
+        stage, marker = sys.argv[7], Path(sys.argv[8])
 
         def stall(reached: str) -> None:
             if reached == stage:
                 marker.touch()
                 time.sleep(600)  # the parent kills us here
 
-        sqlite_registry._checkpoint = stall
-    reg = open_registry(url)
+        publishing._checkpoint = stall
+    reg = open_registry(url, None if adapter_root == "-" else Path(adapter_root))
     for i in range(int(count)):
         reg.publish(
             Path(adapter_dir),

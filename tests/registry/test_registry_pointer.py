@@ -1,12 +1,15 @@
-"""The active pointer: activate, rollback (the stack rule), history, reject."""
+"""The active pointer: activate, rollback (the stack rule), history, reject, change waits."""
 
 from __future__ import annotations
 
+import random
 import threading
+import time
 
 import pytest
 
 from registry import BASE, NothingToRollBack, UnknownVersion, VersionRejected
+from registry.rollback import pop_for_rollback, push_on_activate
 
 
 def _trail(reg) -> list[tuple[str, str | None, str | None]]:
@@ -166,3 +169,71 @@ def test_concurrent_activations_from_threads(reg, publish):
     for before, after in zip(history, history[1:]):
         assert after.previous == before.version
     assert reg.pointer()[1] == history[-1].version
+
+
+def test_concurrent_activations_and_rollbacks_from_several_clients(reg, open_reg, publish):
+    """Each client is its own handle, as separate replicas are; no step may be lost or torn."""
+    versions = [publish() for _ in range(3)]
+    clients = [open_reg() for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def churn(n: int) -> None:
+        rng = random.Random(n)
+        try:
+            for _ in range(15):
+                if rng.random() < 0.6:
+                    clients[n].activate(rng.choice(versions), actor=f"c{n}")
+                else:
+                    try:
+                        clients[n].rollback(actor=f"c{n}")
+                    except NothingToRollBack:
+                        pass
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=churn, args=(n,)) for n in range(len(clients))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+    # Replaying the history through the stack rules explains every entry...
+    history, stack, active = reg.history(), [], None
+    for entry in history:
+        assert entry.previous == active  # no lost update
+        if entry.action == "activate":
+            stack = push_on_activate(stack, active, entry.version)
+        else:
+            target, stack = pop_for_rollback(stack, active, lambda v: False)
+            assert entry.version == target
+        active = entry.version
+    assert reg.pointer() == (len(history), active)
+    # ...and the stack the registry kept is the one the history implies.
+    expected = []
+    while True:
+        try:
+            active, stack = pop_for_rollback(stack, active, lambda v: False)
+        except NothingToRollBack:
+            break
+        expected.append(active)
+    undone = []
+    while True:
+        try:
+            undone.append(reg.rollback(actor="check").version)
+        except NothingToRollBack:
+            break
+    assert undone == expected
+
+
+def test_wait_for_change_is_bounded_and_ends_at_close(reg, open_reg):
+    for _ in range(3):  # returns (early or at its timeout), never hangs, never raises
+        started = time.monotonic()
+        reg.wait_for_change(0.2)
+        assert time.monotonic() - started < 2.0
+    waiter = open_reg()
+    finished = threading.Event()
+    thread = threading.Thread(target=lambda: (waiter.wait_for_change(60), finished.set()))
+    thread.start()
+    waiter.close()  # whether the wait began before this or not, it ends at once
+    assert finished.wait(5.0), "close() must end a wait in progress"

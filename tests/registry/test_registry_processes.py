@@ -1,4 +1,4 @@
-"""Several processes on one embedded registry: concurrent publishes, publishes killed midway."""
+"""Several processes on one registry, every backend: concurrent publishes, killed publishes."""
 
 from __future__ import annotations
 
@@ -11,35 +11,37 @@ from pathlib import Path
 
 import pytest
 
-from registry import UnknownVersion, open_registry
+from registry import UnknownVersion
 
 WORKER = Path(__file__).with_name("_publish_worker.py")
 
 
-def _worker(url: str, adapter_dir: Path, base_model: str, count: int, tag: str, *stall: str):
+def _worker(url: str, root: Path | None, adapter_dir: Path, base_model: str, count: int, tag: str,
+            *stall: str):
     return subprocess.Popen(
-        [sys.executable, str(WORKER), url, str(adapter_dir), base_model, str(count), tag, *stall],
+        [sys.executable, str(WORKER), url, str(root or "-"), str(adapter_dir), base_model,
+         str(count), tag, *stall],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
 
 
-def test_two_processes_publish_concurrently(registry_url, adapter_dir, base_model):
-    procs = [_worker(registry_url, adapter_dir, base_model, 8, tag) for tag in ("a", "b")]
+def test_two_processes_publish_concurrently(registry_url, adapter_root, open_reg, adapter_dir,
+                                            base_model):
+    procs = [
+        _worker(registry_url, adapter_root, adapter_dir, base_model, 8, tag) for tag in ("a", "b")
+    ]
     for proc in procs:
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out
-    reg = open_registry(registry_url)
-    try:
-        versions = reg.list_versions()
-        assert [v.version for v in versions] == [f"v{i:04d}" for i in range(1, 17)]
-        published = sorted((v.metrics["tag"], v.metrics["i"]) for v in versions)
-        assert published == sorted((tag, i) for tag in ("a", "b") for i in range(8))
-        for v in versions:
-            reg.verify_files(v.version)
-    finally:
-        reg.close()
+    reg = open_reg()
+    versions = reg.list_versions()
+    assert [v.version for v in versions] == [f"v{i:04d}" for i in range(1, 17)]
+    published = sorted((v.metrics["tag"], v.metrics["i"]) for v in versions)
+    assert published == sorted((tag, i) for tag in ("a", "b") for i in range(8))
+    for v in versions:
+        reg.verify_files(v.version)
 
 
 def _wait_for(marker: Path, proc: subprocess.Popen, deadline_s: float = 120.0) -> None:
@@ -55,14 +57,16 @@ def _wait_for(marker: Path, proc: subprocess.Popen, deadline_s: float = 120.0) -
 
 @pytest.mark.parametrize("stage", ["reserved", "staged", "renamed"])
 def test_publish_killed_midway_leaves_no_version(
-    stage, registry_url, adapter_dir, base_model, tmp_path
+    stage, registry_url, adapter_root, open_reg, adapter_dir, base_model, tmp_path
 ):
     marker = tmp_path / "reached"
-    proc = _worker(registry_url, adapter_dir, base_model, 1, "killed", stage, str(marker))
+    proc = _worker(
+        registry_url, adapter_root, adapter_dir, base_model, 1, "killed", stage, str(marker)
+    )
     _wait_for(marker, proc)
 
     # While the publish hangs, readers see nothing of it and opening does not disturb it.
-    reg = open_registry(registry_url)
+    reg = open_reg()
     assert reg.list_versions() == []
     with pytest.raises(UnknownVersion):
         reg.get("v0001")
@@ -70,15 +74,12 @@ def test_publish_killed_midway_leaves_no_version(
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
 
-    reg = open_registry(registry_url)  # sweeps the debris
-    try:
-        assert reg.list_versions() == []
-        root = reg.adapter_root
-        assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == []
-        assert list((root / ".staging").iterdir()) == []
-        info = reg.publish(adapter_dir, base_model=base_model, parent=None, metrics={}, lineage={})
-        assert info.version == "v0002"  # the killed publish's name is never reused
-        reg.verify_files(info.version)
-        assert [v.version for v in reg.list_versions()] == ["v0002"]
-    finally:
-        reg.close()
+    reg = open_reg()  # sweeps the debris
+    assert reg.list_versions() == []
+    root = reg.adapter_root
+    assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == []
+    assert list((root / ".staging").iterdir()) == []
+    info = reg.publish(adapter_dir, base_model=base_model, parent=None, metrics={}, lineage={})
+    assert info.version == "v0002"  # the killed publish's name is never reused
+    reg.verify_files(info.version)
+    assert [v.version for v in reg.list_versions()] == ["v0002"]

@@ -1,4 +1,4 @@
-"""Publishing versions into the embedded registry and reading them back."""
+"""Publishing versions into the registry (every backend) and reading them back."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from registry import (
     VerificationError,
     open_registry,
 )
+from registry.redis_keys import parse_url
+from registry.redis_registry import RedisRegistry
 from registry.store import sha256_file
 
 WEIGHTS = "adapter_model.safetensors"
@@ -114,19 +116,43 @@ def test_publish_rejected_version_and_non_finite_metrics(reg, publish):
 
 
 def test_failed_publish_burns_its_name(reg, publish, adapter_dir, monkeypatch):
-    import registry.sqlite_registry as sqlite_registry
+    import registry.publishing as publishing
 
     def boom(stage: str) -> None:
         if stage == "staged":
             raise OSError("disk full")
 
-    monkeypatch.setattr(sqlite_registry, "_checkpoint", boom)
+    monkeypatch.setattr(publishing, "_checkpoint", boom)
     with pytest.raises(OSError):
         publish()
     monkeypatch.undo()
     assert reg.list_versions() == []
     assert not (reg.adapter_root / "v0001").exists()
     assert publish() == "v0002"  # names are never reused
+
+
+@pytest.mark.parametrize("applied", [False, True])
+def test_failed_commit_keeps_files_only_if_it_applied(reg, publish, monkeypatch, applied):
+    """A commit can fail after applying (its reply lost with the connection): that version is
+    visible, so its files must stay; one that did not apply leaves nothing behind."""
+    real_commit = reg._catalog.commit
+
+    def commit_then_fail(*args) -> None:
+        if applied:
+            real_commit(*args)
+        raise RegistryUnavailable("connection lost")
+
+    monkeypatch.setattr(reg._catalog, "commit", commit_then_fail)
+    with pytest.raises(RegistryUnavailable):
+        publish()
+    monkeypatch.undo()
+    if applied:
+        [info] = reg.list_versions()
+        reg.verify_files(info.version)
+    else:
+        assert reg.list_versions() == []
+        assert not (reg.adapter_root / "v0001").exists()
+    assert publish() == "v0002"
 
 
 def test_verify_files_catches_tampering(reg, publish):
@@ -150,17 +176,14 @@ def test_verify_files_catches_missing_file(reg, publish):
     assert "adapter_config.json" in err.value.reason
 
 
-def test_reopen_keeps_everything(registry_url, publish, reg):
+def test_reopen_keeps_everything(open_reg, publish, reg):
     v = publish(metrics={"acc": 0.75})
     reg.activate(v, actor="op")
-    again = open_registry(registry_url)
-    try:
-        assert again.get(v) == reg.get(v)
-        assert again.pointer() == reg.pointer()
-        assert again.history() == reg.history()
-        again.ping()
-    finally:
-        again.close()
+    again = open_reg()
+    assert again.get(v) == reg.get(v)
+    assert again.pointer() == reg.pointer()
+    assert again.history() == reg.history()
+    again.ping()
 
 
 def test_adapter_root_option(tmp_path, adapter_dir, base_model):
@@ -182,37 +205,47 @@ def test_open_registry_urls(tmp_path, monkeypatch):
         assert reg.adapter_root.resolve() == (tmp_path / "rel" / "versions").resolve()
     finally:
         reg.close()
-    with pytest.raises(ValueError, match="[Rr]edis"):
-        open_registry("redis://127.0.0.1:6379/0")
+    with pytest.raises(ValueError, match="adapter_root"):
+        open_registry("redis://127.0.0.1:6379/0")  # adapter files need a shared path
     with pytest.raises(ValueError, match="sqlite"):
         open_registry("postgres://db/registry")
     with pytest.raises(ValueError):
         open_registry("sqlite:///")
 
 
-def test_closed_registry_raises(registry_url):
-    reg = open_registry(registry_url)
+def test_redis_url_prefix():
+    assert parse_url("redis://h:1/2") == ("redis://h:1/2", "kto:registry:", "redis://h:1/2")
+    url, prefix, where = parse_url("rediss://u:secret@h:1/0?prefix=a:b:&socket_timeout=9")
+    assert (url, prefix) == ("rediss://u:secret@h:1/0?socket_timeout=9", "a:b:")
+    assert "secret" not in where
+    with pytest.raises(ValueError):
+        parse_url("redis://h:1/0?prefix=")
+
+
+def test_closed_registry_raises(open_reg):
+    reg = open_reg()
     reg.close()
     reg.close()  # idempotent
     with pytest.raises(RegistryError):
         reg.ping()
 
 
-def test_staging_debris_swept_on_open(registry_url, reg, publish):
+def test_staging_debris_swept_on_open(open_reg, reg, publish):
     debris = reg.adapter_root / ".staging" / "v0099"
     debris.mkdir()
     (debris / WEIGHTS).write_bytes(b"half")
-    open_registry(registry_url).close()
+    open_reg().close()
     assert not debris.exists()
     assert publish() == "v0001"
 
 
 
-def test_sqlite_registry_matches_the_protocol():
+@pytest.mark.parametrize("backend_class", [SqliteRegistry, RedisRegistry])
+def test_backends_match_the_protocol(backend_class):
     members = [name for name in vars(Registry) if not name.startswith("_")]
-    assert "publish" in members and "pointer" in members
+    assert "publish" in members and "pointer" in members and "wait_for_change" in members
     for name in members:
-        assert inspect.signature(getattr(SqliteRegistry, name)) == inspect.signature(
+        assert inspect.signature(getattr(backend_class, name)) == inspect.signature(
             getattr(Registry, name)
         ), name
 
@@ -224,7 +257,11 @@ def test_damaged_database_is_unavailable(tmp_path):
         open_registry(f"sqlite:///{db}")
 
 
-def test_newer_schema_is_refused(registry_url, reg):
-    reg._conn.execute("PRAGMA user_version = 99")
+def test_newer_schema_is_refused(backend, open_reg, reg):
+    # As a newer release would leave it:
+    if backend == "sqlite":
+        reg._conn.execute("PRAGMA user_version = 99")
+    else:
+        reg._client.set(reg._keys.schema, 99)
     with pytest.raises(RegistryError, match="newer"):
-        open_registry(registry_url)
+        open_reg()
