@@ -135,12 +135,13 @@ class Bus(Protocol):
         ...
 
 
-def open_bus(url: str) -> Bus:
+def open_bus(url: str, *, timeout_s: float | None = None) -> Bus:
     """The bus backend for ``url``.
 
     - ``sqlite:///PATH`` (see ``kto_loop.urls``): the embedded log
       (parent directories are created);
-    - ``kafka://host:port[,host:port]``: Apache Kafka (the bootstrap servers).
+    - ``kafka://host:port[,host:port]``: Apache Kafka (the bootstrap servers); ``timeout_s``: seconds
+      one request may take (``KafkaBus``'s default when None).
     """
     if url.startswith("sqlite://"):
         # Imported here so that each backend costs only when chosen.
@@ -151,5 +152,5 @@ def open_bus(url: str) -> Bus:
     if url.startswith("kafka://"):
         from ingest.kafka_bus import KafkaBus
 
-        return KafkaBus.from_url(url)
+        return KafkaBus.from_url(url) if timeout_s is None else KafkaBus.from_url(url, timeout_s=timeout_s)
     raise ValueError(f"unsupported bus URL {url!r}: expected sqlite:///path/to/bus.sqlite3 or kafka://host:port")

@@ -22,6 +22,11 @@ Publishing rules:
 - Publishing to a topic that does not exist creates it with one partition, as the embedded bus
   does; the broker's own auto-creation stays off, so a typo in a consumer never makes a topic.
 - Records are kept as long as the topic's retention says (the broker's default: 7 days).
+- A bus survives broker restarts. Admin requests (topics, end offsets, ping) that fail with a
+  retriable error (``NodeNotReadyError`` right after a restart, while every known node is in
+  reconnect backoff) are retried within ``timeout_s``; a client whose request still failed is
+  closed and a fresh one is made on the next call. The producer is likewise replaced after a
+  failed publish, so a producer left in a bad state by the restart never stays in use.
 
 Reading (consumer groups, commits, rebalances) is in ``ingest.kafka_consumer``.
 """
@@ -62,8 +67,8 @@ def bootstrap_servers(url: str) -> list[str]:
 class KafkaBus:
     """The bus on a Kafka cluster; see the module docstring for its rules.
 
-    Thread-safe (the server publishes from a thread pool). The producer and admin clients are
-    made on first use, so a bus opened while the cluster is down works once it is back.
+    Thread-safe. The producer and admin clients are made on first use, so a bus opened while the
+    cluster is down works once it is back (and see the module docstring for broker restarts).
     """
 
     def __init__(
@@ -156,6 +161,33 @@ class KafkaBus:
                     raise BusUnavailable(f"cannot reach Kafka at {','.join(self.servers)}: {exc}") from exc
             return self._producer
 
+    def _drop_admin(self, admin: Any) -> None:
+        with self._lock:
+            if self._admin is admin:
+                self._admin = None
+        _close_quietly(admin)
+
+    def _admin_call(self, what: str, call: Any) -> Any:
+        """``call(admin)`` under the admin lock, retrying retriable errors within the timeout; a
+        client whose request failed for good is dropped (see the module docstring)."""
+        from kafka.errors import KafkaError
+
+        deadline = time.monotonic() + self._timeout_s
+        pause = 0.05
+        while True:
+            admin = self._admin_client()
+            try:
+                with self._admin_lock:
+                    return call(admin)
+            except KafkaError as exc:
+                if exc.retriable and time.monotonic() + pause < deadline:
+                    logger.debug("%s: %s; retrying", what, exc)
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.5)
+                    continue
+                self._drop_admin(admin)
+                raise BusUnavailable(f"cannot {what}: {exc}") from exc
+
     def create_topics(self, topics: list[str], partitions: int = 1) -> None:
         """Create missing topics with ``partitions`` partitions and wait until they have leaders.
 
@@ -167,45 +199,39 @@ class KafkaBus:
             raise ValueError(f"partitions must be >= 1, got {partitions}")
         if not topics:
             return
-        admin = self._admin_client()
         ms = self._client_config["request_timeout_ms"]
-        with self._admin_lock:
-            self._create_topics(admin, list(topics), partitions, ms)
+        self._admin_call(f"create topics {topics}", lambda admin: self._create_topics(admin, list(topics), partitions, ms))
         with self._lock:
             self._known_topics.update(topics)
 
-    def _create_topics(self, admin: Any, topics: list[str], partitions: int, ms: int) -> None:
-        from kafka.errors import KafkaError
-
-        try:
-            # replication_factor -1: the broker's default.replication.factor.
-            response = admin.create_topics(
-                {t: {"num_partitions": partitions, "replication_factor": -1} for t in topics},
-                timeout_ms=ms,
-                raise_errors=False,
-            )
-            existing = []
-            for result in response["topics"]:
-                if result["error_code"] == _TOPIC_ALREADY_EXISTS:
-                    existing.append(result["name"])
-                elif result["error_code"]:
-                    raise BusUnavailable(
-                        f"cannot create topic {result['name']}: error {result['error_code']} {result['error_message']}"
+    @staticmethod
+    def _create_topics(admin: Any, topics: list[str], partitions: int, ms: int) -> None:
+        # replication_factor -1: the broker's default.replication.factor.
+        response = admin.create_topics(
+            {t: {"num_partitions": partitions, "replication_factor": -1} for t in topics},
+            timeout_ms=ms,
+            raise_errors=False,
+        )
+        existing = []
+        for result in response["topics"]:
+            if result["error_code"] == _TOPIC_ALREADY_EXISTS:
+                existing.append(result["name"])
+            elif result["error_code"]:
+                raise BusUnavailable(
+                    f"cannot create topic {result['name']}: error {result['error_code']} {result['error_message']}"
+                )
+            else:
+                logger.info("created topic %s with %d partition(s)", result["name"], partitions)
+        admin.wait_for_topics(topics, timeout_ms=ms)
+        if existing:
+            for described in admin.describe_topics(existing):
+                if len(described["partitions"]) != partitions:
+                    logger.warning(
+                        "topic %s exists with %d partitions, not %d; keeping it",
+                        described["name"],
+                        len(described["partitions"]),
+                        partitions,
                     )
-                else:
-                    logger.info("created topic %s with %d partition(s)", result["name"], partitions)
-            admin.wait_for_topics(topics, timeout_ms=ms)
-            if existing:
-                for described in admin.describe_topics(existing):
-                    if len(described["partitions"]) != partitions:
-                        logger.warning(
-                            "topic %s exists with %d partitions, not %d; keeping it",
-                            described["name"],
-                            len(described["partitions"]),
-                            partitions,
-                        )
-        except KafkaError as exc:
-            raise BusUnavailable(f"cannot create topics {topics}: {exc}") from exc
 
     def publish(self, topic: str, key: str | None, value: bytes) -> Record:
         """Append one record; returns once all in-sync replicas have it."""
@@ -238,11 +264,19 @@ class KafkaBus:
             deadline = time.monotonic() + self._timeout_s + 1.0
             sent = [future.get(timeout=max(0.0, deadline - time.monotonic())) for future in futures]
         except KafkaError as exc:
+            self._drop_producer(producer)
             raise BusUnavailable(f"cannot publish to {topic}: {exc}") from exc
         return [
             Record(topic, meta.partition, meta.offset, key, bytes(value), meta.timestamp / 1000.0)
             for meta, (key, value) in zip(sent, items)
         ]
+
+    def _drop_producer(self, producer: Any) -> None:
+        # The next publish makes a fresh producer; whatever this one still held was reported failed.
+        with self._lock:
+            if self._producer is producer:
+                self._producer = None
+        _close_quietly(producer, timeout=0)
 
     def _keyless_partition(self, producer: Any, topic: str) -> int:
         # Kafka's sticky partitioner would put a burst of keyless records on one partition.
@@ -268,37 +302,27 @@ class KafkaBus:
         """The high watermark of each partition of the existing topics; unknown topics are left out."""
         from kafka import TopicPartition as KafkaTopicPartition
         from kafka.admin import OffsetSpec
-        from kafka.errors import KafkaError
 
         if not topics:
             return {}
-        admin = self._admin_client()
-        try:
-            with self._admin_lock:
-                described = admin.describe_topics(list(topics))
-                wanted = {
-                    KafkaTopicPartition(t["name"], p["partition_index"]): OffsetSpec.LATEST
-                    for t in described
-                    if t["error_code"] == 0
-                    for p in t["partitions"]
-                }
-                if not wanted:
-                    return {}
-                offsets = admin.list_partition_offsets(wanted, timeout_ms=self._client_config["request_timeout_ms"])
-        except KafkaError as exc:
-            raise BusUnavailable(f"cannot read end offsets: {exc}") from exc
+
+        def call(admin: Any) -> dict[Any, Any]:
+            wanted = {
+                KafkaTopicPartition(t["name"], p["partition_index"]): OffsetSpec.LATEST
+                for t in admin.describe_topics(list(topics))
+                if t["error_code"] == 0
+                for p in t["partitions"]
+            }
+            if not wanted:
+                return {}
+            return admin.list_partition_offsets(wanted, timeout_ms=self._client_config["request_timeout_ms"])
+
+        offsets = self._admin_call("read end offsets", call)
         return {(tp.topic, tp.partition): found.offset for tp, found in offsets.items()}
 
     def ping(self) -> None:
         """Raise BusUnavailable unless a metadata request to the cluster succeeds."""
-        from kafka.errors import KafkaError
-
-        admin = self._admin_client()
-        try:
-            with self._admin_lock:
-                cluster = admin.describe_cluster()
-        except KafkaError as exc:
-            raise BusUnavailable(f"Kafka at {','.join(self.servers)} does not answer: {exc}") from exc
+        cluster = self._admin_call(f"reach Kafka at {','.join(self.servers)}", lambda admin: admin.describe_cluster())
         if not cluster.get("brokers"):
             raise BusUnavailable(f"Kafka at {','.join(self.servers)} reports no brokers")
 
@@ -320,3 +344,10 @@ class KafkaBus:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close_quietly(client: Any, **kwargs: Any) -> None:
+    try:
+        client.close(**kwargs)
+    except Exception:  # a client that failed may fail to close too; it is being dropped either way
+        logger.debug("closing a failed Kafka client", exc_info=True)

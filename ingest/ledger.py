@@ -8,7 +8,8 @@ are. Losing it costs only the ability to rate older responses.
 One vote per response: a changed vote replaces the earlier one. An anonymous response (user
 None) is claimed by its first voter, so a stranger cannot flip somebody else's vote later.
 
-Backends, chosen by URL in ``open_ledger``: ``sqlite:///path`` (embedded) now, Redis later.
+Backends, chosen by URL in ``open_ledger``: ``sqlite:///path`` (embedded, one host) and
+``redis://…`` (``ingest.redis_ledger``, shared by replicas on several hosts).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ingest._sqlite import connect, ensure_schema, path_from_url, write_transact
 logger = logging.getLogger(__name__)
 
 DEFAULT_TTL_S = 7 * 24 * 3600.0
-_LABELS = ("desirable", "undesirable")
+LABELS = ("desirable", "undesirable")
 _LAYOUT_VERSION = 1
 _PURGE_EVERY_S = 60.0
 _SCHEMA = [
@@ -65,6 +66,10 @@ class NotResponseOwnerError(PermissionError):
     """The voter is not the user who received the response."""
 
 
+class LedgerUnavailable(Exception):
+    """The ledger cannot be reached; nothing was read or changed, the caller may retry."""
+
+
 class ResponseLedger(Protocol):
     """Where the server records served responses and the votes on them."""
 
@@ -80,7 +85,8 @@ class ResponseLedger(Protocol):
         """Atomically set the vote and return the previous label (None for a first vote).
 
         A repeated identical vote changes nothing (the first event_id stays). Raises
-        ``UnknownResponseError`` or ``NotResponseOwnerError``.
+        ``UnknownResponseError`` or ``NotResponseOwnerError``; ``LedgerUnavailable`` if it
+        cannot be reached.
         """
         ...
 
@@ -161,8 +167,8 @@ class SqliteLedger:
 
     def set_vote(self, response_id: str, user: str, label: str, event_id: str) -> str | None:
         """Atomically record ``user``'s vote; return the previous label (None for a first vote)."""
-        if label not in _LABELS:
-            raise ValueError(f"label must be one of {_LABELS}, got {label!r}")
+        if label not in LABELS:
+            raise ValueError(f"label must be one of {LABELS}, got {label!r}")
         if not user or not event_id:
             raise ValueError("user and event_id must not be empty")
         with self._lock:
@@ -200,9 +206,13 @@ class SqliteLedger:
 
 
 def open_ledger(url: str, *, ttl_s: float = DEFAULT_TTL_S) -> ResponseLedger:
-    """The ledger for ``url``: ``sqlite:///PATH`` (see ``kto_loop.urls``)."""
+    """The ledger for ``url``: ``sqlite:///PATH`` (see ``kto_loop.urls``) or ``redis[s]://host:port/db``."""
     if url.startswith("sqlite://"):
         return SqliteLedger(path_from_url(url), ttl_s=ttl_s)
-    if url.startswith("redis://"):
-        raise ValueError("the Redis ledger is not available yet; use sqlite:///path/to/ledger.sqlite3")
-    raise ValueError(f"unsupported ledger URL {url!r}: expected sqlite:///path/to/ledger.sqlite3")
+    if url.startswith(("redis://", "rediss://")):
+        from ingest.redis_ledger import RedisLedger  # redis-py only when chosen
+
+        return RedisLedger(url, ttl_s=ttl_s)
+    raise ValueError(
+        f"unsupported ledger URL {url!r}: expected sqlite:///path/to/ledger.sqlite3 or redis://host:port/db"
+    )

@@ -10,9 +10,12 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.concurrency import run_in_threadpool
 
-from ingest.bus import open_bus
+from ingest.bus import Bus, open_bus
 from ingest.events import Topics
 from ingest.ledger import open_ledger
+from ingest.ledger_backlog import BackloggedLedger
+from ingest.spool import Spool
+from ingest.spooled_bus import SpooledBus
 from kto_loop.models import ensure_demo_model, load_model, set_torch_threads
 from registry import open_registry
 from serve import errors
@@ -62,16 +65,34 @@ def _build_state(settings: ServeSettings) -> ServeState:
     model_path = settings.model or ensure_demo_model(settings.data_dir)
     loaded = load_model(model_path, model_id=settings.base_model_id)
     topics = Topics(settings.topic_prefix)
-    bus = open_bus(settings.bus_url)
-    bus.create_topics(topics.all)
-    registry = open_registry(settings.registry_url, settings.adapter_dir)
     metrics = ServeMetrics()
+    registry = open_registry(settings.registry_url, settings.adapter_dir)
     metrics.set_active(None, settings.base_model_id)
     engine = Engine(loaded, max_batch=settings.max_batch)
     hotswap = HotSwap(engine, registry, metrics, base_model=settings.base_model_id, max_rank=settings.max_lora_rank,
                       poll_s=settings.registry_poll_s, replica=settings.replica)
-    ledger = open_ledger(settings.resolved_ledger_url(), ttl_s=settings.ledger_ttl_s)
-    return ServeState(settings, loaded, engine, bus, topics, ledger, registry, hotswap, metrics)
+    ledger = BackloggedLedger(open_ledger(settings.resolved_ledger_url(), ttl_s=settings.ledger_ttl_s))
+    metrics.watch_ledger(lambda: ledger.backlog)
+    # Last, so that no later failure leaves the spool's lock and forwarder thread behind.
+    bus, spool = open_event_bus(settings, metrics)
+    bus.create_topics(topics.all)  # the spool defers it until the broker answers
+    return ServeState(settings, loaded, engine, bus, topics, ledger, registry, hotswap, metrics, spool)
+
+
+def open_event_bus(settings: ServeSettings, metrics: ServeMetrics) -> tuple[Bus, SpooledBus | None]:
+    """Where events go: Kafka behind the durable local spool (chat and feedback outlive the broker),
+    or the embedded bus directly (it is a local durable log already); see ingest.spooled_bus."""
+    bus = open_bus(settings.bus_url, timeout_s=settings.bus_timeout_s if settings.spooled else None)
+    if not settings.spooled:
+        return bus, None
+    try:
+        spool = Spool(settings.resolved_spool_path(), max_events=settings.spool_max_events)
+    except BaseException:
+        bus.close()
+        raise
+    spooled = SpooledBus(bus, spool)
+    metrics.watch_spool(spooled.status)
+    return spooled, spooled
 
 
 class BodyLimit:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -12,6 +11,7 @@ from fastapi import Depends, Header, Request
 from ingest.bus import Bus
 from ingest.events import Topics
 from ingest.ledger import ResponseLedger
+from ingest.spooled_bus import SpooledBus
 from kto_loop.models import LoadedModel
 from registry import Registry
 from serve.engine import Engine
@@ -29,12 +29,14 @@ class ServeState:
     loaded: LoadedModel
     engine: Engine
     bus: Bus
+    """Where routes publish: the embedded bus, or Kafka behind the spool (then ``spool`` is it too)."""
     topics: Topics
     ledger: ResponseLedger
     registry: Registry
     hotswap: HotSwap
     metrics: ServeMetrics
-    votes: asyncio.Lock = field(default_factory=asyncio.Lock)
+    spool: SpooledBus | None = None
+    """The spooled bus when events go through the local spool (Kafka), else None."""
 
 
 def get_state(request: Request) -> ServeState:

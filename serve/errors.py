@@ -1,7 +1,8 @@
 """Every error the API returns, in one place: domain exceptions mapped to HTTP status codes.
 
 Bodies follow OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so existing
-clients show the message. Nothing here matches on message strings.
+clients show the message. Nothing here matches on message strings. A 503 means that nothing was
+recorded and the same request may be sent again: it carries `Retry-After` (seconds).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ingest.bus import BusUnavailable
+from ingest.ledger import LedgerUnavailable, NotResponseOwnerError, UnknownResponseError
+from ingest.spool import SpoolFull
 from registry import RegistryError, UnknownVersion, VerificationError, VersionRejected
 
 logger = logging.getLogger(__name__)
@@ -55,11 +58,31 @@ class PayloadTooLarge(ApiError):
 
 
 class Unavailable(ApiError):
+    """A backend cannot take the write now; nothing was recorded. ``retry_after_s`` goes in Retry-After."""
+
     status, type = 503, "service_unavailable"
 
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, retry_after_s: int = 5):
+        super().__init__(message, param=param, code=code)
+        self.retry_after_s = retry_after_s
 
-def error_body(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
+
+def unavailable(exc: Exception, fallback: str) -> Unavailable:
+    """The 503 for a backend failure: what the domain exception says, or ``fallback`` for others."""
+    if isinstance(exc, SpoolFull):
+        # The broker has been away long enough to fill the spool: not a matter of seconds.
+        return Unavailable(f"{exc}; nothing was recorded, try again later", code="spool_full", retry_after_s=30)
+    if isinstance(exc, BusUnavailable):
+        return Unavailable("event log unavailable; nothing was recorded, try again", code="bus_unavailable")
+    if isinstance(exc, LedgerUnavailable):
+        return Unavailable("response ledger unavailable; nothing was recorded, try again", code="ledger_unavailable")
+    return Unavailable(fallback)
+
+
+def error_body(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
+               headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status, headers=headers)
 
 
 def _field(loc: tuple) -> str:
@@ -70,7 +93,8 @@ def _field(loc: tuple) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError):
-        return error_body(exc.status, exc.message, exc.type, exc.param, exc.code)
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Unavailable) else None
+        return error_body(exc.status, exc.message, exc.type, exc.param, exc.code, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -109,9 +133,18 @@ def install(app: FastAPI) -> None:
         return error_body(503, f"adapter registry unavailable: {exc}", "service_unavailable")
 
     @app.exception_handler(BusUnavailable)
-    async def _bus(request: Request, exc: BusUnavailable):
-        logger.error("event bus unavailable: %s", exc)
-        return error_body(503, "event log unavailable; nothing was recorded, try again", "service_unavailable")
+    @app.exception_handler(LedgerUnavailable)
+    async def _backend(request: Request, exc: Exception):
+        logger.error("%s %s: %s", request.method, request.url.path, exc)
+        return await _api(request, unavailable(exc, "a backend is unavailable; try again"))
+
+    @app.exception_handler(UnknownResponseError)
+    async def _unknown_response(request: Request, exc: UnknownResponseError):
+        return error_body(404, f"no response {str(exc)!r} (unknown, or too old to rate)", "not_found_error", "response_id")
+
+    @app.exception_handler(NotResponseOwnerError)
+    async def _not_owner(request: Request, exc: NotResponseOwnerError):
+        return error_body(403, "only the user who received a response may rate it", "permission_error", "response_id")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

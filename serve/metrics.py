@@ -5,7 +5,13 @@ Each app gets its own CollectorRegistry so several servers can live in one test 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ingest.spooled_bus import SpoolStatus
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -45,3 +51,30 @@ class ServeMetrics:
 
     def set_active(self, version: str | None, base_model: str) -> None:
         self.active_version.info({"version": version or "base", "base_model": base_model})
+
+    def watch_ledger(self, backlog: Callable[[], int]) -> None:
+        """Export how many responses wait for an unreachable ledger (ingest.ledger_backlog)."""
+        Gauge("kto_ledger_backlog", "Responses not yet recorded in the ledger (it is unreachable).",
+              registry=self.registry).set_function(backlog)
+
+    def watch_spool(self, status: Callable[[], SpoolStatus]) -> None:
+        """Export the event spool's state (only servers that spool, i.e. on Kafka, have these)."""
+        self.registry.register(_SpoolCollector(status))
+
+
+class _SpoolCollector(Collector):
+    """Reads the spool's status at each scrape, so the numbers are never stale."""
+
+    def __init__(self, status: Callable[[], SpoolStatus]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.status()
+        yield GaugeMetricFamily("kto_spool_depth", "Events in the local spool waiting for the bus.", value=s.depth)
+        yield GaugeMetricFamily("kto_spool_max_events", "Most events the spool may hold.", value=s.max_events)
+        yield GaugeMetricFamily("kto_spool_oldest_age_seconds", "How long the oldest spooled event has waited.",
+                                value=s.oldest_age_s)
+        yield CounterMetricFamily("kto_spool_sent", "Spooled events the bus acknowledged.", value=s.sent)
+        yield CounterMetricFamily("kto_spool_rejected", "Events refused because the spool was full.", value=s.rejected)
+        yield GaugeMetricFamily("kto_bus_up", "1 if the last send to the bus or health check reached it.",
+                                value=1.0 if s.bus_up else 0.0)

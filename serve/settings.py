@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
 from kto_loop.settings import CommonSettings
+from kto_loop.urls import redis_url
 
 
 class ServeSettings(CommonSettings):
@@ -44,13 +46,48 @@ class ServeSettings(CommonSettings):
     """How often the active-version pointer is read (seconds)."""
 
     ledger_url: str | None = None
-    """Where feedback checks look up responses: `sqlite:///path` (default `<data_dir>/ledger.sqlite3`)."""
+    """Where feedback checks look up responses: `sqlite:///path` or `redis://host:port/db`.
+    Default: the registry's Redis server (under the ledger's own `kto:ledger:` keys) when
+    `registry_url` is `redis://…` or `rediss://…` (replicas must share the ledger, since a rating
+    may reach another replica than the one that answered), else `<data_dir>/ledger.sqlite3`."""
 
     ledger_ttl_s: float = Field(7 * 24 * 3600, gt=0)
     """How long a response can be rated after it was served (seconds)."""
 
+    bus_timeout_s: float = Field(10.0, gt=0)
+    """How long one request to Kafka may take before it counts as failed (seconds). Requests to
+    this server never wait for it: they write to the spool, and the spool's forwarder waits."""
+
+    spool_path: Path | None = None
+    """With Kafka, the durable local spool of events waiting for the broker (a SQLite file, one per
+    server process; default `<data_dir>/spool.sqlite3`). Unused with the embedded bus, which is a
+    local durable log itself."""
+
+    spool_max_events: int = Field(100_000, ge=1)
+    """Most events the spool holds while Kafka is unreachable (events). When it is full, chat and
+    feedback answer 503 rather than lose anything."""
+
     replica: str = Field(default_factory=socket.gethostname)
     """This replica's name, recorded as the actor of the changes it makes."""
 
+    @field_validator("ledger_url", "spool_path", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value):
+        return None if value == "" else value
+
+    @property
+    def spooled(self) -> bool:
+        """Whether events go through the spool: for every bus but the embedded one."""
+        return not self.bus_url.startswith("sqlite://")
+
+    def resolved_spool_path(self) -> Path:
+        return self.spool_path or self.data_dir / "spool.sqlite3"
+
     def resolved_ledger_url(self) -> str:
-        return self.ledger_url or f"sqlite:///{self.data_dir / 'ledger.sqlite3'}"
+        if self.ledger_url:
+            return self.ledger_url
+        if self.registry_url.startswith(("redis://", "rediss://")):
+            # The same server, under the ledger's own keys (the registry's prefix= is not for it).
+            client_url, _, _ = redis_url(self.registry_url, "unused")
+            return client_url
+        return f"sqlite:///{self.data_dir / 'ledger.sqlite3'}"

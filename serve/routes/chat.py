@@ -2,7 +2,11 @@
 
 Every completed answer is written to the bus as a `response` event, and recorded in the ledger
 that feedback checks, before the client gets its last byte: an id a client can see is an id
-it can rate.
+it can rate. No answer goes out unrecorded: when the event spool (Kafka) is full, a request is
+refused with 503 before anything is generated, and an answer whose event could not be written
+ends in a 503 (or, streaming, an error chunk) instead of its last chunk. While the ledger
+(Redis) is away, chat goes on: its entries wait in a backlog (ingest.ledger_backlog) and
+ratings of those answers get 503 until it is back.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from ingest.events import ChatMessage, ResponseEvent, SamplingParams, encode_eve
 from kto_loop.models import render_prompt
 from serve.deps import ServeState, State, UserId
 from serve.engine import Delta, Failed, Finished, GenerationRequest, Output
-from serve.errors import ApiError, BadRequest, NotFound, Unavailable
+from serve.errors import ApiError, BadRequest, NotFound, unavailable
 from serve.schemas import ChatCompletionRequest
 
 logger = logging.getLogger(__name__)
@@ -53,6 +57,8 @@ async def chat_completions(body: ChatCompletionRequest, state: State, user: User
     max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
     if max_tokens > settings.max_tokens_limit:
         raise BadRequest(f"max_tokens is {max_tokens}; the limit is {settings.max_tokens_limit}", param="max_tokens")
+    if state.spool is not None:
+        state.spool.check_room()  # SpoolFull: a 503 now, rather than an answer we could not record
     request = GenerationRequest(prompt_ids, max_tokens, body.temperature, body.top_p, body.seed, body.stop, adapter)
     call = _Call(state, body, user, messages, request)
     if body.stream:
@@ -161,7 +167,7 @@ class _Call:
         except Exception as exc:
             logger.error("could not record response %s: %s", self.id, exc)
             state.metrics.responses.labels(status="unrecorded").inc()
-            raise Unavailable("the answer could not be recorded; try again") from exc
+            raise unavailable(exc, "the answer could not be recorded; try again") from exc
 
     def _observe(self, done: Finished, *, stream: bool) -> None:
         metrics = self.state.metrics

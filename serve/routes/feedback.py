@@ -1,7 +1,18 @@
 """`POST /v1/feedback`: a thumbs-up or thumbs-down on a response the caller received.
 
 Idempotent per (response_id, user): repeating a vote is a no-op; changing it writes a new
-feedback event (the stream keeps both, the latest wins). A 202 means the event is durable.
+feedback event (the stream keeps both, the latest wins). A 202 means the event is durable: on the
+embedded bus, or in the local spool on its way to Kafka.
+
+Order and concurrency: the ledger is read first (unknown response, wrong user and an unchanged
+vote are answered without writing anything), then the event is published, and only then is the
+vote set in the ledger, so a vote the ledger knows of always has its event durably written. (If
+the ledger fails in between, the client gets a 503 and its retry writes the same label again,
+which the learner's latest-wins join absorbs.) Replicas share the ledger and it sets votes
+atomically, with no lock in this process: two votes on one response racing on two replicas (or
+two threads) both publish their events, and the ledger's answer decides each one's status:
+exactly one is "recorded"; the other is "changed", or "unchanged" when it repeated the label.
+Nothing is lost: the bus keeps both events and the latest one wins downstream.
 """
 
 from __future__ import annotations
@@ -26,20 +37,18 @@ LABELS = {"up": "desirable", "down": "undesirable"}
 async def feedback(body: FeedbackRequest, state: State, user: UserId) -> FeedbackAccepted:
     if user is None:
         raise Unauthorized("rating needs a user: send the X-User-Id header you chatted with")
-    async with state.votes:  # one vote at a time here, so check-then-write stays consistent
-        entry = await run_in_threadpool(state.ledger.lookup, body.response_id)
-        if entry is None:
-            raise NotFound(f"no response {body.response_id!r} (unknown, or too old to rate)", param="response_id")
-        if entry.user != user:
-            raise Forbidden("only the user who received a response may rate it", param="response_id")
-        label = LABELS[body.label]
-        if entry.label == label:
-            return FeedbackAccepted(id=entry.feedback_event_id, response_id=body.response_id, label=body.label,
-                                    status="unchanged")
-        event = FeedbackEvent(response_id=body.response_id, user=user, label=label, comment=body.comment)
-        await run_in_threadpool(state.bus.publish, state.topics.feedback, body.response_id, encode_event(event))
-        await run_in_threadpool(state.ledger.set_vote, body.response_id, user, label, event.event_id)
+    entry = await run_in_threadpool(state.ledger.lookup, body.response_id)
+    if entry is None:
+        raise NotFound(f"no response {body.response_id!r} (unknown, or too old to rate)", param="response_id")
+    if entry.user != user:
+        raise Forbidden("only the user who received a response may rate it", param="response_id")
+    label = LABELS[body.label]
+    if entry.label == label:
+        return FeedbackAccepted(id=entry.feedback_event_id, response_id=body.response_id, label=body.label,
+                                status="unchanged")
+    event = FeedbackEvent(response_id=body.response_id, user=user, label=label, comment=body.comment)
+    await run_in_threadpool(state.bus.publish, state.topics.feedback, body.response_id, encode_event(event))
+    previous = await run_in_threadpool(state.ledger.set_vote, body.response_id, user, label, event.event_id)
     state.metrics.feedback.labels(label=label, version=entry.version or "base").inc()
-    return FeedbackAccepted(id=event.event_id, response_id=body.response_id, label=body.label,
-                            status="changed" if entry.label else "recorded")
-
+    status = "recorded" if previous is None else "changed" if previous != label else "unchanged"
+    return FeedbackAccepted(id=event.event_id, response_id=body.response_id, label=body.label, status=status)

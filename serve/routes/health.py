@@ -1,4 +1,13 @@
-"""Liveness, readiness and the Prometheus exposition."""
+"""Liveness, readiness and the Prometheus exposition.
+
+Readiness means "can take chat and feedback now": the model runs, the active version was
+loaded once, and events can be recorded. With Kafka behind the spool, a down broker does not
+make the server unready (events wait in the spool, and `spool` in the body says so); a full
+spool does, since every chat and rating would be refused. The registry (and the Redis ledger
+beside it) is reported but does not decide: while it is away the replica keeps serving its
+current version, and a load balancer that dropped every replica over a Redis restart would
+turn a blip into an outage.
+"""
 
 from __future__ import annotations
 
@@ -26,8 +35,15 @@ async def readyz(state: State) -> JSONResponse:
             checks[name] = True
         except Exception:
             checks[name] = False
-    ready = all(checks.values())
-    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503)
+    ready = all(ok for name, ok in checks.items() if name != "registry")
+    status = "not ready" if not ready else "ready" if checks["registry"] else "ready, registry unreachable"
+    body: dict = {"status": status, "checks": checks}
+    if state.spool is not None:
+        spool = state.spool.status()
+        body["spool"] = {"depth": spool.depth, "max_events": spool.max_events,
+                         "oldest_age_seconds": round(spool.oldest_age_s, 3), "bus_reachable": spool.bus_up,
+                         "last_error": spool.last_error}
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 @router.get("/metrics")

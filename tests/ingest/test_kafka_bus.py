@@ -166,3 +166,24 @@ def test_a_killed_member_is_replaced_from_its_last_commit(
     assert values(take(survivor, 6)) == nums(4, 5, 6, 7, 8, 9)
     assert time.monotonic() - killed_at < 3.0 + 15.0
     assert survivor.committed("t") == 4
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("kill", [True, False])
+def test_a_bus_survives_a_broker_restart(tmp_path: Any, kill: bool) -> None:
+    from tests.services import PrivateKafka
+
+    kafka = PrivateKafka(tmp_path / "kafka")  # ours alone: the session's broker is never restarted
+    try:
+        with KafkaBus.from_url(kafka.url, timeout_s=10.0) as bus:
+            bus.publish("t", "k", b"0")
+            assert bus.end_offsets(["t"]) == {("t", 0): 1}
+            kafka.restart(kill=kill)
+            # Right after a restart kafka-python's clients may still hold the dead connections
+            # ("NodeNotReadyError: No node_id provided"); the bus retries and renews them itself.
+            assert bus.end_offsets(["t"]) == {("t", 0): 1}
+            bus.ping()
+            assert bus.publish("t", "k", b"1").offset == 1
+            assert bus.end_offsets(["t"]) == {("t", 0): 2}
+    finally:
+        kafka.stop()

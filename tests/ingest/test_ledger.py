@@ -1,8 +1,14 @@
-"""The response ledger: ownership, vote changes, TTL, concurrent votes across processes."""
+"""The response ledger: ownership, vote changes, TTL, concurrent votes across processes.
+
+Tests taking ``ledger`` or ``ledger_store`` run on both backends (the embedded file and Redis, see
+conftest.py); the rest test what only one backend has.
+"""
 
 from __future__ import annotations
 
+import socket
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -12,27 +18,31 @@ import pytest
 
 from ingest.ledger import (
     LedgerEntry,
+    LedgerUnavailable,
     NotResponseOwnerError,
+    ResponseLedger,
     SqliteLedger,
     UnknownResponseError,
     open_ledger,
 )
+from ingest.redis_ledger import RedisLedger
+from tests.ingest.conftest import LedgerStore
 
 
-def test_recorded_response_can_be_looked_up(ledger: SqliteLedger) -> None:
+def test_recorded_response_can_be_looked_up(ledger: ResponseLedger) -> None:
     ledger.record_response("r1", "alice")
     assert ledger.lookup("r1") == LedgerEntry("r1", "alice", None, None, None)
     assert ledger.lookup("nope") is None
 
 
-def test_recording_twice_changes_nothing(ledger: SqliteLedger) -> None:
+def test_recording_twice_changes_nothing(ledger: ResponseLedger) -> None:
     ledger.record_response("r1", "alice")
     ledger.set_vote("r1", "alice", "desirable", "e1")
     ledger.record_response("r1", "mallory")
     assert ledger.lookup("r1") == LedgerEntry("r1", "alice", None, "desirable", "e1")
 
 
-def test_first_repeated_and_changed_votes(ledger: SqliteLedger) -> None:
+def test_first_repeated_and_changed_votes(ledger: ResponseLedger) -> None:
     ledger.record_response("r1", "alice")
     assert ledger.set_vote("r1", "alice", "desirable", "e1") is None
     # Same vote again: reported as such, and the first event stays the one on record.
@@ -42,20 +52,20 @@ def test_first_repeated_and_changed_votes(ledger: SqliteLedger) -> None:
     assert ledger.lookup("r1") == LedgerEntry("r1", "alice", None, "undesirable", "e3")
 
 
-def test_votes_on_unknown_responses_are_refused(ledger: SqliteLedger) -> None:
+def test_votes_on_unknown_responses_are_refused(ledger: ResponseLedger) -> None:
     with pytest.raises(UnknownResponseError):
         ledger.set_vote("never-served", "alice", "desirable", "e1")
     assert ledger.lookup("never-served") is None
 
 
-def test_only_the_receiver_may_vote(ledger: SqliteLedger) -> None:
+def test_only_the_receiver_may_vote(ledger: ResponseLedger) -> None:
     ledger.record_response("r1", "alice")
     with pytest.raises(NotResponseOwnerError):
         ledger.set_vote("r1", "mallory", "undesirable", "e1")
     assert ledger.lookup("r1") == LedgerEntry("r1", "alice", None, None, None)
 
 
-def test_an_anonymous_response_cannot_be_rated(ledger: SqliteLedger) -> None:
+def test_an_anonymous_response_cannot_be_rated(ledger: ResponseLedger) -> None:
     ledger.record_response("r1", None)
     assert ledger.lookup("r1") == LedgerEntry("r1", None, None, None, None)
     with pytest.raises(NotResponseOwnerError):
@@ -63,7 +73,7 @@ def test_an_anonymous_response_cannot_be_rated(ledger: SqliteLedger) -> None:
     assert ledger.lookup("r1") == LedgerEntry("r1", None, None, None, None)
 
 
-def test_the_version_that_answered_is_kept(ledger: SqliteLedger) -> None:
+def test_the_version_that_answered_is_kept(ledger: ResponseLedger) -> None:
     ledger.record_response("r1", "alice", "v0003")
     ledger.set_vote("r1", "alice", "desirable", "e1")
     assert ledger.lookup("r1") == LedgerEntry("r1", "alice", "v0003", "desirable", "e1")
@@ -72,25 +82,36 @@ def test_the_version_that_answered_is_kept(ledger: SqliteLedger) -> None:
 @pytest.mark.parametrize(
     ("user", "label", "event_id"), [("a", "meh", "e"), ("", "desirable", "e"), ("a", "desirable", "")]
 )
-def test_bad_votes_are_rejected(ledger: SqliteLedger, user: str, label: str, event_id: str) -> None:
+def test_bad_votes_are_rejected(ledger: ResponseLedger, user: str, label: str, event_id: str) -> None:
     ledger.record_response("r1", "a")
     with pytest.raises(ValueError):
         ledger.set_vote("r1", user, label, event_id)
     assert ledger.lookup("r1") == LedgerEntry("r1", "a", None, None, None)
 
 
-def test_entries_expire_after_the_ttl(ledger: SqliteLedger, clock: Any) -> None:
+def test_entries_expire_after_the_ttl(ledger_store: LedgerStore) -> None:
+    ledger = ledger_store.open(ttl_s=1.0)  # short: Redis expires keys in real time
     ledger.record_response("r1", "alice")
     ledger.set_vote("r1", "alice", "desirable", "e1")
-    clock.advance(3599.0)
+    ledger_store.pass_time(0.5)
     assert ledger.lookup("r1") is not None
-    clock.advance(2.0)
+    ledger_store.pass_time(0.6)
     assert ledger.lookup("r1") is None
     with pytest.raises(UnknownResponseError):
         ledger.set_vote("r1", "alice", "undesirable", "e2")
     # The same id served again starts a fresh entry.
     ledger.record_response("r1", "carol")
     assert ledger.lookup("r1") == LedgerEntry("r1", "carol", None, None, None)
+
+
+def test_a_vote_does_not_extend_the_ttl(ledger_store: LedgerStore) -> None:
+    ledger = ledger_store.open(ttl_s=1.0)
+    ledger.record_response("r1", "alice")
+    ledger_store.pass_time(0.5)
+    ledger.set_vote("r1", "alice", "desirable", "e1")
+    ledger.record_response("r1", "alice")  # a live entry: not renewed either
+    ledger_store.pass_time(0.6)
+    assert ledger.lookup("r1") is None
 
 
 def test_expired_entries_are_purged_from_the_file(tmp_path: Path, clock: Any) -> None:
@@ -105,22 +126,27 @@ def test_expired_entries_are_purged_from_the_file(tmp_path: Path, clock: Any) ->
     assert rows == [("new",)]
 
 
-def test_the_ledger_persists_and_is_shared_between_instances(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.sqlite3"
-    with SqliteLedger(path) as one, SqliteLedger(path) as two:
-        one.record_response("r1", "alice")
-        assert two.set_vote("r1", "alice", "desirable", "e1") is None
-        assert one.lookup("r1") == LedgerEntry("r1", "alice", None, "desirable", "e1")
-    with SqliteLedger(path) as reopened:
-        assert reopened.lookup("r1") == LedgerEntry("r1", "alice", None, "desirable", "e1")
+def test_the_ledger_persists_and_is_shared_between_instances(ledger_store: LedgerStore) -> None:
+    one, two = ledger_store.open(), ledger_store.open()
+    one.record_response("r1", "alice")
+    assert two.set_vote("r1", "alice", "desirable", "e1") is None
+    assert one.lookup("r1") == LedgerEntry("r1", "alice", None, "desirable", "e1")
+    one.close()
+    two.close()
+    reopened = ledger_store.open()
+    assert reopened.lookup("r1") == LedgerEntry("r1", "alice", None, "desirable", "e1")
 
 
-def test_concurrent_votes_from_processes_serialise(tmp_path: Path, spawn_worker: Callable) -> None:
-    path = tmp_path / "ledger.sqlite3"
+def test_concurrent_votes_from_processes_serialise(
+    ledger_store: LedgerStore, tmp_path: Path, spawn_worker: Callable
+) -> None:
+    # Processes stand for serve replicas: each vote's check-and-set must be atomic in the ledger.
     go = tmp_path / "go"
-    with SqliteLedger(path) as ledger:
-        ledger.record_response("r1", "alice")
-    voters = [spawn_worker("voter", path, "r1", "alice", 40, seed, go) for seed in range(3)]
+    ledger_store.open().record_response("r1", "alice")
+    voters = [
+        spawn_worker("voter", ledger_store.url, ledger_store.key_prefix, "r1", "alice", 40, seed, go)
+        for seed in range(3)
+    ]
     for child in voters:
         assert child.stdout.readline().strip() == "ready", child.stderr.read()
     go.touch()
@@ -131,8 +157,7 @@ def test_concurrent_votes_from_processes_serialise(tmp_path: Path, spawn_worker:
         votes += [tuple(line.split()) for line in out.splitlines()]  # type: ignore[misc]
     assert len(votes) == 120
 
-    with SqliteLedger(path) as ledger:
-        final = ledger.lookup("r1").label  # type: ignore[union-attr]
+    final = ledger_store.open().lookup("r1").label  # type: ignore[union-attr]
     # In any serial order each vote's "previous" is the vote before it: exactly one first vote,
     # and every label is cast as often as it is reported as previous, bar the final one.
     previous = Counter(p for p, _ in votes)
@@ -142,12 +167,28 @@ def test_concurrent_votes_from_processes_serialise(tmp_path: Path, spawn_worker:
         assert cast[label] - previous[label] == (1 if label == final else 0)
 
 
+def test_an_unreachable_redis_raises_ledger_unavailable_quickly() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{s.getsockname()[1]}/0"  # nothing listens there
+    ledger = RedisLedger(url, timeout_s=1.0)
+    for call in (lambda: ledger.lookup("r1"), lambda: ledger.record_response("r1", "a"),
+                 lambda: ledger.set_vote("r1", "a", "desirable", "e1")):
+        started = time.monotonic()
+        with pytest.raises(LedgerUnavailable, match="127.0.0.1"):
+            call()
+        assert time.monotonic() - started < 5
+    ledger.close()
+
+
 def test_open_ledger_urls(tmp_path: Path) -> None:
     ledger = open_ledger(f"sqlite:///{tmp_path}/sub/ledger.sqlite3")
     assert isinstance(ledger, SqliteLedger)
     ledger.close()
     assert (tmp_path / "sub" / "ledger.sqlite3").is_file()
-    with pytest.raises(ValueError, match="not available yet"):
-        open_ledger("redis://127.0.0.1:6379/0")
+    for url in ("redis://127.0.0.1:1/0", "rediss://user:secret@127.0.0.1:1/2"):
+        ledger = open_ledger(url, ttl_s=60.0)  # connects on first use, not here
+        assert isinstance(ledger, RedisLedger) and ledger.ttl_s == 60.0
+        ledger.close()
     with pytest.raises(ValueError, match="sqlite"):
         open_ledger("postgres://db")

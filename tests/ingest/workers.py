@@ -5,8 +5,13 @@ writer BUS_URL TOPIC TAG COUNT BATCH GO_FILE
     records "TAG-i" (COUNT 0: forever), BATCH at a time, pausing 1 ms between publishes so that
     concurrent writers interleave; after each publish returns, print "OFFSET i" per record: the
     parent's proof of acknowledgement.
-voter PATH RESPONSE_ID USER COUNT SEED GO_FILE
-    wait for GO_FILE, then cast COUNT random votes; print "PREVIOUS NEW" for each.
+voter LEDGER_URL KEY_PREFIX RESPONSE_ID USER COUNT SEED GO_FILE
+    open the ledger (sqlite:///… or redis://…, the Redis keys under KEY_PREFIX), wait for GO_FILE,
+    then cast COUNT random votes; print "PREVIOUS NEW" for each.
+spooler SPOOL_PATH BUS_URL TOPIC
+    publish "0", "1", … forever through a SpooledBus on the spool file SPOOL_PATH, sending to the
+    bus at BUS_URL ("down": a bus that is never reachable); after each publish returns, print
+    its number: the parent's proof that it is durable.
 member KAFKA_URL GROUP TOPIC COMMIT_AT
     join GROUP on Kafka (3 s session timeout), poll until it has read offsets 0..COMMIT_AT-1 of
     partition 0, commit COMMIT_AT, print "committed COMMIT_AT", then keep polling (and reading,
@@ -47,10 +52,11 @@ def writer(url: str, topic: str, tag: str, count: str, batch: str, go_file: str)
     bus.close()
 
 
-def voter(path: str, response_id: str, user: str, count: str, seed: str, go_file: str) -> None:
-    from ingest.ledger import SqliteLedger
+def voter(url: str, key_prefix: str, response_id: str, user: str, count: str, seed: str, go_file: str) -> None:
+    from ingest.ledger import open_ledger
+    from ingest.redis_ledger import RedisLedger
 
-    ledger = SqliteLedger(path)
+    ledger = RedisLedger(url, key_prefix=key_prefix) if url.startswith("redis") else open_ledger(url)
     rng = random.Random(int(seed))
     _wait_for(go_file)
     for _ in range(int(count)):
@@ -58,6 +64,26 @@ def voter(path: str, response_id: str, user: str, count: str, seed: str, go_file
         previous = ledger.set_vote(response_id, user, label, uuid.uuid4().hex)
         print(previous, label, flush=True)
     ledger.close()
+
+
+def spooler(spool_path: str, url: str, topic: str) -> None:
+    from ingest.bus import BusUnavailable, open_bus
+    from ingest.spool import Spool
+    from ingest.spooled_bus import SpooledBus
+
+    class DownBus:
+        def __getattr__(self, name: str):
+            def unavailable(*args: object, **kwargs: object) -> None:
+                raise BusUnavailable("down")
+
+            return unavailable
+
+    spooled = SpooledBus(DownBus() if url == "down" else open_bus(url), Spool(spool_path), min_backoff_s=0.01)
+    i = 0
+    while True:
+        spooled.publish(topic, f"k{i}", str(i).encode())
+        print(i, flush=True)
+        i += 1
 
 
 def member(url: str, group: str, topic: str, commit_at: str) -> None:
@@ -75,4 +101,4 @@ def member(url: str, group: str, topic: str, commit_at: str) -> None:
 
 
 if __name__ == "__main__":
-    {"writer": writer, "voter": voter, "member": member}[sys.argv[1]](*sys.argv[2:])
+    {"writer": writer, "voter": voter, "spooler": spooler, "member": member}[sys.argv[1]](*sys.argv[2:])

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+
 from ingest.events import FeedbackEvent, decode_event
+from serve.app import create_app
 
 ALICE = {"X-User-Id": "alice"}
 BOB = {"X-User-Id": "bob"}
@@ -85,3 +91,65 @@ def test_feedback_metric_counts_label_and_version(client):
     client.post("/v1/feedback", json={"response_id": rid, "label": "down"}, headers=ALICE)
     text = client.get("/metrics").text
     assert 'kto_feedback_total{label="undesirable",version="base"} 1.0' in text
+
+
+@pytest.mark.redis
+def test_a_rating_may_reach_another_replica_and_racing_votes_lose_nothing(settings, services, tmp_path):
+    # Two replicas: their own data dirs, one bus file, one ledger on Redis (as the registry's would be).
+    bus_url = f"sqlite:///{tmp_path / 'shared-bus.sqlite3'}"
+    replicas = [settings.model_copy(update={"data_dir": tmp_path / name, "bus_url": bus_url,
+                                            "ledger_url": services.registry_url}) for name in ("a", "b")]
+    with TestClient(create_app(replicas[0])) as a, TestClient(create_app(replicas[1])) as b:
+        rid = answer(a)
+        assert b.post("/v1/feedback", json={"response_id": rid, "label": "up"}, headers=ALICE).json()["status"] == "recorded"
+        assert a.post("/v1/feedback", json={"response_id": rid, "label": "up"}, headers=ALICE).json()["status"] == "unchanged"
+        assert b.post("/v1/feedback", json={"response_id": rid, "label": "up"}, headers=BOB).status_code == 403
+
+        # Opposite votes on one response at once, one per replica: the ledger serialises them.
+        rids = [answer(a) for _ in range(8)]
+        statuses: dict[str, list[str]] = {r: [] for r in rids}
+        barrier = threading.Barrier(2)
+
+        def vote(client, label):
+            for r in rids:
+                barrier.wait(timeout=60)
+                reply = client.post("/v1/feedback", json={"response_id": r, "label": label}, headers=ALICE)
+                assert reply.status_code == 202, reply.text
+                statuses[r].append(reply.json()["status"])
+
+        threads = [threading.Thread(target=vote, args=(client, label)) for client, label in ((a, "up"), (b, "down"))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        events = feedback_events(a.app.state.serve)
+    for r in rids:
+        assert sorted(statuses[r]) == ["changed", "recorded"]  # exactly one first vote, none lost
+        assert len([e for e in events if e.response_id == r]) == 2  # both on the bus; the latest wins
+
+
+def test_the_ledger_follows_the_registry_to_redis_unless_set(tmp_path):
+    from serve.settings import ServeSettings
+
+    embedded = ServeSettings(data_dir=tmp_path)
+    assert embedded.resolved_ledger_url() == f"sqlite:///{tmp_path.resolve() / 'ledger.sqlite3'}"
+    shared = ServeSettings(data_dir=tmp_path, registry_url="redis://cache:6379/2")
+    assert shared.resolved_ledger_url() == "redis://cache:6379/2"  # replicas must share it
+    chosen = ServeSettings(data_dir=tmp_path, registry_url="redis://cache:6379/2", ledger_url="redis://other:6379/0")
+    assert chosen.resolved_ledger_url() == "redis://other:6379/0"
+
+
+def test_an_unreachable_ledger_still_answers_chat_and_asks_raters_to_retry(settings):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+    with TestClient(create_app(settings.model_copy(update={"ledger_url": dead}))) as client:
+        answer = client.post("/v1/chat/completions", json=HELLO, headers=ALICE)
+        assert answer.status_code == 200  # its ledger entry waits in the backlog
+        for response_id in (answer.json()["id"], "chatcmpl-x"):
+            reply = client.post("/v1/feedback", json={"response_id": response_id, "label": "up"}, headers=ALICE)
+            assert reply.status_code == 503 and int(reply.headers["Retry-After"]) > 0
+            assert reply.json()["error"]["code"] == "ledger_unavailable"
+        assert "kto_ledger_backlog 1.0" in client.get("/metrics").text

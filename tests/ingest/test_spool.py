@@ -1,0 +1,256 @@
+"""The spool and the spooled bus: order, the bound, outages, and durability across a SIGKILL.
+
+The bus behind the spool here is the embedded one, wrapped in ``FlakyBus`` so that a test can
+take it down, make it fail half way through a send, or make it hang like an unreachable Kafka.
+The Kafka path is tested end to end in ``tests/serve/test_kafka_outage.py``.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ingest.bus import BusUnavailable, Record
+from ingest.spool import Spool, SpoolFull, SpoolLocked
+from ingest.spooled_bus import SPOOLED, SpooledBus
+from ingest.sqlite_bus import SqliteBus
+
+WAIT_S = 30.0
+
+
+class FlakyBus:
+    """A SqliteBus that a test can take down, break half way through a send, or make hang."""
+
+    def __init__(self, path: Path) -> None:
+        self.inner = SqliteBus(path)
+        self.down = False
+        self.fail_after: int | None = None  # store this many records of the next send, then fail
+        self.hang = threading.Event()  # set: every call blocks until it is cleared
+        self.sends: list[tuple[str, list[bytes]]] = []  # acknowledged sends, in order
+        self.created: list[str] = []
+
+    def _check(self) -> None:
+        while self.hang.is_set():
+            time.sleep(0.01)
+        if self.down:
+            raise BusUnavailable("the test took the bus down")
+
+    def publish_many(self, topic: str, items: list[tuple[str | None, bytes]]) -> list[Record]:
+        self._check()
+        if self.fail_after is not None:
+            stored, self.fail_after = items[: self.fail_after], None
+            self.inner.publish_many(topic, stored)
+            raise BusUnavailable(f"failed after {len(stored)} records")
+        records = self.inner.publish_many(topic, items)
+        self.sends.append((topic, [value for _, value in items]))
+        return records
+
+    def create_topics(self, topics: list[str], partitions: int = 1) -> None:
+        self._check()
+        self.inner.create_topics(topics, partitions)
+        self.created += topics
+
+    def ping(self) -> None:
+        self._check()
+
+    def close(self) -> None:
+        """Left open: the fixture closes it (several spooled buses of one test share it)."""
+
+    def values(self, topic: str) -> list[bytes]:
+        """Everything on ``topic``, in offset order."""
+        consumer = self.inner.consumer("check", [topic])
+        got: list[bytes] = []
+        while batch := consumer.poll(timeout_s=0):
+            got += [r.value for r in batch]
+        consumer.close()
+        return got
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.fixture
+def flaky(tmp_path: Path) -> Iterator[FlakyBus]:
+    bus = FlakyBus(tmp_path / "bus.sqlite3")
+    yield bus
+    bus.hang.clear()
+    bus.inner.close()
+
+
+@pytest.fixture
+def make_spooled(tmp_path: Path, flaky: FlakyBus) -> Iterator[Callable[..., SpooledBus]]:
+    """make_spooled(max_events=100) -> a SpooledBus on ``flaky`` and tmp_path/spool.sqlite3; closed at teardown."""
+    made: list[SpooledBus] = []
+
+    def make(max_events: int = 100, **kw: Any) -> SpooledBus:
+        options = {"min_backoff_s": 0.01, "max_backoff_s": 0.05, **kw}
+        made.append(SpooledBus(flaky, Spool(tmp_path / "spool.sqlite3", max_events=max_events), **options))
+        return made[-1]
+
+    yield make
+    for spooled in made:
+        spooled.close(drain_timeout_s=0)
+
+
+def nums(*ints: int) -> list[bytes]:
+    return [str(i).encode() for i in ints]
+
+
+def wait_for(condition: Callable[[], object], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {WAIT_S} s"
+        time.sleep(0.01)
+
+
+def test_records_reach_the_bus_in_spool_order_across_topics(make_spooled: Callable, flaky: FlakyBus) -> None:
+    spooled = make_spooled()
+    flaky.hang.set()  # hold the forwarder so that it finds one batch of several runs
+    spooled.publish_many("a", [("k", b"0"), ("k", b"1")])
+    spooled.publish("b", "k", b"2")
+    record = spooled.publish("a", "k", b"3")
+    assert (record.partition, record.offset) == (SPOOLED, SPOOLED)
+    flaky.hang.clear()
+    assert spooled.flush(WAIT_S)
+    # Runs of one topic go as one send, and a run goes only after the one before was acknowledged.
+    assert flaky.sends == [("a", nums(0, 1)), ("b", nums(2)), ("a", nums(3))]
+    assert spooled.status().depth == 0 and spooled.status().sent == 4
+
+
+def test_a_healthy_bus_gets_each_record_within_milliseconds(make_spooled: Callable, flaky: FlakyBus) -> None:
+    spooled = make_spooled()
+    for i in range(20):
+        started = time.monotonic()
+        spooled.publish("a", "k", str(i).encode())
+        wait_for(lambda: spooled.status().depth == 0, "the record sent")
+        assert time.monotonic() - started < 2.0  # generous for a loaded 2-core box; it takes ms
+    assert flaky.values("a") == nums(*range(20))
+
+
+def test_publishing_never_waits_for_a_hanging_bus(make_spooled: Callable, flaky: FlakyBus) -> None:
+    spooled = make_spooled()
+    flaky.hang.set()  # like Kafka while its broker is unreachable: calls block for its timeout
+    started = time.monotonic()
+    for i in range(10):
+        spooled.publish("a", "k", str(i).encode())
+    assert time.monotonic() - started < 2.0
+    assert spooled.status().depth == 10
+    flaky.hang.clear()
+    assert spooled.flush(WAIT_S) and flaky.values("a") == nums(*range(10))
+
+
+def test_an_outage_is_ridden_out_and_everything_goes_in_order_once(make_spooled: Callable, flaky: FlakyBus) -> None:
+    flaky.down = True
+    spooled = make_spooled()
+    spooled.create_topics(["a", "b"], partitions=2)  # remembered until the bus answers
+    for i in range(30):
+        spooled.publish("a" if i % 3 else "b", "k", str(i).encode())
+    wait_for(lambda: spooled.status().bus_up is False, "the outage noticed")
+    status = spooled.status()
+    assert (status.depth, status.sent) == (30, 0) and "took the bus down" in status.last_error
+    assert status.oldest_age_s >= 0
+    flaky.down = False
+    assert spooled.flush(WAIT_S)
+    assert flaky.created == ["a", "b"]
+    assert flaky.values("a") == nums(*(i for i in range(30) if i % 3))
+    assert flaky.values("b") == nums(*(i for i in range(30) if not i % 3))
+    assert spooled.status().bus_up is True and spooled.status().last_error is None
+
+
+def test_a_send_that_fails_half_way_is_resent_and_duplicates_keep_the_order(
+    make_spooled: Callable, flaky: FlakyBus
+) -> None:
+    flaky.hang.set()
+    spooled = make_spooled()
+    spooled.publish_many("a", [("k", v) for v in nums(0, 1, 2, 3)])
+    flaky.fail_after = 2
+    flaky.hang.clear()
+    assert spooled.flush(WAIT_S)
+    # At least once: the stored head comes again, and nothing is lost or reordered.
+    assert flaky.values("a") == nums(0, 1, 0, 1, 2, 3)
+
+
+def test_the_bound_refuses_whole_batches_and_frees_as_records_leave(tmp_path: Path) -> None:
+    with Spool(tmp_path / "spool.sqlite3", max_events=3) as spool:
+        assert spool.append("a", [("k", b"0"), ("k", b"1")]) == [1, 2]
+        with pytest.raises(SpoolFull, match="2 events are waiting for the bus.*limit is 3"):
+            spool.append("a", [("k", b"2"), ("k", b"3")])  # all or none
+        spool.check_room(1)
+        spool.append("a", [("k", b"2")])
+        with pytest.raises(SpoolFull):
+            spool.check_room(1)
+        assert [s.value for s in spool.peek(10)] == nums(0, 1, 2)
+        assert spool.remove_through(2) == 2 and spool.depth == 1
+        assert spool.append("a", [("k", b"3")]) == [4]  # seq never goes back
+        assert [(s.seq, s.value) for s in spool.peek(10)] == [(3, b"2"), (4, b"3")]
+
+
+def test_a_full_spool_refuses_publishes_and_says_so(make_spooled: Callable, flaky: FlakyBus) -> None:
+    flaky.down = True
+    spooled = make_spooled(max_events=2)
+    spooled.publish("a", "k", b"0")
+    spooled.publish("a", "k", b"1")
+    with pytest.raises(SpoolFull) as refused:
+        spooled.publish("a", "k", b"2")
+    assert isinstance(refused.value, BusUnavailable)  # callers that know only the Bus protocol see it too
+    with pytest.raises(SpoolFull):
+        spooled.ping()
+    assert (spooled.status().depth, spooled.status().rejected) == (2, 1)
+    flaky.down = False
+    assert spooled.flush(WAIT_S)
+    spooled.ping()
+    assert flaky.values("a") == nums(0, 1)
+
+
+def test_unsent_records_stay_in_the_file_and_go_first_after_a_restart(
+    make_spooled: Callable, flaky: FlakyBus
+) -> None:
+    flaky.down = True
+    first = make_spooled()
+    first.publish_many("a", [("k", v) for v in nums(0, 1, 2)])
+    first.close()
+    second = make_spooled()
+    assert second.status().depth == 3
+    second.publish("a", "k", b"3")
+    flaky.down = False
+    assert second.flush(WAIT_S)
+    assert flaky.values("a") == nums(0, 1, 2, 3)
+
+
+def test_one_process_at_a_time(tmp_path: Path) -> None:
+    with Spool(tmp_path / "spool.sqlite3"):
+        with pytest.raises(SpoolLocked, match="in use by another process"):
+            Spool(tmp_path / "spool.sqlite3")
+    Spool(tmp_path / "spool.sqlite3").close()  # free again once closed
+
+
+@pytest.mark.parametrize("target", ["down", "up"])
+def test_every_acknowledged_publish_survives_sigkill(tmp_path: Path, spawn_worker: Callable, target: str) -> None:
+    # "down": killed between append and send. "up": killed anywhere, between a send and its delete too.
+    spool_path, bus_path = tmp_path / "spool.sqlite3", tmp_path / "bus.sqlite3"
+    SqliteBus(bus_path).close()
+    child = spawn_worker("spooler", spool_path, "down" if target == "down" else f"sqlite:///{bus_path}", "a")
+    acknowledged = -1
+    while acknowledged < 200:
+        line = child.stdout.readline()
+        assert line, child.stderr.read()
+        acknowledged = int(line)
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=10)
+
+    bus = FlakyBus(bus_path)
+    with SpooledBus(bus, Spool(spool_path), min_backoff_s=0.01) as spooled:
+        assert spooled.flush(WAIT_S)
+        got = [int(v) for v in bus.values("a")]
+    bus.inner.close()
+    # Every acknowledged record is there; only the tail after a lost delete may repeat, in order.
+    first_seen = list(dict.fromkeys(got))
+    assert first_seen == list(range(len(first_seen))) and len(first_seen) > acknowledged
+    if target == "down":
+        assert got == first_seen
