@@ -8,8 +8,10 @@ or the one in KTO_BUS_URL when it is a kafka:// URL) and the embedded SQLite log
 
 1. Burst. `producers` threads (serve publishes from its thread pool) send N ratings as fast as
    they can, each rating one call for its response event and then one for its feedback event,
-   through the publisher serve itself uses (`serve_publisher`). At the same time the learner's
-   `EventJoiner`, in its own process, joins them into a fresh replay buffer. Reported:
+   through the publisher serve itself uses (`serve_publisher`: on Kafka, a local durable spool
+   that a forwarder thread drains to the broker, so "publish latency" is what a request waits).
+   At the same time the learner's `EventJoiner`, in its own process, joins them into a fresh
+   replay buffer. Reported:
    publish-call latency p50/p99, events/s sent, and ratings/s joined = N / (first publish →
    N-th joined label). The target (≥ 5,000 ratings/s joined on Kafka) is this number.
 2. Sustained. Ratings at a fixed rate (half the burst's joined rate) for a while, the joiner
@@ -98,11 +100,14 @@ class kafka_url:
 
 # ---- the producing side (this process) ------------------------------------------------------
 
-def serve_publisher(url: str):
-    """What serve publishes through for this bus URL (see serve/app.py)."""
-    from ingest.bus import open_bus
+def serve_publisher(url: str, data_dir: Path):
+    """What serve publishes through for this bus URL: Kafka behind its local spool, or the embedded bus."""
+    from serve.app import open_event_bus
+    from serve.metrics import ServeMetrics
+    from serve.settings import ServeSettings
 
-    return open_bus(url)
+    bus, _ = open_event_bus(ServeSettings(_env_file=None, bus_url=url, data_dir=data_dir), ServeMetrics())
+    return bus
 
 
 def make_events(n: int, prefix: str) -> list[tuple[str, bytes, bytes]]:
@@ -159,7 +164,7 @@ def measure_bus(url: str, plan: Plan, tmp: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"url": url}
     for phase in ("burst", "sustained"):
         topics = Topics(f"bench-{uuid.uuid4().hex[:8]}")
-        publisher = serve_publisher(url)
+        publisher = serve_publisher(url, tmp / f"{phase}-serve")
         publisher.create_topics(topics.all, partitions=plan.partitions)
         if phase == "burst":
             n, rate = plan.ratings, None

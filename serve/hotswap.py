@@ -1,7 +1,8 @@
 """Hot-swap: follow the registry's active pointer without dropping a request.
 
-The pointer is the truth; it is read every `registry_poll_s` (one indexed query). When it
-moves, the new version is verified (checksum, then compatibility with the loaded base model)
+The pointer is the truth; it is read every `registry_poll_s` (one cheap query), and at once
+when the registry signals a change (`wait_for_change`: Redis pub/sub; a missed signal only
+costs one poll period). When it moves, the new version is verified (checksum, then compatibility with the loaded base model)
 off the event loop, loaded on the engine thread under its immutable name, and only then do new
 requests use it. Requests already running keep the version they were pinned to; the previous
 version stays loaded for an instant rollback; older ones are unloaded once no request holds
