@@ -118,6 +118,14 @@ class Bus(Protocol):
         """
         ...
 
+    def publish_batch(self, items: list[tuple[str, str | None, bytes]]) -> list[Record]:
+        """Append (topic, key, value) records for any topics at once, durably; the records in input order.
+
+        Order is kept within each partition (records of one key stay in order); as with
+        ``publish_many``, the embedded bus stores all or none, Kafka may store some on failure.
+        """
+        ...
+
     def consumer(self, group_id: str, topics: list[str]) -> Consumer:
         """A new member of ``group_id`` subscribed to ``topics``."""
         ...

@@ -239,17 +239,24 @@ class KafkaBus:
 
     def publish_many(self, topic: str, items: list[tuple[str | None, bytes]]) -> list[Record]:
         """Send (key, value) records, then wait for every acknowledgement (not atomic; see the module docstring)."""
+        return self.publish_batch([(topic, key, value) for key, value in items])
+
+    def publish_batch(self, items: list[tuple[str, str | None, bytes]]) -> list[Record]:
+        """Send (topic, key, value) records, then wait for every acknowledgement (not atomic).
+
+        One producer keeps each partition's records in send order, also across its retries."""
         from kafka.errors import KafkaError
 
-        check_topic_name(topic)
-        check_records(items)
+        topics = list(dict.fromkeys(check_topic_name(topic) for topic, _, _ in items))
+        check_records([(key, value) for _, key, value in items])
         if not items:
             return []
         producer = self._producer_client()
-        if topic not in self._known_topics:
-            with self._admin_lock:  # one thread creates it, the others then find it known
-                if topic not in self._known_topics:
-                    self.create_topics([topic], 1)
+        for topic in topics:
+            if topic not in self._known_topics:
+                with self._admin_lock:  # one thread creates it, the others then find it known
+                    if topic not in self._known_topics:
+                        self.create_topics([topic], 1)
         try:
             futures = [
                 producer.send(
@@ -258,17 +265,17 @@ class KafkaBus:
                     value=bytes(value),
                     partition=self._keyless_partition(producer, topic) if key is None else None,
                 )
-                for key, value in items
+                for topic, key, value in items
             ]
             # The futures fail by themselves at the delivery timeout; the extra second is slack.
             deadline = time.monotonic() + self._timeout_s + 1.0
             sent = [future.get(timeout=max(0.0, deadline - time.monotonic())) for future in futures]
         except KafkaError as exc:
             self._drop_producer(producer)
-            raise BusUnavailable(f"cannot publish to {topic}: {exc}") from exc
+            raise BusUnavailable(f"cannot publish to {', '.join(topics)}: {exc}") from exc
         return [
             Record(topic, meta.partition, meta.offset, key, bytes(value), meta.timestamp / 1000.0)
-            for meta, (key, value) in zip(sent, items)
+            for meta, (topic, key, value) in zip(sent, items)
         ]
 
     def _drop_producer(self, producer: Any) -> None:

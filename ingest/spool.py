@@ -122,14 +122,19 @@ class Spool:
 
     def append(self, topic: str, items: list[tuple[str | None, bytes]]) -> list[int]:
         """Append (key, value) records for ``topic``, durably, all or none; their ``seq`` numbers."""
-        check_topic_name(topic)
-        check_records(items)
-        if not items:
+        return self.append_records([(topic, key, value) for key, value in items])
+
+    def append_records(self, records: list[tuple[str, str | None, bytes]]) -> list[int]:
+        """Append (topic, key, value) records, durably, all or none, in this order; their ``seq`` numbers."""
+        for topic in {topic for topic, _, _ in records}:
+            check_topic_name(topic)
+        check_records([(key, value) for _, key, value in records])
+        if not records:
             return []
         now = self._clock()
         with self._lock:
             conn = self._connection()
-            self.check_room(len(items))
+            self.check_room(len(records))
             try:
                 with write_transaction(conn):
                     seqs = [
@@ -137,11 +142,11 @@ class Spool:
                             "INSERT INTO spool (topic, key, value, spooled_at) VALUES (?, ?, ?, ?)",
                             (topic, key, bytes(value), now),
                         ).lastrowid
-                        for key, value in items
+                        for topic, key, value in records
                     ]
             except sqlite3.Error as exc:
                 raise BusUnavailable(f"cannot write to the spool at {self.path}: {exc}") from exc
-            self._depth += len(items)
+            self._depth += len(records)
         return seqs  # type: ignore[return-value]
 
     def peek(self, limit: int) -> list[Spooled]:

@@ -11,11 +11,15 @@ Delivery rules:
   are durable on the local disk (fsync'd). The caller never waits for the bus, so a healthy
   broker costs a request one local commit (about a millisecond) and a dead one costs nothing more
   (never Kafka's connect and delivery timeouts).
-- One forwarder thread sends the spool to the bus strictly in spool order: consecutive records
-  for one topic go as one ``publish_many``, and the next run is sent only once the previous one
-  was acknowledged. Every record takes this path (there is no direct publish to overtake a
-  spooled one), so a response reaches the bus before any rating of it. With a healthy broker a
-  record is on the bus a few milliseconds after it was spooled.
+- One forwarder thread sends the spool to the bus in spool order: the oldest ``batch`` records
+  (any topics) go as one ``publish_batch``, and the next batch is sent only once every record of
+  this one was acknowledged. Kafka keeps order within a partition, and one producer keeps its
+  records of a partition in send order, so the records of one response_id (its response, then
+  its ratings, on the same partition of each topic) reach the bus in the order they were spooled;
+  across topics there is no order on Kafka, and the learner needs none (it parks a rating whose
+  response is not there yet). Every record takes this path (no direct publish overtakes a
+  spooled one). With a healthy broker a record is on the bus a few milliseconds after it was
+  spooled, and a backlog goes out a whole batch per round trip.
 - A record leaves the spool only after the bus acknowledged it. A crash between the acknowledgement
   and the deletion, or a ``publish_many`` that failed half way (Kafka's is not atomic), sends
   records again, so delivery is at least once and consumers dedupe by ``event_id``. A failed
@@ -34,14 +38,13 @@ Delivery rules:
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
 from dataclasses import dataclass
 
 from ingest.bus import Bus, BusUnavailable, Consumer, Record, TopicPartition
-from ingest.spool import Spool, Spooled, SpoolFull
+from ingest.spool import Spool, SpoolFull
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +70,6 @@ class SpoolStatus:
     """Whether the last send or health check reached the bus (None: not tried yet)."""
     last_error: str | None
     """The last failure to reach the bus, while it is down."""
-
-
-def _runs(batch: list[Spooled]) -> list[list[Spooled]]:
-    """Split a batch into runs of consecutive records for the same topic, keeping the order."""
-    return [list(run) for _, run in itertools.groupby(batch, key=lambda s: s.topic)]
 
 
 class SpooledBus:
@@ -117,17 +115,21 @@ class SpooledBus:
 
     def publish_many(self, topic: str, items: list[tuple[str | None, bytes]]) -> list[Record]:
         """Spool (key, value) records durably, all or none; ``SpoolFull`` if they do not fit."""
+        return self.publish_batch([(topic, key, value) for key, value in items])
+
+    def publish_batch(self, items: list[tuple[str, str | None, bytes]]) -> list[Record]:
+        """Spool (topic, key, value) records durably, all or none; ``SpoolFull`` if they do not fit."""
         if self._closed:
             raise BusUnavailable("the spooled bus is closed")
         try:
-            self.spool.append(topic, items)
+            self.spool.append_records(items)
         except SpoolFull:
             with self._counts:
                 self._rejected += len(items)
             raise
         self._wake.set()
         now = time.time()
-        return [Record(topic, SPOOLED, SPOOLED, key, bytes(value), now) for key, value in items]
+        return [Record(topic, SPOOLED, SPOOLED, key, bytes(value), now) for topic, key, value in items]
 
     def check_room(self, n: int = 1) -> None:
         """Raise ``SpoolFull`` unless ``n`` more records fit now."""
@@ -196,13 +198,11 @@ class SpooledBus:
                         last_contact = time.monotonic()
                     continue
                 self._ensure_topics()
-                for run in _runs(batch):
-                    if self._stopping.is_set():
-                        break
-                    self.bus.publish_many(run[0].topic, [(s.key, s.value) for s in run])
-                    self.spool.remove_through(run[-1].seq)
+                if batch:
+                    self.bus.publish_batch([(s.topic, s.key, s.value) for s in batch])
+                    self.spool.remove_through(batch[-1].seq)
                     with self._counts:
-                        self._sent += len(run)
+                        self._sent += len(batch)
                     with self._progress:
                         self._progress.notify_all()
                 self._reached()

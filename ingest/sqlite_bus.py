@@ -156,6 +156,25 @@ class SqliteBus:
                 raise BusUnavailable(f"cannot publish to {topic}: {exc}") from exc
         return records
 
+    def publish_batch(self, items: list[tuple[str, str | None, bytes]]) -> list[Record]:
+        """Append (topic, key, value) records in one transaction: all stored durably, or none."""
+        by_topic: dict[str, list[int]] = {}
+        for i, (topic, _, _) in enumerate(items):
+            by_topic.setdefault(check_topic_name(topic), []).append(i)
+        check_records([(key, value) for _, key, value in items])
+        records: list[Record | None] = [None] * len(items)
+        with self._lock:
+            conn = self._connection()
+            try:
+                with write_transaction(conn):
+                    for topic, positions in by_topic.items():
+                        appended = self._append(conn, topic, [items[i][1:] for i in positions])
+                        for i, record in zip(positions, appended):
+                            records[i] = record
+            except sqlite3.Error as exc:
+                raise BusUnavailable(f"cannot publish to {', '.join(by_topic)}: {exc}") from exc
+        return records  # type: ignore[return-value]
+
     def _append(self, conn: sqlite3.Connection, topic: str, items: list[tuple[str | None, bytes]]) -> list[Record]:
         """Assign offsets and insert; runs inside the write transaction, so MAX+1 is race-free."""
         if conn.execute(

@@ -124,6 +124,9 @@ class NamespacedBus:
     def publish_many(self, topic: str, items: list[tuple[str | None, bytes]]) -> list[Record]:
         return [self.plain(r) for r in self.inner.publish_many(self.real(topic), items)]
 
+    def publish_batch(self, items: list[tuple[str, str | None, bytes]]) -> list[Record]:
+        return [self.plain(r) for r in self.inner.publish_batch([(self.real(t), k, v) for t, k, v in items])]
+
     def consumer(self, group_id: str, topics: list[str]) -> NamespacedConsumer:
         real_topics = topics if isinstance(topics, str) else [self.real(t) for t in topics]
         self.consumers.append(NamespacedConsumer(self, self.inner.consumer(self.real(group_id), real_topics)))

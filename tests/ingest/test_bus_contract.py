@@ -51,6 +51,19 @@ def test_publish_many_is_one_dense_batch(bus: Any) -> None:
     assert [r.value for r in read_all(bus, ["t"])][1:] == [bytes([i]) for i in range(10)]
 
 
+def test_publish_batch_mixes_topics_and_keeps_each_partitions_order(bus: Any) -> None:
+    bus.create_topics(["responses", "feedback"], partitions=2)
+    items = [(topic, f"r{i % 3}", f"{topic}-{i}".encode()) for i in range(12) for topic in ("responses", "feedback")]
+    records = bus.publish_batch(items)
+    assert [(r.topic, r.key, r.value) for r in records] == items  # returned in input order
+    for topic in ("responses", "feedback"):
+        got = read_all(bus, [topic])
+        assert sorted(r.value for r in got) == sorted(v for t, _, v in items if t == topic)
+        for key in ("r0", "r1", "r2"):  # one key, one partition, publish order
+            assert [r.value for r in got if r.key == key] == [v for t, k, v in items if t == topic and k == key]
+    assert bus.publish_batch([]) == []
+
+
 def test_create_topics_is_idempotent_and_publish_auto_creates(bus: Any) -> None:
     bus.create_topics(["t"], partitions=2)
     bus.create_topics(["t"], partitions=5)  # exists: kept with 2

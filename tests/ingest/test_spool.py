@@ -32,7 +32,7 @@ class FlakyBus:
         self.down = False
         self.fail_after: int | None = None  # store this many records of the next send, then fail
         self.hang = threading.Event()  # set: every call blocks until it is cleared
-        self.sends: list[tuple[str, list[bytes]]] = []  # acknowledged sends, in order
+        self.sends: list[list[tuple[str, bytes]]] = []  # acknowledged sends: (topic, value) each, in order
         self.created: list[str] = []
 
     def _check(self) -> None:
@@ -41,15 +41,18 @@ class FlakyBus:
         if self.down:
             raise BusUnavailable("the test took the bus down")
 
-    def publish_many(self, topic: str, items: list[tuple[str | None, bytes]]) -> list[Record]:
+    def publish_batch(self, items: list[tuple[str, str | None, bytes]]) -> list[Record]:
         self._check()
         if self.fail_after is not None:
             stored, self.fail_after = items[: self.fail_after], None
-            self.inner.publish_many(topic, stored)
+            self.inner.publish_batch(stored)
             raise BusUnavailable(f"failed after {len(stored)} records")
-        records = self.inner.publish_many(topic, items)
-        self.sends.append((topic, [value for _, value in items]))
+        records = self.inner.publish_batch(items)
+        self.sends.append([(topic, value) for topic, _, value in items])
         return records
+
+    def publish_many(self, topic: str, items: list[tuple[str | None, bytes]]) -> list[Record]:
+        return self.publish_batch([(topic, key, value) for key, value in items])
 
     def create_topics(self, topics: list[str], partitions: int = 1) -> None:
         self._check()
@@ -111,25 +114,26 @@ def wait_for(condition: Callable[[], object], what: str) -> None:
 
 def test_records_reach_the_bus_in_spool_order_across_topics(make_spooled: Callable, flaky: FlakyBus) -> None:
     spooled = make_spooled()
-    flaky.hang.set()  # hold the forwarder so that it finds one batch of several runs
+    flaky.hang.set()  # hold the forwarder so that it finds one batch of several topics
     spooled.publish_many("a", [("k", b"0"), ("k", b"1")])
     spooled.publish("b", "k", b"2")
     record = spooled.publish("a", "k", b"3")
     assert (record.partition, record.offset) == (SPOOLED, SPOOLED)
     flaky.hang.clear()
     assert spooled.flush(WAIT_S)
-    # Runs of one topic go as one send, and a run goes only after the one before was acknowledged.
-    assert flaky.sends == [("a", nums(0, 1)), ("b", nums(2)), ("a", nums(3))]
+    # What waited goes as one send, in spool order, whatever the topics (a backlog costs one round trip).
+    sent = [item for send in flaky.sends for item in send]
+    assert sent == [("a", b"0"), ("a", b"1"), ("b", b"2"), ("a", b"3")]
+    assert len(flaky.sends) <= 2  # the forwarder may have picked up the first two before the others came
+    assert flaky.values("a") == nums(0, 1, 3) and flaky.values("b") == nums(2)
     assert spooled.status().depth == 0 and spooled.status().sent == 4
 
 
-def test_a_healthy_bus_gets_each_record_within_milliseconds(make_spooled: Callable, flaky: FlakyBus) -> None:
+def test_a_healthy_bus_gets_each_record_without_waiting_for_more(make_spooled: Callable, flaky: FlakyBus) -> None:
     spooled = make_spooled()
     for i in range(20):
-        started = time.monotonic()
         spooled.publish("a", "k", str(i).encode())
         wait_for(lambda: spooled.status().depth == 0, "the record sent")
-        assert time.monotonic() - started < 2.0  # generous for a loaded 2-core box; it takes ms
     assert flaky.values("a") == nums(*range(20))
 
 
