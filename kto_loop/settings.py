@@ -45,6 +45,11 @@ class CommonSettings(BaseSettings):
     topic_prefix: str = Field("kto", pattern=r"^[A-Za-z0-9._-]+$")
     """Prefix of the bus topics: `<prefix>.responses`, `<prefix>.feedback`, `<prefix>.dead-letters`."""
 
+    topic_partitions: int = Field(1, ge=1)
+    """Partitions of each topic when this process creates it (topics that exist are left as they
+    are). More partitions spread a large Kafka deployment's events over brokers; one learner reads
+    them all, and a response and its ratings share a partition (keyed by response_id)."""
+
     @field_validator("model", "model_id", "bus_url", "registry_url", "adapter_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):

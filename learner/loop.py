@@ -57,7 +57,7 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None) -> None
     policy = Policy(loaded, settings)
     topics = Topics(settings.topic_prefix)
     bus = open_bus(settings.bus_url)
-    bus.create_topics(topics.all)
+    bus.create_topics(topics.all, settings.topic_partitions)
     registry = open_registry(settings.registry_url, settings.adapter_dir)
     work_dir = settings.data_dir / "learner"
     buffer = ReplayBuffer(work_dir / "buffer.sqlite3")

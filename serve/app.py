@@ -75,7 +75,7 @@ def _build_state(settings: ServeSettings) -> ServeState:
     metrics.watch_ledger(lambda: ledger.backlog)
     # Last, so that no later failure leaves the spool's lock and forwarder thread behind.
     bus, spool = open_event_bus(settings, metrics)
-    bus.create_topics(topics.all)  # the spool defers it until the broker answers
+    bus.create_topics(topics.all, settings.topic_partitions)  # the spool defers it until the broker answers
     return ServeState(settings, loaded, engine, bus, topics, ledger, registry, hotswap, metrics, spool)
 
 
