@@ -61,8 +61,8 @@ ENV PATH=/app/.venv/bin:$PATH KTO_DATA_DIR=/data KTO_HOST=0.0.0.0 KTO_PORT=8000 
     HF_HOME=/data/huggingface
 VOLUME /data
 EXPOSE 8000
-# Liveness of `kto-loop serve` on KTO_PORT. The learner serves no HTTP yet: run it with
-# `--no-healthcheck` (compose: `healthcheck: {disable: true}`).
+# Liveness of `kto-loop serve` on KTO_PORT. The learner answers /healthz on its own port
+# (KTO_METRICS_PORT): its container overrides this check (deploy/docker-compose.yml does).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
   CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('KTO_PORT', '8000'), timeout=2)"
 CMD ["kto-loop", "serve"]

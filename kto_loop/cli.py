@@ -1,10 +1,12 @@
 """`kto-loop`: one command for the whole loop.
 
     kto-loop serve        the inference server (chat, feedback, admin, metrics)
-    kto-loop learn        the KTO learner: events in, adapter versions out
+    kto-loop learn        the KTO learner: events in, adapter versions out (--port: its /metrics)
     kto-loop up           serve + learn on the embedded default: what `make run` starts
     kto-loop simulate     users who chat and rate by a rule, with a learning curve
-    kto-loop adapters …   list | activate VERSION | rollback [VERSION], against a running server
+    kto-loop adapters …   list | activate VERSION | rollback [VERSION] | history
+                          | canary show | start VERSION | promote | rollback | pause | resume,
+                          against a running server
 
 Options on the command line override `KTO_*` environment variables.
 """
@@ -22,10 +24,10 @@ from pydantic import ValidationError
 logger = logging.getLogger(__name__)
 
 
-def _common() -> argparse.ArgumentParser:
+def _common(port_help: str = "TCP port (default 8000)") -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--host", help="address to listen on / talk to (default 127.0.0.1)")
-    common.add_argument("--port", type=int, help="TCP port (default 8000)")
+    common.add_argument("--port", type=int, help=port_help)
     common.add_argument("--data-dir", help="where every embedded file lives (default ./data)")
     common.add_argument("--model", help="base model: a local directory or a hub id (default: the offline demo model)")
     common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -37,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kto-loop", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", parents=[common], help="run the inference server")
-    sub.add_parser("learn", parents=[common], help="run the KTO learner")
+    sub.add_parser("learn", parents=[_common("serve /metrics and /healthz on this TCP port (default: none; "
+                                             "KTO_METRICS_PORT)")], help="run the KTO learner")
     sub.add_parser("up", parents=[common], help="serve + learn on the embedded default (what `make run` starts)")
     sim = sub.add_parser("simulate", parents=[common], help="simulated users who chat and rate by a rule")
     sim.add_argument("--ratings", type=int, default=600, help="stop after this many ratings")
@@ -56,12 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = actions.add_parser("rollback", parents=[common], help="go back to the previous version, or to VERSION")
     rollback.add_argument("version", nargs="?")
     rollback.add_argument("--reason", default="")
-    actions.add_parser("history", parents=[common], help="every activation and rollback")
+    actions.add_parser("history", parents=[common], help="every activation, rollback and canary step")
+    canary = actions.add_parser("canary", help="a new version for a share of users first: show, start, decide")
+    steps = canary.add_subparsers(dest="step", required=True)
+    steps.add_parser("show", parents=[common], help="the running canary, its latest evidence, the last decision")
+    start = steps.add_parser("start", parents=[common], help="route a share of users to VERSION")
+    start.add_argument("version")
+    start.add_argument("--share", type=float, default=0.2, help="fraction of users, in (0, 1] (default 0.2)")
+    start.add_argument("--reason", default="")
+    for step, what in (("promote", "make the candidate active"), ("rollback", "reject the candidate forever"),
+                       ("pause", "route nobody to the candidate; no automatic decision"), ("resume", "undo pause")):
+        decide = steps.add_parser(step, parents=[common], help=what)
+        decide.add_argument("--version", help="only if the canary is of this version (default: whatever runs)")
+        decide.add_argument("--reason", default="")
     return parser
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    names = {"host": "host", "port": "port", "data_dir": "data_dir", "model": "model"}
+    # The learner's --port is its metrics endpoint's, a setting of its own (not the server's KTO_PORT).
+    port = "metrics_port" if args.command == "learn" else "port"
+    names = {"host": "host", "port": port, "data_dir": "data_dir", "model": "model"}
     return {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg, None) is not None}
 
 
@@ -113,7 +130,7 @@ def _up(settings, argv: list[str], log_level: str) -> int:
 
     if settings.model is None:
         ensure_demo_model(settings.data_dir)  # once, before two processes would both build it
-    learner_args = [a if a != "up" else "learn" for a in argv]
+    learner_args = _without_port([a if a != "up" else "learn" for a in argv])  # --port is the server's
     learner = subprocess.Popen([sys.executable, "-m", "kto_loop.cli", *learner_args], env=env)
     logger.info("learner started (pid %d); serving on http://%s:%d", learner.pid, settings.host, settings.port)
     try:
@@ -124,6 +141,19 @@ def _up(settings, argv: list[str], log_level: str) -> int:
             learner.wait(timeout=30)
         except subprocess.TimeoutExpired:
             learner.kill()
+
+
+def _without_port(argv: list[str]) -> list[str]:
+    """argv less `--port N` / `--port=N` (the learner's metrics port comes from KTO_METRICS_PORT under `up`)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--port":
+            skip = True
+        elif not arg.startswith("--port="):
+            out.append(arg)
+    return out
 
 
 def _simulate(settings, args) -> int:
@@ -165,6 +195,8 @@ def _adapters(settings, args) -> int:
                 reply = client.get(f"{url}/history")
             elif args.action == "activate":
                 reply = client.post(f"{url}/{args.version}/activate", json={"reason": args.reason})
+            elif args.action == "canary":
+                reply = _canary_request(client, f"{url}/canary", args)
             else:
                 reply = client.post(f"{url}/rollback", json={"to": args.version, "reason": args.reason})
         except httpx.HTTPError as exc:
@@ -179,6 +211,14 @@ def _adapters(settings, args) -> int:
     return 0
 
 
+def _canary_request(client, url: str, args):
+    if args.step == "show":
+        return client.get(url)
+    if args.step == "start":
+        return client.post(url, json={"version": args.version, "share": args.share, "reason": args.reason})
+    return client.post(f"{url}/{args.step}", json={"version": args.version, "reason": args.reason})
+
+
 def _render(action: str, body: dict) -> str:
     if action == "list":
         rows = [f"active: {body['active'] or 'base'}   serving here: {body['serving'] or 'base'}"]
@@ -188,9 +228,42 @@ def _render(action: str, body: dict) -> str:
                         f"metrics={json.dumps(v['metrics'], sort_keys=True)}")
         return "\n".join(rows)
     if action == "history":
-        return "\n".join(f"{e['seq']:>4} {e['action']:<9} {e['previous'] or 'base'} -> {e['version'] or 'base'} "
-                         f"by {e['actor']}: {e['reason']}" for e in body["history"])
+        return "\n".join(_entry(e) for e in body["history"])
+    if action == "canary":
+        return _render_canary(body)
     return f"active: {body['active'] or 'base'} (serving here: {body['serving'] or 'base'})"
+
+
+def _entry(e: dict) -> str:
+    if e["action"] in ("activate", "rollback", "canary_promote"):
+        move = f"{e['previous'] or 'base'} -> {e['version'] or 'base'}"
+    else:  # a canary step: the pointer stayed on `previous`
+        move = f"{e['version']} (active {e['previous'] or 'base'})"
+    return f"{e['seq']:>4} {e['action']:<15} {move} by {e['actor']}: {e['reason']}"
+
+
+def _render_canary(body: dict) -> str:
+    rows = [f"active: {body['active'] or 'base'}"]
+    canary = body.get("canary")
+    if canary is None:
+        rows.append("canary: none running")
+    else:
+        rows.append(f"canary: {canary['version']} for {canary['share']:.0%} of users against "
+                    f"{canary['baseline'] or 'base'}{' (PAUSED)' if canary['paused'] else ''}, started by "
+                    f"{canary['actor']}")
+        evidence = canary.get("evidence")
+        if evidence:
+            c, b = evidence["candidate"], evidence["baseline"]
+            low, high = evidence["interval"]
+            rows.append(f"evidence: candidate {c['desirable']}/{c['n']} desirable, baseline {b['desirable']}/{b['n']}; "
+                        f"difference in [{low:+.3f}, {high:+.3f}] (alpha {evidence['alpha']}, margin "
+                        f"{evidence['margin']}): {evidence['decision']}")
+        else:
+            rows.append("evidence: none reported yet")
+    last = body.get("last") or body.get("entry")
+    if last:
+        rows.append("last: " + _entry(last).strip())
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

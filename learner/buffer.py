@@ -363,3 +363,19 @@ class ReplayBuffer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # ---- the canary's counts (learner.canary) ----
+
+    def rated_since(self, versions: Iterable[str | None], since: float) -> dict[str | None, tuple[int, int]]:
+        """(rated, desirable) per adapter version (None = the base model) among responses created
+        at or after ``since`` (unix seconds): each rated response once, with its current label."""
+        counts: dict[str | None, tuple[int, int]] = {v: (0, 0) for v in versions}
+        with self._lock:
+            rows = self._connection().execute(
+                "SELECT r.adapter_version, COUNT(*), SUM(e.desirable) FROM examples e"
+                " JOIN responses r ON r.response_id = e.response_id WHERE r.created_at >= ?"
+                " GROUP BY r.adapter_version", (since,)).fetchall()
+        for version, rated, desirable in rows:
+            if version in counts:
+                counts[version] = (rated, desirable)
+        return counts

@@ -30,6 +30,8 @@ class Evaluation:
 class GateResult:
     passed: bool
     reasons: list[str] = field(default_factory=list)
+    codes: list[str] = field(default_factory=list)
+    """One short code per reason (nonfinite, kl, accuracy): metric labels must not carry numbers."""
     notes: list[str] = field(default_factory=list)
     candidate: Evaluation | None = None
     parent: Evaluation | None = None
@@ -60,11 +62,14 @@ def decide(candidate: Evaluation, parent: Evaluation, *, finite: bool, max_kl: f
     result = GateResult(passed=True, candidate=candidate, parent=parent)
     if not finite:
         result.reasons.append("non-finite adapter weights")
+        result.codes.append("nonfinite")
     if candidate.kl_per_token is not None and candidate.kl_per_token > max_kl:
         result.reasons.append(f"KL to the base {candidate.kl_per_token:.3f} nats/token > bound {max_kl}")
+        result.codes.append("kl")
     if candidate.n < MIN_HELD_OUT:
         result.notes.append(f"accuracy check skipped: {candidate.n} held-out labels < {MIN_HELD_OUT}")
     elif candidate.accuracy < parent.accuracy - tolerance:
         result.reasons.append(f"held-out accuracy {candidate.accuracy:.3f} < parent {parent.accuracy:.3f} - {tolerance}")
+        result.codes.append("accuracy")
     result.passed = not result.reasons
     return result

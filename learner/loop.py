@@ -1,9 +1,10 @@
 """`kto-loop learn`: from live thumbs to published adapter versions, top to bottom.
 
 Every turn of the loop: consume events into the replay buffer; compute reference log-probs of
-new examples (once each); when enough new labels arrived (or enough time passed), warm-start
-from the ACTIVE version, run K KTO steps, gate the result, publish it with its lineage, and
-activate it when the gate passed and activation is automatic.
+new examples (once each); let the canary controller decide a running canary (learner.canary);
+when enough new labels arrived (or enough time passed), warm-start from the ACTIVE version, run
+K KTO steps, gate the result, publish it with its lineage, and, when the gate passed and
+activation is automatic, start its canary (or activate it directly when canaries are off).
 
 Crash safety: the buffer and its offsets are durable before anything trains on them; a publish
 is atomic in the registry; the learner's own state (watermark, optimizer) is written after the
@@ -29,9 +30,12 @@ from ingest.bus import open_bus
 from ingest.events import Topics
 from kto_loop.models import default_device, ensure_demo_model, load_model, set_torch_threads
 from learner.buffer import Example, ReplayBuffer
+from learner.canary import CanaryController
 from learner.consumer import EventJoiner
+from learner.endpoint import MetricsEndpoint
 from learner.gate import decide, evaluate
 from learner.loss import paper_weights
+from learner.metrics import LearnerMetrics
 from learner.policy import Policy
 from learner.settings import LearnerSettings
 from learner.state import LearnerState
@@ -47,8 +51,12 @@ def held_out(example: Example, fraction: float) -> bool:
     return int.from_bytes(digest[:4], "big") / 2**32 < fraction
 
 
-def main(settings: LearnerSettings, stop: threading.Event | None = None) -> None:
+def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics: LearnerMetrics | None = None) -> None:
     stop = stop or _stop_on_signals()
+    # ---- metrics first: /healthz answers (and Prometheus sees the learner up) while the model loads ----
+    metrics = metrics or LearnerMetrics()
+    endpoint = None if settings.metrics_port is None else MetricsEndpoint(
+        metrics.registry, settings.host, settings.metrics_port, alive=lambda: not stop.is_set()).start()
     # ---- set-up: model, policy, backends, the learner's own state ----
     set_torch_threads(settings.torch_threads)
     device, _ = default_device()
@@ -61,8 +69,10 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None) -> None
     registry = open_registry(settings.registry_url, settings.adapter_dir)
     work_dir = settings.data_dir / "learner"
     buffer = ReplayBuffer(work_dir / "buffer.sqlite3")
+    metrics.watch_buffer(buffer.counts)
     joiner = EventJoiner(bus, topics, buffer, group_id=settings.group_id, pending_ttl_s=settings.pending_ttl_s)
     state = LearnerState.load(work_dir / "state.pt")
+    canary = CanaryController(registry, buffer, settings, metrics)
     rng = random.Random(settings.seed)
     optimizer = None
     last_update = time.monotonic()
@@ -72,9 +82,13 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None) -> None
         while not stop.is_set():
             # ---- 1. consume: events become durable examples, then offsets are committed ----
             joiner.poll_once(timeout_s=settings.poll_timeout_s)
+            metrics.refresh_lag(joiner.lag)
 
             # ---- 2. reference log-probs, once per example, while it enters the buffer ----
             _fill_references(policy, buffer)
+
+            # ---- 2b. the canary: promote, roll back, or report its evidence ----
+            canary.step()
 
             # ---- 3. is an update due? ----
             fresh = [e for e in buffer.fresh(state.watermark) if not held_out(e, settings.held_out_fraction)]
@@ -118,7 +132,7 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None) -> None
             after = evaluate(policy, test) if finite else before
             gate = decide(after, before, finite=finite, max_kl=settings.max_kl, tolerance=settings.accuracy_tolerance)
 
-            # ---- 7. publish with lineage; activate when it passed ----
+            # ---- 7. publish with lineage; canary (or activate) it when it passed ----
             trained = {e.response_id: e for batch in batches for e in batch}
             lineage = {
                 "parent": parent, "feedback_event_ids": sorted(e.feedback_event_id for e in trained.values()),
@@ -132,13 +146,17 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None) -> None
                                     "lora_rank": settings.lora_rank, "lora_alpha": settings.lora_alpha},
                 "newest_label_at": max(e.labeled_at for e in fresh),
             }
-            metrics = {**stats.summary(), "gate": gate.to_json()}
-            version = _publish(policy, registry, settings, parent, metrics, lineage, gate)
+            version_metrics = {**stats.summary(), "gate": gate.to_json()}
+            version = _publish(policy, registry, settings, parent, version_metrics, lineage, gate)
+            metrics.observe_update(stats.summary(), passed=gate.passed, reason_codes=gate.codes,
+                                   seconds=time.monotonic() - last_update,
+                                   fresh_labeled_at=[e.labeled_at for e in trained.values() if e.seq > state.watermark],
+                                   published_at=time.time())
             buffer.mark_trained(list(trained))
             if gate.passed:
                 state.version, state.optimizer = version, optimizer.state_dict()
                 if settings.activation == "auto":
-                    registry.activate(version, actor="learner", reason=f"gate passed (loss {stats.summary()['loss']:.4f})")
+                    canary.release(version, f"gate passed (loss {stats.summary()['loss']:.4f})")
             else:
                 logger.warning("version %s rejected by the gate: %s", version, "; ".join(gate.reasons))
                 optimizer = None  # the next update starts again from the active version
@@ -146,6 +164,8 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None) -> None
             state.save()
             logger.info("update -> %s: %s", version, stats.summary())
     finally:
+        if endpoint is not None:
+            endpoint.close()  # before the buffer it reads at each scrape
         joiner.close()
         buffer.close()
         bus.close()

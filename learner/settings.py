@@ -77,7 +77,31 @@ class LearnerSettings(CommonSettings):
     """Gate: held-out implicit-reward accuracy may fall at most this far below the parent's (fraction)."""
 
     activation: Literal["auto", "manual"] = "auto"
-    """`auto`: a version that passes the gate becomes active; `manual`: an operator activates it."""
+    """`auto`: a version that passes the gate goes live (through a canary unless `canary_share`
+    is 0 or 1) and the canary controller decides canaries; `manual`: an operator activates
+    versions and decides canaries (the controller only reports their evidence)."""
+
+    # ---- the canary (learner.canary) ----
+    canary_share: float = Field(0.2, ge=0, le=1)
+    """Share of users a new version first serves, by a stable hash of user and version, while
+    everyone else stays on the active version; 0 or 1 activates new versions directly (fraction)."""
+
+    canary_alpha: float = Field(0.05, gt=0, lt=1)
+    """Error rate of the canary's anytime-valid test, over the whole canary however often it looks:
+    the chance of rolling back a version as good as the active one, and of promoting one worse
+    by more than `canary_margin` (probability)."""
+
+    canary_margin: float = Field(0.05, ge=0, lt=1)
+    """A candidate is promoted once its desirable rate is shown to be at most this far below the
+    active version's (absolute difference of rates). Smaller needs more ratings: an equal
+    candidate needs about 5000 per side at 0.05, 1200 at 0.1, 270 at 0.2."""
+
+    canary_min_ratings: int = Field(100, ge=1)
+    """Ratings each side needs before a promotion; a rollback needs only the evidence (ratings)."""
+
+    canary_tuned_for: int = Field(200, ge=1)
+    """Ratings per side at which the test's boundary is tightest (it shapes ρ of the normal
+    mixture; any value keeps the error rate) (ratings)."""
 
     # ---- joining ----
     group_id: str = "kto-learner"
@@ -88,6 +112,15 @@ class LearnerSettings(CommonSettings):
 
     poll_timeout_s: float = Field(0.5, gt=0)
     """How long one poll of the bus waits for events (seconds)."""
+
+    # ---- metrics ----
+    host: str = "127.0.0.1"
+    """Address the metrics endpoint listens on (`--host`). The same KTO_HOST as the server's: in a
+    container both must listen on 0.0.0.0 to be scraped."""
+
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    """TCP port of the learner's `/metrics` and `/healthz` (`kto-loop learn --port`); unset serves
+    none, 0 picks a free one. Not KTO_PORT: under `kto-loop up` the server beside it owns that."""
 
     @model_validator(mode="after")
     def _weights_together(self):

@@ -11,9 +11,13 @@ from pathlib import Path
 from kto_loop.urls import SQLITE_PREFIX, sqlite_path
 
 from registry.base import Registry
+from registry.canary import Canary, in_canary
 from registry.compat import check_adapter
 from registry.errors import (
+    CanaryRunning,
     InvalidAdapter,
+    InvalidCanary,
+    NoCanary,
     NothingToRollBack,
     RegistryError,
     RegistryUnavailable,
@@ -26,8 +30,12 @@ from registry.versions import BASE, HistoryEntry, VersionInfo
 
 __all__ = [
     "BASE",
+    "Canary",
+    "CanaryRunning",
     "HistoryEntry",
     "InvalidAdapter",
+    "InvalidCanary",
+    "NoCanary",
     "NothingToRollBack",
     "Registry",
     "RegistryError",
@@ -38,6 +46,7 @@ __all__ = [
     "VersionInfo",
     "VersionRejected",
     "check_adapter",
+    "in_canary",
     "open_registry",
 ]
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
+from registry.canary import Canary
 from registry.versions import HistoryEntry, VersionInfo
 
 
 class Registry(Protocol):
-    """Adapter versions, their files, the active pointer and its history.
+    """Adapter versions, their files, the active pointer, the canary and their history.
 
     Version names (v0001, v0002, …) are allocated by the registry, never reused, and a version's
     files never change after publish. `None` as a version means the base model.
@@ -48,8 +49,8 @@ class Registry(Protocol):
     def pointer(self) -> tuple[int, str | None]:
         """(change counter, active version): cheap enough to poll several times a second.
 
-        The counter grows with every history entry, so a poller that saw the same counter has
-        missed nothing."""
+        The counter grows with every history entry (canary steps included), so a poller that saw
+        the same counter has missed nothing."""
         ...
 
     def wait_for_change(self, timeout_s: float) -> None:
@@ -72,7 +73,46 @@ class Registry(Protocol):
         ...
 
     def reject(self, version: str, reason: str, *, actor: str = "registry") -> None:
-        """Mark a version rejected forever; if it is active, roll back from it."""
+        """Mark a version rejected forever; if it is active, roll back from it; if it is the
+        canary's candidate, the canary ends (a canary_rollback entry)."""
+        ...
+
+    # The canary: rules in registry.canary. `version` names the candidate the caller means, so a
+    # decision about one canary never lands on the next: NoCanary if that is not what runs.
+
+    def canary(self) -> Canary | None:
+        """The running canary, None when none runs."""
+        ...
+
+    def start_canary(
+        self, version: str, share: float, *, actor: str, reason: str = "",
+        evidence: dict[str, Any] | None = None,
+    ) -> HistoryEntry:
+        """Route `share` of the users to `version`; CanaryRunning, InvalidCanary (it is active),
+        UnknownVersion, VersionRejected, ValueError (share not in (0, 1])."""
+        ...
+
+    def promote_canary(
+        self, version: str, *, actor: str, reason: str = "", evidence: dict[str, Any] | None = None
+    ) -> HistoryEntry:
+        """Activate the candidate (the activate path: the stack rules hold); the canary ends."""
+        ...
+
+    def rollback_canary(
+        self, version: str, *, actor: str, reason: str = "", evidence: dict[str, Any] | None = None
+    ) -> HistoryEntry:
+        """Reject the candidate forever; the canary ends and the active version stays."""
+        ...
+
+    def pause_canary(
+        self, version: str, paused: bool, *, actor: str, reason: str = ""
+    ) -> HistoryEntry:
+        """Pause (route nobody to the candidate, decide nothing) or resume the canary."""
+        ...
+
+    def report_canary(self, version: str, evidence: dict[str, Any]) -> bool:
+        """Keep the controller's latest evidence on the canary (no history entry, no counter
+        bump); False if no canary of `version` runs."""
         ...
 
     def verify_files(self, version: str) -> None:

@@ -59,3 +59,28 @@ class InvalidAdapter(RegistryError):
         self.path = path
         self.reason = reason
         super().__init__(f"not a publishable adapter directory {str(path)!r}: {reason}")
+
+
+class NoCanary(RegistryError):
+    """No canary runs (or, when `version` is given, none of that version)."""
+
+    def __init__(self, version: str | None = None) -> None:
+        self.version = version
+        super().__init__(f"no canary of {version} runs" if version else "no canary runs")
+
+
+class CanaryRunning(RegistryError):
+    """A canary runs already; one at a time."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+        super().__init__(f"a canary of {version} runs already; promote or roll it back first")
+
+
+class InvalidCanary(RegistryError):
+    """This version cannot be a canary (e.g. it is the active version)."""
+
+    def __init__(self, version: str, reason: str) -> None:
+        self.version = version
+        self.reason = reason
+        super().__init__(f"no canary of {version}: {reason}")

@@ -4,15 +4,18 @@ URL: `redis://[user:password@]host:port/db[?prefix=kto:registry:]` (`rediss://` 
 prefix (default `kto:registry:`) lets several registries share one database; every other query
 parameter goes to redis-py (e.g. `socket_timeout=5`). Keys, all under the prefix:
 
-    schema        "1": the layout of these keys (a newer layout is refused, not misread)
+    schema        "2": the layout of these keys (a newer layout is refused, not misread; 1 had
+                  no canary and no evidence, and is upgraded in place on open)
     next_version  INCR counter behind the names v0001, v0002, … (so never reused)
     state         hash version → pending | ready | rejected | abandoned
     meta          hash version → JSON parent, created_at, base_model, sha256, files, metrics,
                   lineage: written once, with the move out of pending, never changed
     rejected      hash version → why it was rejected
-    pointer       hash counter, active ("" = the base model)
+    pointer       hash counter, active ("" = the base model), canary (JSON of the running
+                  registry.canary.Canary, "" when none runs)
     stack         list, the rollback stack oldest first ("" = the base model)
-    history       list of JSON HistoryEntry, oldest first, append-only
+    history       list of JSON HistoryEntry, oldest first, append-only (entries written under
+                  layout 1 lack "evidence": read as None)
     changes       the pub/sub channel: one message per pointer change
 """
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 from kto_loop.urls import redis_url
 
 DEFAULT_PREFIX = "kto:registry:"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def parse_url(url: str) -> tuple[str, str, str]:

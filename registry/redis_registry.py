@@ -5,13 +5,13 @@ files on a path all replicas share, laid out as the embedded registry lays them 
 URL and key layout: registry.redis_keys.
 
 Rules:
-- Only ready and rejected versions are visible. Lua script RESERVE allocates a name and marks it
-  pending in one step; FINISH moves a pending name (and only a pending one) to its final state,
-  so a publish swept as abandoned can never be revived.
-- Every pointer change (activate, rollback, reject of the active version) is one WATCH/MULTI/EXEC
-  transaction over state, pointer and stack: the stack rules (registry.rollback) run here on what
-  was read, and the writes (pointer, stack, history, PUBLISH) apply together, or not at all and
-  are retried if a watched key moved meanwhile. The counter is the history's length, so
+- Only ready and rejected versions are visible; names are allocated and published by the Lua
+  scripts of registry.redis_catalog.
+- Every pointer change (activate, rollback, reject of the active version) and every canary step
+  (registry.canary; the canary is a field of the pointer hash) is one WATCH/MULTI/EXEC
+  transaction over state, pointer and stack: the stack and canary rules run here on what was
+  read, and the writes (pointer, canary, stack, history, PUBLISH) apply together, or not at all
+  and are retried if a watched key moved meanwhile. The counter is the history's length, so
   `pointer()`, one HMGET, tells a poller whether it missed anything.
 - Pub/sub is a hint and the pointer the truth (registry.redis_changes): a replica that misses a
   message still converges by polling.
@@ -36,10 +36,14 @@ from redis.backoff import NoBackoff
 from redis.client import Pipeline
 from redis.retry import Retry
 
+from registry import canary as canary_rules
 from registry import publishing, store
 from registry import rollback as stack_rules
+from registry.canary import Canary
 from registry.errors import RegistryError, RegistryUnavailable, UnknownVersion, VersionRejected
 from registry.publishing import VISIBLE
+from registry.redis_canary import RedisCanarySteps
+from registry.redis_catalog import RedisCatalog
 from registry.redis_changes import ChangeListener
 from registry.redis_keys import SCHEMA_VERSION, RedisKeys, parse_url
 from registry.versions import BASE, HistoryAction, HistoryEntry, VersionInfo
@@ -48,23 +52,7 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-# KEYS: next_version, state. Returns the new name.
-_RESERVE = """
-local version = string.format('v%04d', redis.call('INCR', KEYS[1]))
-redis.call('HSET', KEYS[2], version, 'pending')
-return version
-"""
-# KEYS: state, meta, rejected. ARGV: version, new state, meta JSON or '', reason or ''.
-_FINISH = """
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= 'pending' then return 0 end
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], ARGV[1], ARGV[3]) end
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[4]) end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return 1
-"""
-
-
-class RedisRegistry:
+class RedisRegistry(RedisCanarySteps):
     """The Redis Registry backend; safe across processes, hosts and threads."""
 
     def __init__(
@@ -89,9 +77,7 @@ class RedisRegistry:
             # pooled sockets are dead, and a caller should not fail because of that.
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         )
-        self._reserve_script = self._client.register_script(_RESERVE)
-        self._finish_script = self._client.register_script(_FINISH)
-        self._catalog = _Catalog(self)
+        self._catalog = RedisCatalog(self)
         self._changes = ChangeListener(self._client, self._keys.changes, self.where)
         try:
             self._check_schema()
@@ -135,6 +121,9 @@ class RedisRegistry:
                 f"registry {self.where} prefix {self.prefix!r} has schema {found}, newer than "
                 f"this code's {SCHEMA_VERSION}"
             )
+        if found < SCHEMA_VERSION:  # 1 -> 2 only adds fields: what is there reads as it is
+            with self._redis() as r:
+                r.set(self._keys.schema, SCHEMA_VERSION)
 
     # ---- publish ---------------------------------------------------------------------------
 
@@ -208,7 +197,7 @@ class RedisRegistry:
                 raise UnknownVersion(version)
             if state == "rejected":
                 return False
-            counter, active = self._pointer_in(pipe)
+            counter, active, running = self._pointer_in(pipe)
             if active == version:
                 target, stack = stack_rules.pop_for_rollback(
                     self._stack_in(pipe), active, lambda v: self._unservable_in(pipe, v)
@@ -216,9 +205,13 @@ class RedisRegistry:
             pipe.multi()
             pipe.hset(k.state, version, "rejected")
             pipe.hset(k.rejected, version, reason)
+            why = f"{version} rejected: {reason}"
             if active == version:
-                why = f"{version} rejected: {reason}"
-                self._queue_move(pipe, counter, active, "rollback", target, stack, actor, why)
+                self._queue_move(pipe, counter, active, running, "rollback", target, stack, actor,
+                                 why)
+            elif running is not None and running.version == version:  # never the active one
+                self._queue_note(pipe, counter, active, None, "canary_rollback", version, actor,
+                                 why)
             return True
 
         if self._transact(plan):
@@ -244,6 +237,10 @@ class RedisRegistry:
             counter, active = r.hmget(self._keys.pointer, "counter", "active")
         return int(counter or 0), active or None
 
+    def canary(self) -> Canary | None:
+        with self._redis() as r:
+            return Canary.loads(r.hget(self._keys.pointer, "canary"))
+
     def wait_for_change(self, timeout_s: float) -> None:
         """Returns at a change notification, at timeout_s, or at once after close()."""
         if not self._closed.is_set():
@@ -256,11 +253,11 @@ class RedisRegistry:
 
         def plan(pipe: Pipeline) -> tuple[HistoryEntry, str | None]:
             self._check_servable_in(pipe, version)
-            counter, previous = self._pointer_in(pipe)
+            counter, previous, running = self._pointer_in(pipe)
             stack = stack_rules.push_on_activate(self._stack_in(pipe), previous, version)
             pipe.multi()
-            entry = self._queue_move(pipe, counter, previous, "activate", version, stack, actor,
-                                     reason)
+            entry = self._queue_move(pipe, counter, previous, running, "activate", version, stack,
+                                     actor, reason)
             return entry, previous
 
         entry, previous = self._transact(plan)
@@ -271,7 +268,7 @@ class RedisRegistry:
         """Without `to`, the stack rule (registry.rollback); `to=BASE` rolls back to the base."""
 
         def plan(pipe: Pipeline) -> HistoryEntry:
-            counter, previous = self._pointer_in(pipe)
+            counter, previous, running = self._pointer_in(pipe)
             if to is None:
                 target, stack = stack_rules.pop_for_rollback(
                     self._stack_in(pipe), previous, lambda v: self._unservable_in(pipe, v)
@@ -281,8 +278,8 @@ class RedisRegistry:
                 self._check_servable_in(pipe, target)
                 stack = stack_rules.truncate_for_rollback_to(self._stack_in(pipe), target)
             pipe.multi()
-            return self._queue_move(pipe, counter, previous, "rollback", target, stack, actor,
-                                    reason)
+            return self._queue_move(pipe, counter, previous, running, "rollback", target, stack,
+                                    actor, reason)
 
         entry = self._transact(plan)
         logger.info(
@@ -297,9 +294,9 @@ class RedisRegistry:
 
     # Helpers run inside _transact: reads before pipe.multi(), _queue_move after it.
 
-    def _pointer_in(self, pipe: Pipeline) -> tuple[int, str | None]:
-        counter, active = pipe.hmget(self._keys.pointer, "counter", "active")
-        return int(counter or 0), active or None
+    def _pointer_in(self, pipe: Pipeline) -> tuple[int, str | None, Canary | None]:
+        counter, active, running = pipe.hmget(self._keys.pointer, "counter", "active", "canary")
+        return int(counter or 0), active or None, Canary.loads(running)
 
     def _stack_in(self, pipe: Pipeline) -> list[str | None]:
         return [v or None for v in pipe.lrange(self._keys.stack, 0, -1)]
@@ -321,21 +318,53 @@ class RedisRegistry:
         pipe: Pipeline,
         counter: int,
         previous: str | None,
+        running: Canary | None,
         action: HistoryAction,
         version: str | None,
         stack: list[str | None],
         actor: str,
         reason: str,
+        evidence: dict[str, Any] | None = None,
     ) -> HistoryEntry:
-        """Queue the pointer swap, the new stack, the history entry and the notification."""
+        """Queue the pointer swap (the canary follows: registry.canary.after_move), the new stack,
+        the history entry and the notification."""
         k = self._keys
-        entry = HistoryEntry(counter + 1, time.time(), action, version, previous, actor, reason)
-        pipe.hset(k.pointer, mapping={"counter": entry.seq, "active": version or ""})
+        running = canary_rules.after_move(running, version, now=time.time())
         pipe.delete(k.stack)
         if stack:
             pipe.rpush(k.stack, *(v or "" for v in stack))
+        return self._queue_entry(pipe, counter, action, version, previous, version, running, actor,
+                                 reason, evidence)
+
+    def _queue_note(
+        self,
+        pipe: Pipeline,
+        counter: int,
+        active: str | None,
+        running: Canary | None,
+        action: HistoryAction,
+        candidate: str,
+        actor: str,
+        reason: str,
+        evidence: dict[str, Any] | None = None,
+    ) -> HistoryEntry:
+        """Queue a canary step that leaves the pointer where it is."""
+        return self._queue_entry(pipe, counter, action, candidate, active, active, running, actor,
+                                 reason, evidence)
+
+    def _queue_entry(
+        self, pipe: Pipeline, counter: int, action: HistoryAction, version: str | None,
+        previous: str | None, active: str | None, running: Canary | None, actor: str, reason: str,
+        evidence: dict[str, Any] | None,
+    ) -> HistoryEntry:
+        text = canary_rules.evidence_json(evidence)
+        entry = HistoryEntry(counter + 1, time.time(), action, version, previous, actor, reason,
+                             text and json.loads(text))
+        k = self._keys
+        pipe.hset(k.pointer, mapping={"counter": entry.seq, "active": active or "",
+                                      "canary": running.dumps() if running else ""})
         pipe.rpush(k.history, json.dumps(entry.to_json()))
-        pipe.publish(k.changes, json.dumps({"counter": entry.seq, "active": version}))
+        pipe.publish(k.changes, json.dumps({"counter": entry.seq, "active": active}))
         return entry
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -356,43 +385,3 @@ class RedisRegistry:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _Catalog:
-    """The Redis side of registry.publishing, through the RESERVE and FINISH scripts."""
-
-    def __init__(self, registry: RedisRegistry) -> None:
-        self._registry = registry
-        self._keys = registry._keys
-
-    def reserve(self) -> str:
-        with self._registry._redis():
-            return self._registry._reserve_script(keys=[self._keys.next_version, self._keys.state])
-
-    def commit(self, version: str, new: publishing.NewVersion, files: dict[str, str]) -> None:
-        meta = {
-            "parent": new.parent,
-            "created_at": time.time(),
-            "base_model": new.base_model,
-            "sha256": files[store.WEIGHTS_FILE],
-            "files": files,
-            "metrics": json.loads(new.metrics_json),
-            "lineage": json.loads(new.lineage_json),
-        }
-        if not self._finish(version, new.status, json.dumps(meta), new.rejected_reason or ""):
-            raise RegistryError(f"{version} is no longer pending; its publish cannot finish")
-
-    def abandon(self, version: str) -> bool:
-        return self._finish(version, "abandoned", "", "")
-
-    def pending(self) -> list[str]:
-        with self._registry._redis() as r:
-            states = r.hgetall(self._keys.state)
-        return [version for version, state in states.items() if state == "pending"]
-
-    def _finish(self, version: str, state: str, meta: str, reason: str) -> bool:
-        k = self._keys
-        with self._registry._redis():
-            return bool(self._registry._finish_script(
-                keys=[k.state, k.meta, k.rejected], args=[version, state, meta, reason]
-            ))

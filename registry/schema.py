@@ -1,7 +1,12 @@
 """The SQLite schema of the embedded registry, and how its connections are opened.
 
 Rows of `versions` move pending → ready | rejected, or pending → abandoned when a publish dies;
-only ready and rejected rows are ever visible. `pointer` is a single row read by every poll.
+only ready and rejected rows are ever visible. `pointer` is a single row read by every poll; it
+holds the running canary too (JSON of registry.canary.Canary), so that both change together.
+
+Layouts: 1 had no canary and no evidence; 2 adds `pointer.canary`, `history.evidence` and the
+canary actions. Opening a layout-1 file migrates it in place, in one transaction; a newer layout
+than this code's is refused rather than misread.
 """
 
 from __future__ import annotations
@@ -13,8 +18,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from registry.errors import RegistryError, RegistryUnavailable
+from registry.versions import HISTORY_ACTIONS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+_ACTIONS = ", ".join(f"'{action}'" for action in HISTORY_ACTIONS)
+_HISTORY = f"""
+CREATE TABLE IF NOT EXISTS {{name}} (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    action TEXT NOT NULL CHECK (action IN ({_ACTIONS})),
+    version TEXT,
+    previous TEXT,
+    actor TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    evidence TEXT  -- JSON, or NULL
+)"""
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -33,23 +52,26 @@ CREATE TABLE IF NOT EXISTS versions (
 CREATE TABLE IF NOT EXISTS pointer (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     counter INTEGER NOT NULL,
-    active TEXT
+    active TEXT,
+    canary TEXT  -- JSON of the running canary, NULL when none runs
 );
-CREATE TABLE IF NOT EXISTS history (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    action TEXT NOT NULL CHECK (action IN ('activate', 'rollback')),
-    version TEXT,
-    previous TEXT,
-    actor TEXT NOT NULL,
-    reason TEXT NOT NULL
-);
+{history};
 CREATE TABLE IF NOT EXISTS rollback_stack (
     pos INTEGER PRIMARY KEY,
     version TEXT
 );
 INSERT OR IGNORE INTO pointer (id, counter, active) VALUES (1, 0, NULL);
-"""
+""".replace("{history}", _HISTORY.format(name="history"))
+
+# Layout 1 -> 2. SQLite cannot change a CHECK constraint in place: the history is copied.
+_MIGRATE_FROM_1 = [
+    "ALTER TABLE pointer ADD COLUMN canary TEXT",
+    _HISTORY.format(name="history_v2"),
+    "INSERT INTO history_v2 (seq, at, action, version, previous, actor, reason)"
+    " SELECT seq, at, action, version, previous, actor, reason FROM history ORDER BY seq",
+    "DROP TABLE history",
+    "ALTER TABLE history_v2 RENAME TO history",
+]
 
 
 @contextmanager
@@ -95,6 +117,9 @@ def _prepare(conn: sqlite3.Connection, db_path: Path, busy_timeout_s: float) -> 
             )
         for statement in _TABLES.split(";"):
             if statement.strip():
+                conn.execute(statement)
+        if found == 1:
+            for statement in _MIGRATE_FROM_1:
                 conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")

@@ -9,8 +9,9 @@ Layout of the store (several processes, e.g. the server and the learner, share i
 Publishes follow registry.publishing: a name is reserved as a 'pending' row, invisible to every
 read, and flipped to 'ready' (or 'rejected') in one transaction once its directory is in place;
 the rows of killed publishes become 'abandoned', so that their names are never handed out again.
-Pointer changes (activate, rollback, reject of the active version) read and write the pointer,
-the rollback stack and the history in one IMMEDIATE transaction.
+Pointer changes (activate, rollback, reject of the active version) and canary steps
+(registry.canary) read and write the pointer row (active version and canary), the rollback stack
+and the history in one IMMEDIATE transaction.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from registry import canary as canary_rules
 from registry import publishing, schema, store
 from registry import rollback as stack_rules
+from registry.canary import Canary
 from registry.errors import RegistryError, UnknownVersion, VersionRejected
 from registry.publishing import VISIBLE as _VISIBLE
-from registry.versions import BASE, HistoryEntry, VersionInfo
+from registry.sqlite_catalog import SqliteCatalog
+from registry.versions import BASE, HistoryAction, HistoryEntry, VersionInfo
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ class SqliteRegistry:
         self.adapter_root = Path(adapter_root) if adapter_root else self.db_path.parent / "versions"
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._files = store.AdapterFiles(self.adapter_root)
-        self._catalog = _Catalog(self)
+        self._catalog = SqliteCatalog(self)
         self._lock = threading.RLock()  # one connection, shared by this object's threads
         self._closed = threading.Event()
         self._conn: sqlite3.Connection | None = schema.connect(self.db_path, busy_timeout_s)
@@ -155,11 +159,14 @@ class SqliteRegistry:
                 (reason, version),
             )
             _, active = self._pointer_in(c)
+            why = f"{version} rejected: {reason}"
             if active == version:
                 target, stack = stack_rules.pop_for_rollback(
                     self._stack_in(c), active, lambda v: self._unservable_in(c, v)
                 )
-                self._move_in(c, "rollback", target, stack, actor, f"{version} rejected: {reason}")
+                self._move_in(c, "rollback", target, stack, actor, why)
+            elif (running := self._canary_in(c)) is not None and running.version == version:
+                self._note_in(c, "canary_rollback", version, None, actor, why)
         logger.warning("rejected %s: %s", version, reason)
 
     def verify_files(self, version: str) -> None:
@@ -213,9 +220,74 @@ class SqliteRegistry:
 
     def history(self) -> list[HistoryEntry]:
         rows = self._read(
-            "SELECT seq, at, action, version, previous, actor, reason FROM history ORDER BY seq"
+            "SELECT seq, at, action, version, previous, actor, reason, evidence FROM history"
+            " ORDER BY seq"
         )
-        return [HistoryEntry(*row) for row in rows]
+        return [HistoryEntry(*row[:7], json.loads(row[7]) if row[7] else None) for row in rows]
+
+    # ---- the canary (registry.canary) -------------------------------------------------------
+
+    def canary(self) -> Canary | None:
+        return Canary.loads(self._read("SELECT canary FROM pointer WHERE id = 1")[0][0])
+
+    def start_canary(
+        self, version: str, share: float, *, actor: str, reason: str = "",
+        evidence: dict[str, Any] | None = None,
+    ) -> HistoryEntry:
+        with self._write() as c:
+            self._check_servable_in(c, version)
+            _, active = self._pointer_in(c)
+            running = canary_rules.start(
+                self._canary_in(c), active, version, share, actor=actor, now=time.time()
+            )
+            entry = self._note_in(c, "canary_start", version, running, actor, reason, evidence)
+        logger.info("%s started a canary of %s for %.0f%% of users", actor, version, 100 * share)
+        return entry
+
+    def promote_canary(
+        self, version: str, *, actor: str, reason: str = "", evidence: dict[str, Any] | None = None
+    ) -> HistoryEntry:
+        with self._write() as c:
+            # A candidate is never rejected while its canary runs (rejecting it ends the canary).
+            canary_rules.require(self._canary_in(c), version)
+            _, previous = self._pointer_in(c)
+            stack = stack_rules.push_on_activate(self._stack_in(c), previous, version)
+            entry = self._move_in(c, "canary_promote", version, stack, actor, reason, evidence)
+        logger.info("%s promoted canary %s (was %s)", actor, version, previous or "base")
+        return entry
+
+    def rollback_canary(
+        self, version: str, *, actor: str, reason: str = "", evidence: dict[str, Any] | None = None
+    ) -> HistoryEntry:
+        with self._write() as c:
+            canary_rules.require(self._canary_in(c), version)
+            c.execute(
+                "UPDATE versions SET state = 'rejected', rejected_reason = ?"
+                " WHERE version = ? AND state = 'ready'",
+                (canary_rules.rejection(actor, reason), version),
+            )
+            entry = self._note_in(c, "canary_rollback", version, None, actor, reason, evidence)
+        logger.warning("%s rolled back canary %s: %s", actor, version, reason)
+        return entry
+
+    def pause_canary(
+        self, version: str, paused: bool, *, actor: str, reason: str = ""
+    ) -> HistoryEntry:
+        with self._write() as c:
+            running = canary_rules.paused(canary_rules.require(self._canary_in(c), version), paused)
+            action = "canary_pause" if paused else "canary_resume"
+            entry = self._note_in(c, action, version, running, actor, reason)
+        logger.info("%s %s canary %s", actor, "paused" if paused else "resumed", version)
+        return entry
+
+    def report_canary(self, version: str, evidence: dict[str, Any]) -> bool:
+        with self._write() as c:
+            running = self._canary_in(c)
+            if running is None or running.version != version:
+                return False
+            running = canary_rules.reported(running, evidence, now=time.time())
+            c.execute("UPDATE pointer SET canary = ? WHERE id = 1", (running.dumps(),))
+        return True
 
     # Helpers run inside a _write() transaction, on its connection.
 
@@ -224,6 +296,9 @@ class SqliteRegistry:
 
     def _stack_in(self, c: sqlite3.Connection) -> list[str | None]:
         return [v for (v,) in c.execute("SELECT version FROM rollback_stack ORDER BY pos")]
+
+    def _canary_in(self, c: sqlite3.Connection) -> Canary | None:
+        return Canary.loads(c.execute("SELECT canary FROM pointer WHERE id = 1").fetchone()[0])
 
     def _unservable_in(self, c: sqlite3.Connection, version: str) -> bool:
         # Rejected, or (never expected: rows are not deleted) gone.
@@ -245,27 +320,60 @@ class SqliteRegistry:
     def _move_in(
         self,
         c: sqlite3.Connection,
-        action: str,
+        action: HistoryAction,
         version: str | None,
         stack: list[str | None],
         actor: str,
         reason: str,
+        evidence: dict[str, Any] | None = None,
     ) -> HistoryEntry:
-        """Swap the pointer, replace the stack, append history: all in the caller's transaction."""
-        counter, previous = self._pointer_in(c)
+        """Swap the pointer (the canary follows: registry.canary.after_move), replace the stack,
+        append history: all in the caller's transaction."""
+        _, previous = self._pointer_in(c)
         at = time.time()
-        seq = c.execute(
-            "INSERT INTO history (at, action, version, previous, actor, reason)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (at, action, version, previous, actor, reason),
-        ).lastrowid
-        c.execute("UPDATE pointer SET counter = ?, active = ? WHERE id = 1", (counter + 1, version))
+        running = canary_rules.after_move(self._canary_in(c), version, now=at)
+        entry = self._append_in(c, at, action, version, previous, actor, reason, evidence)
+        c.execute(
+            "UPDATE pointer SET counter = counter + 1, active = ?, canary = ? WHERE id = 1",
+            (version, running and running.dumps()),
+        )
         c.execute("DELETE FROM rollback_stack")
         c.executemany(
             "INSERT INTO rollback_stack (pos, version) VALUES (?, ?)", list(enumerate(stack))
         )
+        return entry
+
+    def _note_in(
+        self,
+        c: sqlite3.Connection,
+        action: HistoryAction,
+        candidate: str,
+        running: Canary | None,
+        actor: str,
+        reason: str,
+        evidence: dict[str, Any] | None = None,
+    ) -> HistoryEntry:
+        """A canary step that leaves the pointer where it is: set the canary, append history."""
+        _, active = self._pointer_in(c)
+        entry = self._append_in(c, time.time(), action, candidate, active, actor, reason, evidence)
+        c.execute(
+            "UPDATE pointer SET counter = counter + 1, canary = ? WHERE id = 1",
+            (running and running.dumps(),),
+        )
+        return entry
+
+    def _append_in(
+        self, c: sqlite3.Connection, at: float, action: HistoryAction, version: str | None,
+        previous: str | None, actor: str, reason: str, evidence: dict[str, Any] | None,
+    ) -> HistoryEntry:
+        text = canary_rules.evidence_json(evidence)
+        seq = c.execute(
+            "INSERT INTO history (at, action, version, previous, actor, reason, evidence)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (at, action, version, previous, actor, reason, text),
+        ).lastrowid
         return HistoryEntry(
-            seq, at, action, version, previous, actor, reason  # type: ignore[arg-type]
+            seq, at, action, version, previous, actor, reason, text and json.loads(text)
         )
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -285,44 +393,3 @@ class SqliteRegistry:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _Catalog:
-    """The SQLite side of registry.publishing: rows of `versions` move pending → ready | rejected,
-    or pending → abandoned; AUTOINCREMENT never hands a number out twice."""
-
-    def __init__(self, registry: SqliteRegistry) -> None:
-        self._registry = registry
-
-    def reserve(self) -> str:
-        with self._registry._write() as c:
-            seq = c.execute(
-                "INSERT INTO versions (state, created_at) VALUES ('pending', ?)", (time.time(),)
-            ).lastrowid
-            version = f"v{seq:04d}"
-            c.execute("UPDATE versions SET version = ? WHERE seq = ?", (version, seq))
-        return version
-
-    def commit(self, version: str, new: publishing.NewVersion, files: dict[str, str]) -> None:
-        with self._registry._write() as c:
-            updated = c.execute(
-                "UPDATE versions SET state = ?, parent = ?, created_at = ?, base_model = ?,"
-                " sha256 = ?, files = ?, metrics = ?, lineage = ?, rejected_reason = ?"
-                " WHERE version = ? AND state = 'pending'",
-                (new.status, new.parent, time.time(), new.base_model, files[store.WEIGHTS_FILE],
-                 json.dumps(files), new.metrics_json, new.lineage_json, new.rejected_reason,
-                 version),
-            ).rowcount
-            if updated != 1:
-                raise RegistryError(f"{version} is no longer pending; its publish cannot finish")
-
-    def abandon(self, version: str) -> bool:
-        with self._registry._write() as c:
-            return c.execute(
-                "UPDATE versions SET state = 'abandoned' WHERE version = ? AND state = 'pending'",
-                (version,),
-            ).rowcount == 1
-
-    def pending(self) -> list[str]:
-        rows = self._registry._read("SELECT version FROM versions WHERE state = 'pending'")
-        return [version for (version,) in rows]

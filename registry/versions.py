@@ -7,10 +7,14 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 VersionStatus = Literal["ready", "rejected"]
-HistoryAction = Literal["activate", "rollback"]
+HistoryAction = Literal[
+    "activate", "rollback",
+    "canary_start", "canary_promote", "canary_rollback", "canary_pause", "canary_resume",
+]
+HISTORY_ACTIONS: tuple[str, ...] = get_args(HistoryAction)
 
 # Accepted wherever a version may name the base model (besides None), e.g. from an admin API.
 BASE = "base"
@@ -48,7 +52,13 @@ class VersionInfo:
 
 @dataclass(frozen=True)
 class HistoryEntry:
-    """One change of the active pointer; version None is the base model."""
+    """One change of the active pointer or of the canary (registry.canary); version None is the
+    base model.
+
+    activate, rollback, canary_promote: the pointer moved from `previous` to `version`.
+    canary_start, canary_rollback, canary_pause, canary_resume: the pointer stayed on `previous`
+    (the active version); `version` is the canary's candidate.
+    """
 
     seq: int
     at: float  # unix seconds
@@ -57,6 +67,9 @@ class HistoryEntry:
     previous: str | None
     actor: str
     reason: str
+    evidence: dict[str, Any] | None = None
+    """What a decision rested on (counts, rates, statistic, threshold); None for plain moves and
+    for entries written before evidence existed."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -67,6 +80,7 @@ class HistoryEntry:
             "previous": self.previous,
             "actor": self.actor,
             "reason": self.reason,
+            "evidence": copy.deepcopy(self.evidence),
         }
 
 

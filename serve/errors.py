@@ -17,7 +17,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ingest.bus import BusUnavailable
 from ingest.ledger import LedgerUnavailable, NotResponseOwnerError, UnknownResponseError
 from ingest.spool import SpoolFull
-from registry import RegistryError, UnknownVersion, VerificationError, VersionRejected
+from registry import (
+    CanaryRunning,
+    InvalidCanary,
+    NoCanary,
+    RegistryError,
+    UnknownVersion,
+    VerificationError,
+    VersionRejected,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +134,19 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(VerificationError)
     async def _unverified(request: Request, exc: VerificationError):
         return error_body(409, f"version {exc.version} failed verification: {exc.reason}", "conflict_error", "version")
+
+    @app.exception_handler(NoCanary)
+    async def _no_canary(request: Request, exc: NoCanary):
+        return error_body(409, str(exc), "conflict_error", "version", "no_canary")
+
+    @app.exception_handler(CanaryRunning)
+    async def _canary_running(request: Request, exc: CanaryRunning):
+        return error_body(409, f"a canary of {exc.version} runs already; promote or roll it back first",
+                          "conflict_error", "version", "canary_running")
+
+    @app.exception_handler(InvalidCanary)
+    async def _invalid_canary(request: Request, exc: InvalidCanary):
+        return error_body(409, f"no canary of {exc.version}: {exc.reason}", "conflict_error", "version")
 
     @app.exception_handler(RegistryError)
     async def _registry(request: Request, exc: RegistryError):

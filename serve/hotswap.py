@@ -8,6 +8,11 @@ requests use it. Requests already running keep the version they were pinned to; 
 version stays loaded for an instant rollback; older ones are unloaded once no request holds
 them. A version that fails verification is marked rejected with its reason, and the pointer is
 rolled back by the registry.
+
+The canary (registry.canary) is followed the same way: every canary step bumps the pointer's
+counter, its candidate is verified and loaded like an active version, and only then are the
+users in its share routed to it (`route`); a candidate that fails verification is rejected,
+which ends its canary. A canary whose candidate is not loaded here routes nobody to it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from registry import Registry, VerificationError, check_adapter
+from registry import Canary, Registry, VerificationError, check_adapter, in_canary
 from serve.engine import Engine
 from serve.metrics import ServeMetrics
 
@@ -38,6 +43,8 @@ class HotSwap:
         self.base_model, self.max_rank, self.poll_s, self.replica = base_model, max_rank, poll_s, replica
         self.serving: str | None = None  # what new requests get
         self.previous: str | None = None
+        self.canary: Canary | None = None
+        """The running canary as routed here: set once its candidate is loaded, else None."""
         self._seen: int | None = None
         self._lock = asyncio.Lock()  # the poll loop and the admin API may both call sync()
         self._targets = _module_names(engine.loaded.model)
@@ -66,19 +73,36 @@ class HotSwap:
         seq, active = await asyncio.to_thread(self.registry.pointer)
         if seq == self._seen:
             return
+        canary = await asyncio.to_thread(self.registry.canary)
         started = time.perf_counter()
-        if active != self.serving:
+        swapped = active != self.serving
+        if swapped:
             if active is not None and not await self._load(active):
                 self._seen = seq
                 return
             self.previous, self.serving = self.serving, active
-            keep = {v for v in (self.serving, self.previous) if v is not None}
-            await asyncio.wrap_future(self.engine.retain(keep))
+        if canary is not None and (canary.version == self.serving or not await self._load(canary.version)):
+            canary = None  # what everyone gets already, or refused (its rejection ended the canary)
+        if (canary and canary.version) != (self.canary and self.canary.version):
+            logger.info("canary: %s", f"{canary.version} for {canary.share:.0%} of users" if canary else "none")
+        self.canary = canary
+        keep = {v for v in (self.serving, self.previous, canary and canary.version) if v is not None}
+        await asyncio.wrap_future(self.engine.retain(keep))
+        if swapped:
             self.metrics.swaps.inc()
             self.metrics.swap_seconds.observe(time.perf_counter() - started)
             self.metrics.set_active(active, self.base_model)
             logger.info("now serving %s (previous %s)", active or "the base model", self.previous or "base")
         self._seen = seq
+
+    def route(self, user: str | None) -> str | None:
+        """The version a new request of `user` gets: the canary's candidate for the users in its
+        share (sticky: a hash of user and candidate), unless it is paused; the active version
+        for everyone else, anonymous requests included."""
+        canary = self.canary
+        if canary is not None and not canary.paused and user and in_canary(user, canary.version, canary.share):
+            return canary.version
+        return self.serving
 
     def check(self, version: str) -> list[str]:
         """Reasons this replica cannot serve `version` (empty when it can). Blocking I/O."""

@@ -1,6 +1,11 @@
 """The server's Prometheus metrics: base units, `_seconds` and `_total`, low-cardinality labels.
 
 Each app gets its own CollectorRegistry so several servers can live in one test process.
+
+Labelled counters start with their known label values at zero, and the feedback counter with
+both labels of each version as it becomes active: a series that first appears at 1 has no
+earlier sample, so `increase()`, the desirable rate per version and the alerts built on them
+would miss that first event.
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ from ingest.spooled_bus import SpoolStatus
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096)
+FEEDBACK_LABELS = ("desirable", "undesirable")
+RESPONSE_STATUSES = ("stop", "length", "cancelled", "unrecorded")
+"""finish reasons, a client gone before the end, an answer whose event could not be recorded"""
+SWAP_FAILURE_REASONS = ("verification", "load")
 
 
 class ServeMetrics:
@@ -48,9 +57,24 @@ class ServeMetrics:
         self.adapter_load_seconds = Histogram(
             "kto_adapter_load_duration_seconds", "Time to load one adapter's weights.",
             buckets=LATENCY_BUCKETS, registry=r)
+        self.rollbacks = Counter(
+            "kto_adapter_rollbacks_total", "Rollbacks requested through this replica's admin API.", registry=r)
+        for stream in ("true", "false"):
+            self.request_seconds.labels(stream=stream)
+        for status in RESPONSE_STATUSES:
+            self.responses.labels(status=status)
+        for reason in SWAP_FAILURE_REASONS:
+            self.swap_failures.labels(reason=reason)
 
     def set_active(self, version: str | None, base_model: str) -> None:
         self.active_version.info({"version": version or "base", "base_model": base_model})
+        self.track_version(version)
+
+    def track_version(self, version: str | None) -> None:
+        """Start `version`'s feedback series at zero, so that its first rating is counted by
+        increase() (see the module docstring). Call it before a version answers anyone."""
+        for label in FEEDBACK_LABELS:
+            self.feedback.labels(label=label, version=version or "base")
 
     def watch_ledger(self, backlog: Callable[[], int]) -> None:
         """Export how many responses wait for an unreachable ledger (ingest.ledger_backlog)."""

@@ -89,3 +89,17 @@ class RollbackRequest(BaseModel):
 
 class ActivateRequest(BaseModel):
     reason: Text = Field("", max_length=500)
+
+
+class CanaryStartRequest(BaseModel):
+    version: Text = Field(min_length=1, max_length=128)
+    share: float = Field(gt=0, le=1)
+    """Fraction of users routed to the candidate."""
+    reason: Text = Field("", max_length=500)
+
+
+class CanaryRequest(BaseModel):
+    version: Text | None = Field(None, max_length=128)
+    """The candidate the caller means; default: whatever canary runs. A canary of another
+    version is left alone (409), so that a decision never lands on the wrong one."""
+    reason: Text = Field("", max_length=500)

@@ -61,3 +61,60 @@ def test_usage_errors(argv):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2
+
+
+def test_the_learners_port_is_its_metrics_port_not_the_servers(monkeypatch):
+    from kto_loop.cli import _overrides, build_parser
+    from learner.settings import LearnerSettings
+
+    assert _overrides(build_parser().parse_args(["learn", "--port", "9101"])) == {"metrics_port": 9101}
+    assert _overrides(build_parser().parse_args(["serve", "--port", "9101"])) == {"port": 9101}
+    monkeypatch.setenv("KTO_PORT", "8000")  # the image sets it for every container
+    assert LearnerSettings().metrics_port is None
+    monkeypatch.setenv("KTO_METRICS_PORT", "8001")
+    assert LearnerSettings().metrics_port == 8001
+
+
+def test_up_keeps_the_servers_port_from_its_learner():
+    from kto_loop.cli import _without_port
+
+    assert _without_port(["learn", "--port", "8000", "--data-dir", "d"]) == ["learn", "--data-dir", "d"]
+    assert _without_port(["learn", "--port=8000", "--model", "m"]) == ["learn", "--model", "m"]
+
+
+def test_adapters_canary_commands(monkeypatch, capsys, tmp_path, tiny_model_dir, make_adapter):
+    from serve.settings import ServeSettings
+
+    settings = ServeSettings(data_dir=tmp_path, model=str(tiny_model_dir), model_id=TINY_MODEL_ID,
+                             admin_token=ADMIN_TOKEN, registry_poll_s=0.05)
+    with BackgroundServer(settings) as server:
+        registry = server.state.registry
+        v1 = registry.publish(make_adapter(1), base_model=TINY_MODEL_ID, parent=None, metrics={}, lineage={}).version
+        v2 = registry.publish(make_adapter(2), base_model=TINY_MODEL_ID, parent=v1, metrics={}, lineage={}).version
+        registry.activate(v1, actor="op")
+        monkeypatch.setenv("KTO_ADMIN_TOKEN", ADMIN_TOKEN)
+        port = ["--port", str(server.port)]
+
+        assert main(["adapters", "canary", "show", *port]) == 0
+        assert "canary: none running" in capsys.readouterr().out
+        assert main(["adapters", "canary", "start", v2, "--share", "0.3", "--reason", "try", *port]) == 0
+        out = capsys.readouterr().out
+        assert f"canary: {v2} for 30% of users against {v1}" in out and "canary_start" in out
+        registry.report_canary(v2, {"decision": "continue", "candidate": {"n": 10, "desirable": 2, "rate": 0.2},
+                                    "baseline": {"n": 30, "desirable": 15, "rate": 0.5}, "interval": [-0.9, 0.4],
+                                    "alpha": 0.05, "margin": 0.05})
+        assert main(["adapters", "canary", "pause", *port]) == 0
+        assert "(PAUSED)" in capsys.readouterr().out
+        assert main(["adapters", "canary", "show", *port]) == 0
+        assert "candidate 2/10 desirable, baseline 15/30" in capsys.readouterr().out
+        assert main(["adapters", "canary", "resume", *port]) == 0
+        assert main(["adapters", "canary", "promote", "--version", "v9999", *port]) == 1
+        assert "no canary of v9999" in capsys.readouterr().err
+        assert main(["adapters", "canary", "rollback", "--reason", "bad", *port]) == 0
+        assert "canary: none running" in capsys.readouterr().out
+        assert registry.get(v2).status == "rejected"
+        assert main(["adapters", "history", *port]) == 0
+        history = capsys.readouterr().out
+        assert f"canary_rollback {v2} (active {v1}) by admin: bad" in history
+        assert main(["adapters", "canary", "promote", *port]) == 1
+        assert "409" in capsys.readouterr().err

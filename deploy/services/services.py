@@ -16,7 +16,8 @@ Rules:
 - Each ``start`` picks free ports and begins with empty storage (these are throw-away services);
   if both services of DIR are already up it only prints their URLs again.
 - The Kafka jars are fetched once by ``fetch-kafka.sh`` into ``CACHE/kafka-<version>/libs``.
-- redis-server is installed with apt-get when missing, if we run as root.
+- redis-server is installed with apt-get when missing, if we run as root; so is Debian's
+  `prometheus` package (prometheus and promtool) by ``ensure_prometheus``, for the metrics tests.
 - ``--owner-pid``: a small watcher stops both services when that process is gone, so a test run
   that is killed does not leave a broker behind.
 - ``stop`` ends the processes named by the pid files, after checking that they are still ours.
@@ -240,22 +241,36 @@ def start_kafka(state: Path, libs: Path, port: int, controller_port: int, java: 
         time.sleep(0.25)
 
 
-def ensure_redis_server() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
+def _apt_install(package: str, *commands: str) -> list[str]:
+    """The paths of ``commands``, installing the Debian ``package`` first if one is missing (as root)."""
+    if all(shutil.which(c) for c in commands):
+        return [shutil.which(c) for c in commands]
     if os.geteuid() != 0:
-        raise SystemExit("redis-server is not installed; run `sudo apt-get install -y redis-server` first")
-    logger.info("installing redis-server with apt-get")
+        raise SystemExit(f"{package} is not installed; run `sudo apt-get install -y {package}` first")
+    logger.info("installing %s with apt-get", package)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    if subprocess.run(["apt-get", "install", "-y", "-q", "redis-server"], env=env).returncode != 0:
-        # A fresh image may have no package lists yet.
-        subprocess.run(["apt-get", "update", "-q"], env=env, check=True)
-        subprocess.run(["apt-get", "install", "-y", "-q", "redis-server"], env=env, check=True)
-    found = shutil.which("redis-server")
-    if not found:
-        raise SystemExit("apt-get installed redis-server but it is not on PATH")
-    return found
+    try:
+        if subprocess.run(["apt-get", "install", "-y", "-q", package], env=env).returncode != 0:
+            # A fresh image may have no package lists yet.
+            subprocess.run(["apt-get", "update", "-q"], env=env, check=True)
+            subprocess.run(["apt-get", "install", "-y", "-q", package], env=env, check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise SystemExit(f"could not install {package} with apt-get: {exc}") from exc
+    missing = [c for c in commands if not shutil.which(c)]
+    if missing:
+        raise SystemExit(f"apt-get installed {package} but {', '.join(missing)} is not on PATH")
+    return [shutil.which(c) for c in commands]
+
+
+def ensure_redis_server() -> str:
+    return _apt_install("redis-server", "redis-server")[0]
+
+
+def ensure_prometheus() -> tuple[str, str]:
+    """(prometheus, promtool) from Debian's `prometheus` package: the tests check expositions, rules
+    and config with promtool and run a real server against serve and the learner."""
+    prometheus, promtool = _apt_install("prometheus", "prometheus", "promtool")
+    return prometheus, promtool
 
 
 def start_redis(state: Path, port: int, binary: str, *, fresh: bool = True, persistent: bool = False) -> None:

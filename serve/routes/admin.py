@@ -1,4 +1,6 @@
-"""Admin API (bearer `KTO_ADMIN_TOKEN`): versions with lineage, activate, roll back, history.
+"""Admin API (bearer `KTO_ADMIN_TOKEN`): versions with lineage, activate, roll back, history,
+and the canary (registry.canary): show it with its latest evidence, start, promote, roll back,
+pause, resume.
 
 Changes go to the registry's active pointer, the truth every replica follows; this replica
 switches before answering, the others within their poll interval.
@@ -12,9 +14,10 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from registry import BASE
+from registry import canary as canary_rules
 from serve.deps import Admin, ServeState, State
 from serve.errors import Conflict
-from serve.schemas import ActivateRequest, RollbackRequest
+from serve.schemas import ActivateRequest, CanaryRequest, CanaryStartRequest, RollbackRequest
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/adapters", tags=["admin"])
@@ -34,6 +37,71 @@ async def history(state: State, actor: Admin) -> dict:
     return {"history": [e.to_json() for e in entries]}
 
 
+@router.get("/canary")
+async def show_canary(state: State, actor: Admin) -> dict:
+    """The running canary (with the controller's latest evidence) and the last canary entry."""
+    canary = await run_in_threadpool(state.registry.canary)
+    entries = await run_in_threadpool(state.registry.history)
+    last = next((e for e in reversed(entries) if e.action.startswith("canary_")), None)
+    return {"canary": canary and canary.to_json(), "active": await run_in_threadpool(state.registry.active),
+            "last": last and last.to_json()}
+
+
+@router.post("/canary")
+async def start_canary(body: CanaryStartRequest, state: State, actor: Admin) -> dict:
+    await _check(state, body.version)
+    entry = await run_in_threadpool(
+        lambda: state.registry.start_canary(body.version, body.share, actor=actor, reason=body.reason))
+    return await _canary_settled(state, entry)
+
+
+@router.post("/canary/promote")
+async def promote_canary(state: State, actor: Admin, body: CanaryRequest | None = None) -> dict:
+    body = body or CanaryRequest()
+    canary = await _running(state, body.version)
+    entry = await run_in_threadpool(lambda: state.registry.promote_canary(
+        canary.version, actor=actor, reason=body.reason, evidence=canary.evidence))
+    return await _canary_settled(state, entry)
+
+
+@router.post("/canary/rollback")
+async def rollback_canary(state: State, actor: Admin, body: CanaryRequest | None = None) -> dict:
+    body = body or CanaryRequest()
+    canary = await _running(state, body.version)
+    entry = await run_in_threadpool(lambda: state.registry.rollback_canary(
+        canary.version, actor=actor, reason=body.reason, evidence=canary.evidence))
+    return await _canary_settled(state, entry)
+
+
+@router.post("/canary/pause")
+async def pause_canary(state: State, actor: Admin, body: CanaryRequest | None = None) -> dict:
+    return await _pause(state, actor, body or CanaryRequest(), True)
+
+
+@router.post("/canary/resume")
+async def resume_canary(state: State, actor: Admin, body: CanaryRequest | None = None) -> dict:
+    return await _pause(state, actor, body or CanaryRequest(), False)
+
+
+async def _pause(state: ServeState, actor: str, body: CanaryRequest, paused: bool) -> dict:
+    canary = await _running(state, body.version)
+    entry = await run_in_threadpool(
+        lambda: state.registry.pause_canary(canary.version, paused, actor=actor, reason=body.reason))
+    return await _canary_settled(state, entry)
+
+
+async def _running(state: ServeState, version: str | None):
+    """The running canary, of `version` if given; NoCanary (409) otherwise."""
+    return canary_rules.require(await run_in_threadpool(state.registry.canary), version)
+
+
+async def _canary_settled(state: ServeState, entry) -> dict:
+    await state.hotswap.sync()  # route here now rather than at the next poll
+    canary = await run_in_threadpool(state.registry.canary)
+    return {"active": await run_in_threadpool(state.registry.active), "serving": state.hotswap.serving,
+            "canary": canary and canary.to_json(), "entry": entry.to_json()}
+
+
 @router.post("/rollback")
 async def rollback(state: State, actor: Admin, body: RollbackRequest | None = None) -> dict:
     body = body or RollbackRequest()
@@ -41,6 +109,7 @@ async def rollback(state: State, actor: Admin, body: RollbackRequest | None = No
         await _check(state, body.to)
     to = BASE if body.to is not None and _is_base(state, body.to) else body.to
     entry = await run_in_threadpool(lambda: state.registry.rollback(to, actor=actor, reason=body.reason))
+    state.metrics.rollbacks.inc()
     return await _settled(state, entry)
 
 

@@ -34,10 +34,10 @@ router = APIRouter(tags=["chat"])
 
 
 @router.get("/v1/models")
-async def list_models(state: State) -> dict:
+async def list_models(state: State, user: UserId) -> dict:
     settings = state.settings
-    entries = [
-        {"id": settings.served_model_name, "serving": state.hotswap.serving or settings.base_model_id},
+    entries = [  # "serving": what this caller gets for the served name (a canary's candidate, maybe)
+        {"id": settings.served_model_name, "serving": state.hotswap.route(user) or settings.base_model_id},
         {"id": settings.base_model_id},
         *({"id": v, "parent": settings.base_model_id} for v in sorted(state.engine.loaded_versions)),
     ]
@@ -47,7 +47,7 @@ async def list_models(state: State) -> dict:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, state: State, user: UserId):
     user = user or body.user
-    adapter = resolve_model(state, body.model)
+    adapter = resolve_model(state, body.model, user)
     messages = [{"role": m.role, "content": m.content} for m in body.messages]
     prompt_ids = render_prompt(state.loaded.tokenizer, messages)
     settings = state.settings
@@ -66,11 +66,12 @@ async def chat_completions(body: ChatCompletionRequest, state: State, user: User
     return await call.complete()
 
 
-def resolve_model(state: ServeState, name: str | None) -> str | None:
-    """The version a request is pinned to: the active one, the base (None), or a named version."""
+def resolve_model(state: ServeState, name: str | None, user: str | None = None) -> str | None:
+    """The version a request is pinned to: the active one (or, for users in a canary's share, its
+    candidate), the base (None), or a named version."""
     settings = state.settings
     if not name or name == settings.served_model_name:
-        return state.hotswap.serving
+        return state.hotswap.route(user)
     if name == settings.base_model_id:
         return None
     if name in state.engine.loaded_versions:

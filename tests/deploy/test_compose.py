@@ -256,6 +256,24 @@ def test_replicas_wait_for_their_backends_and_are_health_checked(prod):
             assert service["depends_on"][backend]["condition"] == "service_healthy", f"{name} -> {backend}"
 
 
+def test_learner_serves_metrics_where_it_is_scraped_and_health_checked(prod):
+    """`kto-loop learn` listens on KTO_METRICS_PORT (or --port), on all interfaces, and that port
+    is declared, health-checked at /healthz and scraped."""
+    ((name, learner),) = services_running(prod, "learn").items()
+    command = learner.get("command", dockerfile_cmd())
+    argv = shlex.split(command) if isinstance(command, str) else list(command)
+    port = int(argv[argv.index("--port") + 1]) if "--port" in argv else int(environment(learner)["KTO_METRICS_PORT"])
+    assert port in listening_ports(learner), f"{name} listens on {port} but declares {listening_ports(learner)}"
+    host = environment(learner).get("KTO_HOST", dockerfile_env().get("KTO_HOST"))
+    assert host == "0.0.0.0", f"{name} listens on {host}: unreachable from Prometheus"
+    check = learner.get("healthcheck") or {}
+    assert not check.get("disable") and re.search(rf":{port}/healthz\b", " ".join(check.get("test", []))), check
+    config = load_yaml(bind_source(DEPLOY, prod["services"]["prometheus"], "/etc/prometheus/prometheus.yml"))
+    targets = {t for job in config["scrape_configs"] for static in job.get("static_configs", [])
+               for t in static["targets"]}
+    assert f"{name}:{port}" in targets, f"Prometheus does not scrape {name}:{port}: {sorted(targets)}"
+
+
 def test_backend_urls_name_services_that_listen_there(prod):
     kto = {name: s for name, s in prod["services"].items() if is_kto(s)}
     for setting in ("KTO_BUS_URL", "KTO_REGISTRY_URL"):

@@ -30,8 +30,9 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz ."
 VOWELS = ("a", "e", "i", "o", "u")
 MODEL_ID = "tiny-chars"
 # The learner's cadence and step size for a model this small (the defaults suit real ones).
+# Versions go live at once: these runs measure learning (the canary has test_canary_e2e.py).
 LEARNER_ENV = {"KTO_LEARNING_RATE": "1e-2", "KTO_MIN_NEW_LABELS": "32", "KTO_STEPS_PER_UPDATE": "8",
-               "KTO_MICRO_BATCH": "16", "KTO_MAX_WAIT_S": "5"}
+               "KTO_MICRO_BATCH": "16", "KTO_MAX_WAIT_S": "5", "KTO_CANARY_SHARE": "0"}
 
 
 def build_char_model(path: Path) -> Path:
@@ -41,10 +42,11 @@ def build_char_model(path: Path) -> Path:
                             init_std=0.15)
 
 
-def start(command: str, env: dict[str, str], log: Path, log_level: str = "warning") -> subprocess.Popen:
-    """`kto-loop <command>` in its own process group, output to `log`."""
+def start(command: str, env: dict[str, str], log: Path, log_level: str = "warning",
+          args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`kto-loop <command> [args]` in its own process group, output to `log`."""
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "kto_loop.cli", command, "--log-level", log_level],
+        return subprocess.Popen([sys.executable, "-m", "kto_loop.cli", command, "--log-level", log_level, *args],
                                 env={**os.environ, **env}, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
 
 

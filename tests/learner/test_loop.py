@@ -51,7 +51,8 @@ def publish_ratings(settings: LearnerSettings, tokenizer, n: int, seed: int) -> 
 def learner_settings(tmp_path, tiny_model_dir) -> LearnerSettings:
     return LearnerSettings(data_dir=tmp_path, model=str(tiny_model_dir), model_id=TINY_MODEL_ID,
                            min_new_labels=16, micro_batch=8, steps_per_update=4, max_wait_s=0.5,
-                           min_labels_on_timer=4, poll_timeout_s=0.1, learning_rate=1e-2)
+                           min_labels_on_timer=4, poll_timeout_s=0.1, learning_rate=1e-2,
+                           canary_share=0.0)  # versions go live at once (canaries: test_canary.py)
 
 
 def wait_for(predicate, timeout: float = 120, what: str = "condition"):

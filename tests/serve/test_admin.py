@@ -93,7 +93,7 @@ def test_bad_version_published_as_active_is_refused_and_serving_stays(client, st
     assert state.hotswap.serving == good
     assert state.registry.get(bad).status == "rejected"
     assert client.post("/v1/chat/completions", json=HELLO).json()["model"] == good
-    assert "kto_adapter_swap_failures_total" in client.get("/metrics").text
+    assert 'kto_adapter_swap_failures_total{reason="verification"} 1.0' in client.get("/metrics").text
 
 
 def test_new_version_picked_up_without_admin_call(client, state, make_adapter):
