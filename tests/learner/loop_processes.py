@@ -19,12 +19,13 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 
 from kto_loop.models import build_tiny_model
-from kto_loop.simulate import Simulation, two_proportion_p
+from kto_loop.simulate import Simulation, simulate, two_proportion_p
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ."
 VOWELS = ("a", "e", "i", "o", "u")
@@ -72,6 +73,32 @@ def stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def simulate_learning(urls: list[str], *, prefixes: tuple[str, ...], ratings: int = 600, base: int = 60,
+                      learner: subprocess.Popen | None = None, log: Path | None = None,
+                      timeout_s: float = 180) -> Simulation:
+    """`ratings` counted ratings: `base` on the base model first, then, once the learner has a
+    version serving, the rest. Ratings made while waiting keep the learner fed but are not
+    counted: over HTTP, hundreds of ratings of a tiny model take seconds, so unpaced they could all
+    be in before a learner (a separate process, still starting) had published anything."""
+    result = simulate(urls, ratings=base, users=8, prefixes=prefixes, max_tokens=4)
+    deadline = time.monotonic() + timeout_s
+    while serving(urls[0]) == MODEL_ID:
+        if learner is not None:
+            assert learner.poll() is None, f"the learner died:\n{log.read_text()[-3000:] if log else ''}"
+        assert time.monotonic() < deadline, f"no version served after {timeout_s} s:\n{log.read_text()[-3000:] if log else ''}"
+        simulate(urls, ratings=8, users=8, prefixes=prefixes, max_tokens=4)
+        time.sleep(0.2)
+    rest = simulate(urls, ratings=ratings - base, users=8, prefixes=prefixes, max_tokens=4)
+    result.ratings += [replace(r, index=r.index + len(result.ratings)) for r in rest.ratings]
+    result.errors += rest.errors
+    return result
+
+
+def serving(url: str) -> str:
+    """The version a new request gets (the base model's id for none), as /v1/models reports it."""
+    return httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["serving"]
 
 
 def assert_learned(result: Simulation, base_id: str) -> None:

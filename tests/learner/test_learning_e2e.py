@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from kto_loop.simulate import simulate
 from serve.background import free_port
 from tests.learner.loop_processes import (
-    LEARNER_ENV, MODEL_ID, VOWELS, assert_learned, build_char_model, start, stop, wait_ready)
+    LEARNER_ENV, MODEL_ID, VOWELS, assert_learned, build_char_model, simulate_learning, start, stop, wait_ready)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,7 @@ def start_loop(model_dir, data_dir):
 def test_the_loop_learns_a_rule_from_thumbs(char_model_dir, tmp_path):
     process, url = start_loop(char_model_dir, tmp_path / "data")
     try:
-        result = simulate(url, ratings=600, users=8, prefixes=VOWELS, max_tokens=4)
+        result = simulate_learning([url], prefixes=VOWELS)
     finally:
         stop(process)
     assert not result.errors
@@ -42,7 +41,7 @@ def test_it_still_learns_when_most_answers_are_disliked(char_model_dir, tmp_path
     """A 1:9 desirable:undesirable start: only answers starting with 'a' or 'e' are liked."""
     process, url = start_loop(char_model_dir, tmp_path / "data")
     try:
-        result = simulate(url, ratings=600, users=8, prefixes=("a", "e"), max_tokens=4)
+        result = simulate_learning([url], prefixes=("a", "e"))
     finally:
         stop(process)
     assert_learned(result, MODEL_ID)

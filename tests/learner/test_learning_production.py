@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import replace
 
 import httpx
 import pytest
 
 from ingest.events import Topics, decode_event
-from kto_loop.simulate import simulate
-from registry import open_registry
 from serve.background import free_port
 from tests.learner.loop_processes import (
-    LEARNER_ENV, MODEL_ID, VOWELS, assert_learned, build_char_model, start, stop, wait_ready)
+    LEARNER_ENV, MODEL_ID, VOWELS, assert_learned, build_char_model, simulate_learning, start, stop, wait_ready)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow]
 
@@ -79,20 +76,7 @@ def test_two_replicas_and_a_learner_over_kafka_and_redis_learn_the_rule(services
         learn_log = learner_data / "learn.log"
         processes.append((start("learn", learner_env, learn_log, log_level="info"), learn_log))
 
-        # The base model's rate first; then, once the learner has published and activated a
-        # version (a separate process here, starting and joining its consumer group meanwhile),
-        # the rest. 600 ratings take seconds over HTTP: unpaced, they would all be in before it.
-        result = simulate(urls, ratings=60, users=8, prefixes=VOWELS, max_tokens=4)
-        with open_registry(shared["KTO_REGISTRY_URL"], tmp_path / "shared-adapters") as registry:
-            deadline = time.monotonic() + 180
-            while registry.active() is None:
-                assert processes[-1][0].poll() is None, f"the learner died:\n{learn_log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, f"nothing activated:\n{learn_log.read_text()[-3000:]}"
-                simulate(urls, ratings=8, users=8, prefixes=VOWELS, max_tokens=4)  # labels keep coming, not counted
-                time.sleep(0.5)
-        rest = simulate(urls, ratings=540, users=8, prefixes=VOWELS, max_tokens=4)
-        result.ratings += [replace(r, index=r.index + len(result.ratings)) for r in rest.ratings]
-        result.errors += rest.errors
+        result = simulate_learning(urls, prefixes=VOWELS, learner=processes[-1][0], log=learn_log)
         # Each replica answered and took ratings, about half each (users alternate replicas).
         for url in urls:
             assert counter(url, "kto_responses_total") > 200 and counter(url, "kto_feedback_total") > 200
