@@ -91,17 +91,22 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
             canary.step()
 
             # ---- 3. is an update due? ----
+            #      (examples the per-user cap deferred count only on the timer)
             fresh = [e for e in buffer.fresh(state.watermark) if not held_out(e, settings.held_out_fraction)]
             waited = time.monotonic() - last_update
             if not (len(fresh) >= settings.min_new_labels
-                    or (waited >= settings.max_wait_s and len(fresh) >= settings.min_labels_on_timer)):
+                    or (waited >= settings.max_wait_s
+                        and len(fresh) + len(state.deferred) >= settings.min_labels_on_timer)):
                 continue
             last_update = time.monotonic()
             watermark = buffer.max_seq()
             everything = buffer.referenced()
             test = [e for e in everything if held_out(e, settings.held_out_fraction)][-settings.held_out_max:]
+            waiting = set(state.deferred)  # a relabeled one is in `fresh` already, with a new seq
+            fresh += [e for e in everything if e.response_id in waiting and e.seq <= state.watermark]
+            fresh_ids = {e.response_id for e in fresh}
             replay = [e for e in everything if not held_out(e, settings.held_out_fraction)
-                      and e.seq <= state.watermark]
+                      and e.seq <= state.watermark and e.response_id not in fresh_ids]
 
             # ---- 4. warm-start from the ACTIVE version (after a rollback: the rolled-back one) ----
             parent = registry.active()
@@ -123,7 +128,8 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
             weights = ((settings.desirable_weight, settings.undesirable_weight)
                        if settings.desirable_weight is not None else paper_weights(n_d, len(fresh + replay) - n_d))
             batches = plan_batches(fresh, replay, steps=settings.steps_per_update, size=settings.micro_batch,
-                                   replay_fraction=settings.replay_fraction, rng=rng)
+                                   replay_fraction=settings.replay_fraction, rng=rng,
+                                   max_user_share=settings.max_user_share)
             stats = run_update(policy, optimizer, batches, beta=settings.beta, desirable_weight=weights[0],
                                undesirable_weight=weights[1], max_grad_norm=settings.max_grad_norm)
 
@@ -134,10 +140,11 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
 
             # ---- 7. publish with lineage; canary (or activate) it when it passed ----
             trained = {e.response_id: e for batch in batches for e in batch}
+            deferred = [e.response_id for e in fresh if e.response_id not in trained]
             lineage = {
                 "parent": parent, "feedback_event_ids": sorted(e.feedback_event_id for e in trained.values()),
-                "fresh_examples": len(fresh),
-                "replayed_examples": sum(e.seq <= state.watermark for e in trained.values()),
+                "fresh_examples": len(fresh) - len(deferred), "deferred_examples": len(deferred),
+                "replayed_examples": sum(i not in fresh_ids for i in trained),
                 "labels": {"desirable": sum(e.desirable for e in trained.values()),
                            "undesirable": sum(not e.desirable for e in trained.values())},
                 "watermark": watermark, "buffer": buffer.counts(),
@@ -160,7 +167,7 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
             else:
                 logger.warning("version %s rejected by the gate: %s", version, "; ".join(gate.reasons))
                 optimizer = None  # the next update starts again from the active version
-            state.watermark = watermark
+            state.watermark, state.deferred = watermark, deferred
             state.save()
             logger.info("update -> %s: %s", version, stats.summary())
     finally:

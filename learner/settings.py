@@ -39,6 +39,19 @@ class LearnerSettings(CommonSettings):
     replay_fraction: float = Field(0.5, ge=0, lt=1)
     """Share of each micro-batch drawn from older examples once fresh ones run out (fraction)."""
 
+    max_user_share: float = Field(0.1, gt=0, le=1)
+    """Most of one update one rating user's examples may make up (fraction; 1 disables).
+
+    Counted in distinct examples, fresh and replayed, an update counting as at least
+    `steps_per_update` x `micro_batch` of them, so a lone rater still trains that share of the
+    slots per update. A user's fresh examples beyond it are deferred, not dropped and not
+    down-weighted: they wait, oldest first, for later updates, where other users' ratings dilute
+    them (deferred examples alone trigger an update only on the `max_wait_s` timer). Deferring
+    bounds how far, and how fast, one user's flood can move the model, and costs no compute;
+    down-weighting would train the whole flood at once, and Adam all but undoes a loss scale.
+    With fewer than 1/share raters busy at once every one of them is capped (to that share of
+    the slots): raise it for small deployments."""
+
     learning_rate: float = Field(1e-3, gt=0)
     """AdamW learning rate of the LoRA weights."""
 

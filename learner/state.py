@@ -24,6 +24,9 @@ class LearnerState:
     version: str | None = None
     """The last version this learner published that passed the gate: its lineage owns `optimizer`."""
     optimizer: dict | None = field(default=None, repr=False)
+    deferred: list[str] = field(default_factory=list, repr=False)
+    """response_ids of fresh examples at or below `watermark` that the per-user cap left for a
+    later update (see `LearnerSettings.max_user_share`)."""
 
     @classmethod
     def load(cls, path: Path) -> "LearnerState":
@@ -31,7 +34,7 @@ class LearnerState:
             return cls(path)
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            return cls(path, saved["watermark"], saved["version"], saved["optimizer"])
+            return cls(path, saved["watermark"], saved["version"], saved["optimizer"], saved.get("deferred", []))
         except Exception:
             logger.exception("unreadable learner state %s: starting from watermark 0", path)
             return cls(path)
@@ -40,7 +43,8 @@ class LearnerState:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
-            torch.save({"watermark": self.watermark, "version": self.version, "optimizer": self.optimizer}, f)
+            torch.save({"watermark": self.watermark, "version": self.version, "optimizer": self.optimizer,
+                        "deferred": self.deferred}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -41,10 +42,50 @@ class UpdateStats:
                 "reward_undesirable": mean(self.reward_undesirable)}
 
 
+def user_limit(counts: list[int], *, share: float, nominal: int) -> int:
+    """Most examples one user may have in an update whose users offer ``counts`` examples each:
+    the largest q with q <= share * max(nominal, sum(min(n, q))), at least 1.
+
+    An update counts as at least ``nominal`` examples (its planned steps x micro-batch slots), so
+    a lone rater still trains ``share * nominal`` per update; with many raters the limit grows
+    with everyone else's examples. (share * max(...) - q is concave and 0 at q = 0, so the q that
+    fit form an interval from 0: counting up finds its end.)"""
+    q = 0
+    while q < max(counts, default=0) and q + 1 <= share * max(nominal, sum(min(n, q + 1) for n in counts)):
+        q += 1
+    return max(q, 1)
+
+
+def cap_users(fresh: list[Example], replay_pool: list[Example], *, share: float, nominal: int,
+              rng: random.Random) -> tuple[list[Example], list[Example]]:
+    """Fresh examples and replay pool cut so that no rating user has more than ``user_limit`` of
+    them: each user's oldest fresh examples first (by seq, so deferred ones drain in order), then
+    replay up to the same limit. The fresh examples cut are the caller's to defer."""
+    limit = user_limit(list(Counter(e.user for e in fresh).values()), share=share, nominal=nominal)
+    kept, per_user = [], Counter()
+    for e in sorted(fresh, key=lambda e: e.seq):
+        if per_user[e.user] < limit:
+            kept.append(e)
+            per_user[e.user] += 1
+    by_user: dict[str | None, list[Example]] = defaultdict(list)
+    for e in replay_pool:
+        by_user[e.user].append(e)
+    pool = []
+    for user, examples in by_user.items():
+        room = max(0, limit - per_user[user])
+        pool += examples if len(examples) <= room else rng.sample(examples, room)
+    return kept, pool
+
+
 def plan_batches(fresh: list[Example], replay_pool: list[Example], *, steps: int, size: int,
-                 replay_fraction: float, rng: random.Random) -> list[list[Example]]:
+                 replay_fraction: float, rng: random.Random, max_user_share: float = 1.0) -> list[list[Example]]:
     """At least `steps` micro-batches, more if needed so every fresh example is trained once;
-    the rest of each batch is replayed."""
+    the rest of each batch is replayed.
+
+    With ``max_user_share`` < 1 the examples are first cut by ``cap_users``: the fresh examples
+    it leaves out are not in any batch (the caller defers them to a later update)."""
+    if max_user_share < 1:
+        fresh, replay_pool = cap_users(fresh, replay_pool, share=max_user_share, nominal=steps * size, rng=rng)
     batches = []
     order = list(fresh)
     rng.shuffle(order)

@@ -110,3 +110,50 @@ def test_new_version_picked_up_without_admin_call(client, state, make_adapter):
 def test_admin_bad_bodies(client, path):
     reply = client.post(path, json={"reason": 5}, headers=ADMIN)
     assert reply.status_code == 422 and reply.json()["error"]["param"] == "reason"
+
+
+# ---- audit: GET /v1/responses/{id}/version ----
+
+ALICE = {"X-User-Id": "alice"}
+
+
+def test_audit_tells_which_version_answered_and_how_it_was_rated(client, state, make_adapter):
+    base_id = client.post("/v1/chat/completions", json=HELLO, headers=ALICE).json()["id"]
+    v1 = publish(state, make_adapter(1)).version
+    client.post(f"/v1/adapters/{v1}/activate", headers=ADMIN)
+    reply = client.post("/v1/chat/completions", json=HELLO, headers=ALICE).json()
+    assert reply["model"] == v1
+    assert client.post("/v1/feedback", json={"response_id": reply["id"], "label": "down"},
+                       headers=ALICE).status_code == 202
+
+    audit = client.get(f"/v1/responses/{reply['id']}/version", headers=ADMIN)
+    assert audit.status_code == 200
+    assert audit.json() == {"response_id": reply["id"], "version": v1, "base_model": TINY_MODEL_ID,
+                            "user": "alice", "label": "undesirable"}
+    before = client.get(f"/v1/responses/{base_id}/version", headers=ADMIN).json()
+    assert before["version"] is None and before["label"] is None  # the base model, not rated
+
+
+def test_audit_is_admin_only_and_404s_unknown_ids(client):
+    rid = client.post("/v1/chat/completions", json=HELLO, headers=ALICE).json()["id"]
+    assert client.get(f"/v1/responses/{rid}/version").status_code == 401
+    assert client.get(f"/v1/responses/{rid}/version", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    missing = client.get("/v1/responses/chatcmpl-nope/version", headers=ADMIN)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["param"] == "response_id" and "chatcmpl-nope" in missing.json()["error"]["message"]
+
+
+def test_audit_is_forbidden_without_an_admin_token(settings):
+    settings.admin_token = None
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/v1/responses/x/version", headers=ADMIN).status_code == 403
+
+
+def test_audit_answers_503_while_the_ledger_is_unreachable(client, state, monkeypatch):
+    from ingest.ledger import LedgerUnavailable
+
+    def away(response_id):
+        raise LedgerUnavailable("redis is down")
+    monkeypatch.setattr(state.ledger, "lookup", away)
+    reply = client.get("/v1/responses/x/version", headers=ADMIN)
+    assert reply.status_code == 503 and reply.json()["error"]["code"] == "ledger_unavailable"
