@@ -84,6 +84,8 @@ class HotSwap:
         if canary is not None and (canary.version == self.serving or not await self._load(canary.version)):
             canary = None  # what everyone gets already, or refused (its rejection ended the canary)
         if (canary and canary.version) != (self.canary and self.canary.version):
+            if canary is not None:  # its ratings counted from the first (increase() needs a zero)
+                self.metrics.track_version(canary.version)
             logger.info("canary: %s", f"{canary.version} for {canary.share:.0%} of users" if canary else "none")
         self.canary = canary
         keep = {v for v in (self.serving, self.previous, canary and canary.version) if v is not None}
