@@ -130,11 +130,21 @@ class PrivateKafka:
         self.start(fresh=True)
 
     def start(self, fresh: bool = False) -> None:
-        try:
-            self._svc.start_kafka(self.state_dir, self._libs, self.port, self._controller_port, self._java,
-                                  fresh=fresh)
-        except SystemExit as exc:
-            _unavailable(f"the private Kafka broker did not start: {exc}")
+        for attempt in range(3):
+            try:
+                self._svc.start_kafka(self.state_dir, self._libs, self.port, self._controller_port, self._java,
+                                      fresh=fresh)
+                return
+            except SystemExit as exc:
+                self.stop(kill=True)
+                if attempt == 2:
+                    _unavailable(f"the private Kafka broker did not start: {exc}")
+                # A loaded box can miss the readiness deadline, or a port be taken meanwhile: try again
+                # (a fresh broker on new ports; a restart on its own ports and data).
+                logger.warning("the private Kafka broker did not start (%s); trying again", str(exc)[:200])
+                if fresh:
+                    self.port, self._controller_port = self._svc.free_ports(2)
+                    self.url = f"kafka://127.0.0.1:{self.port}"
 
     def stop(self, kill: bool = False) -> None:
         """Stop the broker: a controlled shutdown, or SIGKILL with ``kill``."""
