@@ -74,7 +74,7 @@ class ResponseEvent(_EventModel):
 
     type: Literal["response"] = "response"
     event_id: str = Field(default_factory=_new_event_id, min_length=1)
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = Field(SCHEMA_VERSION, strict=True)
     response_id: str = Field(min_length=1)
     created_at: float = Field(default_factory=time.time)
     """Unix seconds."""
@@ -99,7 +99,7 @@ class FeedbackEvent(_EventModel):
 
     type: Literal["feedback"] = "feedback"
     event_id: str = Field(default_factory=_new_event_id, min_length=1)
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = Field(SCHEMA_VERSION, strict=True)
     response_id: str = Field(min_length=1)
     user: str = Field(min_length=1)
     label: Literal["desirable", "undesirable"]
@@ -129,6 +129,21 @@ def encode_event(event: ResponseEvent | FeedbackEvent) -> bytes:
 
 def decode_event(data: bytes) -> ResponseEvent | FeedbackEvent:
     """Parse bus bytes into an event, or raise ``EventDecodeError`` saying what is wrong."""
+    # Fast path: pydantic parses and validates the bytes in one go (half the time of json.loads
+    # and then validation). It accepts what the careful path below accepts (``schema_version`` is
+    # a strict int in both, and must be present); anything it refuses, or a version this reader
+    # cannot read, goes the careful path, which says precisely what is wrong.
+    try:
+        event = _event_adapter.validate_json(data)
+    except ValidationError:
+        pass
+    else:
+        if "schema_version" in event.model_fields_set and 1 <= event.schema_version <= SCHEMA_VERSION:
+            return event
+    return _decode_carefully(data)
+
+
+def _decode_carefully(data: bytes) -> ResponseEvent | FeedbackEvent:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -9,8 +9,9 @@ Delivery rules:
 
 - ``publish`` / ``publish_many`` append to the spool and return: when they return, the events
   are durable on the local disk (fsync'd). The caller never waits for the bus, so a healthy
-  broker costs a request one local commit (about a millisecond) and a dead one costs nothing more
-  (never Kafka's connect and delivery timeouts).
+  broker costs a request one local commit (about a millisecond; publishes from many request
+  threads at once share one, see "Group commit" in ``ingest.spool``) and a dead one costs
+  nothing more (never Kafka's connect and delivery timeouts).
 - One forwarder thread sends the spool to the bus in spool order: the oldest ``batch`` records
   (any topics) go as one ``publish_batch``, and the next batch is sent only once every record of
   this one was acknowledged. Kafka keeps order within a partition, and one producer keeps its

@@ -6,9 +6,14 @@ Several processes and threads may open it at once; SQLite's write lock serialise
 
 Publishing rules:
 
-- ``publish`` returns only after its transaction is committed and the WAL fsync'd. An
-  acknowledged record survives SIGKILL of any process (and power loss); an unacknowledged one
-  is either wholly stored or absent, never torn.
+- ``publish`` returns only after the transaction holding its records is committed and the WAL
+  fsync'd. An acknowledged record survives SIGKILL of any process (and power loss); an
+  unacknowledged one is either wholly stored or absent, never torn.
+- Group commit: publishes from several threads of one process at once share one transaction,
+  hence one fsync (``ingest._group_commit``; the server publishes from a pool of request threads).
+  Each call's records are still stored all or none, contiguously and in its order, and the call
+  returns only once they are committed; calls of a group get offsets in the order they arrived.
+  A failed commit fails every call of its group, and only those: nothing of the group is stored.
 - Offsets of a (topic, partition) are dense, 0, 1, 2, …, assigned under the write lock, so a
   reader never sees offset n+1 before n, whichever process wrote them.
 - Topics may have several partitions: a keyed record goes to ``crc32(key) % partitions`` (so a
@@ -30,6 +35,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+from ingest._group_commit import GroupCommit
 from ingest._sqlite import connect, ensure_schema, write_transaction
 from ingest.bus import BusUnavailable, Record, TopicPartition, check_records, check_topic_name
 from ingest.sqlite_consumer import SqliteConsumer, partition_counts
@@ -70,6 +76,15 @@ _SCHEMA = [
 ]
 
 
+_ROWS_PER_INSERT = 150  # 6 parameters a row: well under SQLite's limit on parameters per statement
+
+
+def _unpublished(call: list[tuple[str, str | None, bytes]], exc: sqlite3.Error) -> BusUnavailable:
+    error = BusUnavailable(f"cannot publish to {', '.join(dict.fromkeys(topic for topic, _, _ in call))}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
 class SqliteBus:
     """The embedded bus on the SQLite file at ``path``; see the module docstring for its rules.
 
@@ -94,6 +109,7 @@ class SqliteBus:
         self._clock = clock
         self._lock = threading.Lock()
         self._round_robin = itertools.count()
+        self._publishes: GroupCommit[list[tuple[str, str | None, bytes]], list[Record]] = GroupCommit(self._write)
         try:
             self._conn: sqlite3.Connection | None = connect(
                 self.path, synchronous="FULL", busy_timeout_s=busy_timeout_s
@@ -147,33 +163,42 @@ class SqliteBus:
         check_records(items)
         if not items:
             return []
-        with self._lock:
-            conn = self._connection()
-            try:
-                with write_transaction(conn):
-                    records = self._append(conn, topic, items)
-            except sqlite3.Error as exc:
-                raise BusUnavailable(f"cannot publish to {topic}: {exc}") from exc
-        return records
+        return self._publishes.run([(topic, key, bytes(value)) for key, value in items])
 
     def publish_batch(self, items: list[tuple[str, str | None, bytes]]) -> list[Record]:
         """Append (topic, key, value) records in one transaction: all stored durably, or none."""
+        for topic, _, _ in items:
+            check_topic_name(topic)
+        check_records([(key, value) for _, key, value in items])
+        if not items:
+            return []
+        return self._publishes.run([(topic, key, bytes(value)) for topic, key, value in items])
+
+    def _write(self, calls: list[list[tuple[str, str | None, bytes]]]) -> list[list[Record] | BaseException]:
+        """One group commit: every call's records, call after call, in one transaction."""
+        items = [item for call in calls for item in call]
         by_topic: dict[str, list[int]] = {}
         for i, (topic, _, _) in enumerate(items):
-            by_topic.setdefault(check_topic_name(topic), []).append(i)
-        check_records([(key, value) for _, key, value in items])
-        records: list[Record | None] = [None] * len(items)
+            by_topic.setdefault(topic, []).append(i)
+        records: list[Record] = [None] * len(items)  # type: ignore[list-item]
         with self._lock:
-            conn = self._connection()
             try:
+                conn = self._connection()
                 with write_transaction(conn):
                     for topic, positions in by_topic.items():
                         appended = self._append(conn, topic, [items[i][1:] for i in positions])
                         for i, record in zip(positions, appended):
                             records[i] = record
             except sqlite3.Error as exc:
-                raise BusUnavailable(f"cannot publish to {', '.join(by_topic)}: {exc}") from exc
-        return records  # type: ignore[return-value]
+                return [_unpublished(call, exc) for call in calls]
+            except BusUnavailable as exc:  # closed
+                return [BusUnavailable(str(exc)) for _ in calls]
+        outcomes: list[list[Record] | BaseException] = []
+        start = 0
+        for call in calls:
+            outcomes.append(records[start:start + len(call)])
+            start += len(call)
+        return outcomes
 
     def _append(self, conn: sqlite3.Connection, topic: str, items: list[tuple[str | None, bytes]]) -> list[Record]:
         """Assign offsets and insert; runs inside the write transaction, so MAX+1 is race-free."""
@@ -197,10 +222,15 @@ class SqliteBus:
                 ).fetchone()[0]
             records.append(Record(topic, partition, next_offset[partition], key, bytes(value), now))
             next_offset[partition] += 1
-        conn.executemany(
-            "INSERT INTO records (topic, part, record_offset, key, value, timestamp) VALUES (?, ?, ?, ?, ?, ?)",
-            [(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp) for r in records],
-        )
+        rows = [(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp) for r in records]
+        for start in range(0, len(rows), _ROWS_PER_INSERT):
+            # Multi-row statements: one call into SQLite per chunk rather than one per record.
+            chunk = rows[start:start + _ROWS_PER_INSERT]
+            conn.execute(
+                "INSERT INTO records (topic, part, record_offset, key, value, timestamp) VALUES "
+                + ",".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)),
+                [field for row in chunk for field in row],
+            )
         return records
 
     def consumer(self, group_id: str, topics: list[str]) -> SqliteConsumer:

@@ -97,11 +97,13 @@ class EventJoiner:
         *,
         group_id: str = "kto-learner",
         pending_ttl_s: float = 600.0,
-        max_records: int = 500,
+        max_records: int = 5000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``pending_ttl_s``: seconds a rating waits for its response before it is dead-lettered.
-        ``max_records``: records per poll, hence per buffer transaction.
+        ``max_records``: most records per poll, hence per buffer transaction (records). A poll takes
+        what has arrived, up to this; a big bound lets a backlog share one fsync and one offset commit
+        among thousands of records, and lets the bus fetch the next records while these are applied.
         ``clock``: unix seconds, for parking and expiry (tests pass a fake one).
         """
         if pending_ttl_s <= 0:

@@ -29,6 +29,7 @@ import json
 import logging
 import sqlite3
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 from ingest.bus import Record
 from ingest.events import FeedbackEvent, ResponseEvent
@@ -71,8 +72,8 @@ class ApplyResult:
         return asdict(self)
 
 
-def _ids(tokens: list[int]) -> str:
-    return json.dumps(tokens, separators=(",", ":"))
+_ids = json.JSONEncoder(separators=(",", ":")).encode
+"""Token ids as compact JSON; one encoder for all (``json.dumps`` with options builds one per call)."""
 
 
 def next_counter(conn: sqlite3.Connection, name: str) -> int:
@@ -105,8 +106,7 @@ def dead_letter_event(
     return queue_dead_letter(conn, reason, topic, partition, offset, key, raw, now)
 
 
-@dataclass(frozen=True)
-class _Vote:
+class _Vote(NamedTuple):
     """A feedback event as the join needs it, whether fresh from the bus or parked."""
 
     event_id: str
@@ -126,136 +126,200 @@ class _Vote:
                    record.topic, record.partition, record.offset, record.key, record.value)
 
 
+_IN_CHUNK = 500  # ids per IN (...) list, far below SQLite's limit on parameters
+
+
+def _present(conn: sqlite3.Connection, sql: str, ids: list[str]) -> set[str]:
+    """Which of ``ids`` ``sql`` (ending in ``IN``) finds, in chunks."""
+    found: set[str] = set()
+    unique = list(dict.fromkeys(ids))
+    for start in range(0, len(unique), _IN_CHUNK):
+        chunk = unique[start:start + _IN_CHUNK]
+        found.update(row[0] for row in conn.execute(f"{sql} ({','.join('?' * len(chunk))})", chunk))
+    return found
+
+
 def apply_batch(conn: sqlite3.Connection, batch: list[Polled], now: float) -> ApplyResult:
     """Apply ``batch`` (see the module docstring); the caller holds the write transaction."""
-    result = ApplyResult(records=len(batch))
+    join = _Join(conn, batch, now)
     for record, event, reject in batch:
         if event is None:
-            result.dead_lettered += queue_dead_letter(
+            join.result.dead_lettered += queue_dead_letter(
                 conn, reject or "undecodable", record.topic, record.partition, record.offset, record.key,
                 record.value, now)
             continue
-        if conn.execute("INSERT OR IGNORE INTO seen (event_id, seen_at) VALUES (?, ?)",
-                        (event.event_id, now)).rowcount == 0:
-            result.duplicates += 1
+        if not join.first_sight(event.event_id):
+            join.result.duplicates += 1
             continue
         if isinstance(event, ResponseEvent):
-            _store_response(conn, record, event, reject, now, result)
+            join.store_response(record, event, reject)
         elif reject is not None:
-            result.dead_lettered += dead_letter_event(
-                conn, event.event_id, reject, record.topic, record.partition, record.offset, record.key,
-                record.value, now)
+            join.dead_letter(event.event_id, reject, record.topic, record.partition, record.offset, record.key,
+                             record.value)
         else:
-            _join(conn, _Vote.of(record, event), now, result)
-    return result
+            join.vote(_Vote.of(record, event))
+    join.finish()
+    return join.result
 
 
-def _store_response(
-    conn: sqlite3.Connection, record: Record, event: ResponseEvent, reject: str | None, now: float,
-    result: ApplyResult,
-) -> None:
-    # A stored response is never replaced (its tokens are what was served and rated), except a
-    # tombstone by a usable response: a dead letter replayed once it was fixed.
-    stored = conn.execute(
-        "INSERT INTO responses (response_id, event_id, user, adapter_version, prompt_ids,"
-        " completion_ids, created_at, stored_at, rejected) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT (response_id) DO UPDATE SET event_id = excluded.event_id, user = excluded.user,"
-        " adapter_version = excluded.adapter_version, prompt_ids = excluded.prompt_ids,"
-        " completion_ids = excluded.completion_ids, created_at = excluded.created_at,"
-        " stored_at = excluded.stored_at, rejected = NULL"
-        " WHERE responses.rejected IS NOT NULL AND excluded.rejected IS NULL",
-        (event.response_id, event.event_id, event.user, event.adapter_version, _ids(event.prompt_token_ids),
-         _ids(event.completion_token_ids), event.created_at, now, reject),
-    ).rowcount
-    if not stored:
-        # Same response_id under a new event_id: the first one stays (its tokens were served).
-        logger.warning("response %s arrived again as event %s; keeping the first", event.response_id, event.event_id)
-        result.duplicates += 1
-        return
-    if reject is not None:
-        result.dead_lettered += dead_letter_event(
-            conn, event.event_id, reject, record.topic, record.partition, record.offset, record.key, record.value,
-            now)
-    else:
-        result.responses += 1
-    parked = conn.execute(
-        "SELECT event_id, response_id, user, desirable, created_at, topic, part, record_offset, key, raw"
-        " FROM pending WHERE response_id = ? ORDER BY created_at, event_id",
-        (event.response_id,),
-    ).fetchall()
-    if not parked:
-        return
-    conn.execute("DELETE FROM pending WHERE response_id = ?", (event.response_id,))
-    for row in parked:
-        result.resolved += 1
-        # Oldest vote first, so the newest one ends up as the label, as if they had come in order.
-        _join(conn, _Vote(*row[:3], bool(row[3]), *row[4:]), now, result)
+class _Join:
+    """One batch being applied, record by record, in poll order (the rules are in the module docstring).
 
+    The same rules as statement-per-step SQL, in fewer statements: what a batch reads again and
+    again is read once at the start and then kept here as the batch changes it (which event_ids
+    were seen, which responses have parked feedback, the counters, the latest example), and
+    written back by ``finish``. It all happens inside the caller's one write transaction, which
+    nothing else writes to meanwhile.
+    """
 
-def _join(conn: sqlite3.Connection, vote: _Vote, now: float, result: ApplyResult) -> None:
-    response = conn.execute(
-        "SELECT user, rejected FROM responses WHERE response_id = ?", (vote.response_id,)
-    ).fetchone()
-    if response is None:
+    def __init__(self, conn: sqlite3.Connection, batch: list[Polled], now: float) -> None:
+        self.conn, self.now = conn, now
+        self.result = ApplyResult(records=len(batch))
+        events = [event for _, event, _ in batch if event is not None]
+        self.seen = _present(conn, "SELECT event_id FROM seen WHERE event_id IN", [e.event_id for e in events])
+        self.new_seen: dict[str, None] = {}  # first seen in this batch, in order: inserted by finish
+        self.parked = _present(conn, "SELECT DISTINCT response_id FROM pending WHERE response_id IN",
+                               [e.response_id for e in events if isinstance(e, ResponseEvent)])
+        self.counters: dict[str, int] = dict(conn.execute("SELECT name, value FROM counters").fetchall())
+        self.counted: set[str] = set()
+        # (response_id, kl_partner) of the example inserted last, whose partner may still be missing.
+        self.latest: tuple[str, str | None] | None = conn.execute(
+            "SELECT response_id, kl_partner FROM examples ORDER BY position DESC LIMIT 1").fetchone()
+
+    def first_sight(self, event_id: str) -> bool:
+        """Record ``event_id`` as seen; False if it was seen before (a duplicate)."""
+        if event_id in self.seen:
+            return False
+        self.seen.add(event_id)
+        self.new_seen[event_id] = None
+        return True
+
+    def next(self, name: str) -> int:
+        """The next value of a counter (see ``next_counter``); written back by ``finish``."""
+        self.counters[name] += 1
+        self.counted.add(name)
+        return self.counters[name]
+
+    def dead_letter(self, event_id: str, reason: str, topic: str, partition: int, offset: int, key: str | None,
+                    raw: bytes) -> None:
+        """Queue a decoded event's dead letter and forget its event_id (see ``dead_letter_event``)."""
+        self.seen.discard(event_id)
+        if self.new_seen.pop(event_id, False) is False:  # seen in an earlier batch (a parked vote)
+            self.conn.execute("DELETE FROM seen WHERE event_id = ?", (event_id,))
+        self.result.dead_lettered += queue_dead_letter(self.conn, reason, topic, partition, offset, key, raw,
+                                                       self.now)
+
+    def finish(self) -> None:
+        """Write back what the batch kept in memory."""
+        if self.new_seen:
+            self.conn.executemany("INSERT OR IGNORE INTO seen (event_id, seen_at) VALUES (?, ?)",
+                                  [(event_id, self.now) for event_id in self.new_seen])
+        if self.counted:
+            self.conn.executemany("UPDATE counters SET value = ? WHERE name = ?",
+                                  [(self.counters[name], name) for name in sorted(self.counted)])
+
+    def store_response(self, record: Record, event: ResponseEvent, reject: str | None) -> None:
+        conn, result = self.conn, self.result
+        # A stored response is never replaced (its tokens are what was served and rated), except a
+        # tombstone by a usable response: a dead letter replayed once it was fixed.
+        stored = conn.execute(
+            "INSERT INTO responses (response_id, event_id, user, adapter_version, prompt_ids,"
+            " completion_ids, created_at, stored_at, rejected) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (response_id) DO UPDATE SET event_id = excluded.event_id, user = excluded.user,"
+            " adapter_version = excluded.adapter_version, prompt_ids = excluded.prompt_ids,"
+            " completion_ids = excluded.completion_ids, created_at = excluded.created_at,"
+            " stored_at = excluded.stored_at, rejected = NULL"
+            " WHERE responses.rejected IS NOT NULL AND excluded.rejected IS NULL",
+            (event.response_id, event.event_id, event.user, event.adapter_version, _ids(event.prompt_token_ids),
+             _ids(event.completion_token_ids), event.created_at, self.now, reject),
+        ).rowcount
+        if not stored:
+            # Same response_id under a new event_id: the first one stays (its tokens were served).
+            logger.warning("response %s arrived again as event %s; keeping the first", event.response_id,
+                           event.event_id)
+            result.duplicates += 1
+            return
+        if reject is not None:
+            self.dead_letter(event.event_id, reject, record.topic, record.partition, record.offset, record.key,
+                             record.value)
+        else:
+            result.responses += 1
+        if event.response_id not in self.parked:
+            return
+        self.parked.discard(event.response_id)
+        parked = conn.execute(
+            "SELECT event_id, response_id, user, desirable, created_at, topic, part, record_offset, key, raw"
+            " FROM pending WHERE response_id = ? ORDER BY created_at, event_id",
+            (event.response_id,),
+        ).fetchall()
+        conn.execute("DELETE FROM pending WHERE response_id = ?", (event.response_id,))
+        for row in parked:
+            result.resolved += 1
+            # Oldest vote first, so the newest one ends up as the label, as if they had come in order.
+            self.vote(_Vote(*row[:3], bool(row[3]), *row[4:]))
+
+    def vote(self, vote: _Vote) -> None:
+        conn, result = self.conn, self.result
+        found = conn.execute(
+            "SELECT r.user, r.rejected, e.desirable, e.labeled_at, e.feedback_event_id"
+            " FROM responses r LEFT JOIN examples e ON e.response_id = r.response_id WHERE r.response_id = ?",
+            (vote.response_id,),
+        ).fetchone()
+        if found is None:
+            conn.execute(
+                "INSERT OR IGNORE INTO pending (event_id, response_id, user, desirable, created_at, parked_at,"
+                " topic, part, record_offset, key, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (vote.event_id, vote.response_id, vote.user, vote.desirable, vote.created_at, self.now, vote.topic,
+                 vote.partition, vote.offset, vote.key, vote.raw),
+            )
+            self.parked.add(vote.response_id)
+            result.parked += 1
+            return
+        owner, rejected, desirable, labeled_at, event_id = found
+        reason = None
+        if rejected is not None:
+            reason = (f"feedback {vote.event_id} on response {vote.response_id}: the response was rejected "
+                      f"({rejected})")
+        elif owner != vote.user:
+            # The server refuses such votes; this guards against a bug or a forged event.
+            reason = (f"feedback {vote.event_id} on response {vote.response_id} was rated by someone who did not "
+                      f"receive it (rated by {vote.user!r}, served to {owner!r})")
+        if reason is not None:
+            self.dead_letter(vote.event_id, reason, vote.topic, vote.partition, vote.offset, vote.key, vote.raw)
+            return
+
+        if desirable is None:  # no example yet (its label is never NULL)
+            self.insert_example(vote)
+            result.new_examples += 1
+            return
+        # The latest vote wins; event_id breaks ties so every replica and every replay agrees.
+        if (vote.created_at, vote.event_id) <= (labeled_at, event_id):
+            result.stale += 1
+            return
+        if bool(desirable) == vote.desirable:
+            # Newer but the same label: record which event holds it, but it is nothing new to train on.
+            conn.execute("UPDATE examples SET feedback_event_id = ?, labeled_at = ? WHERE response_id = ?",
+                         (vote.event_id, vote.created_at, vote.response_id))
+            result.stale += 1
+            return
         conn.execute(
-            "INSERT OR IGNORE INTO pending (event_id, response_id, user, desirable, created_at, parked_at, topic,"
-            " part, record_offset, key, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (vote.event_id, vote.response_id, vote.user, vote.desirable, vote.created_at, now, vote.topic,
-             vote.partition, vote.offset, vote.key, vote.raw),
+            "UPDATE examples SET desirable = ?, feedback_event_id = ?, labeled_at = ?, seq = ? WHERE response_id = ?",
+            (vote.desirable, vote.event_id, vote.created_at, self.next("seq"), vote.response_id),
         )
-        result.parked += 1
-        return
-    owner, rejected = response
-    reason = None
-    if rejected is not None:
-        reason = f"feedback {vote.event_id} on response {vote.response_id}: the response was rejected ({rejected})"
-    elif owner != vote.user:
-        # The server refuses such votes; this guards against a bug or a forged event.
-        reason = (f"feedback {vote.event_id} on response {vote.response_id} was rated by someone who did not "
-                  f"receive it (rated by {vote.user!r}, served to {owner!r})")
-    if reason is not None:
-        result.dead_lettered += dead_letter_event(
-            conn, vote.event_id, reason, vote.topic, vote.partition, vote.offset, vote.key, vote.raw, now)
-        return
+        result.relabeled += 1
 
-    current = conn.execute(
-        "SELECT desirable, labeled_at, feedback_event_id FROM examples WHERE response_id = ?", (vote.response_id,)
-    ).fetchone()
-    if current is None:
-        _insert_example(conn, vote)
-        result.new_examples += 1
-        return
-    desirable, labeled_at, event_id = current
-    # The latest vote wins; event_id breaks ties so every replica and every replay agrees.
-    if (vote.created_at, vote.event_id) <= (labeled_at, event_id):
-        result.stale += 1
-        return
-    if bool(desirable) == vote.desirable:
-        # Newer but the same label: record which event holds it, but it is nothing new to train on.
-        conn.execute("UPDATE examples SET feedback_event_id = ?, labeled_at = ? WHERE response_id = ?",
-                     (vote.event_id, vote.created_at, vote.response_id))
-        result.stale += 1
-        return
-    conn.execute(
-        "UPDATE examples SET desirable = ?, feedback_event_id = ?, labeled_at = ?, seq = ? WHERE response_id = ?",
-        (vote.desirable, vote.event_id, vote.created_at, next_counter(conn, "seq"), vote.response_id),
-    )
-    result.relabeled += 1
-
-
-def _insert_example(conn: sqlite3.Connection, vote: _Vote) -> None:
-    position = next_counter(conn, "position")
-    # The KL partner is fixed at insertion (its reference log-prob is computed once): the previous
-    # example. The very first example has none, so it takes the second as soon as that arrives.
-    previous = conn.execute(
-        "SELECT response_id FROM examples ORDER BY position DESC LIMIT 1"
-    ).fetchone()
-    conn.execute(
-        "INSERT INTO examples (response_id, desirable, feedback_event_id, labeled_at, seq, position, kl_partner)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (vote.response_id, vote.desirable, vote.event_id, vote.created_at, next_counter(conn, "seq"), position,
-         None if previous is None else previous[0]),
-    )
-    if previous is not None:  # only the first example ever lacks a partner: by primary key, no scan
-        conn.execute("UPDATE examples SET kl_partner = ? WHERE response_id = ? AND kl_partner IS NULL",
-                     (vote.response_id, previous[0]))
+    def insert_example(self, vote: _Vote) -> None:
+        position = self.next("position")
+        # The KL partner is fixed at insertion (its reference log-prob is computed once): the previous
+        # example. The very first example has none, so it takes the second as soon as that arrives.
+        previous = self.latest
+        self.conn.execute(
+            "INSERT INTO examples (response_id, desirable, feedback_event_id, labeled_at, seq, position, kl_partner)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (vote.response_id, vote.desirable, vote.event_id, vote.created_at, self.next("seq"), position,
+             None if previous is None else previous[0]),
+        )
+        if previous is not None and previous[1] is None:  # only the first example ever lacks a partner
+            self.conn.execute("UPDATE examples SET kl_partner = ? WHERE response_id = ? AND kl_partner IS NULL",
+                              (vote.response_id, previous[0]))
+        self.latest = (vote.response_id, None if previous is None else previous[0])

@@ -134,6 +134,20 @@ def test_decode_rejects_missing_zero_or_non_integer_schema_version() -> None:
     assert "schema_version" in _reason(_mutated(make_feedback(), schema_version=0))
 
 
+def test_decode_takes_schema_version_only_as_a_json_integer() -> None:
+    # The fast path (pydantic on the bytes) must refuse what the careful path refuses.
+    for version in (1.0, True, "1", None):
+        assert "schema_version must be an integer" in _reason(_mutated(make_feedback(), schema_version=version))
+
+
+def test_decode_gives_the_same_event_by_either_path() -> None:
+    from ingest.events import _decode_carefully
+
+    for event in (make_response(), make_feedback()):
+        data = encode_event(event)
+        assert decode_event(data) == _decode_carefully(data) == event
+
+
 def test_decode_names_the_missing_field() -> None:
     reason = _reason(_mutated(make_response(), completion_token_ids=...))
     assert "completion_token_ids" in reason and "required" in reason.lower()

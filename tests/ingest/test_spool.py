@@ -8,14 +8,17 @@ The Kafka path is tested end to end in ``tests/serve/test_kafka_outage.py``.
 from __future__ import annotations
 
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ingest import spool as spool_module
 from ingest.bus import BusUnavailable, Record
 from ingest.spool import Spool, SpoolFull, SpoolLocked
 from ingest.spooled_bus import SPOOLED, SpooledBus
@@ -225,6 +228,111 @@ def test_unsent_records_stay_in_the_file_and_go_first_after_a_restart(
     flaky.down = False
     assert second.flush(WAIT_S)
     assert flaky.values("a") == nums(0, 1, 2, 3)
+
+
+class HeldInserts:
+    """Stands in for ``ingest.spool._insert``: holds the first commit open while others queue, and
+    can fail the second, so that a test controls which appends share a group commit."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.real = spool_module._insert
+        self.release = threading.Event()
+        self.holding = threading.Event()
+        self.fail_second = False
+        self.calls = 0
+        monkeypatch.setattr(spool_module, "_insert", self)
+
+    def __call__(self, conn: Any, rows: list[Any]) -> int:
+        self.calls += 1
+        if self.calls == 1:
+            self.holding.set()
+            assert self.release.wait(WAIT_S)
+        if self.calls == 2 and self.fail_second:
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.real(conn, rows)
+
+
+def queue_behind(spool: Spool, pool: ThreadPoolExecutor, appends: list[list[tuple[str | None, bytes]]]) -> list[Future]:
+    """Start ``appends`` one by one, each queued behind the commit in progress before the next starts."""
+    futures = []
+    for items in appends:
+        futures.append(pool.submit(spool.append, "a", items))
+        wait_for(lambda: len(spool._appends._queue) == len(futures), "the append queued")
+    return futures
+
+
+def test_concurrent_appends_are_each_stored_once_and_in_each_threads_order(tmp_path: Path) -> None:
+    with Spool(tmp_path / "spool.sqlite3", max_events=100_000) as spool:
+
+        def appender(thread: int) -> list[list[int]]:
+            # Appends of 1 to 3 records, like a request that publishes one event or several.
+            return [spool.append("a", [(f"k{thread}", f"{thread}-{i}-{j}".encode()) for j in range(i % 3 + 1)])
+                    for i in range(60)]
+
+        with ThreadPoolExecutor(16) as pool:
+            acknowledged = list(pool.map(appender, range(16)))
+        stored = {s.seq: s.value.decode() for s in spool.peek(100_000)}
+        expected = [f"{t}-{i}-{j}" for t in range(16) for i in range(60) for j in range(i % 3 + 1)]
+        assert sorted(stored.values()) == sorted(expected) and spool.depth == len(expected)  # each once
+        for thread, seqs_per_append in enumerate(acknowledged):
+            # The seqs an append returned hold its records, in its order, one append after the other.
+            assert [stored[seq] for seqs in seqs_per_append for seq in seqs] == [
+                f"{thread}-{i}-{j}" for i in range(60) for j in range(i % 3 + 1)]
+            flat = [seq for seqs in seqs_per_append for seq in seqs]
+            assert flat == sorted(flat)
+            assert all(seqs == list(range(seqs[0], seqs[0] + len(seqs))) for seqs in seqs_per_append)  # contiguous
+        assert spool._appends.groups < 16 * 60  # appends did share commits (one fsync for several)
+
+
+def test_appends_that_queue_during_a_commit_go_in_one_commit_in_arrival_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inserts = HeldInserts(monkeypatch)
+    with Spool(tmp_path / "spool.sqlite3") as spool, ThreadPoolExecutor(8) as pool:
+        first = pool.submit(spool.append, "a", [("k", b"first")])
+        assert inserts.holding.wait(WAIT_S)
+        later = queue_behind(spool, pool, [[("k", str(i).encode()), ("k", f"{i}b".encode())] for i in range(5)])
+        assert not any(f.done() for f in [first, *later])  # nobody is acknowledged before its commit
+        inserts.release.set()
+        assert first.result(WAIT_S) == [1]
+        assert [f.result(WAIT_S) for f in later] == [[2 + 2 * i, 3 + 2 * i] for i in range(5)]
+        assert inserts.calls == 2  # the five waiting appends took one commit
+        assert [s.value for s in spool.peek(20)] == [b"first", *(v for i in range(5) for v in (b"%d" % i, b"%db" % i))]
+
+
+def test_a_failed_group_commit_fails_only_the_appends_of_that_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inserts = HeldInserts(monkeypatch)
+    with Spool(tmp_path / "spool.sqlite3") as spool, ThreadPoolExecutor(8) as pool:
+        first = pool.submit(spool.append, "a", [("k", b"first")])
+        assert inserts.holding.wait(WAIT_S)
+        doomed = queue_behind(spool, pool, [[("k", b"x")], [("k", b"y"), ("k", b"z")]])
+        inserts.fail_second = True  # the commit of the group that is queued now
+        inserts.release.set()
+        assert first.result(WAIT_S) == [1]
+        for future in doomed:
+            with pytest.raises(BusUnavailable, match="cannot write to the spool.*disk I/O error"):
+                future.result(WAIT_S)
+        assert spool.depth == 1  # nothing of the failed group is stored, or counted
+        assert spool.append("a", [("k", b"after")]) == [2]  # and the next append is fine
+        assert [s.value for s in spool.peek(10)] == [b"first", b"after"]
+
+
+def test_the_bound_is_judged_append_by_append_within_a_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    inserts = HeldInserts(monkeypatch)
+    with Spool(tmp_path / "spool.sqlite3", max_events=4) as spool, ThreadPoolExecutor(8) as pool:
+        first = pool.submit(spool.append, "a", [("k", b"0")])
+        assert inserts.holding.wait(WAIT_S)
+        # As if one after another: 2 fit (3 held), the next 2 would make 5 and are refused whole, 1 fits.
+        fits, refused, last = queue_behind(spool, pool, [[("k", b"1"), ("k", b"2")], [("k", b"x"), ("k", b"y")],
+                                                         [("k", b"3")]])
+        inserts.release.set()
+        assert first.result(WAIT_S) == [1]
+        assert fits.result(WAIT_S) == [2, 3] and last.result(WAIT_S) == [4]
+        with pytest.raises(SpoolFull, match="3 events are waiting for the bus.*limit is 4"):
+            refused.result(WAIT_S)
+        assert [s.value for s in spool.peek(10)] == nums(0, 1, 2, 3) and spool.depth == 4
 
 
 def test_one_process_at_a_time(tmp_path: Path) -> None:

@@ -8,6 +8,9 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,61 @@ def test_a_file_from_a_newer_version_is_refused(bus_path: Path) -> None:
     conn.close()
     with pytest.raises(RuntimeError, match="newer"):
         SqliteBus(bus_path)
+
+
+def test_concurrent_publishes_share_commits_and_keep_each_call_whole_and_in_order(bus_path: Path) -> None:
+    with SqliteBus(bus_path) as bus:
+
+        def publisher(thread: int) -> list[list[Record]]:
+            return [bus.publish_batch([("a" if j % 2 else "b", f"k{thread}", f"{thread}-{i}-{j}".encode())
+                                       for j in range(i % 3 + 1)]) for i in range(40)]
+
+        with ThreadPoolExecutor(12) as pool:
+            acknowledged = list(pool.map(publisher, range(12)))
+        stored = {(r.topic, r.offset): r.value for r in read_all(bus, ["a", "b"])}
+        for topic in ("a", "b"):  # dense offsets, every record once
+            assert sorted(o for t, o in stored if t == topic) == list(range(sum(t == topic for t, _ in stored)))
+        assert len(stored) == sum(i % 3 + 1 for i in range(40)) * 12
+        for thread, calls in enumerate(acknowledged):
+            for i, records in enumerate(calls):
+                assert [r.value for r in records] == [f"{thread}-{i}-{j}".encode() for j in range(i % 3 + 1)]
+                assert all(stored[(r.topic, r.offset)] == r.value for r in records)  # what it said it stored
+                for topic in ("a", "b"):  # a call's records of a topic are contiguous
+                    offsets = [r.offset for r in records if r.topic == topic]
+                    assert offsets == list(range(offsets[0], offsets[0] + len(offsets))) if offsets else True
+            for topic in ("a", "b"):  # and each thread's calls are in its order
+                offsets = [r.offset for records in calls for r in records if r.topic == topic]
+                assert offsets == sorted(offsets)
+        assert bus._publishes.groups < 12 * 40
+
+
+def test_a_failed_group_commit_fails_only_the_publishes_of_that_group(bus_path: Path) -> None:
+    with SqliteBus(bus_path) as bus, ThreadPoolExecutor(4) as pool:
+        real, calls, holding, release = bus._append, [], threading.Event(), threading.Event()
+
+        def append(conn: sqlite3.Connection, topic: str, items: list) -> list[Record]:
+            calls.append(topic)
+            if len(calls) == 1:  # hold the first commit open while the others queue behind it
+                holding.set()
+                assert release.wait(10)
+            elif len(calls) == 2:  # and fail the second: the group of those that queued
+                raise sqlite3.OperationalError("disk I/O error")
+            return real(conn, topic, items)
+
+        bus._append = append  # type: ignore[method-assign]
+        first = pool.submit(bus.publish, "t", "k", b"first")
+        assert holding.wait(10)
+        doomed = []
+        for value in (b"x", b"y"):
+            doomed.append(pool.submit(bus.publish_many, "t", [("k", value), ("k", value)]))
+            deadline = time.monotonic() + 10
+            while len(bus._publishes._queue) < len(doomed):
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+        release.set()
+        assert first.result(10).offset == 0
+        for future in doomed:
+            with pytest.raises(BusUnavailable, match="disk I/O error"):
+                future.result(10)
+        assert bus.publish("t", "k", b"after").offset == 1  # nothing of the failed group was stored
+        assert [r.value for r in read_all(bus, ["t"])] == [b"first", b"after"]
