@@ -45,6 +45,18 @@ def check_topic_name(topic: object) -> str:
     return topic
 
 
+def check_subscription(group_id: object, topics: object) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``group_id`` is a name and ``topics`` a non-empty list of topic names."""
+    if isinstance(topics, str):
+        raise TypeError("topics must be a list of topic names, not a string")
+    if not group_id:
+        raise ValueError("group_id must not be empty")
+    if not topics:
+        raise ValueError("a consumer needs at least one topic")
+    for topic in topics:
+        check_topic_name(topic)
+
+
 def check_records(items: list[tuple[str | None, bytes]]) -> None:
     """Raise ``TypeError`` unless every item is a (str-or-None key, bytes value) pair."""
     for key, value in items:

@@ -41,7 +41,7 @@ import threading
 import time
 from typing import Any
 
-from ingest.bus import BusUnavailable, Record, TopicPartition, check_records, check_topic_name
+from ingest.bus import BusUnavailable, Record, TopicPartition, check_records, check_subscription, check_topic_name
 from ingest.kafka_consumer import KafkaGroupConsumer
 
 logger = logging.getLogger(__name__)
@@ -308,14 +308,7 @@ class KafkaBus:
 
     def consumer(self, group_id: str, topics: list[str]) -> KafkaGroupConsumer:
         """A new member of ``group_id`` subscribed to ``topics`` (see ``ingest.kafka_consumer``)."""
-        if isinstance(topics, str):
-            raise TypeError("topics must be a list of topic names, not a string")
-        if not group_id:
-            raise ValueError("group_id must not be empty")
-        if not topics:
-            raise ValueError("a consumer needs at least one topic")
-        for topic in topics:
-            check_topic_name(topic)
+        check_subscription(group_id, topics)
         with self._lock:
             if self._closed:
                 raise BusUnavailable("the Kafka bus is closed")

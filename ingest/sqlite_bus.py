@@ -37,7 +37,7 @@ from pathlib import Path
 
 from ingest._group_commit import GroupCommit
 from ingest._sqlite import connect, ensure_schema, write_transaction
-from ingest.bus import BusUnavailable, Record, TopicPartition, check_records, check_topic_name
+from ingest.bus import BusUnavailable, Record, TopicPartition, check_records, check_subscription, check_topic_name
 from ingest.sqlite_consumer import SqliteConsumer, partition_counts
 
 logger = logging.getLogger(__name__)
@@ -235,14 +235,7 @@ class SqliteBus:
 
     def consumer(self, group_id: str, topics: list[str]) -> SqliteConsumer:
         """A new member of ``group_id`` reading ``topics``, with its own connection."""
-        if isinstance(topics, str):
-            raise TypeError("topics must be a list of topic names, not a string")
-        if not group_id:
-            raise ValueError("group_id must not be empty")
-        if not topics:
-            raise ValueError("a consumer needs at least one topic")
-        for topic in topics:
-            check_topic_name(topic)
+        check_subscription(group_id, topics)
         self._connection()  # a closed bus makes no consumers
         return SqliteConsumer(
             self.path,
