@@ -57,19 +57,19 @@ async def start_canary(body: CanaryStartRequest, state: State, actor: Admin) -> 
 
 @router.post("/canary/promote")
 async def promote_canary(state: State, actor: Admin, body: CanaryRequest | None = None) -> dict:
-    body = body or CanaryRequest()
-    canary = await _running(state, body.version)
-    entry = await run_in_threadpool(lambda: state.registry.promote_canary(
-        canary.version, actor=actor, reason=body.reason, evidence=canary.evidence))
-    return await _canary_settled(state, entry)
+    return await _decide(state, actor, body or CanaryRequest(), state.registry.promote_canary)
 
 
 @router.post("/canary/rollback")
 async def rollback_canary(state: State, actor: Admin, body: CanaryRequest | None = None) -> dict:
-    body = body or CanaryRequest()
+    return await _decide(state, actor, body or CanaryRequest(), state.registry.rollback_canary)
+
+
+async def _decide(state: ServeState, actor: str, body: CanaryRequest, decide) -> dict:
+    """An operator's verdict on the running canary, recorded with the controller's latest evidence."""
     canary = await _running(state, body.version)
-    entry = await run_in_threadpool(lambda: state.registry.rollback_canary(
-        canary.version, actor=actor, reason=body.reason, evidence=canary.evidence))
+    entry = await run_in_threadpool(
+        lambda: decide(canary.version, actor=actor, reason=body.reason, evidence=canary.evidence))
     return await _canary_settled(state, entry)
 
 
