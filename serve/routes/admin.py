@@ -139,3 +139,15 @@ async def _check(state: ServeState, version: str) -> None:
 async def _settled(state: ServeState, entry) -> dict:
     await state.hotswap.sync()  # switch here now rather than at the next poll
     return {"active": entry.version, "serving": state.hotswap.serving, "entry": entry.to_json()}
+
+
+@router.get("/{version}")
+async def version_page(version: str, state: State, actor: Admin) -> dict:
+    """One version's page: its record (parent, training events and label counts in `lineage`,
+    loss and gate in `metrics`), the versions trained from it, and every history entry that
+    names it (activations, rollbacks, canary steps with their evidence)."""
+    info = await run_in_threadpool(state.registry.get, version)  # UnknownVersion -> 404
+    versions = await run_in_threadpool(state.registry.list_versions)
+    entries = await run_in_threadpool(state.registry.history)
+    return {**info.to_json(), "children": [v.version for v in versions if v.parent == version],
+            "history": [e.to_json() for e in entries if version in (e.version, e.previous)]}

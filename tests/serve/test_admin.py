@@ -157,3 +157,19 @@ def test_audit_answers_503_while_the_ledger_is_unreachable(client, state, monkey
     monkeypatch.setattr(state.ledger, "lookup", away)
     reply = client.get("/v1/responses/x/version", headers=ADMIN)
     assert reply.status_code == 503 and reply.json()["error"]["code"] == "ledger_unavailable"
+
+
+def test_a_version_page_shows_its_lineage_children_and_history(client, state, make_adapter):
+    v1 = publish(state, make_adapter(1), loss=0.5).version
+    v2 = publish(state, make_adapter(2), parent=v1).version
+    client.post(f"/v1/adapters/{v1}/activate", json={"reason": "try it"}, headers=ADMIN)
+    client.post(f"/v1/adapters/{v2}/activate", headers=ADMIN)
+    page = client.get(f"/v1/adapters/{v1}", headers=ADMIN).json()
+    assert (page["version"], page["parent"], page["children"]) == (v1, None, [v2])
+    assert page["metrics"] == {"loss": 0.5} and page["lineage"] == {"events": ["e1", "e2"]}
+    assert [(h["action"], h["version"], h["previous"], h["reason"]) for h in page["history"]] == [
+        ("activate", v1, None, "try it"), ("activate", v2, v1, "")]
+    assert client.get(f"/v1/adapters/{v2}", headers=ADMIN).json()["children"] == []
+    missing = client.get("/v1/adapters/v9999", headers=ADMIN)
+    assert missing.status_code == 404 and "v9999" in missing.json()["error"]["message"]
+    assert client.get(f"/v1/adapters/{v1}").status_code == 401
