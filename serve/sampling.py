@@ -18,8 +18,9 @@ def sample_next(logits: torch.Tensor, params: list[tuple[float, float, torch.Gen
     if batched:
         rows = torch.tensor(batched, device=logits.device)
         temperature = torch.tensor([params[r][0] for r in batched], device=logits.device)
-        top_p = torch.tensor([params[r][1] for r in batched], device=logits.device)
-        probs = nucleus(torch.softmax(logits[rows] / temperature[:, None], dim=-1), top_p)
+        probs = torch.softmax(logits[rows] / temperature[:, None], dim=-1)
+        if any(params[r][1] < 1.0 for r in batched):  # a sort of the vocabulary per row: only when asked
+            probs = nucleus(probs, torch.tensor([params[r][1] for r in batched], device=logits.device))
         for row, token in zip(batched, torch.multinomial(probs, 1).squeeze(1).tolist()):
             tokens[row] = token
     for row, (temperature, top_p, generator) in enumerate(params):
