@@ -28,19 +28,6 @@ DESIRABLE_RATE = ('sum by (version) (increase(kto_feedback_total{label="desirabl
 DESIRABLE_SHARE = 'sum by (version) (kto_feedback_total{label="desirable"}) / sum by (version) (kto_feedback_total)'
 
 
-def wait_healthy(process, url: str, log) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None, f"the learner exited:\n{log.read_text()[-3000:]}"
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"the learner never answered /healthz:\n{log.read_text()[-3000:]}"
-        time.sleep(0.5)
-
-
 def feedback_counts(url: str) -> dict[str, list[float]]:
     """version -> [desirable, all] from the server's own exposition."""
     counts: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
@@ -77,7 +64,7 @@ def test_promql_gives_the_desirable_rate_per_version_and_the_learners_loss(tmp_p
     (tmp_path / "prometheus").mkdir()
     try:
         wait_ready(serve, serve_url, data / "serve.log")
-        wait_healthy(learner, learner_url, data / "learn.log")
+        wait_ready(learner, learner_url, data / "learn.log", path="/healthz")
         with PrometheusServer(config, tmp_path / "prometheus") as prom:
             # Both targets up, and the base version's zero-valued feedback series scraped before any rating.
             prom.wait(lambda: prom.value('sum(up{job=~"kto-serve|kto-learner"})') == 2, "both targets up")

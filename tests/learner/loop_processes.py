@@ -51,16 +51,17 @@ def start(command: str, env: dict[str, str], log: Path, log_level: str = "warnin
                                 env={**os.environ, **env}, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
 
 
-def wait_ready(process: subprocess.Popen, url: str, log: Path, timeout_s: float = 120) -> None:
+def wait_ready(process: subprocess.Popen, url: str, log: Path, timeout_s: float = 120, path: str = "/readyz") -> None:
+    """Until `url + path` answers 200 (a server's /readyz, the learner's /healthz); fails if the process exits."""
     deadline = time.monotonic() + timeout_s
     while True:
         assert process.poll() is None, f"{process.args[3:]} exited:\n{log.read_text()[-3000:]}"
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        assert time.monotonic() < deadline, f"{url} never became ready:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"{url}{path} never answered 200:\n{log.read_text()[-3000:]}"
         time.sleep(0.5)
 
 
