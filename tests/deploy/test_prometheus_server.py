@@ -9,7 +9,6 @@ without error on real series.
 from __future__ import annotations
 
 import math
-import time
 from collections import defaultdict
 
 import httpx
