@@ -6,7 +6,12 @@ must be recognised as such. It is a fast index, not the record of truth: the eve
 are. Losing it costs only the ability to rate older responses.
 
 One vote per response: a changed vote replaces the earlier one. An anonymous response (user
-None) is claimed by its first voter, so a stranger cannot flip somebody else's vote later.
+None) is nobody's to rate.
+
+It also keeps a tally per adapter version (responses recorded, current votes by label) for the
+version's admin page: counted where the entries are written, in the same atomic step, so every
+replica sharing the ledger adds to one tally. Tallies outlive the entries' TTL and a user's
+erasure (``forget_user``): they are counts, not anybody's data.
 
 Backends, chosen by URL in ``open_ledger``: ``sqlite:///path`` (embedded, one host) and
 ``redis://…`` (``ingest.redis_ledger``, shared by replicas on several hosts).
@@ -29,8 +34,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TTL_S = 7 * 24 * 3600.0
 LABELS = ("desirable", "undesirable")
-_LAYOUT_VERSION = 1
+_LAYOUT_VERSION = 2  # 2 adds the tallies table (created on open; layout 1 files have none yet)
 _PURGE_EVERY_S = 60.0
+_BASE = ""  # the tally key of the base model (version None)
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS responses (
         response_id TEXT PRIMARY KEY,
@@ -40,6 +46,12 @@ _SCHEMA = [
         feedback_event_id TEXT,
         created_at REAL NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS responses_created_at ON responses (created_at)",
+    "CREATE INDEX IF NOT EXISTS responses_user ON responses (user)",
+    """CREATE TABLE IF NOT EXISTS tallies (
+        version TEXT PRIMARY KEY,
+        responses INTEGER NOT NULL DEFAULT 0,
+        desirable INTEGER NOT NULL DEFAULT 0,
+        undesirable INTEGER NOT NULL DEFAULT 0)""",
 ]
 
 
@@ -56,6 +68,20 @@ class LedgerEntry:
     """The current vote, or None before the first."""
     feedback_event_id: str | None
     """The event_id of the feedback event that set ``label``."""
+
+
+@dataclass(frozen=True)
+class VersionTally:
+    """What one version did, as far as the ledger saw: responses recorded, current votes."""
+
+    responses: int = 0
+    desirable: int = 0
+    undesirable: int = 0
+
+    def to_json(self) -> dict[str, int | float | None]:
+        rated = self.desirable + self.undesirable
+        return {"responses": self.responses, "desirable": self.desirable, "undesirable": self.undesirable,
+                "desirable_rate": self.desirable / rated if rated else None}
 
 
 class UnknownResponseError(LookupError):
@@ -88,6 +114,14 @@ class ResponseLedger(Protocol):
         ``UnknownResponseError`` or ``NotResponseOwnerError``; ``LedgerUnavailable`` if it
         cannot be reached.
         """
+        ...
+
+    def tally(self, version: str | None) -> VersionTally:
+        """Responses recorded for ``version`` (None: the base model) and their current votes."""
+        ...
+
+    def forget_user(self, user: str) -> int:
+        """Delete every entry of ``user`` (an erasure request); return how many there were."""
         ...
 
     def close(self) -> None:
@@ -136,14 +170,16 @@ class SqliteLedger:
         with self._lock:
             conn = self._connection()
             with write_transaction(conn):
-                conn.execute(
+                recorded = conn.execute(
                     "INSERT INTO responses (response_id, user, version, created_at) VALUES (?, ?, ?, ?)"
                     " ON CONFLICT (response_id) DO UPDATE"
                     " SET user = excluded.user, version = excluded.version, label = NULL,"
                     " feedback_event_id = NULL, created_at = excluded.created_at"
                     " WHERE responses.created_at <= ?",
                     (response_id, user, version, now, now - self.ttl_s),
-                )
+                ).rowcount
+                if recorded:
+                    _count(conn, version, "responses", 1)
                 # Purging lazily here (at most once a minute) keeps the file bounded without a janitor.
                 if now - self._last_purge >= _PURGE_EVERY_S:
                     purged = conn.execute("DELETE FROM responses WHERE created_at <= ?", (now - self.ttl_s,)).rowcount
@@ -176,12 +212,12 @@ class SqliteLedger:
             # BEGIN IMMEDIATE: read and write under one lock, so concurrent votes serialise.
             with write_transaction(conn):
                 row = conn.execute(
-                    "SELECT user, label FROM responses WHERE response_id = ? AND created_at > ?",
+                    "SELECT user, label, version FROM responses WHERE response_id = ? AND created_at > ?",
                     (response_id, self._clock() - self.ttl_s),
                 ).fetchone()
                 if row is None:
                     raise UnknownResponseError(response_id)
-                owner, previous = row
+                owner, previous, version = row
                 if owner != user:  # an anonymous response (owner None) is nobody's to rate
                     raise NotResponseOwnerError(f"response {response_id} was not served to {user!r}")
                 if previous != label:
@@ -189,7 +225,25 @@ class SqliteLedger:
                         "UPDATE responses SET label = ?, feedback_event_id = ? WHERE response_id = ?",
                         (label, event_id, response_id),
                     )
+                    _count(conn, version, label, 1)
+                    if previous is not None:
+                        _count(conn, version, previous, -1)
         return previous
+
+    def tally(self, version: str | None) -> VersionTally:
+        with self._lock:
+            row = self._connection().execute(
+                "SELECT responses, desirable, undesirable FROM tallies WHERE version = ?",
+                (_BASE if version is None else version,)).fetchone()
+        return VersionTally() if row is None else VersionTally(*row)
+
+    def forget_user(self, user: str) -> int:
+        if not user:
+            raise ValueError("user must not be empty")
+        with self._lock:
+            conn = self._connection()
+            with write_transaction(conn):
+                return conn.execute("DELETE FROM responses WHERE user = ?", (user,)).rowcount
 
     def close(self) -> None:
         """Close the connection; idempotent."""
@@ -203,6 +257,14 @@ class SqliteLedger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _count(conn: sqlite3.Connection, version: str | None, column: str, delta: int) -> None:
+    # `column` is one of ours (responses or a label), never caller text.
+    # Never below 0: a vote recorded before this file had tallies (layout 1) may be changed later.
+    conn.execute(f"INSERT INTO tallies (version, {column}) VALUES (?, MAX(0, ?))"
+                 f" ON CONFLICT (version) DO UPDATE SET {column} = MAX(0, {column} + ?)",
+                 (_BASE if version is None else version, delta, delta))
 
 
 def open_ledger(url: str, *, ttl_s: float = DEFAULT_TTL_S) -> ResponseLedger:

@@ -23,7 +23,7 @@ import collections
 import logging
 import threading
 
-from ingest.ledger import LedgerEntry, LedgerUnavailable, ResponseLedger
+from ingest.ledger import LedgerEntry, LedgerUnavailable, ResponseLedger, VersionTally
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,17 @@ class BackloggedLedger:
         if response_id in self._backlog:
             raise LedgerUnavailable(f"response {response_id} is not recorded in the ledger yet")
         return self._ledger.set_vote(response_id, user, label, event_id)
+
+    def tally(self, version: str | None) -> VersionTally:
+        return self._ledger.tally(version)  # backlogged responses are counted once they are written
+
+    def forget_user(self, user: str) -> int:
+        forgotten = self._ledger.forget_user(user)  # first: while it is away, the caller retries
+        with self._lock:
+            waiting = [r for r, (owner, _) in self._backlog.items() if owner == user]
+            for response_id in waiting:
+                del self._backlog[response_id]
+        return forgotten + len(waiting)
 
     def _drain(self) -> None:
         while not self._closed.is_set():

@@ -23,6 +23,7 @@ from ingest.ledger import (
     ResponseLedger,
     SqliteLedger,
     UnknownResponseError,
+    VersionTally,
     open_ledger,
 )
 from ingest.redis_ledger import RedisLedger
@@ -77,6 +78,39 @@ def test_the_version_that_answered_is_kept(ledger: ResponseLedger) -> None:
     ledger.record_response("r1", "alice", "v0003")
     ledger.set_vote("r1", "alice", "desirable", "e1")
     assert ledger.lookup("r1") == LedgerEntry("r1", "alice", "v0003", "desirable", "e1")
+
+
+def test_each_version_tallies_its_responses_and_current_votes(ledger_store: LedgerStore) -> None:
+    one, two = ledger_store.open(), ledger_store.open()  # two replicas add to one tally
+    for i in range(3):
+        one.record_response(f"a{i}", "ann", "v0001")
+    two.record_response("a0", "ann", "v0001")  # the same response again is not counted twice
+    two.record_response("b0", "bob", None)
+    one.set_vote("a0", "ann", "desirable", "e1")
+    two.set_vote("a1", "ann", "desirable", "e2")
+    two.set_vote("a1", "ann", "desirable", "e3")  # repeated: unchanged
+    one.set_vote("a2", "ann", "undesirable", "e4")
+    one.set_vote("a2", "ann", "desirable", "e5")  # changed: moves from one label to the other
+    two.set_vote("b0", "bob", "undesirable", "e6")
+    assert one.tally("v0001") == VersionTally(responses=3, desirable=3, undesirable=0)
+    assert two.tally(None) == VersionTally(responses=1, desirable=0, undesirable=1)
+    assert one.tally("v0009") == VersionTally()
+    assert VersionTally(3, 2, 1).to_json()["desirable_rate"] == 2 / 3
+
+
+def test_forgetting_a_user_deletes_their_entries_only(ledger: ResponseLedger) -> None:
+    for i in range(3):
+        ledger.record_response(f"a{i}", "ann", "v0001")
+    ledger.record_response("b0", "bob", "v0001")
+    ledger.set_vote("a0", "ann", "undesirable", "e1")
+    assert ledger.forget_user("ann") == 3
+    assert [ledger.lookup(f"a{i}") for i in range(3)] == [None, None, None]
+    with pytest.raises(UnknownResponseError):
+        ledger.set_vote("a1", "ann", "desirable", "e2")
+    assert ledger.lookup("b0") == LedgerEntry("b0", "bob", "v0001", None, None)
+    assert ledger.forget_user("ann") == 0
+    # The counts stay: they are nobody's data.
+    assert ledger.tally("v0001") == VersionTally(responses=4, desirable=0, undesirable=1)
 
 
 @pytest.mark.parametrize(

@@ -67,3 +67,18 @@ def test_the_backlog_is_bounded_and_drops_the_oldest(outage):
     wait_until(lambda: ledger.backlog == 0)
     assert ledger.lookup("r0") is None and ledger.lookup("r2") is not None
     ledger.close()
+
+
+def test_forgetting_a_user_reaches_the_backlog_too(outage):
+    ledger = BackloggedLedger(outage, retry_s=0.05)
+    ledger.record_response("r0", "ann")
+    ledger.record_response("b0", "bob")
+    outage.down = True
+    ledger.record_response("r1", "ann")
+    with pytest.raises(LedgerUnavailable):  # the ledger itself is still away: the caller retries
+        ledger.forget_user("ann")
+    outage.down = False
+    assert ledger.forget_user("ann") == 1 + 1  # one waiting in the backlog, one in the ledger
+    wait_until(lambda: ledger.backlog == 0)
+    assert ledger.lookup("r0") is None and ledger.lookup("r1") is None and ledger.lookup("b0") is not None
+    ledger.close()
