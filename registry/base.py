@@ -115,6 +115,15 @@ class Registry(Protocol):
         bump); False if no canary of `version` runs."""
         ...
 
+    def record_erasure(
+        self, request_id: str, versions: list[str], *, actor: str, reason: str = "",
+        evidence: dict[str, Any] | None = None,
+    ) -> HistoryEntry:
+        """A user's data was erased (request `request_id`): flag `versions`, those trained on it,
+        and append an `erasure` history entry, in one transaction; the pointer stays. Idempotent
+        per request_id (a repeat returns the first entry); UnknownVersion writes nothing."""
+        ...
+
     def verify_files(self, version: str) -> None:
         """Raise VerificationError unless every file is present with its recorded checksum."""
         ...

@@ -4,8 +4,9 @@ URL: `redis://[user:password@]host:port/db[?prefix=kto:registry:]` (`rediss://` 
 prefix (default `kto:registry:`) lets several registries share one database; every other query
 parameter goes to redis-py (e.g. `socket_timeout=5`). Keys, all under the prefix:
 
-    schema        "2": the layout of these keys (a newer layout is refused, not misread; 1 had
-                  no canary and no evidence, and is upgraded in place on open)
+    schema        "3": the layout of these keys (a newer layout is refused, not misread; 1 had
+                  no canary and no evidence, 2 no erasures; older ones are upgraded in place on
+                  open: the new keys start empty)
     next_version  INCR counter behind the names v0001, v0002, … (so never reused)
     state         hash version → pending | ready | rejected | abandoned
     meta          hash version → JSON parent, created_at, base_model, sha256, files, metrics,
@@ -17,6 +18,8 @@ parameter goes to redis-py (e.g. `socket_timeout=5`). Keys, all under the prefix
     history       list of JSON HistoryEntry, oldest first, append-only (entries written under
                   layout 1 lack "evidence": read as None)
     changes       the pub/sub channel: one message per pointer change
+    flags         hash version → JSON list of its flags (registry.erasure)
+    erasures      hash erasure request id → JSON of its history entry (a repeat returns it)
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 from kto_loop.urls import redis_url
 
 DEFAULT_PREFIX = "kto:registry:"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def parse_url(url: str) -> tuple[str, str, str]:
@@ -45,3 +48,5 @@ class RedisKeys:
         self.stack = prefix + "stack"
         self.history = prefix + "history"
         self.changes = prefix + "changes"
+        self.flags = prefix + "flags"
+        self.erasures = prefix + "erasures"

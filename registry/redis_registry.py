@@ -40,6 +40,7 @@ from registry import canary as canary_rules
 from registry import publishing, store
 from registry import rollback as stack_rules
 from registry.canary import Canary
+from registry.erasure import RedisErasures
 from registry.errors import RegistryError, RegistryUnavailable, UnknownVersion, VersionRejected
 from registry.publishing import VISIBLE
 from registry.redis_canary import RedisCanarySteps
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-class RedisRegistry(RedisCanarySteps):
+class RedisRegistry(RedisCanarySteps, RedisErasures):
     """The Redis Registry backend; safe across processes, hosts and threads."""
 
     def __init__(
@@ -121,7 +122,7 @@ class RedisRegistry(RedisCanarySteps):
                 f"registry {self.where} prefix {self.prefix!r} has schema {found}, newer than "
                 f"this code's {SCHEMA_VERSION}"
             )
-        if found < SCHEMA_VERSION:  # 1 -> 2 only adds fields: what is there reads as it is
+        if found < SCHEMA_VERSION:  # each step only added fields and keys: what is there reads as it is
             with self._redis() as r:
                 r.set(self._keys.schema, SCHEMA_VERSION)
 
@@ -155,7 +156,7 @@ class RedisRegistry(RedisCanarySteps):
             state, meta, reason = pipe.execute()
         if state not in VISIBLE:
             raise UnknownVersion(version)
-        return self._info(version, state, meta, reason)
+        return self._with_flags([self._info(version, state, meta, reason)])[0]
 
     def list_versions(self) -> list[VersionInfo]:
         k = self._keys
@@ -166,7 +167,7 @@ class RedisRegistry(RedisCanarySteps):
             pipe.hgetall(k.rejected)
             states, metas, reasons = pipe.execute()
         visible = sorted((v for v, s in states.items() if s in VISIBLE), key=lambda v: int(v[1:]))
-        return [self._info(v, states[v], metas[v], reasons.get(v)) for v in visible]
+        return self._with_flags([self._info(v, states[v], metas[v], reasons.get(v)) for v in visible])
 
     def adapter_path(self, version: str) -> Path:
         return self.get(version).path

@@ -5,8 +5,9 @@ only ready and rejected rows are ever visible. `pointer` is a single row read by
 holds the running canary too (JSON of registry.canary.Canary), so that both change together.
 
 Layouts: 1 had no canary and no evidence; 2 adds `pointer.canary`, `history.evidence` and the
-canary actions. Opening a layout-1 file migrates it in place, in one transaction; a newer layout
-than this code's is refused rather than misread.
+canary actions; 3 adds the `flags` table and the erasure action (registry.erasure). Opening an
+older file migrates it in place, in one transaction; a newer layout than this code's is refused
+rather than misread.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from registry.errors import RegistryError, RegistryUnavailable
 from registry.versions import HISTORY_ACTIONS
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _ACTIONS = ", ".join(f"'{action}'" for action in HISTORY_ACTIONS)
 _HISTORY = f"""
@@ -60,18 +61,31 @@ CREATE TABLE IF NOT EXISTS rollback_stack (
     pos INTEGER PRIMARY KEY,
     version TEXT
 );
+CREATE TABLE IF NOT EXISTS flags (
+    version TEXT NOT NULL,
+    erasure TEXT NOT NULL,  -- the erasure request that flagged it
+    at REAL NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (version, erasure)
+);
 INSERT OR IGNORE INTO pointer (id, counter, active) VALUES (1, 0, NULL);
 """.replace("{history}", _HISTORY.format(name="history"))
 
-# Layout 1 -> 2. SQLite cannot change a CHECK constraint in place: the history is copied.
-_MIGRATE_FROM_1 = [
-    "ALTER TABLE pointer ADD COLUMN canary TEXT",
-    _HISTORY.format(name="history_v2"),
-    "INSERT INTO history_v2 (seq, at, action, version, previous, actor, reason)"
-    " SELECT seq, at, action, version, previous, actor, reason FROM history ORDER BY seq",
-    "DROP TABLE history",
-    "ALTER TABLE history_v2 RENAME TO history",
-]
+
+
+def _migrations(found: int) -> list[str]:
+    """The statements taking layout `found` to this one. SQLite cannot change a CHECK constraint
+    in place, so the history (whose actions grew at 2 and at 3) is copied into a new table."""
+    if found in (0, SCHEMA_VERSION):  # 0: a new file, created by _TABLES as it is now
+        return []
+    columns = "seq, at, action, version, previous, actor, reason" + (", evidence" if found >= 2 else "")
+    return [
+        *(["ALTER TABLE pointer ADD COLUMN canary TEXT"] if found == 1 else []),
+        _HISTORY.format(name="history_new"),
+        f"INSERT INTO history_new ({columns}) SELECT {columns} FROM history ORDER BY seq",
+        "DROP TABLE history",
+        "ALTER TABLE history_new RENAME TO history",
+    ]
 
 
 @contextmanager
@@ -118,9 +132,8 @@ def _prepare(conn: sqlite3.Connection, db_path: Path, busy_timeout_s: float) -> 
         for statement in _TABLES.split(";"):
             if statement.strip():
                 conn.execute(statement)
-        if found == 1:
-            for statement in _MIGRATE_FROM_1:
-                conn.execute(statement)
+        for statement in _migrations(found):
+            conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:

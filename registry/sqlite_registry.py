@@ -30,6 +30,7 @@ from registry import canary as canary_rules
 from registry import publishing, schema, store
 from registry import rollback as stack_rules
 from registry.canary import Canary
+from registry.erasure import SqliteErasures
 from registry.errors import RegistryError, UnknownVersion, VersionRejected
 from registry.publishing import VISIBLE as _VISIBLE
 from registry.sqlite_catalog import SqliteCatalog
@@ -42,7 +43,7 @@ _VERSION_COLUMNS = (
 )
 
 
-class SqliteRegistry:
+class SqliteRegistry(SqliteErasures):
     """The embedded Registry backend; safe across processes and threads."""
 
     def __init__(
@@ -115,14 +116,14 @@ class SqliteRegistry:
         )
         if not rows:
             raise UnknownVersion(version)
-        return self._info(rows[0])
+        return self._with_flags([self._info(rows[0])])[0]
 
     def list_versions(self) -> list[VersionInfo]:
         rows = self._read(
             f"SELECT {_VERSION_COLUMNS} FROM versions WHERE state IN (?, ?) ORDER BY seq",
             _VISIBLE,
         )
-        return [self._info(row) for row in rows]
+        return self._with_flags([self._info(row) for row in rows])
 
     def adapter_path(self, version: str) -> Path:
         return self.get(version).path

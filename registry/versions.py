@@ -13,6 +13,7 @@ VersionStatus = Literal["ready", "rejected"]
 HistoryAction = Literal[
     "activate", "rollback",
     "canary_start", "canary_promote", "canary_rollback", "canary_pause", "canary_resume",
+    "erasure",
 ]
 HISTORY_ACTIONS: tuple[str, ...] = get_args(HistoryAction)
 
@@ -34,6 +35,9 @@ class VersionInfo:
     metrics: dict[str, Any]
     lineage: dict[str, Any]
     rejected_reason: str | None
+    flags: tuple[dict[str, Any], ...] = ()
+    """Added after publish, never removed: e.g. {"erasure": request id, "at", "reason"} when
+    feedback it was trained on has since been erased at its user's request."""
 
     def to_json(self) -> dict[str, Any]:
         # path is left out on purpose: it is a detail of the host, not of the version.
@@ -47,6 +51,7 @@ class VersionInfo:
             "metrics": copy.deepcopy(self.metrics),
             "lineage": copy.deepcopy(self.lineage),
             "rejected_reason": self.rejected_reason,
+            "flags": copy.deepcopy(list(self.flags)),
         }
 
 
@@ -58,6 +63,8 @@ class HistoryEntry:
     activate, rollback, canary_promote: the pointer moved from `previous` to `version`.
     canary_start, canary_rollback, canary_pause, canary_resume: the pointer stayed on `previous`
     (the active version); `version` is the canary's candidate.
+    erasure: a user's data was erased; the pointer stayed, `version` and `previous` are None, and
+    `evidence` has the request_id and the `flagged_versions` (registry.erasure).
     """
 
     seq: int
@@ -70,6 +77,11 @@ class HistoryEntry:
     evidence: dict[str, Any] | None = None
     """What a decision rested on (counts, rates, statistic, threshold); None for plain moves and
     for entries written before evidence existed."""
+
+    def names(self, version: str) -> bool:
+        """Whether this entry is about `version`: it moved to or from it, or flagged it."""
+        flagged = (self.evidence or {}).get("flagged_versions", ()) if self.action == "erasure" else ()
+        return version in (self.version, self.previous) or version in flagged
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -321,7 +321,7 @@ def test_a_layout_1_redis_registry_reads_and_upgrades(services, tmp_path):
             [entry] = reg.history()
             assert (entry.action, entry.reason, entry.evidence) == ("activate", "old", None)
             assert reg.canary() is None and reg.pointer() == (1, None)
-            assert client.get(prefix + "schema") == "2"
+            assert client.get(prefix + "schema") == "3"
         finally:
             reg.close()
     finally:

@@ -51,7 +51,7 @@ def test_publish_get_and_list(reg, adapter_dir, base_model):
     assert [v.version for v in reg.list_versions()] == ["v0001", "v0002"]
     assert set(info.to_json()) == {
         "version", "status", "parent", "created_at", "base_model", "sha256", "metrics",
-        "lineage", "rejected_reason",
+        "lineage", "rejected_reason", "flags",
     }
     json.dumps(child.to_json())  # the admin API serializes it as is
 
