@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 """The version this code writes and the newest it can read."""
 
-_EVENT_TYPES = ("response", "feedback")
+_EVENT_TYPES = ("response", "feedback", "erasure")
 
 
 class _EventModel(BaseModel):
@@ -108,10 +108,31 @@ class FeedbackEvent(_EventModel):
     comment: str | None = None
 
 
-Event = Annotated[Union[ResponseEvent, FeedbackEvent], Field(discriminator="type")]
+class ErasureEvent(_EventModel):
+    """An operator's request to erase one user's data (admin ``DELETE /v1/users/{user}``).
+
+    The learner removes the user's responses and ratings created up to ``created_at`` from its
+    buffer, keeps refusing such events if they arrive later (a replay), and flags the versions
+    that were trained on them (``learner.erasure``). ``event_id`` is the request id operators see.
+    """
+
+    type: Literal["erasure"] = "erasure"
+    event_id: str = Field(default_factory=_new_event_id, min_length=1)
+    schema_version: int = Field(SCHEMA_VERSION, strict=True)
+    user: str = Field(min_length=1)
+    created_at: float = Field(default_factory=time.time)
+    """Unix seconds: events of the user created up to here are erased; later ones are new data."""
+    actor: str = Field(min_length=1)
+    """Who asked (the admin caller)."""
+    reason: str = ""
+
+
+AnyEvent = ResponseEvent | FeedbackEvent | ErasureEvent
+
+Event = Annotated[Union[ResponseEvent, FeedbackEvent, ErasureEvent], Field(discriminator="type")]
 """Any event; pydantic picks the class from ``type``."""
 
-_event_adapter: TypeAdapter[ResponseEvent | FeedbackEvent] = TypeAdapter(Event)
+_event_adapter: TypeAdapter[AnyEvent] = TypeAdapter(Event)
 
 
 class EventDecodeError(Exception):
@@ -122,12 +143,12 @@ class EventDecodeError(Exception):
         self.reason = reason
 
 
-def encode_event(event: ResponseEvent | FeedbackEvent) -> bytes:
+def encode_event(event: AnyEvent) -> bytes:
     """Serialise an event to compact UTF-8 JSON, the bus's value format."""
     return event.model_dump_json().encode("utf-8")
 
 
-def decode_event(data: bytes) -> ResponseEvent | FeedbackEvent:
+def decode_event(data: bytes) -> AnyEvent:
     """Parse bus bytes into an event, or raise ``EventDecodeError`` saying what is wrong."""
     # Fast path: pydantic parses and validates the bytes in one go (half the time of json.loads
     # and then validation). It accepts what the careful path below accepts (``schema_version`` is
@@ -143,7 +164,7 @@ def decode_event(data: bytes) -> ResponseEvent | FeedbackEvent:
     return _decode_carefully(data)
 
 
-def _decode_carefully(data: bytes) -> ResponseEvent | FeedbackEvent:
+def _decode_carefully(data: bytes) -> AnyEvent:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -209,8 +230,12 @@ class Topics:
         return f"{self.prefix}.dead-letters"
 
     @property
+    def erasures(self) -> str:
+        return f"{self.prefix}.erasures"
+
+    @property
     def all(self) -> list[str]:
-        return [self.responses, self.feedback, self.dead_letters]
+        return [self.responses, self.feedback, self.dead_letters, self.erasures]
 
 
 def dead_letter(reason: str, source_topic: str, partition: int, offset: int, raw: bytes) -> bytes:

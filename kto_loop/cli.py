@@ -4,9 +4,10 @@
     kto-loop learn        the KTO learner: events in, adapter versions out (--port: its /metrics)
     kto-loop up           serve + learn on the embedded default: what `make run` starts
     kto-loop simulate     users who chat and rate by a rule, with a learning curve
-    kto-loop adapters …   list | activate VERSION | rollback [VERSION] | history
+    kto-loop adapters …   list | show VERSION | activate VERSION | rollback [VERSION] | history
                           | canary show | start VERSION | promote | rollback | pause | resume,
                           against a running server
+    kto-loop users erase USER   erase a user's data (ledger, learner buffer; flags versions)
 
 Options on the command line override `KTO_*` environment variables.
 """
@@ -59,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = actions.add_parser("rollback", parents=[common], help="go back to the previous version, or to VERSION")
     rollback.add_argument("version", nargs="?")
     rollback.add_argument("--reason", default="")
-    actions.add_parser("history", parents=[common], help="every activation, rollback and canary step")
+    actions.add_parser("history", parents=[common], help="every activation, rollback, canary step and erasure")
+    show = actions.add_parser("show", parents=[common], help="VERSION's lineage, flags, history, responses and votes")
+    show.add_argument("version")
     canary = actions.add_parser("canary", help="a new version for a share of users first: show, start, decide")
     steps = canary.add_subparsers(dest="step", required=True)
     steps.add_parser("show", parents=[common], help="the running canary, its latest evidence, the last decision")
@@ -72,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         decide = steps.add_parser(step, parents=[common], help=what)
         decide.add_argument("--version", help="only if the canary is of this version (default: whatever runs)")
         decide.add_argument("--reason", default="")
+    users = sub.add_parser("users", help="erase a user's data on request")
+    user_actions = users.add_subparsers(dest="action", required=True)
+    erase = user_actions.add_parser("erase", parents=[common], help="erase USER (the X-User-Id) everywhere it is kept")
+    erase.add_argument("user")
+    erase.add_argument("--reason", default="", help="recorded in the history (e.g. the ticket)")
     return parser
 
 
@@ -186,6 +194,8 @@ def _adapters(settings, args) -> int:
         sys.stderr.write("kto-loop: set KTO_ADMIN_TOKEN to the server's admin token\n")
         return 2
     url = f"http://{settings.host}:{settings.port}/v1/adapters"
+    if args.command == "users":
+        url = f"http://{settings.host}:{settings.port}/v1/users"
     headers = {"Authorization": f"Bearer {settings.admin_token.get_secret_value()}"}
     with httpx.Client(headers=headers, timeout=30) as client:
         try:
@@ -193,6 +203,10 @@ def _adapters(settings, args) -> int:
                 reply = client.get(url)
             elif args.action == "history":
                 reply = client.get(f"{url}/history")
+            elif args.action == "show":
+                reply = client.get(f"{url}/{args.version}")
+            elif args.action == "erase":
+                reply = client.delete(f"{url}/{args.user}", params={"reason": args.reason})
             elif args.action == "activate":
                 reply = client.post(f"{url}/{args.version}/activate", json={"reason": args.reason})
             elif args.action == "canary":
@@ -231,12 +245,16 @@ def _render(action: str, body: dict) -> str:
         return "\n".join(_entry(e) for e in body["history"])
     if action == "canary":
         return _render_canary(body)
+    if action in ("show", "erase"):
+        return json.dumps(body, indent=2)
     return f"active: {body['active'] or 'base'} (serving here: {body['serving'] or 'base'})"
 
 
 def _entry(e: dict) -> str:
     if e["action"] in ("activate", "rollback", "canary_promote"):
         move = f"{e['previous'] or 'base'} -> {e['version'] or 'base'}"
+    elif e["action"] == "erasure":
+        move = f"{e['evidence']['request_id']} flagged {', '.join(e['evidence']['flagged_versions']) or 'nothing'}"
     else:  # a canary step: the pointer stayed on `previous`
         move = f"{e['version']} (active {e['previous'] or 'base'})"
     return f"{e['seq']:>4} {e['action']:<15} {move} by {e['actor']}: {e['reason']}"

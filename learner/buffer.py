@@ -9,7 +9,9 @@ One file (WAL, ``synchronous=FULL``) holds everything the learner must not lose 
 - ``examples``: one per rated response, with its current label, ``seq``, reference log-probs
   and fixed KL partner; examples are kept until deleted explicitly;
 - ``pending``: feedback parked until its response arrives, with raw bytes and bus position;
-- ``outbox``: dead letters not yet published (see ``learner.consumer`` for who sends them).
+- ``outbox``: dead letters not yet published (see ``learner.consumer`` for who sends them);
+- ``trained``, ``tombstones``, ``erasures``: which version trained on which example, and what
+  erasing a user's data removed (``learner.erasure``).
 
 ``seq`` is a counter, never reused, stamped on an example whenever it becomes something new to
 train on: when it is labeled, relabeled with the other label, and when its reference log-probs
@@ -40,13 +42,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ingest._sqlite import connect, ensure_schema, write_transaction
+from learner import erasure
 from learner.join import ApplyResult, Polled, apply_batch, dead_letter_event, next_counter
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RETENTION_S = 7 * 24 * 3600.0
 _PRUNE_EVERY_S = 60.0
-_LAYOUT_VERSION = 1
+_LAYOUT_VERSION = 2  # 2 adds the erasure tables (created on open)
 _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS seen (event_id TEXT PRIMARY KEY, seen_at REAL NOT NULL) WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS seen_at ON seen (seen_at)",
@@ -99,6 +102,7 @@ _SCHEMA = [
         UNIQUE (topic, part, record_offset))""",
     "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     "INSERT OR IGNORE INTO counters (name, value) VALUES ('seq', 0), ('position', 0)",
+    *erasure.SCHEMA,
 ]
 
 _EXAMPLE = """
@@ -318,13 +322,29 @@ class ReplayBuffer:
             row = self._connection().execute("SELECT MAX(seq) FROM examples WHERE ref_logp IS NOT NULL").fetchone()
         return row[0] or 0
 
-    def mark_trained(self, response_ids: Iterable[str]) -> None:
-        """Add one to ``times_trained`` of each id (per occurrence)."""
+    def mark_trained(self, response_ids: Iterable[str], version: str | None = None) -> None:
+        """Add one to ``times_trained`` of each id (per occurrence); remember that ``version``
+        was trained on them (what an erasure flags)."""
+        ids = list(response_ids)
         with self._lock:
             conn = self._connection()
             with write_transaction(conn):
                 conn.executemany("UPDATE examples SET times_trained = times_trained + 1 WHERE response_id = ?",
-                                 [(i,) for i in response_ids])
+                                 [(i,) for i in ids])
+                if version is not None:
+                    conn.executemany("INSERT OR IGNORE INTO trained (response_id, version) VALUES (?, ?)",
+                                     [(i, version) for i in ids])
+
+    def erasures_to_report(self) -> list[erasure.Erasure]:
+        """Erasures applied here but not yet recorded in the registry, oldest first."""
+        with self._lock:
+            return erasure.to_report(self._connection())
+
+    def erasure_reported(self, request_id: str) -> None:
+        with self._lock:
+            conn = self._connection()
+            with write_transaction(conn):
+                conn.execute("UPDATE erasures SET reported_at = ? WHERE request_id = ?", (time.time(), request_id))
 
     def get(self, response_id: str) -> Example | None:
         """One example, or None."""

@@ -1,6 +1,6 @@
 """The learner's consumer: response and feedback events from the bus into the replay buffer.
 
-``EventJoiner`` reads both topics as one member of a consumer group and joins them by
+``EventJoiner`` reads the response, feedback and erasure topics as one member of a consumer group and joins them by
 response_id in the buffer (the rules are in ``learner.join``).
 
 Delivery rules:
@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 
 from ingest.bus import Bus, Record, TopicPartition
-from ingest.events import EventDecodeError, FeedbackEvent, ResponseEvent, Topics, dead_letter, decode_event
+from ingest.events import AnyEvent, EventDecodeError, ResponseEvent, Topics, dead_letter, decode_event
 from learner.buffer import ReplayBuffer
 from learner.join import ApplyResult, Polled
 
@@ -60,8 +60,10 @@ def check(record: Record) -> Polled:
     return record, event, unusable(event)
 
 
-def unusable(event: ResponseEvent | FeedbackEvent) -> str | None:
+def unusable(event: AnyEvent) -> str | None:
     """Why a well-formed event still cannot become (part of) an example, or None."""
+    if event.type == "erasure":
+        return None
     if isinstance(event, ResponseEvent):
         if not event.completion_token_ids:
             return f"response {event.response_id} has no completion token ids"
@@ -114,7 +116,7 @@ class EventJoiner:
         self._ttl = pending_ttl_s
         self._max_records = max_records
         self._clock = clock
-        self._consumer = bus.consumer(group_id, [topics.responses, topics.feedback])
+        self._consumer = bus.consumer(group_id, [topics.responses, topics.feedback, topics.erasures])
         # Expiry checks cost an end-offsets query, so they run at most this often (seconds).
         self._expiry_check_s = min(5.0, pending_ttl_s / 10)
         self._last_expiry_check = float("-inf")
@@ -136,7 +138,7 @@ class EventJoiner:
         self._send_dead_letters()
         if records:
             self._consumer.commit(_next_offsets(records))
-        if result.dead_lettered or result.expired or result.relabeled:
+        if result.dead_lettered or result.expired or result.relabeled or result.erasures:
             logger.info("joined %s", result.as_dict())
         elif records:
             logger.debug("joined %s", result.as_dict())
@@ -176,8 +178,8 @@ class EventJoiner:
             self._buffer.dead_letters_sent(d.id for d in letters)
 
     def lag(self) -> int:
-        """Records on both topics that the group has not committed yet (for metrics)."""
-        ends = self._bus.end_offsets([self._topics.responses, self._topics.feedback])
+        """Records on the topics it reads that the group has not committed yet (for metrics)."""
+        ends = self._bus.end_offsets([self._topics.responses, self._topics.feedback, self._topics.erasures])
         return sum(max(0, end - (self._consumer.committed(t, p) or 0)) for (t, p), end in ends.items())
 
     def close(self) -> None:

@@ -12,6 +12,8 @@ The rules, record by record, in poll order:
 - a feedback whose response is not stored yet is parked, with its raw bytes and bus position;
 - a feedback from another user than the response's (an anonymous response included), or on a
   response that was rejected, is dead-lettered;
+- erasure events are applied first (``learner.erasure``); then any response or feedback of an
+  erased user created up to the erasure is dropped (counted as ``erased``), in this batch or later;
 - a record the consumer rejected (undecodable, or a decoded event it found unusable) is
   dead-lettered; a rejected response leaves a tombstone so that its feedback is dead-lettered
   with the reason rather than parked until the TTL (a valid response with that id, replayed
@@ -32,11 +34,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
 from ingest.bus import Record
-from ingest.events import FeedbackEvent, ResponseEvent
+from ingest.events import ErasureEvent, FeedbackEvent, ResponseEvent
+from learner import erasure
 
 logger = logging.getLogger(__name__)
 
-Polled = tuple[Record, ResponseEvent | FeedbackEvent | None, str | None]
+Polled = tuple[Record, ResponseEvent | FeedbackEvent | ErasureEvent | None, str | None]
 """One polled record: (record, its event or None if undecodable, why to reject it or None)."""
 
 
@@ -64,6 +67,10 @@ class ApplyResult:
     """Records queued for the dead-letter topic."""
     expired: int = 0
     """Parked feedback whose response never came (set by the consumer, not by ``apply``)."""
+    erasures: int = 0
+    """Erasure requests applied."""
+    erased: int = 0
+    """Events dropped because their user's data was erased."""
 
     def __add__(self, other: ApplyResult) -> ApplyResult:
         return ApplyResult(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
@@ -141,8 +148,19 @@ def _present(conn: sqlite3.Connection, sql: str, ids: list[str]) -> set[str]:
 
 def apply_batch(conn: sqlite3.Connection, batch: list[Polled], now: float) -> ApplyResult:
     """Apply ``batch`` (see the module docstring); the caller holds the write transaction."""
+    for _, event, _ in batch:
+        if isinstance(event, ErasureEvent):
+            erasure.erase(conn, event)
     join = _Join(conn, batch, now)
+    join.result.erasures = sum(isinstance(event, ErasureEvent) for _, event, _ in batch)
+    erased = erasure.tombstones(conn)
     for record, event, reject in batch:
+        if isinstance(event, ErasureEvent):
+            continue
+        if erased and event is not None and event.user and erased.get(erasure.user_hash(event.user), -1) \
+                >= event.created_at:
+            join.result.erased += 1
+            continue
         if event is None:
             join.result.dead_lettered += queue_dead_letter(
                 conn, reject or "undecodable", record.topic, record.partition, record.offset, record.key,

@@ -29,6 +29,7 @@ import torch
 from ingest.bus import open_bus
 from ingest.events import Topics
 from kto_loop.models import default_device, ensure_demo_model, load_model, set_torch_threads
+from learner import erasure
 from learner.buffer import Example, ReplayBuffer
 from learner.canary import CanaryController
 from learner.consumer import EventJoiner
@@ -87,8 +88,9 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
             # ---- 2. reference log-probs, once per example, while it enters the buffer ----
             _fill_references(policy, buffer)
 
-            # ---- 2b. the canary: promote, roll back, or report its evidence ----
+            # ---- 2b. the canary: promote, roll back, or report its evidence; erasures to the registry ----
             canary.step()
+            erasure.report(buffer, registry)
 
             # ---- 3. is an update due? ----
             #      (examples the per-user cap deferred count only on the timer)
@@ -159,7 +161,7 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
                                    seconds=time.monotonic() - last_update,
                                    fresh_labeled_at=[e.labeled_at for e in trained.values() if e.seq > state.watermark],
                                    published_at=time.time())
-            buffer.mark_trained(list(trained))
+            buffer.mark_trained(list(trained), version)
             if gate.passed:
                 state.version, state.optimizer = version, optimizer.state_dict()
                 if settings.activation == "auto":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kto_loop.cli import main
@@ -40,6 +42,14 @@ def test_adapters_commands(monkeypatch, capsys, tmp_path, tiny_model_dir, make_a
         assert server.state.hotswap.serving == v1
         assert main(["adapters", "history", *port]) == 0
         assert "rollback" in capsys.readouterr().out
+        assert main(["adapters", "show", v1, *port]) == 0
+        page = json.loads(capsys.readouterr().out)
+        assert (page["version"], page["children"], page["served"]["responses"]) == (v1, [v2], 0)
+        assert main(["users", "erase", "alice", "--reason", "ticket 9", *port]) == 0
+        assert json.loads(capsys.readouterr().out)["status"] == "accepted"
+        server.state.registry.record_erasure("req-1", [v1], actor="learner")
+        assert main(["adapters", "history", *port]) == 0
+        assert f"erasure         req-1 flagged {v1} by learner" in capsys.readouterr().out
 
         assert main(["adapters", "activate", "v9999", *port]) == 1
         assert "unknown adapter version" in capsys.readouterr().err

@@ -144,10 +144,12 @@ async def _settled(state: ServeState, entry) -> dict:
 @router.get("/{version}")
 async def version_page(version: str, state: State, actor: Admin) -> dict:
     """One version's page: its record (parent, training events and label counts in `lineage`,
-    loss and gate in `metrics`), the versions trained from it, and every history entry that
-    names it (activations, rollbacks, canary steps with their evidence)."""
+    loss and gate in `metrics`, erasure `flags`), the versions trained from it, every history
+    entry that names it (activations, rollbacks, canary steps and erasures with their evidence),
+    and `served`: the responses it gave and their current votes, counted by the shared ledger."""
     info = await run_in_threadpool(state.registry.get, version)  # UnknownVersion -> 404
     versions = await run_in_threadpool(state.registry.list_versions)
     entries = await run_in_threadpool(state.registry.history)
+    tally = await run_in_threadpool(state.ledger.tally, version)
     return {**info.to_json(), "children": [v.version for v in versions if v.parent == version],
-            "history": [e.to_json() for e in entries if version in (e.version, e.previous)]}
+            "history": [e.to_json() for e in entries if e.names(version)], "served": tally.to_json()}

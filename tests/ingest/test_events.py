@@ -10,6 +10,7 @@ import pytest
 from ingest.events import (
     SCHEMA_VERSION,
     ChatMessage,
+    ErasureEvent,
     EventDecodeError,
     FeedbackEvent,
     ResponseEvent,
@@ -58,6 +59,13 @@ def test_feedback_round_trip_with_and_without_comment() -> None:
         decoded = decode_event(encode_event(event))
         assert isinstance(decoded, FeedbackEvent)
         assert decoded == event
+
+
+def test_erasure_round_trip_and_its_user_is_required() -> None:
+    event = ErasureEvent(user="u-42", actor="admin", reason="GDPR request #7")
+    decoded = decode_event(encode_event(event))
+    assert isinstance(decoded, ErasureEvent) and decoded == event
+    assert "user" in _reason(_mutated(event, user=""))
 
 
 def test_base_model_response_has_null_adapter_and_anonymous_user() -> None:
@@ -176,8 +184,9 @@ def test_topics_default_and_custom_prefix() -> None:
     assert topics.responses == "kto.responses"
     assert topics.feedback == "kto.feedback"
     assert topics.dead_letters == "kto.dead-letters"
-    assert topics.all == ["kto.responses", "kto.feedback", "kto.dead-letters"]
-    assert Topics("staging").all == ["staging.responses", "staging.feedback", "staging.dead-letters"]
+    assert topics.all == ["kto.responses", "kto.feedback", "kto.dead-letters", "kto.erasures"]
+    assert Topics("staging").all == ["staging.responses", "staging.feedback", "staging.dead-letters",
+                                     "staging.erasures"]
 
 
 @pytest.mark.parametrize("prefix", ["", "has space", "slash/y", "x" * 240])

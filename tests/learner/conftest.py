@@ -13,14 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny import FakeClock, spawn_scripts
+from tests.tiny import TINY_MODEL_ID, FakeClock, spawn_scripts
 
 from ingest.bus import Record
-from ingest.events import FeedbackEvent, ResponseEvent, SamplingParams, Topics, encode_event
+from ingest.events import (
+    AnyEvent, ErasureEvent, FeedbackEvent, ResponseEvent, SamplingParams, Topics, encode_event)
 from ingest.sqlite_bus import SqliteBus
 from learner.buffer import ReplayBuffer
 from learner.consumer import EventJoiner
 from learner.join import ApplyResult, Polled
+from registry import SqliteRegistry
 
 JOIN_WORKER = Path(__file__).with_name("join_worker.py")
 
@@ -61,23 +63,36 @@ class EventStream:
             self.publish(event)
         return event
 
-    def topic_of(self, event: ResponseEvent | FeedbackEvent) -> str:
+    def erasure(self, user: str = "alice", *, created_at: float | None = None, publish: bool = True) -> ErasureEvent:
+        event = ErasureEvent(user=user, actor="admin", reason="asked to",
+                             created_at=self._tick() if created_at is None else created_at)
+        if publish:
+            self.publish(event)
+        return event
+
+    def topic_of(self, event: AnyEvent) -> str:
+        if isinstance(event, ErasureEvent):
+            return self.topics.erasures
         return self.topics.responses if isinstance(event, ResponseEvent) else self.topics.feedback
 
-    def publish(self, event: ResponseEvent | FeedbackEvent) -> Record:
-        return self.bus.publish(self.topic_of(event), key=event.response_id, value=encode_event(event))
+    @staticmethod
+    def key_of(event: AnyEvent) -> str:
+        return event.user if isinstance(event, ErasureEvent) else event.response_id
+
+    def publish(self, event: AnyEvent) -> Record:
+        return self.bus.publish(self.topic_of(event), key=self.key_of(event), value=encode_event(event))
 
     def publish_raw(self, topic: str, value: bytes, key: str | None = "raw") -> Record:
         return self.bus.publish(topic, key=key, value=value)
 
-    def polled(self, *events: ResponseEvent | FeedbackEvent) -> list[Polled]:
+    def polled(self, *events: AnyEvent) -> list[Polled]:
         """The events as a polled batch, without the bus (for buffer tests)."""
         batch: list[Polled] = []
         for event in events:
             topic = self.topic_of(event)
             offset = self._offsets.get(topic, 0)
             self._offsets[topic] = offset + 1
-            record = Record(topic, 0, offset, event.response_id, encode_event(event), 0.0)
+            record = Record(topic, 0, offset, self.key_of(event), encode_event(event), 0.0)
             batch.append((record, event, None))
         return batch
 
@@ -157,3 +172,19 @@ def spawn_join_worker() -> Iterator[Callable[..., subprocess.Popen[str]]]:
 
 
 # ====================================== end of event joining and the replay buffer ====
+
+
+@pytest.fixture
+def registry(tmp_path):
+    """An embedded registry of the test's own."""
+    reg = SqliteRegistry(tmp_path / "registry" / "registry.sqlite3")
+    yield reg
+    reg.close()
+
+
+@pytest.fixture
+def publish(registry, make_adapter):
+    def publish(parent: str | None = None) -> str:
+        return registry.publish(make_adapter(1), base_model=TINY_MODEL_ID, parent=parent, metrics={},
+                                lineage={}).version
+    return publish

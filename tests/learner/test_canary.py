@@ -16,7 +16,6 @@ from learner.buffer import ReplayBuffer
 from learner.canary import ACTOR, Arm, CanaryController, compare, radius, tuned_rho
 from learner.metrics import LearnerMetrics
 from learner.settings import LearnerSettings
-from registry import SqliteRegistry
 from tests.tiny import TINY_MODEL_ID
 
 ALPHA = 0.05
@@ -128,21 +127,6 @@ def test_a_clearly_better_candidate_is_promoted():
 def settings(tmp_path) -> LearnerSettings:
     return LearnerSettings(data_dir=tmp_path, model_id=TINY_MODEL_ID, canary_share=0.5,
                            canary_min_ratings=20, canary_margin=0.2)
-
-
-@pytest.fixture
-def registry(tmp_path):
-    reg = SqliteRegistry(tmp_path / "registry" / "registry.sqlite3")
-    yield reg
-    reg.close()
-
-
-@pytest.fixture
-def publish(registry, make_adapter):
-    def publish(parent: str | None = None) -> str:
-        return registry.publish(make_adapter(1), base_model=TINY_MODEL_ID, parent=parent, metrics={},
-                                lineage={}).version
-    return publish
 
 
 @pytest.fixture(autouse=True)
