@@ -11,7 +11,7 @@ export UV_PYTHON_DOWNLOADS := never
 UV := $(CACHE)/uv/bin/uv
 VENV_STAMP := .venv/.synced
 
-.PHONY: run test bench setup clean services services-stop
+.PHONY: run test bench setup clean services services-stop screenshot
 
 run: $(VENV_STAMP)
 	.venv/bin/kto-loop up
@@ -23,6 +23,10 @@ bench: $(VENV_STAMP)
 	.venv/bin/python -m bench $(BENCH_ARGS)
 
 setup: $(VENV_STAMP)
+
+# The README's picture of the chat page, taken by its browser test (headless Chromium).
+screenshot: $(VENV_STAMP)
+	KTO_SCREENSHOT=$(CURDIR)/docs/chat-page.png .venv/bin/python -m pytest tests/serve/test_chat_page.py -q -k rates
 
 # Standard library only, so these need no .venv.
 SERVICES := $(PYTHON) deploy/services/services.py --cache-dir $(CACHE)

@@ -17,7 +17,8 @@ Rules:
   if both services of DIR are already up it only prints their URLs again.
 - The Kafka jars are fetched once by ``fetch-kafka.sh`` into ``CACHE/kafka-<version>/libs``.
 - redis-server is installed with apt-get when missing, if we run as root; so is Debian's
-  `prometheus` package (prometheus and promtool) by ``ensure_prometheus``, for the metrics tests.
+  `prometheus` package (prometheus and promtool) by ``ensure_prometheus``, for the metrics tests,
+  and `chromium-driver` (with chromium) by ``ensure_chromium``, for the chat page's browser tests.
 - ``--owner-pid``: a small watcher stops both services when that process is gone, so a test run
   that is killed does not leave a broker behind.
 - ``stop`` ends the processes named by the pid files, after checking that they are still ours.
@@ -271,6 +272,21 @@ def ensure_prometheus() -> tuple[str, str]:
     and config with promtool and run a real server against serve and the learner."""
     prometheus, promtool = _apt_install("prometheus", "prometheus", "promtool")
     return prometheus, promtool
+
+
+EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+
+
+def ensure_chromium() -> tuple[str, str]:
+    """(chromium, chromedriver) from Debian's `chromium-driver` package (it pulls `chromium`), for
+    the chat page's browser tests. Also the colour emoji font when we may install it, so that the
+    👍 / 👎 buttons render in screenshots (without it they are empty boxes; the tests pass anyway)."""
+    chromium, chromedriver = _apt_install("chromium-driver", "chromium", "chromedriver")
+    if not EMOJI_FONT.exists() and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        if subprocess.run(["apt-get", "install", "-y", "-q", "fonts-noto-color-emoji"], env=env).returncode != 0:
+            logger.warning("could not install fonts-noto-color-emoji: emoji will not render in screenshots")
+    return chromium, chromedriver
 
 
 def start_redis(state: Path, port: int, binary: str, *, fresh: bool = True, persistent: bool = False) -> None:
