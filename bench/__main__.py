@@ -18,7 +18,8 @@ from bench.report import RESULTS_DIR
 
 logger = logging.getLogger("bench")
 
-SUITES = {"serving": "bench.serving", "learner": "bench.learner", "ingest": "bench.ingest"}  # name -> module with run(options) -> Path
+SUITES = {"serving": "bench.serving", "learner": "bench.learner", "ingest": "bench.ingest",
+          "detokenize": "bench.detokenize"}  # name -> module with run(options) -> Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
