@@ -8,7 +8,6 @@ BPE tokenizer; each is checked to give the same text as one decode of the whole 
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +16,6 @@ from bench import report
 from kto_loop.models import _demo_corpus, build_tokenizer
 from serve.text import TextTracker
 
-logger = logging.getLogger(__name__)
 
 LENGTHS = (128, 512, 2048)
 QUICK_LENGTHS = (128, 512)
@@ -67,8 +65,4 @@ def run(options) -> Path:
         rows.append([n, 1e6 * base_s / n, 1e6 * ours_s / n, speedup])
     print(report.table("Streaming detokenization, CPU µs per token (best of repeats, process time)",
                        ["answer tokens", "full decode each step", "TextTracker", "speedup ×"], rows))
-    payload = {"suite": "detokenize", "quick": options.quick, "machine": report.machine_info("cpu", "n/a"),
-               "baseline": "decode the whole completion at every step", "results": results}
-    path = report.write_json("detokenize-cpu" + ("-quick" if options.quick else ""), payload, options.results_dir)
-    logger.info("wrote %s", path)
-    return path
+    return report.save_cpu_suite("detokenize", options, "decode the whole completion at every step", results)

@@ -211,6 +211,15 @@ def write_json(name: str, payload: dict[str, Any], directory: Path = RESULTS_DIR
     return path
 
 
+def save_cpu_suite(suite: str, options, baseline: str, results: list[dict[str, Any]]) -> Path:
+    """Write a CPU micro-suite's results as `<suite>-cpu[-quick].json`; its path."""
+    payload = {"suite": suite, "quick": options.quick, "machine": machine_info("cpu", "n/a"),
+               "baseline": baseline, "results": results}
+    path = write_json(f"{suite}-cpu" + ("-quick" if options.quick else ""), payload, options.results_dir)
+    logger.info("wrote %s", path)
+    return path
+
+
 def _clean(value: Any) -> Any:
     """JSON-safe copy: NaN becomes null, paths become strings, tuples become lists."""
     if isinstance(value, dict):

@@ -23,26 +23,24 @@ The KL partner of an example is the example inserted just before it (the mismatc
 KTO paper's z0: prompt i with completion i-1). The very first example has none until the second
 arrives, and takes that one; ``unreferenced`` returns only examples that have a partner.
 
-Held-out selection is the trainer's (by a hash of response_id over ``referenced()``).
+Held-out selection is the trainer's (by a hash of response_id over ``index()``).
 
 Thread-safe: one connection under a lock. Other processes may open the file too (WAL).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import random
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from ingest._sqlite import connect, ensure_schema, write_transaction
 from learner import erasure
+from learner.example import EXAMPLE_SQL, DeadLetter, Example, ExampleRef, example_from_row
 from learner.join import ApplyResult, Polled, apply_batch, dead_letter_event, next_counter
 
 logger = logging.getLogger(__name__)
@@ -64,6 +62,8 @@ _SCHEMA = [
         stored_at REAL NOT NULL,
         rejected TEXT)""",
     "CREATE INDEX IF NOT EXISTS responses_stored_at ON responses (stored_at)",
+    # Covering ``index()``'s join, so that planning an update never reads the token-id columns.
+    "CREATE INDEX IF NOT EXISTS responses_user_of ON responses (response_id, user)",
     """CREATE TABLE IF NOT EXISTS examples (
         response_id TEXT PRIMARY KEY REFERENCES responses (response_id),
         desirable INTEGER NOT NULL,
@@ -104,63 +104,6 @@ _SCHEMA = [
     "INSERT OR IGNORE INTO counters (name, value) VALUES ('seq', 0), ('position', 0)",
     *erasure.SCHEMA,
 ]
-
-_EXAMPLE = """
-    SELECT e.response_id, r.user, r.prompt_ids, r.completion_ids, e.desirable, e.feedback_event_id,
-           e.labeled_at, r.adapter_version, e.seq, e.ref_logp, e.kl_partner, e.kl_ref_logp, e.times_trained,
-           p.completion_ids
-    FROM examples e JOIN responses r ON r.response_id = e.response_id
-    LEFT JOIN responses p ON p.response_id = e.kl_partner"""
-
-
-@dataclass
-class Example:
-    """A rated response, ready for KTO once ``ref_logp`` is set."""
-
-    response_id: str
-    user: str | None
-    prompt_ids: list[int]
-    """The prompt token ids exactly as served."""
-    completion_ids: list[int]
-    """The completion token ids exactly as generated (never a re-tokenisation of the text)."""
-    desirable: bool
-    feedback_event_id: str
-    """The feedback event that set the current label."""
-    labeled_at: float
-    """That feedback's created_at (unix seconds)."""
-    adapter_version: str | None
-    """The adapter version that produced the completion; None for the base model."""
-    seq: int
-    """Stamped anew when labeled, relabeled and referenced; see the module docstring."""
-    ref_logp: float | None
-    """Reference (base model) log-prob of the completion given the prompt; None until computed."""
-    kl_partner: str | None
-    """response_id of the fixed mismatched partner; None only while this is the sole example."""
-    kl_ref_logp: float | None
-    """Reference log-prob of the partner's completion given this prompt."""
-    times_trained: int
-    kl_partner_completion_ids: list[int] | None = None
-    """The partner's completion token ids, for the mismatched pair (this prompt, that completion)."""
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """A queued dead letter: why, and the original record (its bytes and bus position)."""
-
-    id: int
-    reason: str
-    topic: str
-    partition: int
-    offset: int
-    key: str | None
-    raw: bytes
-
-
-def _example(row: tuple) -> Example:
-    partner = row[13]
-    return Example(row[0], row[1], json.loads(row[2]), json.loads(row[3]), bool(row[4]), *row[5:13],
-                   kl_partner_completion_ids=None if partner is None else json.loads(partner))
-
 
 class ReplayBuffer:
     """The buffer at ``path``; see the module docstring."""
@@ -265,10 +208,10 @@ class ReplayBuffer:
         """Examples without reference log-probs, oldest first; only those that have a KL partner."""
         with self._lock:
             rows = self._connection().execute(
-                _EXAMPLE + " WHERE e.ref_logp IS NULL AND e.kl_partner IS NOT NULL ORDER BY e.position LIMIT ?",
+                EXAMPLE_SQL + " WHERE e.ref_logp IS NULL AND e.kl_partner IS NOT NULL ORDER BY e.position LIMIT ?",
                 (limit,),
             ).fetchall()
-        return [_example(row) for row in rows]
+        return [example_from_row(row) for row in rows]
 
     def set_reference(self, items: list[tuple[str, float, float]]) -> int:
         """Store (response_id, ref_logp, kl_ref_logp) in one transaction; return how many were set.
@@ -303,18 +246,27 @@ class ReplayBuffer:
         """Every referenced example, oldest (first inserted) first; e.g. for a held-out split by hash."""
         return self._select(" WHERE e.ref_logp IS NOT NULL ORDER BY e.position", ())
 
-    def replay(self, n: int, exclude: set[str], rng: random.Random) -> list[Example]:
-        """Up to ``n`` referenced examples drawn uniformly without replacement, none in ``exclude``."""
+    def index(self) -> list[ExampleRef]:
+        """Every referenced example as a light ``ExampleRef``, oldest (first inserted) first.
+
+        What an update plans with (held-out split, replay pool, per-user caps): no token ids are
+        read or parsed, so it stays cheap as the buffer grows; ``load`` fetches the ones it picks."""
         with self._lock:
-            ids = [r[0] for r in self._connection().execute(
-                "SELECT response_id FROM examples WHERE ref_logp IS NOT NULL ORDER BY position").fetchall()]
-        candidates = [i for i in ids if i not in exclude]
-        chosen = rng.sample(candidates, min(n, len(candidates)))
-        if not chosen:
-            return []
-        by_id = {e.response_id: e for e in self._select(
-            f" WHERE e.response_id IN ({','.join('?' * len(chosen))})", chosen)}
-        return [by_id[i] for i in chosen if i in by_id]
+            rows = self._connection().execute(
+                "SELECT e.response_id, r.user, e.desirable, e.seq FROM examples e"
+                " JOIN responses r ON r.response_id = e.response_id WHERE e.ref_logp IS NOT NULL"
+                " ORDER BY e.position").fetchall()
+        return [ExampleRef(i, user, bool(desirable), seq) for i, user, desirable, seq in rows]
+
+    def load(self, response_ids: Iterable[str]) -> list[Example]:
+        """The examples of ``response_ids``, in that order; ids no longer in the buffer are left out."""
+        ids = list(dict.fromkeys(response_ids))
+        found: dict[str, Example] = {}
+        for start in range(0, len(ids), 500):  # far below SQLite's limit on parameters
+            chunk = ids[start:start + 500]
+            found.update((e.response_id, e) for e in self._select(
+                f" WHERE e.response_id IN ({','.join('?' * len(chunk))})", chunk))
+        return [found[i] for i in ids if i in found]
 
     def max_seq(self) -> int:
         """The highest seq of a referenced example (0 if none): ``fresh(max_seq())`` is empty."""
@@ -368,8 +320,8 @@ class ReplayBuffer:
 
     def _select(self, where: str, args: Iterable[object]) -> list[Example]:
         with self._lock:
-            rows = self._connection().execute(_EXAMPLE + where, tuple(args)).fetchall()
-        return [_example(row) for row in rows]
+            rows = self._connection().execute(EXAMPLE_SQL + where, tuple(args)).fetchall()
+        return [example_from_row(row) for row in rows]
 
     def close(self) -> None:
         """Close the file; idempotent."""
@@ -399,3 +351,6 @@ class ReplayBuffer:
             if version in counts:
                 counts[version] = (rated, desirable)
         return counts
+
+
+__all__ = ["DeadLetter", "Example", "ExampleRef", "ReplayBuffer"]

@@ -30,7 +30,7 @@ from ingest.bus import open_bus
 from ingest.events import Topics
 from kto_loop.models import default_device, ensure_demo_model, load_model, set_torch_threads
 from learner import erasure
-from learner.buffer import Example, ReplayBuffer
+from learner.buffer import Example, ExampleRef, ReplayBuffer
 from learner.canary import CanaryController
 from learner.consumer import EventJoiner
 from learner.endpoint import MetricsEndpoint
@@ -46,7 +46,7 @@ from registry import open_registry
 logger = logging.getLogger(__name__)
 
 
-def held_out(example: Example, fraction: float) -> bool:
+def held_out(example: Example | ExampleRef, fraction: float) -> bool:
     """A stable split by response_id: the same example is held out on every run."""
     digest = hashlib.sha256(example.response_id.encode()).digest()
     return int.from_bytes(digest[:4], "big") / 2**32 < fraction
@@ -102,13 +102,15 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
                 continue
             last_update = time.monotonic()
             watermark = buffer.max_seq()
-            everything = buffer.referenced()
-            test = [e for e in everything if held_out(e, settings.held_out_fraction)][-settings.held_out_max:]
+            # Planned on the light index; only the examples picked are loaded with their tokens.
+            index = buffer.index()
+            test = buffer.load([r.response_id for r in index
+                                if held_out(r, settings.held_out_fraction)][-settings.held_out_max:])
             waiting = set(state.deferred)  # a relabeled one is in `fresh` already, with a new seq
-            fresh += [e for e in everything if e.response_id in waiting and e.seq <= state.watermark]
+            fresh += buffer.load([r.response_id for r in index if r.response_id in waiting and r.seq <= state.watermark])
             fresh_ids = {e.response_id for e in fresh}
-            replay = [e for e in everything if not held_out(e, settings.held_out_fraction)
-                      and e.seq <= state.watermark and e.response_id not in fresh_ids]
+            replay = [r for r in index if not held_out(r, settings.held_out_fraction)
+                      and r.seq <= state.watermark and r.response_id not in fresh_ids]
 
             # ---- 4. warm-start from the ACTIVE version (after a rollback: the rolled-back one) ----
             parent = registry.active()
@@ -132,6 +134,7 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
             batches = plan_batches(fresh, replay, steps=settings.steps_per_update, size=settings.micro_batch,
                                    replay_fraction=settings.replay_fraction, rng=rng,
                                    max_user_share=settings.max_user_share)
+            batches = _loaded(buffer, batches)
             stats = run_update(policy, optimizer, batches, beta=settings.beta, desirable_weight=weights[0],
                                undesirable_weight=weights[1], max_grad_norm=settings.max_grad_norm)
 
@@ -179,6 +182,15 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
         buffer.close()
         bus.close()
         registry.close()
+
+
+def _loaded(buffer: ReplayBuffer, batches: list[list]) -> list[list[Example]]:
+    """The planned batches with each replayed ExampleRef loaded as its Example."""
+    loaded = {e.response_id: e for e in buffer.load(
+        {e.response_id for batch in batches for e in batch if isinstance(e, ExampleRef)})}
+    batches = [[e if isinstance(e, Example) else loaded[e.response_id] for e in batch if
+                isinstance(e, Example) or e.response_id in loaded] for batch in batches]
+    return [batch for batch in batches if len(batch) >= 2]  # z0 needs a mismatched pair
 
 
 def _fill_references(policy: Policy, buffer: ReplayBuffer, chunk: int = 32) -> None:

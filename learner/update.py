@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from learner.buffer import Example
+from learner.buffer import Example, ExampleRef
 from learner.loss import kto_loss
 from learner.policy import Policy
 
@@ -56,8 +56,8 @@ def user_limit(counts: list[int], *, share: float, nominal: int) -> int:
     return max(q, 1)
 
 
-def cap_users(fresh: list[Example], replay_pool: list[Example], *, share: float, nominal: int,
-              rng: random.Random) -> tuple[list[Example], list[Example]]:
+def cap_users(fresh: list[Example], replay_pool: list[Example | ExampleRef], *, share: float, nominal: int,
+              rng: random.Random) -> tuple[list[Example], list[Example | ExampleRef]]:
     """Fresh examples and replay pool cut so that no rating user has more than ``user_limit`` of
     them: each user's oldest fresh examples first (by seq, so deferred ones drain in order), then
     replay up to the same limit. The fresh examples cut are the caller's to defer."""
@@ -67,7 +67,7 @@ def cap_users(fresh: list[Example], replay_pool: list[Example], *, share: float,
         if per_user[e.user] < limit:
             kept.append(e)
             per_user[e.user] += 1
-    by_user: dict[str | None, list[Example]] = defaultdict(list)
+    by_user: dict[str | None, list[Example | ExampleRef]] = defaultdict(list)
     for e in replay_pool:
         by_user[e.user].append(e)
     pool = []
@@ -77,10 +77,12 @@ def cap_users(fresh: list[Example], replay_pool: list[Example], *, share: float,
     return kept, pool
 
 
-def plan_batches(fresh: list[Example], replay_pool: list[Example], *, steps: int, size: int,
-                 replay_fraction: float, rng: random.Random, max_user_share: float = 1.0) -> list[list[Example]]:
+def plan_batches(fresh: list[Example], replay_pool: list[Example | ExampleRef], *, steps: int, size: int,
+                 replay_fraction: float, rng: random.Random,
+                 max_user_share: float = 1.0) -> list[list[Example | ExampleRef]]:
     """At least `steps` micro-batches, more if needed so every fresh example is trained once;
-    the rest of each batch is replayed.
+    the rest of each batch is replayed. The replay pool may hold light ``ExampleRef``s (planning
+    needs only ids, users and labels): the caller loads the ones picked.
 
     With ``max_user_share`` < 1 the examples are first cut by ``cap_users``: the fresh examples
     it leaves out are not in any batch (the caller defers them to a later update)."""

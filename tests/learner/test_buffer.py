@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
 from typing import Any
 
@@ -111,17 +110,20 @@ def test_fresh_and_max_seq_follow_the_watermark(buffer: ReplayBuffer, stream: St
     assert [e.response_id for e in buffer.referenced()] == ["a", "b", "c"]
 
 
-def test_replay_samples_referenced_examples_outside_exclude(buffer: ReplayBuffer, stream: Stream) -> None:
-    for i in range(12):
-        label(buffer, stream, f"r{i}", desirable=i % 2 == 0, completion=[i])
-    reference_all(buffer)
-    sample = buffer.replay(5, {"r1", "r2"}, random.Random(0))
-    ids = [e.response_id for e in sample]
-    assert len(ids) == len(set(ids)) == 5 and not {"r1", "r2"} & set(ids)
-    assert ids == [e.response_id for e in buffer.replay(5, {"r1", "r2"}, random.Random(0))]  # seeded
-    assert all(e.completion_ids == [int(e.response_id[1:])] for e in sample)
-    assert len(buffer.replay(100, set(), random.Random(1))) == 12
-    assert buffer.replay(3, {f"r{i}" for i in range(12)}, random.Random(1)) == []
+def test_the_index_is_light_and_load_fetches_the_picked_examples(buffer: ReplayBuffer, stream: Stream) -> None:
+    for i in range(6):
+        user = f"u{i % 2}"
+        buffer.apply(stream.polled(stream.response(f"r{i}", user=user, completion=[i], publish=False),
+                                   stream.feedback(f"r{i}", "desirable" if i % 2 == 0 else "undesirable", user=user,
+                                                   publish=False)), now=0.0)
+    buffer.set_reference([(f"r{i}", -1.0, -2.0) for i in range(1, 6)])  # r0 stays unreferenced
+    index = buffer.index()
+    assert [(r.response_id, r.user, r.desirable) for r in index] == [
+        (f"r{i}", f"u{i % 2}", i % 2 == 0) for i in range(1, 6)]
+    assert [r.seq for r in index] == [buffer.get(r.response_id).seq for r in index]
+    loaded = buffer.load(["r4", "r2", "nope", "r4"])
+    assert [(e.response_id, e.completion_ids) for e in loaded] == [("r4", [4]), ("r2", [2])]
+    assert loaded == [e for e in buffer.referenced() if e.response_id in ("r4", "r2")][::-1]
 
 
 def test_mark_trained_and_counts(buffer: ReplayBuffer, stream: Stream) -> None:
