@@ -24,6 +24,10 @@ who sends them on, and when). Rules:
   covers it, the WAL being one sequential file). A deletion lost to a power cut only makes those
   records go to the bus again: at least once, as after a crash between the bus's acknowledgement
   and the deletion, and consumers dedupe by event_id.
+- Shrinks: when a removal empties the spool and its file holds ``shrink_at_bytes`` or more of
+  free pages (a backlog was sent on), the file is vacuumed and the WAL truncated, so an outage's
+  backlog does not keep its disk space for good. Appends wait meanwhile (milliseconds: the spool
+  is empty).
 - One process at a time: the spool holds an exclusive lock (``flock`` on ``<file>.lock``, released
   by the kernel when the process dies), so two servers can never send the same records.
 """
@@ -47,6 +51,7 @@ from ingest.bus import BusUnavailable, check_records, check_topic_name
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_EVENTS = 100_000
+DEFAULT_SHRINK_AT_BYTES = 16 << 20
 _LAYOUT_VERSION = 1
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS spool (
@@ -94,14 +99,17 @@ class Spool:
         max_events: int = DEFAULT_MAX_EVENTS,
         busy_timeout_s: float = 10.0,
         clock: Callable[[], float] = time.time,
+        shrink_at_bytes: int = DEFAULT_SHRINK_AT_BYTES,
     ) -> None:
         """``max_events``: most records held (records). ``busy_timeout_s``: seconds to wait for the
-        file's write lock. ``clock``: unix seconds, stamped on each record."""
+        file's write lock. ``clock``: unix seconds, stamped on each record. ``shrink_at_bytes``: free
+        space (bytes) that an emptied spool gives back to the disk (see "Shrinks")."""
         if max_events < 1:
             raise ValueError(f"max_events must be >= 1, got {max_events}")
         self.path = Path(path)
         self.max_events = max_events
         self._clock = clock
+        self._shrink_at = shrink_at_bytes
         self._lock = threading.Lock()  # writes (both connections) and the depth
         self._read_lock = threading.Lock()  # the forwarder's connection
         self._appends: GroupCommit[tuple[float, list[tuple[str, str | None, bytes]]], list[int]] = GroupCommit(
@@ -206,7 +214,21 @@ class Spool:
             # One statement, its own transaction (this object is the file's one writer), not fsync'd.
             removed = self._reading().execute("DELETE FROM spool WHERE seq <= ?", (seq,)).rowcount
             self._depth -= removed
+            if removed and self._depth == 0:
+                self._shrink(self._reading())
         return removed
+
+    def _shrink(self, conn: sqlite3.Connection) -> None:
+        (page_size,), (free,) = conn.execute("PRAGMA page_size").fetchone(), conn.execute("PRAGMA freelist_count").fetchone()
+        if free * page_size < self._shrink_at:
+            return
+        try:
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:  # only disk space is at stake: never fail the forwarder for it
+            logger.warning("could not shrink the spool %s: %s", self.path, exc)
+        else:
+            logger.info("spool %s emptied: gave %.1f MiB back to the disk", self.path, free * page_size / 2**20)
 
     def oldest_at(self) -> float | None:
         """When the oldest waiting record was appended (unix seconds), or None if the spool is empty."""

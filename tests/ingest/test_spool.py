@@ -198,6 +198,23 @@ def test_the_bound_refuses_whole_batches_and_frees_as_records_leave(tmp_path: Pa
         assert [(s.seq, s.value) for s in spool.peek(10)] == [(3, b"2"), (4, b"3")]
 
 
+def test_an_emptied_spool_gives_its_backlogs_disk_space_back(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite3"
+    with Spool(path, shrink_at_bytes=1 << 20) as spool:
+        for _ in range(40):  # a 4 MiB backlog
+            spool.append("t", [(None, bytes(1024))] * 100)
+        size = lambda: path.stat().st_size + path.with_name(path.name + "-wal").stat().st_size
+        backlog = size()
+        assert backlog > 4 << 20
+        last = spool.peek(4000)[-1].seq
+        spool.remove_through(last - 1)  # not empty yet: nothing shrinks
+        assert size() >= backlog
+        spool.remove_through(last)
+        assert size() < 256 << 10 and spool.depth == 0
+        assert spool.append("t", [(None, b"after")]) == [last + 1]  # seq numbers are never reused
+        assert [r.value for r in spool.peek(10)] == [b"after"]
+
+
 def test_a_full_spool_refuses_publishes_and_says_so(make_spooled: Callable, flaky: FlakyBus) -> None:
     flaky.down = True
     spooled = make_spooled(max_events=2)
