@@ -118,6 +118,11 @@ def tombstones(conn: sqlite3.Connection) -> dict[str, float]:
     return dict(conn.execute("SELECT user_hash, erased_before FROM tombstones").fetchall())
 
 
+def is_erased(tombstones: dict[str, float], user: str | None, created_at: float) -> bool:
+    """Whether an event of ``user`` created at ``created_at`` was erased (``tombstones()``)."""
+    return user is not None and tombstones.get(user_hash(user), float("-inf")) >= created_at
+
+
 def to_report(conn: sqlite3.Connection) -> list[Erasure]:
     rows = conn.execute("SELECT request_id, user_hash, requested_at, actor, reason, removed, versions FROM erasures"
                         " WHERE reported_at IS NULL ORDER BY requested_at").fetchall()

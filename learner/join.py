@@ -157,8 +157,7 @@ def apply_batch(conn: sqlite3.Connection, batch: list[Polled], now: float) -> Ap
     for record, event, reject in batch:
         if isinstance(event, ErasureEvent):
             continue
-        if erased and event is not None and event.user and erased.get(erasure.user_hash(event.user), -1) \
-                >= event.created_at:
+        if erased and event is not None and erasure.is_erased(erased, event.user, event.created_at):
             join.result.erased += 1
             continue
         if event is None:
