@@ -19,7 +19,8 @@ from bench.report import RESULTS_DIR
 logger = logging.getLogger("bench")
 
 SUITES = {"serving": "bench.serving", "learner": "bench.learner", "ingest": "bench.ingest",
-          "detokenize": "bench.detokenize", "buffer": "bench.buffer"}  # name -> module with run(options) -> Path
+          "detokenize": "bench.detokenize", "buffer": "bench.buffer",
+          "sampling": "bench.sampling"}  # name -> module with run(options) -> Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

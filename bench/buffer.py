@@ -78,4 +78,4 @@ def run(options) -> Path:
         buffer.close()
     print(report.table("Reading the buffer to plan one update, ms (best of 3)",
                        ["examples", "referenced() [baseline]", "index() + load(picked)", "speedup ×"], rows))
-    return report.save_cpu_suite("buffer", options, "referenced(): every example with its token ids", results)
+    return report.save_suite("buffer", options, "referenced(): every example with its token ids", results)

@@ -65,4 +65,4 @@ def run(options) -> Path:
         rows.append([n, 1e6 * base_s / n, 1e6 * ours_s / n, speedup])
     print(report.table("Streaming detokenization, CPU µs per token (best of repeats, process time)",
                        ["answer tokens", "full decode each step", "TextTracker", "speedup ×"], rows))
-    return report.save_cpu_suite("detokenize", options, "decode the whole completion at every step", results)
+    return report.save_suite("detokenize", options, "decode the whole completion at every step", results)

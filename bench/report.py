@@ -211,11 +211,11 @@ def write_json(name: str, payload: dict[str, Any], directory: Path = RESULTS_DIR
     return path
 
 
-def save_cpu_suite(suite: str, options, baseline: str, results: list[dict[str, Any]]) -> Path:
-    """Write a CPU micro-suite's results as `<suite>-cpu[-quick].json`; its path."""
-    payload = {"suite": suite, "quick": options.quick, "machine": machine_info("cpu", "n/a"),
+def save_suite(suite: str, options, baseline: str, results: list[dict[str, Any]], device: str = "cpu") -> Path:
+    """Write a micro-suite's results as `<suite>-<device>[-quick].json`; its path."""
+    payload = {"suite": suite, "quick": options.quick, "machine": machine_info(device, "float32"),
                "baseline": baseline, "results": results}
-    path = write_json(f"{suite}-cpu" + ("-quick" if options.quick else ""), payload, options.results_dir)
+    path = write_json(f"{suite}-{device}" + ("-quick" if options.quick else ""), payload, options.results_dir)
     logger.info("wrote %s", path)
     return path
 

@@ -1,8 +1,11 @@
 """Next-token choice per row: greedy at temperature 0, else temperature + nucleus (top-p).
 
-Unseeded rows are sampled together in one batched draw (one device sync per step, however
-many rows). A seeded row draws from its own generator, alone, so that its tokens depend only
-on its seed and its own logits, never on which other requests share the batch.
+Every sampled row draws by the Gumbel-max trick: argmax(log p + g), g = -log(-log u), u uniform,
+which picks token i with probability p_i exactly. It turns sampling into arithmetic that runs on
+the whole batch at once, so a step costs one device sync however many rows it has. A seeded row
+takes its uniforms from its own generator (one launch, no sync), so its tokens depend only on its
+seed and its own logits, never on which other requests share the batch; unseeded rows share one
+draw from the global generator.
 """
 
 from __future__ import annotations
@@ -13,21 +16,25 @@ import torch
 def sample_next(logits: torch.Tensor, params: list[tuple[float, float, torch.Generator | None]]) -> list[int]:
     """One token per row of `logits` [B, V]; params[i] = (temperature, top_p, generator)."""
     logits = logits.float()
-    tokens = logits.argmax(dim=-1).tolist()
-    batched = [row for row, (t, _, g) in enumerate(params) if t > 0 and g is None]
-    if batched:
-        rows = torch.tensor(batched, device=logits.device)
-        temperature = torch.tensor([params[r][0] for r in batched], device=logits.device)
-        probs = torch.softmax(logits[rows] / temperature[:, None], dim=-1)
-        if any(params[r][1] < 1.0 for r in batched):  # a sort of the vocabulary per row: only when asked
-            probs = nucleus(probs, torch.tensor([params[r][1] for r in batched], device=logits.device))
-        for row, token in zip(batched, torch.multinomial(probs, 1).squeeze(1).tolist()):
-            tokens[row] = token
-    for row, (temperature, top_p, generator) in enumerate(params):
-        if temperature > 0 and generator is not None:
-            probs = nucleus(torch.softmax(logits[row : row + 1] / temperature, dim=-1), torch.tensor([top_p]))
-            tokens[row] = int(torch.multinomial(probs[0], 1, generator=generator))
-    return tokens
+    tokens = logits.argmax(dim=-1)
+    sampled = [row for row, (t, _, _) in enumerate(params) if t > 0]
+    if sampled:
+        device, vocab = logits.device, logits.shape[1]
+        rows = torch.tensor(sampled, device=device)
+        temperature = torch.tensor([params[r][0] for r in sampled], device=device)
+        logp = torch.log_softmax(logits[rows] / temperature[:, None], dim=-1)
+        if any(params[r][1] < 1.0 for r in sampled):  # a sort of the vocabulary per row: only when asked
+            logp = nucleus(logp.exp(), torch.tensor([params[r][1] for r in sampled], device=device)).log()
+        uniform = torch.empty((len(sampled), vocab), device=device)
+        shared = [i for i, r in enumerate(sampled) if params[r][2] is None]
+        if shared:
+            uniform[shared] = torch.rand((len(shared), vocab), device=device)
+        for i, row in enumerate(sampled):
+            if params[row][2] is not None:
+                uniform[i] = torch.rand(vocab, device=device, generator=params[row][2])
+        gumbel = -torch.log(-torch.log(uniform))  # u = 0 gives -inf: never chosen
+        tokens[rows] = (logp + gumbel).argmax(dim=-1)
+    return tokens.tolist()
 
 
 def nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

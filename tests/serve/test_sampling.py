@@ -41,3 +41,21 @@ def test_a_seeded_row_does_not_depend_on_its_batch():
 
     alone = seeded(logits[:1], [])
     assert seeded(logits, [(1.0, 1.0, None), (0.5, 0.8, None), (0.0, 1.0, None)]) == alone
+
+
+@pytest.mark.parametrize(("temperature", "top_p", "expected"), [
+    (1.0, 1.0, [0.5, 0.25, 0.15, 0.1]),
+    (0.5, 1.0, [0.25 / 0.355, 0.0625 / 0.355, 0.0225 / 0.355, 0.01 / 0.355]),  # p² renormalised
+    (1.0, 0.7, [2 / 3, 1 / 3, 0.0, 0.0]),  # the nucleus {0.5, 0.25}, renormalised
+])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_draws_follow_the_tempered_truncated_distribution(temperature, top_p, expected, seeded):
+    torch.manual_seed(1)
+    rows = 100
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]])).repeat(rows, 1)
+    generators = [torch.Generator().manual_seed(i) if seeded else None for i in range(rows)]
+    counts = torch.zeros(4)
+    for _ in range(80):  # 8,000 draws: a frequency's standard error is at most 0.006
+        for token in sample_next(logits, [(temperature, top_p, g) for g in generators]):
+            counts[token] += 1
+    assert (counts / counts.sum()).tolist() == pytest.approx(expected, abs=0.025)
