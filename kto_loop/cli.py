@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 from pydantic import ValidationError
 
@@ -206,7 +207,7 @@ def _adapters(settings, args) -> int:
             elif args.action == "show":
                 reply = client.get(f"{url}/{args.version}")
             elif args.action == "erase":
-                reply = client.delete(f"{url}/{args.user}", params={"reason": args.reason})
+                reply = client.delete(f"{url}/{quote(args.user, safe='')}", params={"reason": args.reason})
             elif args.action == "activate":
                 reply = client.post(f"{url}/{args.version}/activate", json={"reason": args.reason})
             elif args.action == "canary":

@@ -45,8 +45,8 @@ def test_adapters_commands(monkeypatch, capsys, tmp_path, tiny_model_dir, make_a
         assert main(["adapters", "show", v1, *port]) == 0
         page = json.loads(capsys.readouterr().out)
         assert (page["version"], page["children"], page["served"]["responses"]) == (v1, [v2], 0)
-        assert main(["users", "erase", "alice", "--reason", "ticket 9", *port]) == 0
-        assert json.loads(capsys.readouterr().out)["status"] == "accepted"
+        assert main(["users", "erase", "team/al?ce#1", "--reason", "ticket 9", *port]) == 0
+        assert json.loads(capsys.readouterr().out)["user"] == "team/al?ce#1"
         server.state.registry.record_erasure("req-1", [v1], actor="learner")
         assert main(["adapters", "history", *port]) == 0
         assert f"erasure         req-1 flagged {v1} by learner" in capsys.readouterr().out

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/users", tags=["admin"])
 
 
-@router.delete("/{user}", status_code=202)
+@router.delete("/{user:path}", status_code=202)  # :path: an id may hold "/"
 async def erase_user(
     state: State,
     actor: Admin,
