@@ -5,11 +5,14 @@ Each app gets its own CollectorRegistry so several servers can live in one test 
 Labelled counters start with their known label values at zero, and the feedback counter with
 both labels of each version as it becomes active: a series that first appears at 1 has no
 earlier sample, so `increase()`, the desirable rate per version and the alerts built on them
-would miss that first event.
+would miss that first event. A version's feedback series go once it has answered nobody for the
+ledger's TTL (no rating of it can arrive any more), so the label set does not grow with every
+version ever served; a version that answers again starts again at zero.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -65,16 +68,30 @@ class ServeMetrics:
             self.responses.labels(status=status)
         for reason in SWAP_FAILURE_REASONS:
             self.swap_failures.labels(reason=reason)
+        self._answered_at: dict[str, float] = {}  # version → when it last answered (monotonic s)
 
     def set_active(self, version: str | None, base_model: str) -> None:
         self.active_version.info({"version": version or "base", "base_model": base_model})
         self.track_version(version)
 
-    def track_version(self, version: str | None) -> None:
-        """Start `version`'s feedback series at zero, so that its first rating is counted by
-        increase() (see the module docstring). Call it before a version answers anyone."""
-        for label in FEEDBACK_LABELS:
-            self.feedback.labels(label=label, version=version or "base")
+    def track_version(self, version: str | None, now: float | None = None) -> None:
+        """Note that `version` answers now; the first time, start its feedback series at zero, so
+        that its first rating is counted by increase() (see the module docstring)."""
+        name = version or "base"
+        if name not in self._answered_at:
+            for label in FEEDBACK_LABELS:
+                self.feedback.labels(label=label, version=name)
+        self._answered_at[name] = time.monotonic() if now is None else now
+
+    def forget_idle_versions(self, idle_s: float, now: float | None = None) -> list[str]:
+        """Drop the feedback series of versions that answered nobody for `idle_s` seconds."""
+        now = time.monotonic() if now is None else now
+        gone = [name for name, at in list(self._answered_at.items()) if now - at > idle_s]
+        for name in gone:
+            for label in FEEDBACK_LABELS:
+                self.feedback.remove(label, name)
+            del self._answered_at[name]
+        return gone
 
     def watch_ledger(self, backlog: Callable[[], int]) -> None:
         """Export how many responses wait for an unreachable ledger (ingest.ledger_backlog)."""

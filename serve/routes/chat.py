@@ -165,6 +165,7 @@ class _Call:
         try:
             await run_in_threadpool(state.bus.publish, state.topics.responses, self.id, encode_event(event))
             await run_in_threadpool(state.ledger.record_response, self.id, self.user, self.request.adapter)
+            state.metrics.track_version(self.request.adapter)
         except Exception as exc:
             logger.error("could not record response %s: %s", self.id, exc)
             state.metrics.responses.labels(status="unrecorded").inc()

@@ -48,6 +48,7 @@ async def readyz(state: State) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(state: State) -> Response:
+    state.metrics.forget_idle_versions(state.settings.ledger_ttl_s)  # ratings of them can no longer come
     state.metrics.running.set(state.engine.running)
     state.metrics.waiting.set(state.engine.waiting)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -4,6 +4,7 @@ that `promtool check metrics` accepts after real traffic."""
 from __future__ import annotations
 
 import json
+import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -92,3 +93,18 @@ def test_activating_a_version_starts_its_feedback_series(client, state, make_ada
     assert values[("kto_adapter_swaps_total", ())] == 1
     assert client.post("/v1/adapters/rollback", headers=ADMIN).status_code == 200
     assert samples(client.get("/metrics").text)[("kto_adapter_rollbacks_total", ())] == 1
+
+
+def test_a_version_idle_past_the_ledger_ttl_loses_its_feedback_series(client, state, monkeypatch):
+    """No rating of it can arrive any more, so its series would only grow the label set."""
+    traffic(client)  # base answers and is rated
+    feedback = lambda: {k: v for k, v in samples(client.get("/metrics").text).items() if k[0] == "kto_feedback_total"}
+    assert feedback()[("kto_feedback_total", (("label", "undesirable"), ("version", "base")))] == 2
+    metrics = state.metrics
+    metrics.track_version("v0007", now=time.monotonic() - 7200)  # a version that last answered 2 h ago
+    assert ("kto_feedback_total", (("label", "desirable"), ("version", "v0007"))) in feedback()
+    monkeypatch.setattr(state.settings, "ledger_ttl_s", 3600.0)
+    assert all(version != "v0007" for (_, labels) in feedback() for name, version in labels if name == "version")
+    assert feedback()[("kto_feedback_total", (("label", "undesirable"), ("version", "base")))] == 2  # answered now
+    metrics.track_version("v0007")  # answers again: back at zero
+    assert feedback()[("kto_feedback_total", (("label", "desirable"), ("version", "v0007")))] == 0
