@@ -141,7 +141,8 @@ def _up(settings, argv: list[str], log_level: str) -> int:
         ensure_demo_model(settings.data_dir)  # once, before two processes would both build it
     learner_args = _without_port([a if a != "up" else "learn" for a in argv])  # --port is the server's
     learner = subprocess.Popen([sys.executable, "-m", "kto_loop.cli", *learner_args], env=env)
-    logger.info("learner started (pid %d); serving on http://%s:%d", learner.pid, settings.host, settings.port)
+    logger.info("learner started (pid %d); chat in a browser at http://%s:%d/ (API under /v1)", learner.pid,
+                settings.host, settings.port)
     try:
         return _serve(settings, log_level)
     finally:
