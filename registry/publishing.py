@@ -94,30 +94,35 @@ def _checkpoint(stage: str) -> None:
     """Called between publish steps; tests replace it to kill a publish at a known point."""
 
 
-def publish(
-    files: store.AdapterFiles,
-    catalog: Catalog,
-    get: Callable[[str], VersionInfo],
-    src_dir: Path,
-    *,
-    base_model: str,
-    parent: str | None,
-    metrics: dict[str, Any],
-    lineage: dict[str, Any],
-    status: str,
-    rejected_reason: str | None,
-) -> VersionInfo:
-    """Registry.publish for a backend: check the request, run the protocol above."""
-    src_dir = Path(src_dir)
-    new = NewVersion.checked(
-        src_dir, base_model=base_model, parent=parent, metrics=metrics, lineage=lineage,
-        status=status, rejected_reason=rejected_reason,
-    )
-    if parent is not None:
-        get(parent)  # UnknownVersion: lineage must point at a real version
-    version = _publish_files(files, catalog, src_dir, new)
-    logger.info("published %s (parent %s, status %s)", version, parent, status)
-    return get(version)
+class Publishing:
+    """`Registry.publish`, mixed into each backend: it uses the backend's `_files`
+    (store.AdapterFiles), `_catalog` (a Catalog) and `get`."""
+
+    _files: store.AdapterFiles
+    _catalog: Catalog
+
+    def publish(
+        self,
+        src_dir: Path,
+        *,
+        base_model: str,
+        parent: str | None,
+        metrics: dict[str, Any],
+        lineage: dict[str, Any],
+        status: str = "ready",
+        rejected_reason: str | None = None,
+    ) -> VersionInfo:
+        """Check the request, then run the protocol above."""
+        src_dir = Path(src_dir)
+        new = NewVersion.checked(
+            src_dir, base_model=base_model, parent=parent, metrics=metrics, lineage=lineage,
+            status=status, rejected_reason=rejected_reason,
+        )
+        if parent is not None:
+            self.get(parent)  # UnknownVersion: lineage must point at a real version
+        version = _publish_files(self._files, self._catalog, src_dir, new)
+        logger.info("published %s (parent %s, status %s)", version, parent, status)
+        return self.get(version)
 
 
 def _publish_files(

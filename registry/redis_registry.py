@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-class RedisRegistry(RedisCanarySteps, RedisErasures):
+class RedisRegistry(RedisCanarySteps, RedisErasures, publishing.Publishing):
     """The Redis Registry backend; safe across processes, hosts and threads."""
 
     def __init__(
@@ -125,24 +125,6 @@ class RedisRegistry(RedisCanarySteps, RedisErasures):
         if found < SCHEMA_VERSION:  # each step only added fields and keys: what is there reads as it is
             with self._redis() as r:
                 r.set(self._keys.schema, SCHEMA_VERSION)
-
-    # ---- publish ---------------------------------------------------------------------------
-
-    def publish(
-        self,
-        src_dir: Path,
-        *,
-        base_model: str,
-        parent: str | None,
-        metrics: dict[str, Any],
-        lineage: dict[str, Any],
-        status: str = "ready",
-        rejected_reason: str | None = None,
-    ) -> VersionInfo:
-        return publishing.publish(
-            self._files, self._catalog, self.get, src_dir, base_model=base_model, parent=parent,
-            metrics=metrics, lineage=lineage, status=status, rejected_reason=rejected_reason,
-        )
 
     # ---- versions ------------------------------------------------------------------------
 

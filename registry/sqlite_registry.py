@@ -43,7 +43,7 @@ _VERSION_COLUMNS = (
 )
 
 
-class SqliteRegistry(SqliteErasures):
+class SqliteRegistry(SqliteErasures, publishing.Publishing):
     """The embedded Registry backend; safe across processes and threads."""
 
     def __init__(
@@ -88,24 +88,6 @@ class SqliteRegistry(SqliteErasures):
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock, schema.unavailable_on_error(self.db_path):
             return self._db().execute(sql, params).fetchall()
-
-    # ---- publish ---------------------------------------------------------------------------
-
-    def publish(
-        self,
-        src_dir: Path,
-        *,
-        base_model: str,
-        parent: str | None,
-        metrics: dict[str, Any],
-        lineage: dict[str, Any],
-        status: str = "ready",
-        rejected_reason: str | None = None,
-    ) -> VersionInfo:
-        return publishing.publish(
-            self._files, self._catalog, self.get, src_dir, base_model=base_model, parent=parent,
-            metrics=metrics, lineage=lineage, status=status, rejected_reason=rejected_reason,
-        )
 
     # ---- versions ------------------------------------------------------------------------
 
