@@ -252,14 +252,10 @@ class RedisRegistry(RedisCanarySteps, RedisErasures, publishing.Publishing):
 
         def plan(pipe: Pipeline) -> HistoryEntry:
             counter, previous, running = self._pointer_in(pipe)
-            if to is None:
-                target, stack = stack_rules.pop_for_rollback(
-                    self._stack_in(pipe), previous, lambda v: self._unservable_in(pipe, v)
-                )
-            else:
-                target = None if to == BASE else to
-                self._check_servable_in(pipe, target)
-                stack = stack_rules.truncate_for_rollback_to(self._stack_in(pipe), target)
+            target, stack = stack_rules.plan_rollback(
+                self._stack_in(pipe), previous, to,
+                is_rejected=lambda v: self._unservable_in(pipe, v),
+                check_servable=lambda v: self._check_servable_in(pipe, v))
             pipe.multi()
             return self._queue_move(pipe, counter, previous, running, "rollback", target, stack,
                                     actor, reason)

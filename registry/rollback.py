@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from registry.errors import NothingToRollBack
+from registry.versions import BASE
 
 Stack = list[str | None]
 
@@ -51,3 +52,20 @@ def truncate_for_rollback_to(stack: Sequence[str | None], target: str | None) ->
         if stack[index] == target:
             return list(stack[:index])
     return list(stack)
+
+
+def plan_rollback(
+    stack: Sequence[str | None],
+    active: str | None,
+    to: str | None,
+    *,
+    is_rejected: Callable[[str], bool],
+    check_servable: Callable[[str | None], None],
+) -> tuple[str | None, Stack]:
+    """(target, new stack) of a rollback: the stack rule without `to`; with it (BASE for the
+    base model), `check_servable(target)` first, then the stack is cut at it."""
+    if to is None:
+        return pop_for_rollback(stack, active, is_rejected)
+    target = None if to == BASE else to
+    check_servable(target)
+    return target, truncate_for_rollback_to(stack, target)

@@ -185,14 +185,10 @@ class SqliteRegistry(SqliteErasures, publishing.Publishing):
         """Without `to`, the stack rule (registry.rollback); `to=BASE` rolls back to the base."""
         with self._write() as c:
             _, previous = self._pointer_in(c)
-            if to is None:
-                target, stack = stack_rules.pop_for_rollback(
-                    self._stack_in(c), previous, lambda v: self._unservable_in(c, v)
-                )
-            else:
-                target = None if to == BASE else to
-                self._check_servable_in(c, target)
-                stack = stack_rules.truncate_for_rollback_to(self._stack_in(c), target)
+            target, stack = stack_rules.plan_rollback(
+                self._stack_in(c), previous, to,
+                is_rejected=lambda v: self._unservable_in(c, v),
+                check_servable=lambda v: self._check_servable_in(c, v))
             entry = self._move_in(c, "rollback", target, stack, actor, reason)
         logger.info("%s rolled back from %s to %s", actor, previous or "base", target or "base")
         return entry
