@@ -1,14 +1,16 @@
-"""The Kafka bus: the ``Bus`` protocol on Apache Kafka, through kafka-python (imported lazily).
+"""The Kafka bus: the ``Bus`` protocol on Apache Kafka: sending through librdkafka
+(``ingest.kafka_producer``), reading and topic administration through kafka-python (both
+imported lazily).
 
 URL: ``kafka://host:port[,host:port]``, the bootstrap servers.
 
 Publishing rules:
 
-- One idempotent producer per bus (``acks='all'``, ``enable_idempotence=True``): the broker
-  drops the duplicates that the producer's own retries would create, and keeps one producer's
-  records of a partition in send order.
-- Records are keyed by the key the caller gives (the response_id), so Kafka's partitioner puts
-  a response and its feedback on the same partition. Keyless records go round-robin over the
+- One idempotent producer per bus (``acks=all``, ``enable.idempotence``; ``ingest.kafka_producer``):
+  the broker drops the duplicates that the producer's own retries would create, and keeps one
+  producer's records of a partition in send order.
+- Records are keyed by the key the caller gives (the response_id), so the partitioner (murmur2,
+  as Java clients hash keys) puts a response and its feedback on the same partition. Keyless records go round-robin over the
   partitions, as on the embedded bus.
 - ``publish`` returns once every in-sync replica has the record. That is Kafka's durability:
   replication, not fsync. On a one-node broker (tests, ``make services``) an acknowledged record
@@ -43,6 +45,7 @@ from typing import Any
 
 from ingest.bus import BusUnavailable, Record, TopicPartition, check_records, check_subscription, check_topic_name
 from ingest.kafka_consumer import KafkaGroupConsumer
+from ingest.kafka_producer import KafkaSender
 
 logger = logging.getLogger(__name__)
 
@@ -142,34 +145,13 @@ class KafkaBus:
                     raise BusUnavailable(f"cannot reach Kafka at {','.join(self.servers)}: {exc}") from exc
             return self._admin
 
-    def _producer_client(self) -> Any:
-        from kafka import KafkaProducer
-        from kafka.errors import KafkaError
-
+    def _producer_client(self) -> KafkaSender:
         with self._lock:
             if self._closed:
                 raise BusUnavailable("the Kafka bus is closed")
             if self._producer is None:
-                ms = self._client_config["request_timeout_ms"]
-                try:
-                    self._producer = KafkaProducer(
-                        **self._client_config,
-                        acks="all",
-                        enable_idempotence=True,
-                        max_block_ms=ms,
-                        # The smallest delivery timeout Kafka allows (linger 0 + one request), so a
-                        # publish that gave up is not retried long after the caller was told so.
-                        delivery_timeout_ms=ms,
-                        linger_ms=0,
-                        # Big batches: a backlog (the spool's forwarder sends hundreds of records per
-                        # call) goes in a few produce requests instead of one per 16 KiB (the default),
-                        # which halved the producer's CPU per record. Below the broker's default
-                        # message.max.bytes (1 MiB), which a batch must not exceed.
-                        batch_size=self._batch_bytes,
-                        allow_auto_create_topics=False,
-                    )
-                except KafkaError as exc:
-                    raise BusUnavailable(f"cannot reach Kafka at {','.join(self.servers)}: {exc}") from exc
+                self._producer = KafkaSender(self.servers, client_id=self._client_config["client_id"],
+                                             timeout_s=self._timeout_s, batch_bytes=self._batch_bytes)
             return self._producer
 
     def _drop_admin(self, admin: Any) -> None:
@@ -256,8 +238,6 @@ class KafkaBus:
         """Send (topic, key, value) records, then wait for every acknowledgement (not atomic).
 
         One producer keeps each partition's records in send order, also across its retries."""
-        from kafka.errors import KafkaError
-
         topics = list(dict.fromkeys(check_topic_name(topic) for topic, _, _ in items))
         check_records([(key, value) for _, key, value in items])
         if not items:
@@ -269,36 +249,24 @@ class KafkaBus:
                     if topic not in self._known_topics:
                         self.create_topics([topic], 1)
         try:
-            partitions = {topic: sorted(producer.partitions_for(topic)) for topic in topics}
-            futures = [
-                producer.send(
-                    topic,
-                    key=None if key is None else key.encode("utf-8"),
-                    value=bytes(value),
-                    partition=self._partition(partitions[topic], key),
-                )
-                for topic, key, value in items
-            ]
-            # The futures fail by themselves at the delivery timeout; the extra second is slack.
-            deadline = time.monotonic() + self._timeout_s + 1.0
-            sent = [future.get(timeout=max(0.0, deadline - time.monotonic())) for future in futures]
-        except KafkaError as exc:
+            partitions = {topic: producer.partitions(topic) for topic in topics}
+            sent = producer.send([(topic, self._partition(partitions[topic], key), key, bytes(value))
+                                  for topic, key, value in items])
+        except BusUnavailable:
             self._drop_producer(producer)
-            raise BusUnavailable(f"cannot publish to {', '.join(topics)}: {exc}") from exc
-        return [
-            Record(topic, meta.partition, meta.offset, key, bytes(value), meta.timestamp / 1000.0)
-            for meta, (topic, key, value) in zip(sent, items)
-        ]
+            raise
+        return [Record(topic, partition, offset, key, bytes(value), at)
+                for (partition, offset, at), (topic, key, value) in zip(sent, items)]
 
     def _drop_producer(self, producer: Any) -> None:
         # The next publish makes a fresh producer; whatever this one still held was reported failed.
         with self._lock:
             if self._producer is producer:
                 self._producer = None
-        _close_quietly(producer, timeout=0)
+        _close_quietly(producer, timeout_s=0)
 
     def _partition(self, partitions: list[int], key: str | None) -> int | None:
-        """The partition to send to, or None for Kafka's default partitioner (murmur2 of the key)."""
+        """The partition to send to, or None for the default partitioner (murmur2 of the key)."""
         if len(partitions) == 1:
             return partitions[0]  # what any partitioner picks; hashing the key in Python is not free
         if key is None:
@@ -351,7 +319,7 @@ class KafkaBus:
             producer, admin = self._producer, self._admin
             self._producer = self._admin = None
         if producer is not None:
-            producer.close(timeout=self._timeout_s)
+            producer.close(timeout_s=self._timeout_s)
         if admin is not None:
             admin.close()
 
