@@ -169,22 +169,29 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._run_ops()
-            if not self._running and self._waiting.empty():
+            if not self.step():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
-                continue
-            try:
-                with torch.inference_mode():
-                    if not self._admit():
-                        self._decode()
-            except Exception as exc:  # a failed step fails its requests, never the server
-                logger.exception("generation step failed")
-                for seq in self._running:
-                    self._finish(seq, Failed(f"generation failed: {exc}"))
-                self._running, self._batch = [], None
-            if self.on_step is not None:
-                self.on_step(len(self._running), self._waiting.qsize())
+
+    def step(self) -> bool:
+        """One scheduling step on the calling thread: pending operations, then a prefill of
+        waiting requests or one decoding step; False when there was nothing to generate.
+        The engine thread calls it in a loop; a profiler may call it on a stopped engine."""
+        self._run_ops()
+        if not self._running and self._waiting.empty():
+            return False
+        try:
+            with torch.inference_mode():
+                if not self._admit():
+                    self._decode()
+        except Exception as exc:  # a failed step fails its requests, never the server
+            logger.exception("generation step failed")
+            for seq in self._running:
+                self._finish(seq, Failed(f"generation failed: {exc}"))
+            self._running, self._batch = [], None
+        if self.on_step is not None:
+            self.on_step(len(self._running), self._waiting.qsize())
+        return True
 
     def _run_ops(self) -> None:
         while True:
