@@ -68,6 +68,22 @@ async function errorOf(response) {
   return message;
 }
 
+// POST JSON as this browser's user; the response if 2xx, else an Error saying plainly what went wrong.
+async function post(url, body) {
+  let response;
+  try {
+    response = await fetch(url, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "X-User-Id": userId() },
+      body: JSON.stringify(body),
+    });
+  } catch (err) {
+    throw new Error(`Could not reach the server (${err.message}).`);
+  }
+  if (!response.ok) throw new Error(await errorOf(response));
+  return response;
+}
+
 // Reads an SSE body, calling onData(parsedJson) per `data:` event; resolves true at [DONE],
 // false if the stream ended without it.
 async function readEvents(response, onData) {
@@ -103,17 +119,7 @@ async function ask(text) {
   const bubble = answer.querySelector(".bubble");
   let id = null, model = null, content = "";
   try {
-    let response;
-    try {
-      response = await fetch("/v1/chat/completions", {
-        method: "POST",
-        headers: { "Content-Type": "application/json", "X-User-Id": userId() },
-        body: JSON.stringify({ messages: [...history, turn], stream: true }),
-      });
-    } catch (err) {
-      throw new Error(`Could not reach the server (${err.message}).`);
-    }
-    if (!response.ok) throw new Error(await errorOf(response));
+    const response = await post("/v1/chat/completions", { messages: [...history, turn], stream: true });
     const finished = await readEvents(response, (chunk) => {
       if (chunk.error) throw new Error(`The answer failed: ${chunk.error.message}`);
       id ??= chunk.id;
@@ -156,17 +162,7 @@ async function vote(button) {
   const box = answer.querySelector(".error");
   box.hidden = true;
   try {
-    let response;
-    try {
-      response = await fetch("/v1/feedback", {
-        method: "POST",
-        headers: { "Content-Type": "application/json", "X-User-Id": userId() },
-        body: JSON.stringify({ response_id: answer.dataset.responseId, label: button.dataset.label }),
-      });
-    } catch (err) {
-      throw new Error(`Could not reach the server (${err.message}).`);
-    }
-    if (!response.ok) throw new Error(await errorOf(response));
+    await post("/v1/feedback", { response_id: answer.dataset.responseId, label: button.dataset.label });
     buttons.forEach((b) => b.setAttribute("aria-pressed", String(b === button)));
   } catch (err) {
     showError(answer, `Your rating was not saved: ${err.message}`);
