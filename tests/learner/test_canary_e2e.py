@@ -35,14 +35,17 @@ INVERTED = VOWELS  # the bad burst likes what honest users dislike
 HONEST = tuple(c for c in ALPHABET if c not in VOWELS)  # honest users dislike a vowel first (and empty answers)
 SHARE = 0.5
 USERS = 12  # a share of 0.5 puts 6 of sim-0 … sim-11 inside for v0001 and for v0002
-BOUND_RATINGS = 1200
+BOUND_RATINGS = 2700
 """Most ratings (both sides, as the controller counted them) the rollback may rest on. The
-version this run's learner publishes answers honest users about 0.75 → 0.37–0.51 desirable
-(7 runs of this set-up: differences of −0.21 to −0.38). The test at α 0.05 with the default
-settings tells a drop of 0.20 (0.72 → 0.52) at share 0.5 after a median of about 475 counted
-ratings, within 1200 in 99.8% of simulated runs (one of 0.22: median 400, 99% within 870;
-simulated as in tests/learner/test_canary.py)."""
-MAX_HONEST_RATINGS = 1500
+version this run's learner publishes is worse for honest users by a random amount: about
+0.75 → 0.22–0.60 desirable, differences of −0.14 to −0.54 over 19 runs of this set-up (most
+−0.2 to −0.4; the bad update's strength hardly changes the spread: 256 labels or 160 steps gave
+the same). The test at α 0.05 with the default settings, share 0.5, tells a drop of 0.15
+(0.75 → 0.60) within 2,163 counted ratings in 99% of simulated runs, and one of 0.13 within
+2,650 (median 1,200); one of 0.20 has a median of about 475 (simulated as in
+tests/learner/test_canary.py). A bound of 1,200 failed one CI run in about twenty, on a −0.14
+version that needed 1,320."""
+MAX_HONEST_RATINGS = 3200
 """The honest phase stops here whatever happened (the controller's counts lag the ratings sent
 by up to one learner update)."""
 PHASE_TIMEOUT_S = 400
