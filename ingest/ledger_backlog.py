@@ -37,7 +37,8 @@ class BackloggedLedger:
         self._max = max_entries
         self._retry_s = retry_s
         self._backlog: collections.OrderedDict[str, tuple[str | None, str | None]] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the backlog
+        self._writing = threading.Lock()  # one backlog entry being written, or a user being forgotten
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -80,11 +81,12 @@ class BackloggedLedger:
         return self._ledger.tally(version)  # backlogged responses are counted once they are written
 
     def forget_user(self, user: str) -> int:
-        forgotten = self._ledger.forget_user(user)  # first: while it is away, the caller retries
-        with self._lock:
-            waiting = [r for r, (owner, _) in self._backlog.items() if owner == user]
-            for response_id in waiting:
-                del self._backlog[response_id]
+        with self._writing:  # no entry of theirs is on its way from the backlog meanwhile
+            forgotten = self._ledger.forget_user(user)  # first: while it is away, the caller retries
+            with self._lock:
+                waiting = [r for r, (owner, _) in self._backlog.items() if owner == user]
+                for response_id in waiting:
+                    del self._backlog[response_id]
         return forgotten + len(waiting)
 
     def _drain(self) -> None:
@@ -92,15 +94,19 @@ class BackloggedLedger:
             self._wake.wait(self._retry_s)
             self._wake.clear()
             while self._backlog and not self._closed.is_set():
-                with self._lock:
-                    response_id, (user, version) = next(iter(self._backlog.items()))
-                try:
-                    self._ledger.record_response(response_id, user, version)
-                except LedgerUnavailable:
-                    break  # still away: try again after retry_s
-                with self._lock:
-                    # Only if nobody re-queued it meanwhile with newer details (they are the same).
-                    self._backlog.pop(response_id, None)
+                # One entry at a time under _writing, so that forget_user never runs between
+                # reading an entry here and writing it to the ledger (it would come back).
+                with self._writing:
+                    with self._lock:
+                        if not self._backlog:
+                            break
+                        response_id, (user, version) = next(iter(self._backlog.items()))
+                    try:
+                        self._ledger.record_response(response_id, user, version)
+                    except LedgerUnavailable:
+                        break  # still away: try again after retry_s
+                    with self._lock:
+                        self._backlog.pop(response_id, None)
                 if not self._backlog:
                     logger.info("ledger backlog written; recording responses directly again")
 
