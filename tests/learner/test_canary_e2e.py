@@ -8,6 +8,10 @@ which starts a canary for half of the users. Then honest users come back (they l
 starting with a letter of the first half) and the canary compares the new version with the
 active one (the base model) on their ratings.
 
+The learner's update is stochastic: about one run in seven the burst trains a version that is not
+clearly worse (see NOT_WORSE); the scenario is then set up again, at most ATTEMPTS times (a
+worse version the canary promoted fails at once). A clearly worse one must be rolled back.
+
 Asserted: the canary of that version is rolled back by the canary controller, with its
 evidence in the history, resting on at most BOUND_RATINGS counted ratings and within
 MAX_HONEST_RATINGS of the honest phase; no operator action (every history entry is the
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -48,6 +53,11 @@ version that needed 1,320."""
 MAX_HONEST_RATINGS = 3200
 """The honest phase stops here whatever happened (the controller's counts lag the ratings sent
 by up to one learner update)."""
+NOT_WORSE = 0.15
+"""The scenario needs a candidate at least this much worse for honest users (their desirable rate,
+over the honest phase) than the base model: BOUND_RATINGS holds for such a drop. The burst gives
+one in most runs (19 of 22: −0.21 to −0.54), not in all (−0.14, −0.11, +0.01 seen)."""
+ATTEMPTS = 4
 PHASE_TIMEOUT_S = 400
 """A safety net only: at about 13 ratings a second on two busy cores, the rating caps bind first."""
 
@@ -76,10 +86,28 @@ def phase(url: str, prefixes: tuple[str, ...], ratings: int, until, timeout_s: f
     return result
 
 
-def test_a_worse_version_is_rolled_back_by_its_canary(tmp_path: Path):
-    model = build_char_model(tmp_path / "model")
+@dataclass
+class Scenario:
+    """One run: the bad burst, the canary of the version it trained, the honest phase."""
+
+    candidate: str
+    bad: Simulation
+    honest: Simulation
+    history: list
+    versions: list
+    log_tail: str
+
+    def honest_drop(self) -> float:
+        """How much worse the candidate did than the base model with honest users."""
+        rates = self.honest.rate_by_version()
+        if self.candidate not in rates or MODEL_ID not in rates:
+            return float("nan")  # compares as "not clearly worse"
+        return rates[self.candidate][1] - rates[MODEL_ID][1]
+
+
+def run_scenario(tmp_path: Path, model: Path) -> Scenario:
     data_dir = tmp_path / "data"
-    data_dir.mkdir()
+    data_dir.mkdir(parents=True)
     port = free_port()
     env = {"KTO_MODEL": str(model), "KTO_MODEL_ID": MODEL_ID, "KTO_DATA_DIR": str(data_dir), "KTO_PORT": str(port),
            **LEARNER_ENV, "KTO_CANARY_SHARE": str(SHARE),
@@ -109,15 +137,34 @@ def test_a_worse_version_is_rolled_back_by_its_canary(tmp_path: Path):
         registry.close()
     finally:
         stop(process)
-    phases = (f"bad phase: {len(bad.ratings)} ratings, (n, desirable rate) by version {bad.rate_by_version()}; "
-              f"honest phase: {len(honest.ratings)} ratings, {honest.rate_by_version()}")
-    print(phases)
+    return Scenario(candidate, bad, honest, history, versions, log.read_text()[-3000:])
+
+
+def test_a_worse_version_is_rolled_back_by_its_canary(tmp_path: Path):
+    model = build_char_model(tmp_path / "model")
+    for attempt in range(1, ATTEMPTS + 1):
+        run = run_scenario(tmp_path / f"attempt-{attempt}", model)
+        bad, honest, history, versions, candidate = run.bad, run.honest, run.history, run.versions, run.candidate
+        phases = (f"attempt {attempt}: bad phase: {len(bad.ratings)} ratings, (n, desirable rate) by version "
+                  f"{bad.rate_by_version()}; honest phase: {len(honest.ratings)} ratings, {honest.rate_by_version()}")
+        print(phases)
+        drop = run.honest_drop()
+        if drop <= -NOT_WORSE:
+            break
+        promoted = any(e.action == "canary_promote" and e.version == candidate for e in history)
+        assert not (promoted and drop < -0.05), f"{candidate} was promoted, {drop:+.2f} worse for honest users"
+        # The learner's update is stochastic: now and then the burst trains a version that is not
+        # clearly worse. What the canary did with it says nothing about the bound below (it was
+        # not promoted if it was worse): the scenario is set up again.
+        print(f"attempt {attempt}: {candidate} was not clearly worse ({drop:+.2f}); trying again")
+    else:
+        pytest.fail(f"in {ATTEMPTS} attempts the bad burst never trained a clearly worse version")
 
     # ---- rolled back by the controller, with its evidence, within the bound, by nobody else ----
     decisions = [e for e in history if e.version == candidate and e.action.startswith("canary_")]
     assert [(e.action, e.actor) for e in decisions] == [("canary_start", "learner"),
                                                         ("canary_rollback", "canary-controller")], (
-        phases, [e.to_json() for e in history], log.read_text()[-3000:])
+        phases, [e.to_json() for e in history], run.log_tail)
     evidence = decisions[-1].evidence
     print("evidence:", evidence)
     counted = evidence["candidate"]["n"] + evidence["baseline"]["n"]
