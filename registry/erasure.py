@@ -23,6 +23,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from registry.errors import UnknownVersion
+from registry.publishing import VISIBLE
 from registry.versions import HistoryEntry, VersionInfo
 
 if TYPE_CHECKING:
@@ -50,8 +51,8 @@ class SqliteErasures:
             if done is not None:
                 return HistoryEntry(*done[:7], json.loads(done[7]))
             for version in set(versions):
-                if c.execute("SELECT 1 FROM versions WHERE version = ? AND state IN ('ready', 'rejected')",
-                             (version,)).fetchone() is None:
+                if c.execute("SELECT 1 FROM versions WHERE version = ? AND state IN (?, ?)",
+                             (version, *VISIBLE)).fetchone() is None:
                     raise UnknownVersion(version)
             at = time.time()
             c.executemany("INSERT OR IGNORE INTO flags (version, erasure, at, reason) VALUES (?, ?, ?, ?)",
@@ -64,7 +65,10 @@ class SqliteErasures:
 
     def _with_flags(self, infos: list[VersionInfo]) -> list[VersionInfo]:
         flags: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for version, erasure, at, reason in self._read("SELECT version, erasure, at, reason FROM flags ORDER BY at"):
+        # One version (get, on every swap): only its rows; a list: the whole (small) table.
+        where, args = ("WHERE version = ? ", (infos[0].version,)) if len(infos) == 1 else ("", ())
+        for version, erasure, at, reason in self._read(
+                f"SELECT version, erasure, at, reason FROM flags {where}ORDER BY at", args):
             flags[version].append({"erasure": erasure, "at": at, "reason": reason})
         return [_flagged(info, flags.get(info.version)) for info in infos]
 
@@ -85,7 +89,7 @@ class RedisErasures:
                 return HistoryEntry(**json.loads(done))
             flagged = sorted(set(versions))
             for version in flagged:
-                if pipe.hget(k.state, version) not in ("ready", "rejected"):
+                if pipe.hget(k.state, version) not in VISIBLE:
                     raise UnknownVersion(version)
             # Read under WATCH of the pointer, which every erasure writes: a concurrent one
             # makes this transaction run again, so no flag is lost.
