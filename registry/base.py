@@ -92,6 +92,15 @@ class Registry(Protocol):
         UnknownVersion, VersionRejected, ValueError (share not in (0, 1])."""
         ...
 
+    def advance_canary(
+        self, version: str, to: str, *, actor: str, reason: str = "",
+        evidence: dict[str, Any] | None = None,
+    ) -> HistoryEntry:
+        """Move the canary of `version` on to `to`, a version trained from it; same users, the
+        evidence goes on. NoCanary, InvalidCanary (not trained from it), UnknownVersion,
+        VersionRejected."""
+        ...
+
     def promote_canary(
         self, version: str, *, actor: str, reason: str = "", evidence: dict[str, Any] | None = None
     ) -> HistoryEntry:

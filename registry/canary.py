@@ -7,6 +7,11 @@ hash), so it changes atomically with the active version. One runs at a time:
     start            candidate C serves `share` of the users (a stable hash of user and C, so
                      sticky per user); everyone else, and every anonymous request, stays on the
                      active version A. C must be ready and not active.
+    advance          the candidate moves on to C', a ready version trained from C (the learner
+                     keeps training the candidate's lineage while its canary runs). The same
+                     users stay inside (the hash is of the canary's first candidate), the
+                     evidence goes on: what the canary tests is its lineage as it served
+                     (learner.canary says how). `versions` lists every candidate in order.
     promote          C becomes active through the activate path (the rollback stack rules hold);
                      the canary is over.
     rollback         C is rejected, forever: nothing activates it, no stack rollback returns to
@@ -59,6 +64,19 @@ class Canary:
     """The controller's latest report (see learner.canary), None before the first."""
     evidence_at: float | None = None
     """Unix seconds of that report."""
+    versions: tuple[str, ...] = ()
+    """Every candidate of this canary, oldest first, `version` last (filled in when empty: a
+    canary stored before `advance` existed had only its first)."""
+
+    def __post_init__(self) -> None:
+        if not self.versions:
+            object.__setattr__(self, "versions", (self.version,))
+        object.__setattr__(self, "versions", tuple(self.versions))
+
+    @property
+    def cohort(self) -> str:
+        """What decides who is inside: the first candidate (registry.canary.in_canary)."""
+        return self.versions[0]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,11 +92,12 @@ class Canary:
         return cls(**json.loads(text))
 
 
-def in_canary(user: str, version: str, share: float) -> bool:
-    """Whether `user` is routed to candidate `version` at `share`: a stable hash of both, so a
-    user stays on one side for the whole canary, and each new candidate draws its users anew.
-    The users inside at share s are also inside at any larger share."""
-    digest = hashlib.sha256(f"{version}\x00{user}".encode()).digest()
+def in_canary(user: str, cohort: str, share: float) -> bool:
+    """Whether `user` is routed to the candidate of the canary whose `cohort` (its first
+    candidate) is given, at `share`: a stable hash of both, so a user stays on one side for the
+    whole canary, advances included, and each new canary draws its users anew. The users inside
+    at share s are also inside at any larger share."""
+    digest = hashlib.sha256(f"{cohort}\x00{user}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
@@ -100,6 +119,17 @@ def start(
     if version == active:
         raise InvalidCanary(version, "it is the active version already")
     return Canary(version, share, now, active, now, False, actor)
+
+
+def advance(running: Canary | None, version: str, to: str, parent: str | None) -> Canary:
+    """The canary of `version` with `to` (whose parent is `parent`) as its candidate;
+    NoCanary unless a canary of `version` runs, InvalidCanary unless `to` was trained from it.
+    (Whether `to` exists and is ready is the backend's check.)"""
+    running = require(running, version)
+    if parent != running.version:
+        raise InvalidCanary(to, f"it was trained from {parent or 'the base model'}, not from the "
+                                f"candidate {running.version}")
+    return replace(running, version=to, versions=(*running.versions, to))
 
 
 def require(running: Canary | None, version: str | None) -> Canary:

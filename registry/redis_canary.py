@@ -7,6 +7,7 @@ with the pointer, the stack, the version states and the history.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -38,6 +39,23 @@ class RedisCanarySteps:
 
         entry = self._transact(plan)
         logger.info("%s started a canary of %s for %.0f%% of users", actor, version, 100 * share)
+        return entry
+
+    def advance_canary(
+        self, version: str, to: str, *, actor: str, reason: str = "",
+        evidence: dict[str, Any] | None = None,
+    ) -> HistoryEntry:
+        def plan(pipe: Pipeline) -> HistoryEntry:
+            self._check_servable_in(pipe, to)
+            parent = json.loads(pipe.hget(self._keys.meta, to))["parent"]
+            counter, active, running = self._pointer_in(pipe)
+            running = canary_rules.advance(running, version, to, parent)
+            pipe.multi()
+            return self._queue_note(pipe, counter, active, running, "canary_advance", to,
+                                    actor, reason, evidence)
+
+        entry = self._transact(plan)
+        logger.info("%s advanced the canary from %s to %s", actor, version, to)
         return entry
 
     def promote_canary(

@@ -4,9 +4,9 @@ URL: `redis://[user:password@]host:port/db[?prefix=kto:registry:]` (`rediss://` 
 prefix (default `kto:registry:`) lets several registries share one database; every other query
 parameter goes to redis-py (e.g. `socket_timeout=5`). Keys, all under the prefix:
 
-    schema        "3": the layout of these keys (a newer layout is refused, not misread; 1 had
-                  no canary and no evidence, 2 no erasures; older ones are upgraded in place on
-                  open: the new keys start empty)
+    schema        "4": the layout of these keys (a newer layout is refused, not misread; 1 had
+                  no canary and no evidence, 2 no erasures, 3 no canary `versions`; older ones
+                  are upgraded in place on open: the new keys and fields start empty)
     next_version  INCR counter behind the names v0001, v0002, … (so never reused)
     state         hash version → pending | ready | rejected | abandoned
     meta          hash version → JSON parent, created_at, base_model, sha256, files, metrics,
@@ -27,7 +27,7 @@ from __future__ import annotations
 from kto_loop.urls import redis_url
 
 DEFAULT_PREFIX = "kto:registry:"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def parse_url(url: str) -> tuple[str, str, str]:

@@ -5,7 +5,8 @@ only ready and rejected rows are ever visible. `pointer` is a single row read by
 holds the running canary too (JSON of registry.canary.Canary), so that both change together.
 
 Layouts: 1 had no canary and no evidence; 2 adds `pointer.canary`, `history.evidence` and the
-canary actions; 3 adds the `flags` table and the erasure action (registry.erasure). Opening an
+canary actions; 3 adds the `flags` table and the erasure action (registry.erasure); 4 the
+canary_advance action. Opening an
 older file migrates it in place, in one transaction; a newer layout than this code's is refused
 rather than misread.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 from registry.errors import RegistryError, RegistryUnavailable
 from registry.versions import HISTORY_ACTIONS
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _ACTIONS = ", ".join(f"'{action}'" for action in HISTORY_ACTIONS)
 _HISTORY = f"""
@@ -75,7 +76,7 @@ INSERT OR IGNORE INTO pointer (id, counter, active) VALUES (1, 0, NULL);
 
 def _migrations(found: int) -> list[str]:
     """The statements taking layout `found` to this one. SQLite cannot change a CHECK constraint
-    in place, so the history (whose actions grew at 2 and at 3) is copied into a new table."""
+    in place, so the history (whose actions grew at 2, 3 and 4) is copied into a new table."""
     if found in (0, SCHEMA_VERSION):  # 0: a new file, created by _TABLES as it is now
         return []
     columns = "seq, at, action, version, previous, actor, reason" + (", evidence" if found >= 2 else "")

@@ -223,6 +223,18 @@ class SqliteRegistry(SqliteErasures, publishing.Publishing):
         logger.info("%s started a canary of %s for %.0f%% of users", actor, version, 100 * share)
         return entry
 
+    def advance_canary(
+        self, version: str, to: str, *, actor: str, reason: str = "",
+        evidence: dict[str, Any] | None = None,
+    ) -> HistoryEntry:
+        with self._write() as c:
+            self._check_servable_in(c, to)
+            (parent,) = c.execute("SELECT parent FROM versions WHERE version = ?", (to,)).fetchone()
+            running = canary_rules.advance(self._canary_in(c), version, to, parent)
+            entry = self._note_in(c, "canary_advance", to, running, actor, reason, evidence)
+        logger.info("%s advanced the canary from %s to %s", actor, version, to)
+        return entry
+
     def promote_canary(
         self, version: str, *, actor: str, reason: str = "", evidence: dict[str, Any] | None = None
     ) -> HistoryEntry:

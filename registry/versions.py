@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args
 VersionStatus = Literal["ready", "rejected"]
 HistoryAction = Literal[
     "activate", "rollback",
-    "canary_start", "canary_promote", "canary_rollback", "canary_pause", "canary_resume",
+    "canary_start", "canary_advance", "canary_promote", "canary_rollback", "canary_pause", "canary_resume",
     "erasure",
 ]
 HISTORY_ACTIONS: tuple[str, ...] = get_args(HistoryAction)

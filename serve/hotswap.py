@@ -11,8 +11,9 @@ rolled back by the registry.
 
 The canary (registry.canary) is followed the same way: every canary step bumps the pointer's
 counter, its candidate is verified and loaded like an active version, and only then are the
-users in its share routed to it (`route`); a candidate that fails verification is rejected,
-which ends its canary. A canary whose candidate is not loaded here routes nobody to it.
+users in its share routed to it (`route`); when the canary advances, they stay on its previous
+candidate until the new one is loaded. A candidate that fails verification is rejected, which
+ends its canary. A canary whose candidate is not loaded here routes nobody to it.
 """
 
 from __future__ import annotations
@@ -99,10 +100,11 @@ class HotSwap:
 
     def route(self, user: str | None) -> str | None:
         """The version a new request of `user` gets: the canary's candidate for the users in its
-        share (sticky: a hash of user and candidate), unless it is paused; the active version
-        for everyone else, anonymous requests included."""
+        share (sticky: a hash of user and the canary's first candidate, so the same users follow
+        it as it advances), unless it is paused; the active version for everyone else,
+        anonymous requests included."""
         canary = self.canary
-        if canary is not None and not canary.paused and user and in_canary(user, canary.version, canary.share):
+        if canary is not None and not canary.paused and user and in_canary(user, canary.cohort, canary.share):
             return canary.version
         return self.serving
 

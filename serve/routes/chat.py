@@ -35,9 +35,10 @@ router = APIRouter(tags=["chat"])
 
 @router.get("/v1/models")
 async def list_models(state: State, user: UserId) -> dict:
-    settings = state.settings
+    settings, canary = state.settings, state.hotswap.canary
     entries = [  # "serving": what this caller gets for the served name (a canary's candidate, maybe)
-        {"id": settings.served_model_name, "serving": state.hotswap.route(user) or settings.base_model_id},
+        {"id": settings.served_model_name, "serving": state.hotswap.route(user) or settings.base_model_id,
+         "active": state.hotswap.serving or settings.base_model_id, "canary": canary and canary.version},
         {"id": settings.base_model_id},
         *({"id": v, "parent": settings.base_model_id} for v in sorted(state.engine.loaded_versions)),
     ]

@@ -10,6 +10,8 @@ import threading
 
 import pytest
 
+from registry.redis_keys import SCHEMA_VERSION
+
 from registry import (
     BASE,
     CanaryRunning,
@@ -92,6 +94,71 @@ def test_a_canary_against_the_base_model(reg, publish):
     reg.promote_canary(v1, actor="op")
     assert reg.active() == v1
     assert reg.rollback(actor="op").version is None
+
+
+# ---- advance: the canary follows its candidate's lineage ------------------------------------
+
+def test_advance_moves_the_candidate_on_keeping_users_and_evidence(reg, open_reg, publish):
+    v1 = publish()
+    v2 = publish(parent=v1)
+    v3 = publish(parent=v2)
+    reg.start_canary(v1, 0.2, actor="learner")
+    reg.report_canary(v1, EVIDENCE)
+    started, counter = reg.canary(), reg.pointer()[0]
+    entry = reg.advance_canary(v1, v2, actor="learner", reason="trained from v0001", evidence={"k": 2})
+    assert (entry.action, entry.version, entry.previous, entry.actor, entry.evidence) == (
+        "canary_advance", v2, None, "learner", {"k": 2})
+    moved = reg.canary()
+    assert (moved.version, moved.versions, moved.cohort) == (v2, (v1, v2), v1)
+    assert (moved.since, moved.started_at, moved.baseline, moved.share) == (
+        started.since, started.started_at, started.baseline, started.share)  # the same test goes on
+    assert reg.pointer() == (counter + 1, None)  # serving replicas notice it
+    reg.advance_canary(v2, v3, actor="learner")
+    assert open_reg().canary().versions == (v1, v2, v3)  # what another process reads
+    reg.promote_canary(v3, actor="canary-controller")
+    assert reg.active() == v3 and reg.canary() is None
+
+
+def test_advance_refusals_change_nothing(reg, publish):
+    v1, v2 = publish(), publish()
+    v3 = publish(parent=v2)
+    v4 = publish(parent=v1)
+    with pytest.raises(NoCanary):
+        reg.advance_canary(v1, v4, actor="learner")
+    reg.start_canary(v1, 0.2, actor="learner")
+    before = (reg.pointer(), reg.history(), reg.canary())
+    with pytest.raises(InvalidCanary):
+        reg.advance_canary(v1, v3, actor="learner")  # trained from another version
+    with pytest.raises(InvalidCanary):
+        reg.advance_canary(v1, v2, actor="learner")  # trained from the base model
+    with pytest.raises(NoCanary):
+        reg.advance_canary(v2, v3, actor="learner")  # a decision about another canary
+    with pytest.raises(UnknownVersion):
+        reg.advance_canary(v1, "v0404", actor="learner")
+    reg.reject(v4, "the gate")
+    with pytest.raises(VersionRejected):
+        reg.advance_canary(v1, v4, actor="learner")
+    assert (reg.pointer(), reg.history(), reg.canary()) == before
+
+
+def test_the_users_inside_stay_inside_as_the_canary_advances(reg, publish):
+    v1 = publish()
+    v2 = publish(parent=v1)
+    reg.start_canary(v1, 0.3, actor="learner")
+    users = [f"user-{i}" for i in range(400)]
+    inside = [u for u in users if in_canary(u, reg.canary().cohort, 0.3)]
+    reg.advance_canary(v1, v2, actor="learner")
+    assert [u for u in users if in_canary(u, reg.canary().cohort, 0.3)] == inside
+
+
+def test_rolling_back_an_advanced_canary_rejects_its_candidate(reg, publish):
+    v1 = publish()
+    v2 = publish(parent=v1)
+    reg.start_canary(v1, 0.2, actor="learner")
+    reg.advance_canary(v1, v2, actor="learner")
+    reg.rollback_canary(v2, actor="canary-controller", reason="worse")
+    assert reg.canary() is None and reg.get(v2).status == "rejected"
+    assert reg.active() is None
 
 
 # ---- promote and roll back ------------------------------------------------------------------
@@ -321,7 +388,7 @@ def test_a_layout_1_redis_registry_reads_and_upgrades(services, tmp_path):
             [entry] = reg.history()
             assert (entry.action, entry.reason, entry.evidence) == ("activate", "old", None)
             assert reg.canary() is None and reg.pointer() == (1, None)
-            assert client.get(prefix + "schema") == "3"
+            assert client.get(prefix + "schema") == str(SCHEMA_VERSION)
         finally:
             reg.close()
     finally:

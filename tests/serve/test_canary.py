@@ -137,3 +137,18 @@ def test_a_canary_started_elsewhere_is_followed(client, state, versions, make_ad
     assert last.version == broken and last.actor.startswith("serve:")
     assert state.registry.canary() is None and state.registry.get(broken).status == "rejected"
     assert {chat(client, u) for u in USERS} == {v1}
+
+
+def test_an_advancing_canary_keeps_its_users_and_serves_the_newest_candidate(client, state, versions, make_adapter):
+    """The learner moves its canary on to a version trained from the candidate: the same users
+    get the new one, the others stay on the active version, and /v1/models shows it."""
+    v1, v2, inside, outside = versions
+    state.registry.start_canary(v2, 0.5, actor="learner")
+    wait_for(lambda: state.hotswap.canary is not None, "the replica to follow the canary")
+    v3 = publish(state, make_adapter(6), parent=v2)
+    state.registry.advance_canary(v2, v3, actor="learner")
+    wait_for(lambda: state.hotswap.canary and state.hotswap.canary.version == v3, "the replica to advance")
+    assert {u: chat(client, u) for u in USERS} == {u: v3 if u in inside else v1 for u in USERS}
+    alias = client.get("/v1/models").json()["data"][0]
+    assert (alias["active"], alias["canary"], alias["serving"]) == (v1, v3, v1)  # anonymous: the active one
+    wait_for(lambda: v2 not in state.engine.loaded_versions, "the previous candidate to be unloaded")
