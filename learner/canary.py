@@ -1,56 +1,59 @@
-"""The canary's decision: promote a new version or roll it back, from live ratings, looking at
-every one.
+"""The canary: a new lineage serves a share of users, is compared with the active version on
+live ratings, looking at every one, and is promoted or rolled back.
 
-The test (`compare`, a pure function). Let p_c and p_a be the desirable rates of the candidate
-and of the active version (the baseline) among responses served since the canary started, each
-rated response counted once with its current label (the latest vote wins, as in the buffer).
-Each arm gets a confidence sequence: intervals that hold at EVERY number of ratings at once,
-so the decision may be checked after each rating, or whenever, and stop on any rule, with its
-error rate intact. We use the two-sided normal-mixture boundary of
+What runs. A version that passes the gate (under automatic activation) starts a canary when
+none runs. While it runs the learner keeps training from its candidate, and each new version
+that passes the gate *advances* the canary (registry.canary): the same users get the newest
+candidate, so what they rate reaches them within one update, and the evidence goes on. The
+canary therefore tests its *lineage* v_1, …, v_K as it served, not one frozen version.
+
+The test (`compare`, a pure function). Rating i of the candidate arm has a conditional mean μ_i
+that changes as the canary advances. Let S_n = Σ (x_i − μ_i) over the arm's n ratings: since each
+x_i ∈ [0, 1] is 1/2-sub-Gaussian given the past (Hoeffding's lemma), whatever μ_i is, the
+normal-mixture boundary of
 
     S. R. Howard, A. Ramdas, J. McAuliffe, J. Sekhon (2021), "Time-uniform, nonparametric,
     nonasymptotic confidence sequences", Annals of Statistics 49(2), §3 (normal mixture,
     Proposition 5 of arXiv:1810.08240; after Robbins 1970):
 
-    with probability ≥ 1 − a, for all n ≥ 1 at once:  |Σ(x_i − p)| < u(n/4),
+    with probability ≥ 1 − a, for all n ≥ 1 at once:  |S_n| < u(n/4),
         u(v) = sqrt((v + ρ) · log((v + ρ) / (ρ · a²)))
 
-since a rating x_i ∈ {0, 1} is 1/2-sub-Gaussian (Hoeffding's lemma), so the variance process
-is n·σ² = n/4 whatever p is. Each arm's interval is p̂ ± u(n/4)/n, clipped to [0, 1]; each gets
-a = α/2 (a union bound over the two arms), so with probability ≥ 1 − α both intervals hold at
-every moment of the canary, and then Δ = p_c − p_a lies in
+holds for time-varying means too, so p̂ ± u(n/4)/n is a confidence sequence for the arm's
+*average* mean (1/n) Σ μ_i: how good the lineage was, on average, for the users who got it.
+The baseline arm (the active version, fixed while the canary runs) gets the same interval.
+Intervals, all holding at every moment together with probability ≥ 1 − α (a union bound):
 
-    [lo_c − hi_a, hi_c − lo_a]    at every moment.
+    baseline                      error α/2
+    suffix j of the lineage       error (α/2) · 6 / (π² j²)   (ratings of v_j, …, v_K; j = 1
+                                  is the whole lineage; Σ_j 6/(π² j²) = 1)
 
-ρ > 0 only shapes the boundary (tightest near n = `tuned_for` ratings per arm), never its error
-rate. Decisions, checked whenever the controller looks:
+Each suffix bounds Δ_j = (its average) − p_baseline by [lo_j − hi_b, hi_j − lo_b]. Decisions,
+checked whenever the controller looks:
 
-    rollback   upper bound of Δ < 0: the candidate is worse.
-    promote    lower bound of Δ > −margin and each arm has ≥ min_ratings: it is not worse by
-               more than the margin.
+    rollback   some suffix has upper bound < 0: from v_j on the lineage served worse than the
+               active version. A sudden bad version is judged on its own ratings (and its
+               descendants'), not diluted by the good ratings of the versions before it.
+    promote    the whole lineage has lower bound > −margin, and it and the baseline each have
+               min_ratings: the newest candidate becomes active.
     continue   otherwise.
 
-Error rates, by the coverage above: P(roll back a candidate at least as good) ≤ α, and
-P(promote a candidate worse by more than the margin) ≤ α, however often one looks. Measured
-in tests/learner/test_canary.py by simulation. The price of looking at will is width: at
-n = 100 ratings per arm each radius is about 0.17, at 1000 about 0.054; a candidate equal to the
-active version is promoted at margin 0.05 after roughly 5000 ratings per arm (1200 at 0.1), a
-much better one far sooner, and one at 0.2 against 0.5 is rolled back after about 300 ratings
-in all with a 20% canary (measured: tests/learner/test_canary.py).
+Error rates, by the coverage above: P(roll back a lineage none of whose suffixes was worse) ≤ α,
+P(promote a lineage worse on average by more than the margin) ≤ α, however often one looks
+(measured by simulation in tests/learner/test_canary.py). ρ > 0 only shapes the boundary
+(tightest near `canary_tuned_for` ratings), never the error rate.
 
-Assumption: ratings are independent draws given the version. Users are split by a hash, so
-heavy raters and user-level tastes add noise the bound does not model; with many users that
-averages out, with a handful it may not.
+Assumption: ratings are independent given the version that served them. Users are split by a
+hash, so heavy raters and user-level tastes add noise the bound does not model; with many users
+that averages out, with a handful it may not. What is promoted is the newest candidate, on the
+evidence of its lineage: the suffix checks keep a late, sudden drop from hiding behind earlier
+good ratings, and the gate has checked each version before it served anyone.
 
 The controller (`CanaryController`) runs in the learner's loop, which already consumes every
-response and rating: after each poll it reads the canary from the registry, counts the arms in
-the replay buffer, and records a decision (with its evidence) through the registry, or reports
-the running evidence for operators. It also starts the canaries: a version that passed the gate
-under automatic activation starts one instead of being activated (`canary_share` of 0 or 1:
-activated directly). While a canary runs, newer versions wait: only the newest is kept, and it
-starts its own canary when the running one ends if it was trained from what is active then
-(after a rollback: yes; after a promotion it descends from the old active version and is
-skipped, and the next update trains from the promoted one).
+response and rating: after each poll it reads the canary from the registry, counts each
+version's ratings in the replay buffer, and records a decision (with its evidence) through the
+registry, or reports the running evidence for operators. A canary an operator started is
+decided like the learner's own, but only the learner's canaries advance.
 """
 
 from __future__ import annotations
@@ -58,20 +61,21 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from learner.buffer import ReplayBuffer
 from learner.metrics import LearnerMetrics
 from learner.settings import LearnerSettings
-from registry import CanaryRunning, NoCanary, Registry, RegistryError, RegistryUnavailable, UnknownVersion
+from registry import NoCanary, Registry, RegistryError, RegistryUnavailable
 
 logger = logging.getLogger(__name__)
 
 ACTOR = "canary-controller"
 """The actor of the controller's decisions in the history."""
 LEARNER = "learner"
-"""The actor of the canaries (and direct activations) the learner starts."""
+"""The actor of the canaries (advances and direct activations) the learner starts."""
 CHECK_EVERY_S = 1.0
 """Counting the arms reads the buffer; at most this often (any schedule keeps the error rate)."""
 
@@ -80,7 +84,7 @@ Decision = Literal["promote", "rollback", "continue"]
 
 @dataclass(frozen=True)
 class Arm:
-    """Ratings of one version's responses: how many, how many desirable."""
+    """Ratings of one version's responses (or of several): how many, how many desirable."""
 
     n: int
     desirable: int
@@ -88,6 +92,9 @@ class Arm:
     @property
     def rate(self) -> float | None:
         return self.desirable / self.n if self.n else None
+
+    def __add__(self, other: Arm) -> Arm:
+        return Arm(self.n + other.n, self.desirable + other.desirable)
 
 
 def radius(n: int, a: float, rho: float) -> float:
@@ -113,20 +120,32 @@ def tuned_rho(n: int, a: float) -> float:
     return math.exp((lo + hi) / 2)
 
 
+def suffix_error(alpha: float, j: int) -> float:
+    """The error spent on suffix j (1 = the whole lineage) of the candidate arm."""
+    return alpha / 2 * 6 / (math.pi**2 * j * j)
+
+
 @dataclass(frozen=True)
 class Verdict:
     """The test's answer at one moment, with what it rests on."""
 
     decision: Decision
     candidate: Arm
+    """The whole lineage's ratings."""
     baseline: Arm
     lower: float
-    """Lower bound of Δ = p_candidate − p_baseline."""
+    """Lower bound of Δ = p_lineage − p_baseline."""
     upper: float
     alpha: float
     margin: float
     min_ratings: int
     rho: float
+    lineage: tuple[Arm, ...] = ()
+    """Each candidate's own ratings, oldest first."""
+    worse_from: int | None = None
+    """For a rollback: the first version (1-based) of the suffix shown worse."""
+    suffix_upper: float | None = None
+    """That suffix's upper bound of Δ."""
 
     def evidence(self) -> dict[str, Any]:
         """The counts, rates, statistic and thresholds, as recorded in the history."""
@@ -137,26 +156,40 @@ class Verdict:
             "baseline": {"n": b.n, "desirable": b.desirable, "rate": b.rate},
             "delta": None if c.rate is None or b.rate is None else c.rate - b.rate,
             "interval": [self.lower, self.upper],
-            "statistic": "difference of two normal-mixture confidence sequences "
-                         "(Howard et al. 2021), sigma 1/2, alpha/2 per arm",
+            "lineage": [[arm.n, arm.desirable] for arm in self.lineage],
+            "worse_from": self.worse_from, "suffix_upper": self.suffix_upper,
+            "statistic": "differences of normal-mixture confidence sequences (Howard et al. 2021), "
+                         "sigma 1/2: alpha/2 for the baseline, alpha/2 * 6/(pi^2 j^2) for suffix j "
+                         "of the lineage",
             "alpha": self.alpha, "margin": self.margin, "min_ratings": self.min_ratings, "rho": self.rho,
-            "thresholds": {"rollback": "upper < 0",
+            "thresholds": {"rollback": "upper < 0 for some suffix",
                            "promote": f"lower > {-self.margin} and n >= {self.min_ratings} per arm"},
         }
 
 
-def compare(candidate: Arm, baseline: Arm, *, alpha: float, margin: float, min_ratings: int,
+def compare(lineage: Sequence[Arm] | Arm, baseline: Arm, *, alpha: float, margin: float, min_ratings: int,
             rho: float) -> Verdict:
-    """The anytime-valid test of the module docstring."""
-    (lo_c, hi_c), (lo_b, hi_b) = (_interval(arm, alpha / 2, rho) for arm in (candidate, baseline))
-    lower, upper = lo_c - hi_b, hi_c - lo_b
-    if upper < 0:
+    """The anytime-valid test of the module docstring; `lineage` holds each candidate's ratings,
+    oldest first (one Arm: a canary that never advanced)."""
+    lineage = (lineage,) if isinstance(lineage, Arm) else tuple(lineage)
+    lo_b, hi_b = _interval(baseline, alpha / 2, rho)
+    suffix, worse_from, suffix_upper = Arm(0, 0), None, None
+    whole = (0.0, 1.0)
+    for j in range(len(lineage), 0, -1):  # the newest suffix first
+        suffix = suffix + lineage[j - 1]
+        lo_c, hi_c = _interval(suffix, suffix_error(alpha, j), rho)
+        if hi_c - lo_b < 0:
+            worse_from, suffix_upper = j, hi_c - lo_b  # keep going: the longest suffix shown worse
+        whole = (lo_c, hi_c)
+    lower, upper = whole[0] - hi_b, whole[1] - lo_b
+    if worse_from is not None:
         decision: Decision = "rollback"
-    elif lower > -margin and min(candidate.n, baseline.n) >= min_ratings:
+    elif lower > -margin and min(suffix.n, baseline.n) >= min_ratings:
         decision = "promote"
     else:
         decision = "continue"
-    return Verdict(decision, candidate, baseline, lower, upper, alpha, margin, min_ratings, rho)
+    return Verdict(decision, suffix, baseline, lower, upper, alpha, margin, min_ratings, rho, lineage,
+                   worse_from, suffix_upper)
 
 
 def _interval(arm: Arm, a: float, rho: float) -> tuple[float, float]:
@@ -167,38 +200,55 @@ def _interval(arm: Arm, a: float, rho: float) -> tuple[float, float]:
 
 
 class CanaryController:
-    """Starts canaries for the learner's new versions and decides them; see the module docstring.
+    """Starts and advances the learner's canaries and decides every canary; see the module
+    docstring.
 
     It decides only under automatic activation (with `activation=manual` it reports evidence and
-    leaves decisions to operators), and never while the canary is paused. A canary an operator
-    started is decided like the learner's own.
+    leaves decisions to operators), and never while the canary is paused.
     """
 
     def __init__(self, registry: Registry, buffer: ReplayBuffer, settings: LearnerSettings,
                  metrics: LearnerMetrics | None = None) -> None:
         self.registry, self.buffer, self.settings, self.metrics = registry, buffer, settings, metrics
         self.rho = tuned_rho(settings.canary_tuned_for, settings.canary_alpha / 2)
-        self.waiting: str | None = None
-        """The newest version that passed the gate while a canary ran."""
         self._next_check = 0.0
         self._reported: tuple | None = None
 
-    def release(self, version: str, reason: str) -> None:
-        """A version passed the gate under automatic activation: canary it, or activate it."""
+    def head(self) -> str | None:
+        """What the next update trains from: the candidate of the learner's canary while one runs
+        (its lineage goes on learning), else the active version (None: the base model)."""
+        canary = self.registry.canary()
+        if canary is not None and canary.actor == LEARNER:
+            return canary.version
+        return self.registry.active()
+
+    def release(self, version: str, parent: str | None, reason: str) -> None:
+        """`version`, trained from `parent`, passed the gate under automatic activation: start a
+        canary with it, advance the learner's canary to it, or (canary share 0 or 1) activate it.
+        A version whose parent is no longer the head (the canary was decided meanwhile, or an
+        operator's canary runs) is published but not released: the next update trains from the
+        head."""
         share = self.settings.canary_share
         if not 0 < share < 1:
             self.registry.activate(version, actor=LEARNER, reason=reason)
             return
+        canary, active = self.registry.canary(), self.registry.active()
         try:
-            self.registry.start_canary(version, share, actor=LEARNER, reason=reason)
-        except CanaryRunning as running:
-            logger.info("%s waits: the canary of %s is still running", version, running.version)
-            self.waiting = version
+            if canary is None and parent == active:
+                self.registry.start_canary(version, share, actor=LEARNER, reason=reason)
+            elif canary is not None and canary.actor == LEARNER and canary.version == parent:
+                self.registry.advance_canary(parent, version, actor=LEARNER, reason=reason)
+            else:
+                logger.info("%s not released: trained from %s, but %s", version, parent or "base",
+                            f"the canary of {canary.version} by {canary.actor} runs" if canary
+                            else f"{active or 'base'} is active")
+        except RegistryError as exc:  # decided or started by someone else meanwhile
+            logger.info("%s not released: %s", version, exc)
 
     def step(self) -> Verdict | None:
-        """Look once: start a waiting version, or decide (or report) the running canary.
-        Returns the verdict when the arms were counted, else None. The registry being away for a
-        moment is logged, not raised: the next poll looks again."""
+        """Look once: decide (or report) the running canary. Returns the verdict when the arms
+        were counted, else None. The registry being away for a moment is logged, not raised: the
+        next poll looks again."""
         try:
             return self._step()
         except RegistryUnavailable as exc:
@@ -207,35 +257,35 @@ class CanaryController:
 
     def _step(self) -> Verdict | None:
         canary = self.registry.canary()
-        if canary is None:
-            self._start_waiting()
-            return None
-        if canary.paused or time.monotonic() < self._next_check:
+        if canary is None or canary.paused or time.monotonic() < self._next_check:
             return None
         self._next_check = time.monotonic() + CHECK_EVERY_S
-        counts = self.buffer.rated_since([canary.version, canary.baseline], since=canary.since)
+        counts = self.buffer.rated_since([*canary.versions, canary.baseline], since=canary.since)
         settings = self.settings
-        verdict = compare(Arm(*counts[canary.version]), Arm(*counts[canary.baseline]),
-                          alpha=settings.canary_alpha, margin=settings.canary_margin,
-                          min_ratings=settings.canary_min_ratings, rho=self.rho)
+        # (an operator may have made an earlier candidate the baseline: its ratings are the baseline's)
+        lineage = [Arm(*counts[v]) if v != canary.baseline else Arm(0, 0) for v in canary.versions]
+        verdict = compare(lineage, Arm(*counts[canary.baseline]), alpha=settings.canary_alpha,
+                          margin=settings.canary_margin, min_ratings=settings.canary_min_ratings, rho=self.rho)
         evidence = {**verdict.evidence(), "candidate_version": canary.version,
-                    "baseline_version": canary.baseline, "since": canary.since}
+                    "baseline_version": canary.baseline, "since": canary.since, "versions": list(canary.versions)}
         if verdict.decision == "continue" or settings.activation != "auto":
             key = (canary.version, canary.since, verdict.candidate, verdict.baseline)
             if key != self._reported:
                 self.registry.report_canary(canary.version, evidence)
                 self._reported = key
             return verdict
-        self._decide(canary.version, canary.baseline, verdict, evidence)
+        self._decide(canary.version, canary.versions, canary.baseline, verdict, evidence)
         return verdict
 
-    def _decide(self, version: str, baseline: str | None, verdict: Verdict, evidence: dict) -> None:
+    def _decide(self, version: str, versions: tuple[str, ...], baseline: str | None, verdict: Verdict,
+                evidence: dict) -> None:
         c, b = verdict.candidate, verdict.baseline
         counts = f"{c.desirable}/{c.n} vs {b.desirable}/{b.n} desirable"
         try:
             if verdict.decision == "rollback":
-                reason = (f"worse than {baseline or 'base'}: difference at most {verdict.upper:+.3f} "
-                          f"({counts}; alpha {verdict.alpha})")
+                since = versions[verdict.worse_from - 1]
+                reason = (f"worse than {baseline or 'base'} since {since}: difference at most "
+                          f"{verdict.suffix_upper:+.3f} ({counts} over the whole canary; alpha {verdict.alpha})")
                 self.registry.rollback_canary(version, actor=ACTOR, reason=reason, evidence=evidence)
             else:
                 reason = (f"not worse than {baseline or 'base'} by more than {verdict.margin}: difference at "
@@ -247,23 +297,3 @@ class CanaryController:
         logger.warning("canary %s: %s, %s", version, verdict.decision, reason)
         if self.metrics is not None:
             self.metrics.canary_decisions.labels(decision=verdict.decision).inc()
-
-    def _start_waiting(self) -> None:
-        version = self.waiting
-        if version is None:
-            return
-        try:
-            info, active = self.registry.get(version), self.registry.active()
-        except UnknownVersion:
-            info = None
-        self.waiting = None  # (RegistryUnavailable above keeps it waiting)
-        if info is None:
-            return
-        if info.status != "ready" or info.parent != active:
-            logger.info("%s skipped: trained from %s, but %s is active now", version, info.parent or "base",
-                        active or "base")
-            return
-        try:
-            self.release(version, "waited for the previous canary")
-        except RegistryError as exc:  # e.g. an operator started a canary meanwhile
-            logger.info("%s skipped: %s", version, exc)

@@ -2,14 +2,16 @@
 
 Every turn of the loop: consume events into the replay buffer; compute reference log-probs of
 new examples (once each); let the canary controller decide a running canary (learner.canary);
-when enough new labels arrived (or enough time passed), warm-start from the ACTIVE version, run
-K KTO steps, gate the result, publish it with its lineage, and, when the gate passed and
-activation is automatic, start its canary (or activate it directly when canaries are off).
+when enough new labels arrived (or enough time passed), warm-start from the head (the candidate
+of the learner's running canary, else the active version), run K KTO steps, gate the result,
+publish it with its lineage, and, when the gate passed and activation is automatic, release it:
+start a canary with it, advance the running canary to it, or activate it directly when canaries
+are off.
 
 Crash safety: the buffer and its offsets are durable before anything trains on them; a publish
 is atomic in the registry; the learner's own state (watermark, optimizer) is written after the
-publish, so a crash mid-update retrains the same labels on the next start — from the active
-version, into a new version — and never counts a rating twice.
+publish, so a crash mid-update retrains the same labels on the next start — from the head, into
+a new version — and never counts a rating twice.
 """
 
 from __future__ import annotations
@@ -112,8 +114,9 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
             replay = [r for r in index if not held_out(r, settings.held_out_fraction)
                       and r.seq <= state.watermark and r.response_id not in fresh_ids]
 
-            # ---- 4. warm-start from the ACTIVE version (after a rollback: the rolled-back one) ----
-            parent = registry.active()
+            # ---- 4. warm-start from the head: the candidate of the learner's canary while one
+            #      runs (its lineage goes on learning, learner.canary), else the active version ----
+            parent = canary.head()
             if parent is None:
                 policy.reset()
             elif parent != state.version or optimizer is None:
@@ -168,7 +171,7 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
             if gate.passed:
                 state.version, state.optimizer = version, optimizer.state_dict()
                 if settings.activation == "auto":
-                    canary.release(version, f"gate passed (loss {stats.summary()['loss']:.4f})")
+                    canary.release(version, parent, f"gate passed (loss {stats.summary()['loss']:.4f})")
             else:
                 logger.warning("version %s rejected by the gate: %s", version, "; ".join(gate.reasons))
                 optimizer = None  # the next update starts again from the active version

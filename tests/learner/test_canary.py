@@ -13,7 +13,7 @@ import pytest
 import learner.canary as canary_module
 from ingest.events import FeedbackEvent, ResponseEvent, SamplingParams
 from learner.buffer import ReplayBuffer
-from learner.canary import ACTOR, Arm, CanaryController, compare, radius, tuned_rho
+from learner.canary import ACTOR, Arm, CanaryController, compare, radius, suffix_error, tuned_rho
 from learner.metrics import LearnerMetrics
 from learner.settings import LearnerSettings
 from tests.tiny import TINY_MODEL_ID
@@ -57,29 +57,41 @@ def test_compare_decides_on_the_interval_of_the_difference():
 
 # ---- error rate and power, by simulation -----------------------------------------------------
 
-def simulate(p_candidate: float, p_baseline: float, share: float, *, streams: int, ratings: int,
-             seed: int, margin: float = 0.05, min_ratings: int = 100) -> tuple[np.ndarray, np.ndarray]:
+def simulate(p_candidate: float | list[float], p_baseline: float, share: float, *, streams: int, ratings: int,
+             seed: int, per_version: int = 10**9, margin: float = 0.05,
+             min_ratings: int = 100) -> tuple[np.ndarray, np.ndarray]:
     """Streams of ratings, each going to the candidate with probability `share`, the test
-    checked after EVERY rating. Returns, per stream, the rating count at the first rollback and
-    at the first promotion (0: never within `ratings`). The same arithmetic as `compare`,
-    vectorised (checked against it below)."""
+    checked after EVERY rating. With a list, the canary advances: candidate k (0-based) has mean
+    p_candidate[k] and serves `per_version` candidate ratings (the last one, the rest). Returns,
+    per stream, the rating count at the first rollback and at the first promotion (0: never
+    within `ratings`). The same arithmetic as `compare`, vectorised (checked against it below)."""
+    schedule = np.atleast_1d(np.asarray(p_candidate, dtype=float))
     rng = np.random.default_rng(seed)
-    r = np.array([np.inf] + [radius(n, ALPHA / 2, RHO) for n in range(1, ratings + 1)])
+    r_base = np.array([np.inf] + [radius(n, ALPHA / 2, RHO) for n in range(1, ratings + 1)])
+    r_suffix = [np.array([np.inf] + [radius(n, suffix_error(ALPHA, j), RHO) for n in range(1, ratings + 1)])
+                for j in range(1, len(schedule) + 1)]
     first_rollback, first_promote = [], []
     for _ in range(0, streams, 250):  # in chunks: 250 x ratings arrays stay small
         to_c = rng.random((250, ratings)) < share
-        x = rng.random((250, ratings)) < np.where(to_c, p_candidate, p_baseline)
-        n_c, d_c = np.cumsum(to_c, 1), np.cumsum(x & to_c, 1)
+        version = np.minimum((np.cumsum(to_c, 1) - to_c) // per_version, len(schedule) - 1)
+        x = rng.random((250, ratings)) < np.where(to_c, schedule[version], p_baseline)
         n_b, d_b = np.cumsum(~to_c, 1), np.cumsum(x & ~to_c, 1)
-        lo_c, hi_c = _bounds(n_c, d_c, r)
-        lo_b, hi_b = _bounds(n_b, d_b, r)
-        rollback = hi_c - lo_b < 0
-        promote = (lo_c - hi_b > -margin) & (np.minimum(n_c, n_b) >= min_ratings)
+        lo_b, hi_b = _bounds(n_b, d_b, r_base)
+        rollback = np.zeros_like(to_c)
+        for j in range(len(schedule), 0, -1):
+            mine = to_c & (version >= j - 1)
+            n_c, d_c = np.cumsum(mine, 1), np.cumsum(x & mine, 1)
+            lo_c, hi_c = _bounds(n_c, d_c, r_suffix[j - 1])
+            rollback |= hi_c - lo_b < 0
+        promote = (lo_c - hi_b > -margin) & (np.minimum(n_c, n_b) >= min_ratings)  # j = 1: the whole lineage
         for decided, out in ((rollback, first_rollback), (promote, first_promote)):
             out.extend(np.where(decided.any(1), decided.argmax(1) + 1, 0))
         for s, t in ((0, ratings // 3), (1, ratings - 1), (2, 40)):  # spot checks against compare()
-            verdict = compare(Arm(int(n_c[s, t]), int(d_c[s, t])), Arm(int(n_b[s, t]), int(d_b[s, t])),
-                              alpha=ALPHA, margin=margin, min_ratings=min_ratings, rho=RHO)
+            lineage = [Arm(int((to_c[s, :t + 1] & (version[s, :t + 1] == k)).sum()),
+                           int((x[s, :t + 1] & to_c[s, :t + 1] & (version[s, :t + 1] == k)).sum()))
+                       for k in range(len(schedule))]
+            verdict = compare(lineage, Arm(int(n_b[s, t]), int(d_b[s, t])), alpha=ALPHA, margin=margin,
+                              min_ratings=min_ratings, rho=RHO)
             assert (verdict.decision == "rollback") == rollback[s, t]
             assert (verdict.decision == "promote") == (promote[s, t] and not rollback[s, t])
     return np.array(first_rollback[:streams]), np.array(first_promote[:streams])
@@ -95,6 +107,16 @@ def test_an_equal_candidate_is_rolled_back_at_most_alpha_of_the_time(p, share):
     rollbacks, _ = simulate(p, p, share, streams=2000, ratings=4000, seed=1)
     rate = (rollbacks > 0).mean()
     print(f"p={p} share={share}: false rollbacks {rate:.4f} over 2000 streams of 4000 ratings (alpha {ALPHA})")
+    assert rate <= ALPHA
+
+
+def test_an_advancing_lineage_never_worse_is_rolled_back_at_most_alpha_of_the_time():
+    """Twelve candidates, each at least as good as the baseline (0.5, flat, then rising): every
+    suffix test runs, and together they wrongly roll back at most alpha of the streams."""
+    schedule = [0.5] * 6 + [0.52, 0.55, 0.6, 0.65, 0.7, 0.75]
+    rollbacks, _ = simulate(schedule, 0.5, 0.5, streams=2000, ratings=3000, seed=5, per_version=40)
+    rate = (rollbacks > 0).mean()
+    print(f"advancing lineage: false rollbacks {rate:.4f} over 2000 streams (alpha {ALPHA})")
     assert rate <= ALPHA
 
 
@@ -114,6 +136,21 @@ def test_a_clearly_worse_candidate_is_rolled_back_within_1000_ratings():
     print(f"0.20 vs 0.50, share 0.2: rolled back within 1000 ratings in {within:.3f} of runs; "
           f"median {np.median(decided):.0f}, 95th percentile {np.percentile(decided, 95):.0f}")
     assert within >= 0.95 and not (promotions > 0).any()
+
+
+def test_a_poisoned_candidate_after_a_good_lineage_is_rolled_back_on_its_own_ratings():
+    """Eight good candidates (0.7 against 0.5, 40 candidate ratings each), then one at 0.1 that
+    serves from then on: the suffix from it is rolled back within 300 of its own ratings in at
+    least 95% of the runs (the whole lineage's average would take far longer), unless the good
+    lineage was promoted first (min_ratings set out of reach here, so it is not)."""
+    schedule = [0.7] * 8 + [0.1]
+    ratings = 320 * 2 + 300 * 2  # share 0.5: about 320 good candidate ratings, then 300 poisoned
+    rollbacks, _ = simulate(schedule, 0.5, 0.5, streams=500, ratings=ratings, seed=6, per_version=40,
+                            min_ratings=10**6)
+    own = np.array([max(0, r / 2 - 320) for r in rollbacks if r > 0])  # about: share x ratings - the good ones
+    print(f"poisoned after a good lineage: rolled back in {(rollbacks > 0).mean():.3f} of runs, "
+          f"after about {np.median(own):.0f} (median) / {np.percentile(own, 90):.0f} (p90) of its own ratings")
+    assert (rollbacks > 0).mean() >= 0.95
 
 
 def test_a_clearly_better_candidate_is_promoted():
@@ -152,26 +189,41 @@ def rate(buffer: ReplayBuffer, stream, version: str | None, n: int, desirable: i
     buffer.apply(stream.polled(*events))
 
 
-def test_release_starts_a_canary_or_activates_directly(registry, buffer, settings, publish):
-    v1, v2, v3 = publish(), publish(), publish()
-    CanaryController(registry, buffer, settings.model_copy(update={"canary_share": 0.0})).release(v1, "gate passed")
+def test_release_starts_a_canary_advances_it_or_activates_directly(registry, buffer, settings, publish):
+    v1 = publish()
+    CanaryController(registry, buffer, settings.model_copy(update={"canary_share": 0.0})).release(v1, None, "gate")
     assert registry.active() == v1 and registry.canary() is None
     controller = CanaryController(registry, buffer, settings)
-    controller.release(v2, "gate passed")
+    assert controller.head() == v1  # no canary: the active version
+    v2 = publish(parent=v1)
+    controller.release(v2, v1, "gate passed")
     assert registry.canary().version == v2 and registry.canary().share == 0.5 and registry.active() == v1
-    controller.release(v3, "gate passed")  # one canary at a time: v3 waits
-    assert controller.waiting == v3 and registry.canary().version == v2
+    assert controller.head() == v2  # the learner's canary: its candidate
+    v3 = publish(parent=v2)
+    controller.release(v3, v2, "gate passed")
+    canary = registry.canary()
+    assert (canary.version, canary.versions, registry.history()[-1].action) == (v3, (v2, v3), "canary_advance")
+    stale = publish(parent=v1)  # trained from what was the head before the canary advanced
+    controller.release(stale, v1, "gate passed")
+    assert registry.canary().version == v3 and registry.get(stale).status == "ready"  # published, not released
 
 
-def test_a_worse_candidate_is_rolled_back_with_evidence_then_the_waiting_one_starts(
-        registry, buffer, stream, settings, publish):
+def test_an_operators_canary_is_neither_trained_from_nor_advanced(registry, buffer, settings, publish):
+    v1, v2 = publish(), publish()
+    registry.start_canary(v1, 0.3, actor="admin")
+    controller = CanaryController(registry, buffer, settings)
+    assert controller.head() is None  # the active version (the base), not the operator's candidate
+    controller.release(v2, None, "gate passed")
+    assert registry.canary().version == v1 and len(registry.history()) == 1
+
+
+def test_a_worse_candidate_is_rolled_back_with_evidence(registry, buffer, stream, settings, publish):
     v1 = publish()
-    v2, v3 = publish(parent=v1), publish(parent=v1)
+    v2 = publish(parent=v1)
     registry.activate(v1, actor="op")
     metrics = LearnerMetrics()
     controller = CanaryController(registry, buffer, settings, metrics)
-    controller.release(v2, "gate passed")
-    controller.release(v3, "gate passed")
+    controller.release(v2, v1, "gate passed")
     rate(buffer, stream, v2, 10, 1)
     rate(buffer, stream, v1, 10, 5)
     assert controller.step().decision == "continue"  # 10 each cannot tell yet
@@ -186,29 +238,51 @@ def test_a_worse_candidate_is_rolled_back_with_evidence_then_the_waiting_one_sta
     assert (last.evidence["candidate_version"], last.evidence["baseline_version"]) == (v2, v1)
     assert registry.get(v2).status == "rejected" and registry.active() == v1
     assert metrics.canary_decisions.labels(decision="rollback")._value.get() == 1
-    controller.step()  # no canary runs: the waiting v3 (trained from v1, still active) starts
-    assert registry.canary().version == v3 and registry.history()[-1].actor == "learner"
+    assert controller.head() == v1  # the next update trains from the active version again
 
 
-def test_a_good_candidate_is_promoted_and_a_sibling_is_skipped(registry, buffer, stream, settings, publish):
-    v1, v2 = publish(), publish()  # both trained from the base
+def test_a_good_lineage_is_promoted_as_its_newest_candidate(registry, buffer, stream, settings, publish):
+    v1 = publish()
+    v2 = publish(parent=v1)
     controller = CanaryController(registry, buffer, settings)
-    controller.release(v1, "gate passed")
-    controller.release(v2, "gate passed")
-    rate(buffer, stream, v1, 60, 50)
+    controller.release(v1, None, "gate passed")
+    rate(buffer, stream, v1, 30, 24)
+    controller.release(v2, v1, "gate passed")
+    rate(buffer, stream, v2, 30, 26)
     rate(buffer, stream, None, 60, 20)  # the base model is the baseline
-    assert controller.step().decision == "promote"
+    verdict = controller.step()
+    assert verdict.decision == "promote" and verdict.lineage == (Arm(30, 24), Arm(30, 26))
     last = registry.history()[-1]
-    assert (last.action, last.version, last.previous, last.actor) == ("canary_promote", v1, None, ACTOR)
-    assert last.evidence["interval"][0] > -settings.canary_margin
-    controller.step()  # v2 descends from the base, not from v1: skipped
-    assert registry.canary() is None and registry.active() == v1 and controller.waiting is None
+    assert (last.action, last.version, last.previous, last.actor) == ("canary_promote", v2, None, ACTOR)
+    assert last.evidence["interval"][0] > -settings.canary_margin and last.evidence["versions"] == [v1, v2]
+    assert registry.canary() is None and registry.active() == v2 and controller.head() == v2
+
+
+def test_a_sudden_drop_is_judged_on_its_own_ratings(registry, buffer, stream, settings, publish):
+    """A long good lineage, then a version much worse: the suffix from it is rolled back while the
+    whole lineage's average still looks fine."""
+    v1 = publish()
+    v2 = publish(parent=v1)
+    controller = CanaryController(registry, buffer, settings.model_copy(update={"canary_min_ratings": 10_000}))
+    controller.release(v1, None, "gate passed")
+    rate(buffer, stream, v1, 400, 300)
+    rate(buffer, stream, None, 400, 200)
+    assert controller.step().decision == "continue"  # better, but min_ratings keeps it running
+    controller.release(v2, v1, "gate passed")
+    rate(buffer, stream, v2, 60, 3)
+    rate(buffer, stream, None, 60, 30)
+    verdict = controller.step()
+    assert verdict.decision == "rollback" and verdict.worse_from == 2
+    assert verdict.candidate.rate > verdict.baseline.rate  # the whole lineage alone would go on
+    last = registry.history()[-1]
+    assert (last.action, last.version) == ("canary_rollback", v2) and f"since {v2}" in last.reason
+    assert registry.get(v2).status == "rejected" and registry.active() is None
 
 
 def test_paused_decides_nothing_and_manual_only_reports(registry, buffer, stream, settings, publish):
     v1 = publish()
     controller = CanaryController(registry, buffer, settings)
-    controller.release(v1, "gate passed")
+    controller.release(v1, None, "gate passed")
     rate(buffer, stream, v1, 50, 0)
     rate(buffer, stream, None, 50, 40)
     registry.pause_canary(v1, True, actor="op")
@@ -225,7 +299,7 @@ def test_responses_before_the_canary_and_changed_votes(registry, buffer, stream,
     v1 = publish()
     rate(buffer, stream, None, 30, 0)  # before the canary: not evidence
     controller = CanaryController(registry, buffer, settings)
-    controller.release(v1, "gate passed")
+    controller.release(v1, None, "gate passed")
     rate(buffer, stream, None, 4, 4)
     response = served(v1, "u")
     down = FeedbackEvent(response_id=response.response_id, user="u", label="undesirable")

@@ -2,21 +2,21 @@
 
 `kto-loop up` (server and learner as processes, the embedded default, no admin token, so no
 operator can act) on the tiny character-level model of loop_processes.py. Simulated users first
-rate by an inverted rule (a burst of bad ratings: they like answers starting with a letter of
-the second half of the alphabet), until the learner has published a version trained on them,
-which starts a canary for half of the users. Then honest users come back (they like answers
-starting with a letter of the first half) and the canary compares the new version with the
-active one (the base model) on their ratings.
+rate by an inverted rule (a burst of bad ratings: they like answers starting with a vowel),
+until the learner has published a version trained on them, which starts a canary for half of
+the users. Then honest users come back (they dislike a vowel first) and the canary compares its
+lineage — that version, and the versions the learner goes on training from it, which advance the
+canary — with the active one (the base model) on their ratings.
 
 The learner's update is stochastic: about one run in seven the burst trains a version that is not
 clearly worse (see NOT_WORSE); the scenario is then set up again, at most ATTEMPTS times (a
 worse version the canary promoted fails at once). A clearly worse one must be rolled back.
 
-Asserted: the canary of that version is rolled back by the canary controller, with its
-evidence in the history, resting on at most BOUND_RATINGS counted ratings and within
-MAX_HONEST_RATINGS of the honest phase; no operator action (every history entry is the
-learner's or its canary controller's); the version is rejected and never became active; and no user
-whom the hash put outside the canary ever got an answer from it.
+Asserted: that canary is rolled back by the canary controller, with its evidence in the
+history, resting on at most BOUND_RATINGS counted ratings and within MAX_HONEST_RATINGS of the
+honest phase; no operator action (every history entry is the learner's or its canary
+controller's); its candidate is rejected and no version of the canary ever became active; and no
+user whom the hash put outside the canary ever got an answer from any of its versions.
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ class Scenario:
     """One run: the bad burst, the canary of the version it trained, the honest phase."""
 
     candidate: str
+    """The version the burst trained, the canary's first candidate."""
     bad: Simulation
     honest: Simulation
     history: list
@@ -128,8 +129,8 @@ def run_scenario(tmp_path: Path, model: Path) -> Scenario:
 
         # ---- honest users again, until the canary is decided ----
         def decided() -> bool:
-            return any(e.version == candidate and e.action in ("canary_rollback", "canary_promote")
-                       for e in registry.history())
+            running = registry.canary()
+            return running is None or running.cohort != candidate
 
         honest = phase(url, HONEST, MAX_HONEST_RATINGS, decided, timeout_s=PHASE_TIMEOUT_S)
         history = registry.history()
@@ -138,6 +139,21 @@ def run_scenario(tmp_path: Path, model: Path) -> Scenario:
     finally:
         stop(process)
     return Scenario(candidate, bad, honest, history, versions, log.read_text()[-3000:])
+
+
+def canary_steps(history: list, candidate: str) -> tuple[list[str], object | None]:
+    """The versions of the canary that started with `candidate` (its lineage, in order) and the
+    entry that ended it (None: still running). Every step is the learner's, but the end."""
+    start = next(i for i, e in enumerate(history) if e.action == "canary_start" and e.version == candidate)
+    lineage, ending = [candidate], None
+    for e in history[start + 1:]:
+        if e.action == "canary_advance":
+            assert e.actor == "learner"
+            lineage.append(e.version)
+        elif e.action in ("canary_rollback", "canary_promote"):
+            ending = e
+            break
+    return lineage, ending
 
 
 def test_a_worse_version_is_rolled_back_by_its_canary(tmp_path: Path):
@@ -151,8 +167,9 @@ def test_a_worse_version_is_rolled_back_by_its_canary(tmp_path: Path):
         drop = run.honest_drop()
         if drop <= -NOT_WORSE:
             break
-        promoted = any(e.action == "canary_promote" and e.version == candidate for e in history)
-        assert not (promoted and drop < -0.05), f"{candidate} was promoted, {drop:+.2f} worse for honest users"
+        _, ending = canary_steps(history, candidate)
+        promoted = ending is not None and ending.action == "canary_promote"
+        assert not (promoted and drop < -0.05), f"{candidate}'s canary was promoted, {drop:+.2f} worse for honest users"
         # The learner's update is stochastic: now and then the burst trains a version that is not
         # clearly worse. What the canary did with it says nothing about the bound below (it was
         # not promoted if it was worse): the scenario is set up again.
@@ -161,24 +178,23 @@ def test_a_worse_version_is_rolled_back_by_its_canary(tmp_path: Path):
         pytest.fail(f"in {ATTEMPTS} attempts the bad burst never trained a clearly worse version")
 
     # ---- rolled back by the controller, with its evidence, within the bound, by nobody else ----
-    decisions = [e for e in history if e.version == candidate and e.action.startswith("canary_")]
-    assert [(e.action, e.actor) for e in decisions] == [("canary_start", "learner"),
-                                                        ("canary_rollback", "canary-controller")], (
+    lineage, rollback = canary_steps(history, candidate)
+    assert rollback is not None and (rollback.action, rollback.actor) == ("canary_rollback", "canary-controller"), (
         phases, [e.to_json() for e in history], run.log_tail)
-    evidence = decisions[-1].evidence
-    print("evidence:", evidence)
+    evidence = rollback.evidence
+    print("lineage:", lineage, "evidence:", evidence)
     counted = evidence["candidate"]["n"] + evidence["baseline"]["n"]
-    assert evidence["interval"][1] < 0 and evidence["alpha"] == 0.05
-    assert evidence["candidate"]["rate"] < evidence["baseline"]["rate"]
+    assert rollback.version == lineage[-1] and evidence["versions"] == lineage
+    assert evidence["suffix_upper"] < 0 and evidence["alpha"] == 0.05 and evidence["worse_from"] >= 1
     assert counted <= BOUND_RATINGS
     assert {e.actor for e in history} <= {"learner", "canary-controller"}  # no operator action
-    assert not any(e.action in ("activate", "canary_promote") and e.version == candidate for e in history)
-    assert next(v for v in versions if v.version == candidate).status == "rejected"
+    assert not any(e.action in ("activate", "canary_promote") and e.version in lineage for e in history)
+    assert next(v for v in versions if v.version == lineage[-1]).status == "rejected"
 
     # ---- users outside the canary never saw it; users inside did ----
     ratings = bad.ratings + honest.ratings
     inside = {f"sim-{i}" for i in range(USERS) if in_canary(f"sim-{i}", candidate, SHARE)}
     assert inside and len(inside) < USERS, f"a share of {SHARE} of {USERS} users put {len(inside)} inside"
-    saw = {r.user for r in ratings if r.version == candidate}
-    assert saw <= inside, f"users outside the canary got {candidate}: {saw - inside}"
+    saw = {r.user for r in ratings if r.version in lineage}
+    assert saw <= inside, f"users outside the canary got a version of it: {saw - inside}"
     assert saw, f"nobody got {candidate}"
