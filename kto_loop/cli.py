@@ -3,7 +3,7 @@
     kto-loop serve        the inference server (chat, feedback, admin, metrics)
     kto-loop learn        the KTO learner: events in, adapter versions out (--port: its /metrics)
     kto-loop up           serve + learn on the embedded default: what `make run` starts
-    kto-loop simulate     users who chat and rate by a rule, with a learning curve
+    kto-loop simulate     users who chat and rate by rules, with a learning curve
     kto-loop adapters …   list | show VERSION | activate VERSION | rollback [VERSION] | history
                           | canary show | start VERSION | promote | rollback | pause | resume,
                           against a running server
@@ -44,10 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("learn", parents=[_common("serve /metrics and /healthz on this TCP port (default: none; "
                                              "KTO_METRICS_PORT)")], help="run the KTO learner")
     sub.add_parser("up", parents=[common], help="serve + learn on the embedded default (what `make run` starts)")
-    sim = sub.add_parser("simulate", parents=[common], help="simulated users who chat and rate by a rule")
+    sim = sub.add_parser("simulate", parents=[common], help="simulated users who chat and rate by rules")
     sim.add_argument("--ratings", type=int, default=600, help="stop after this many ratings")
     sim.add_argument("--users", type=int, default=8, help="concurrent simulated users")
-    sim.add_argument("--prefixes", default="a,e,i,o,u", help="an answer is liked iff it starts with one of these")
+    sim.add_argument("--rule", action="append", dest="rules", metavar="KIND:ARG",
+                     help="what users like: prefix:aeiou (starts with one of these characters; prefix:Hi,Yes for "
+                          "strings), avoid:WORD (does not contain it), shorter-than:N (characters); repeat to "
+                          "require several (default prefix:aeiou)")
+    sim.add_argument("--flip", type=float, default=0.0, help="share of labels sent inverted (noisy raters)")
+    sim.add_argument("--rate-liked", type=float, default=1.0,
+                     help="chance that a liked answer is rated at all (disliked ones always are)")
+    sim.add_argument("--think-time", type=float, default=0.0,
+                     help="seconds each user waits between turns (times a random 0.5-1.5); 0: back to back")
+    sim.add_argument("--seed", type=int, default=None, help="seed the users' choices and the answers' sampling")
     sim.add_argument("--max-tokens", type=int, default=8)
     sim.add_argument("--plot", default=None, help="PNG learning curve (default <data-dir>/learning-curve.png)")
     sim.add_argument("--url", action="append", dest="urls", metavar="URL",
@@ -167,13 +176,32 @@ def _without_port(argv: list[str]) -> list[str]:
 
 
 def _simulate(settings, args) -> int:
-    from kto_loop.simulate import plot, simulate
+    from kto_loop.curve import plot
+    from kto_loop.simulate import Raters, parse_rule, simulate, two_proportion_p
 
+    if args.log_level != "debug":  # one line per request only when asked for
+        for noisy in ("httpx", "httpcore"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        raters = Raters(tuple(parse_rule(r) for r in args.rules or ["prefix:aeiou"]), flip=args.flip,
+                        rate_liked=args.rate_liked)
+    except ValueError as exc:
+        sys.stderr.write(f"kto-loop: {exc}\n")
+        return 2
     urls = args.urls or [f"http://{settings.host}:{settings.port}"]
-    prefixes = tuple(p for p in args.prefixes.split(",") if p)
-    result = simulate(urls, ratings=args.ratings, users=args.users, prefixes=prefixes, max_tokens=args.max_tokens)
+    logger.info("%d users liking %s, %s", args.users, raters,
+                f"{args.think_time:g} s between turns" if args.think_time else "back to back")
+    result = simulate(urls, ratings=args.ratings, users=args.users, raters=raters, max_tokens=args.max_tokens,
+                      think_time=args.think_time, seed=args.seed)
     for version, (n, rate) in result.rate_by_version().items():
         print(f"{version:<24} n={n:<5} desirable={rate:.3f}")
+    turns, k = result.turns, min(100, len(result.turns) // 2)
+    if k:
+        first, last = sum(t.liked for t in turns[:k]), sum(t.liked for t in turns[-k:])
+        print(f"liked: first {k} answers {first / k:.2f}, last {k} {last / k:.2f} "
+              f"({(last - first) / k:+.2f}, one-sided p {two_proportion_p(first, k, last, k):.2g})")
+    if result.errors:
+        print(f"{len(result.errors)} requests failed, e.g. {result.errors[0]}")
     path = plot(result, Path(args.plot) if args.plot else settings.data_dir / "learning-curve.png")
     print(f"learning curve: {path}")
     return 0

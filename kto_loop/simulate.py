@@ -1,9 +1,15 @@
-"""`kto-loop simulate`: users who chat through the HTTP API and rate by a rule.
+"""`kto-loop simulate`: simulated people who chat through the HTTP API and rate by rules.
 
-This is the rule-based labeling KTO is made for: a user likes an answer iff it starts with one of
-a few strings. Several users chat concurrently; the desirable rate per served version is logged
-as ratings come in, and a learning curve (rolling desirable rate, one colour per version) is
-saved as a PNG.
+This is the rule-based labeling KTO is made for: a binary verdict per answer, no pairs. A rule
+says what a user likes (`prefix:aeiou`, `avoid:WORD`, `shorter-than:N`; with several, an answer
+must pass all of them). Raters can be imperfect the way people are: `flip` inverts a share of
+their labels (noisy raters), `rate_liked` is the chance that a liked answer gets a thumb at all
+(people complain more readily than they praise: 0.25 turns a 0.3 rule into about 1:9 labels).
+
+Pace: each user waits `think_time` x U(0.5, 1.5) seconds after rating before the next turn, the
+way a person reads and types; 0 sends turns back to back. Every answer is kept (`Turn`), rated
+or not, with the version that produced it and the rule's verdict, so a caller can measure what
+users actually saw; a poller records what the server serves (active version and canary).
 """
 
 from __future__ import annotations
@@ -11,12 +17,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import random
+import re
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 
@@ -25,22 +32,112 @@ logger = logging.getLogger(__name__)
 PROMPTS = ["hello", "tell me something", "what is new", "say a word", "how are you", "one more"]
 
 
+# ---- rules ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rule:
+    """One thing a simulated user likes or dislikes about an answer."""
+
+    kind: str
+    """`prefix` (starts with one of `values`), `avoid` (contains none of `values` as a word),
+    `shorter-than` (fewer than `limit` characters)."""
+    values: tuple[str, ...] = ()
+    limit: int = 0
+
+    def likes(self, answer: str) -> bool:
+        if self.kind == "prefix":
+            return answer.startswith(self.values)
+        if self.kind == "avoid":
+            return not any(re.search(rf"\b{re.escape(w)}\b", answer, re.IGNORECASE) for w in self.values)
+        return len(answer) < self.limit
+
+    def __str__(self) -> str:
+        if self.kind == "shorter-than":
+            return f"shorter-than:{self.limit}"
+        joined = "".join(self.values) if all(len(v) == 1 for v in self.values) else ",".join(self.values)
+        return f"{self.kind}:{joined}"
+
+
+def parse_rule(text: str) -> Rule:
+    """`prefix:aeiou` (any of these characters first; `prefix:Hello,Good` for strings),
+    `avoid:WORD[,WORD]` (none of these words, any case), `shorter-than:N` (characters)."""
+    kind, _, arg = text.partition(":")
+    if not arg:
+        raise ValueError(f"a rule is KIND:ARGUMENT (prefix:aeiou, avoid:WORD, shorter-than:N), got {text!r}")
+    if kind == "prefix":
+        return Rule("prefix", tuple(p for p in arg.split(",") if p) if "," in arg else tuple(arg))
+    if kind == "avoid":
+        return Rule("avoid", tuple(w.strip() for w in arg.split(",") if w.strip()))
+    if kind == "shorter-than":
+        if not arg.isdigit() or int(arg) < 1:
+            raise ValueError(f"shorter-than takes a positive number of characters, got {arg!r}")
+        return Rule("shorter-than", limit=int(arg))
+    raise ValueError(f"unknown rule kind {kind!r}: prefix, avoid or shorter-than")
+
+
+@dataclass(frozen=True)
+class Raters:
+    """How simulated users turn answers into labels."""
+
+    rules: tuple[Rule, ...] = (Rule("prefix", tuple("aeiou")),)
+    flip: float = 0.0
+    """Share of labels sent inverted (noisy raters)."""
+    rate_liked: float = 1.0
+    """Chance that a liked answer is rated at all (a disliked one always is)."""
+
+    def likes(self, answer: str) -> bool:
+        return all(rule.likes(answer) for rule in self.rules)
+
+    def label(self, liked: bool, rng: random.Random) -> bool | None:
+        """The label sent for an answer the rules like (or not): None when it is not rated."""
+        if liked and rng.random() >= self.rate_liked:
+            return None
+        return (not liked) if rng.random() < self.flip else liked
+
+    def __str__(self) -> str:
+        extra = (f", {self.flip:.0%} flipped" if self.flip else "") + (
+            f", {self.rate_liked:.0%} of liked answers rated" if self.rate_liked < 1 else "")
+        return " and ".join(map(str, self.rules)) + extra
+
+
+# ---- what happened -------------------------------------------------------------------------------
+
 @dataclass
-class Rating:
+class Turn:
+    """One answer a simulated user got, and what they did with it."""
+
     index: int
+    """Order of arrival among all answers."""
     at: float
+    """Unix time the answer arrived."""
     user: str
     version: str
-    desirable: bool
+    """The `model` that answered: an adapter version or the base model's id."""
     answer: str
+    liked: bool
+    """The rules' verdict: what the user really thinks."""
+    desirable: bool | None
+    """The label sent (None: not rated); differs from `liked` when the rater flipped it."""
+    response_id: str = ""
+    feedback_id: str | None = None
+    rated_at: float | None = None
+    prompt: str = ""
 
 
 @dataclass
 class Simulation:
-    ratings: list[Rating] = field(default_factory=list)
+    turns: list[Turn] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    serving: list[tuple[float, str, str | None]] = field(default_factory=list)
+    """(unix time, active version, canary candidate or None), whenever it changed."""
+
+    @property
+    def ratings(self) -> list[Turn]:
+        """The rated turns, in arrival order."""
+        return [t for t in self.turns if t.desirable is not None]
 
     def rate_by_version(self) -> dict[str, tuple[int, float]]:
+        """For each version: (ratings, share of them desirable)."""
         counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for r in self.ratings:
             counts[r.version][0] += 1
@@ -49,7 +146,7 @@ class Simulation:
 
     def window(self, start: int, stop: int) -> tuple[int, int]:
         """(desirable, total) among ratings[start:stop] in arrival order."""
-        part = sorted(self.ratings, key=lambda r: r.index)[start:stop]
+        part = self.ratings[start:stop]
         return sum(r.desirable for r in part), len(part)
 
 
@@ -63,94 +160,107 @@ def two_proportion_p(d1: int, n1: int, d2: int, n2: int) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def simulate(url: str | Sequence[str], *, ratings: int, users: int = 8,
-             prefixes: tuple[str, ...] = ("a", "e", "i", "o", "u"), max_tokens: int = 8, temperature: float = 1.0,
-             report_every: int = 50, stop: threading.Event | None = None) -> Simulation:
-    """Chat and rate until `ratings` ratings were recorded; returns every rating in order.
+# ---- the users -----------------------------------------------------------------------------------
 
-    With several server URLs (replicas of one deployment) each user takes turns over them and
-    rates each answer on the next replica, not the one that answered, as a load balancer may."""
+def simulate(url: str | Sequence[str], *, ratings: int, users: int = 8, raters: Raters | None = None,
+             prefixes: tuple[str, ...] | None = None, max_tokens: int = 8, temperature: float = 1.0,
+             think_time: float = 0.0, seed: int | None = None, rate: bool = True, report_every: int = 100,
+             stop: threading.Event | None = None, on_turn: Callable[[Turn], None] | None = None) -> Simulation:
+    """Chat (and rate) until `ratings` answers were rated (with `rate=False`: answered, none
+    rated); returns every turn in arrival order.
+
+    `prefixes` is shorthand for one prefix rule. With `seed`, each request carries a seed drawn
+    from it, so a run's answers repeat given the same versions. With several server URLs
+    (replicas of one deployment) each user takes turns over them and rates each answer on the next
+    replica, not the one that answered, as a load balancer may."""
+    raters = raters or (Raters((Rule("prefix", tuple(prefixes)),)) if prefixes else Raters())
     urls = [url] if isinstance(url, str) else list(url)
     result = Simulation()
     lock = threading.Lock()
     stop = stop or threading.Event()
+    done = threading.Event()  # this call's own end (the caller's `stop` may outlive it)
+    counted = [0]
 
     def user_loop(number: int) -> None:
         name = f"sim-{number}"
+        rng = random.Random(f"{seed}/{name}") if seed is not None else random.Random()
         with contextlib.ExitStack() as stack:
-            replicas = [stack.enter_context(httpx.Client(base_url=u, timeout=60, headers={"X-User-Id": name}))
+            replicas = [stack.enter_context(httpx.Client(base_url=u, timeout=120, headers={"X-User-Id": name}))
                         for u in urls]
             turn = 0
-            while not stop.is_set():
+            while not (stop.is_set() or done.is_set()):
                 turn += 1
-                prompt = PROMPTS[(number + turn) % len(PROMPTS)]
                 client, rater = replicas[(number + turn) % len(urls)], replicas[(number + turn + 1) % len(urls)]
+                prompt = PROMPTS[(number + turn) % len(PROMPTS)]
+                request = {"messages": [{"role": "user", "content": prompt}],
+                           "max_tokens": max_tokens, "temperature": temperature}
+                if seed is not None:
+                    request["seed"] = rng.randrange(2**31)
                 try:
-                    reply = client.post("/v1/chat/completions", json={
-                        "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                        "temperature": temperature})
+                    reply = client.post("/v1/chat/completions", json=request)
                     reply.raise_for_status()
                     body = reply.json()
+                    arrived = time.time()
                     answer = body["choices"][0]["message"]["content"]
-                    desirable = answer.startswith(prefixes)
-                    vote = rater.post("/v1/feedback", json={"response_id": body["id"],
-                                                            "label": "up" if desirable else "down"})
-                    vote.raise_for_status()
+                    liked = raters.likes(answer)
+                    label = raters.label(liked, rng) if rate else None
+                    feedback_id = None
+                    if label is not None:
+                        vote = rater.post("/v1/feedback", json={"response_id": body["id"],
+                                                                "label": "up" if label else "down"})
+                        vote.raise_for_status()
+                        feedback_id = vote.json()["id"]
                 except httpx.HTTPError as exc:
                     with lock:
                         result.errors.append(repr(exc))
-                    time.sleep(0.2)
+                    stop.wait(0.2)
                     continue
                 with lock:
-                    if len(result.ratings) >= ratings:
-                        stop.set()
+                    if counted[0] >= ratings:
+                        done.set()
                         return
-                    result.ratings.append(Rating(len(result.ratings), time.time(), name, body["model"], desirable, answer))
-                    if len(result.ratings) % report_every == 0:
-                        _report(result)
+                    item = Turn(len(result.turns), arrived, name, body["model"], answer, liked, label, body["id"],
+                                feedback_id, time.time() if label is not None else None, prompt)
+                    result.turns.append(item)
+                    counted[0] += label is not None if rate else 1
+                    if counted[0] % report_every == 0 and (label is not None or not rate):
+                        _progress(result, counted[0], ratings)
+                    if counted[0] >= ratings:
+                        done.set()
+                if on_turn is not None:
+                    on_turn(item)
+                if think_time > 0:
+                    stop.wait(think_time * rng.uniform(0.5, 1.5))
 
+    poller = threading.Thread(target=_watch_serving, args=(urls[0], result, lock, done, stop), daemon=True)
+    poller.start()
     threads = [threading.Thread(target=user_loop, args=(i,), daemon=True) for i in range(users)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    done.set()
+    poller.join(timeout=5)
     return result
 
 
-def _report(result: Simulation) -> None:
-    recent = result.ratings[-50:]
-    rates = ", ".join(f"{v}: {rate:.2f} (n={n})" for v, (n, rate) in result.rate_by_version().items())
-    logger.info("%d ratings; last 50 desirable %.2f; by version: %s", len(result.ratings),
-                sum(r.desirable for r in recent) / len(recent), rates)
+def _watch_serving(url: str, result: Simulation, lock: threading.Lock, done: threading.Event,
+                   stop: threading.Event, every_s: float = 0.5) -> None:
+    """Record what the server serves (GET /v1/models) whenever it changes, for the plot."""
+    with httpx.Client(base_url=url, timeout=10) as client:
+        while not (done.is_set() or stop.is_set()):
+            with contextlib.suppress(httpx.HTTPError, KeyError, IndexError, ValueError):
+                alias = client.get("/v1/models").json()["data"][0]
+                now = (alias.get("active") or alias.get("serving"), alias.get("canary"))
+                with lock:
+                    if not result.serving or result.serving[-1][1:] != now:
+                        result.serving.append((time.time(), *now))
+            done.wait(every_s)
 
 
-def plot(result: Simulation, path: Path, window: int = 50) -> Path:
-    """Rolling desirable rate over ratings, points coloured by the version that answered."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ordered = sorted(result.ratings, key=lambda r: r.index)
-    xs, ys = [], []
-    for i in range(len(ordered)):
-        part = ordered[max(0, i - window + 1):i + 1]
-        xs.append(i + 1)
-        ys.append(sum(r.desirable for r in part) / len(part))
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot(xs, ys, color="black", linewidth=1, label=f"desirable rate (last {window})")
-    versions = list(dict.fromkeys(r.version for r in ordered))
-    cmap = plt.get_cmap("viridis", max(2, len(versions)))
-    for k, version in enumerate(versions):
-        idx = [i for i, r in enumerate(ordered) if r.version == version]
-        ax.scatter([xs[i] for i in idx], [ys[i] for i in idx], s=6, color=cmap(k), label=version if k < 12 else None)
-    ax.set_xlabel("rating")
-    ax.set_ylabel("desirable rate")
-    ax.set_ylim(0, 1)
-    ax.set_title("kto-loop: simulated users, rate by served version")
-    ax.legend(fontsize=6, ncol=2, loc="upper left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def _progress(result: Simulation, counted: int, target: int) -> None:
+    recent = result.turns[-100:]
+    serving = result.serving[-1] if result.serving else None
+    logger.info("%d/%d; liked in the last %d answers: %.2f; serving %s%s", counted, target, len(recent),
+                sum(t.liked for t in recent) / len(recent), serving[1] if serving else "?",
+                f" (canary {serving[2]})" if serving and serving[2] else "")

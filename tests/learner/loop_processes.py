@@ -92,7 +92,7 @@ def simulate_learning(urls: list[str], *, prefixes: tuple[str, ...], ratings: in
         simulate(urls, ratings=8, users=8, prefixes=prefixes, max_tokens=4)
         time.sleep(0.2)
     rest = simulate(urls, ratings=ratings - base, users=8, prefixes=prefixes, max_tokens=4)
-    result.ratings += [replace(r, index=r.index + len(result.ratings)) for r in rest.ratings]
+    result.turns += [replace(t, index=t.index + len(result.turns)) for t in rest.turns]
     result.errors += rest.errors
     return result
 
