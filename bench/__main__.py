@@ -20,7 +20,7 @@ logger = logging.getLogger("bench")
 
 SUITES = {"serving": "bench.serving", "learner": "bench.learner", "ingest": "bench.ingest",
           "detokenize": "bench.detokenize", "buffer": "bench.buffer",
-          "sampling": "bench.sampling"}  # name -> module with run(options) -> Path
+          "sampling": "bench.sampling", "learning": "bench.learning"}  # name -> module with run(options) -> Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,6 +32,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-id", help="the name the model is served under (default: the directory name)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON goes (%(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="also show the server's own INFO logs")
+    learning = parser.add_argument_group("learning suite")
+    learning.add_argument("--tasks", help="only these tasks (comma-separated)")
+    learning.add_argument("--rows", help="only these rows (comma-separated: defaults, canary off, ...)")
+    learning.add_argument("--seeds", type=int, help="seeds per task and row")
+    learning.add_argument("--env", action="append", metavar="KTO_X=VALUE",
+                          help="a setting for every run on top of the defaults (an extra row: use --tag)")
+    learning.add_argument("--tag", help="appended to the results' file names")
     return parser.parse_args(argv)
 
 

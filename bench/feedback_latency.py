@@ -239,25 +239,16 @@ class Driver:
 
 def analyse(driver: Driver, versions, held_out, held_out_fraction: float) -> dict[str, Any]:
     """published / served latency of every measured rating, from the registry's lineage."""
+    from bench.learning_metrics import descendants
+
     with driver._lock:
         sent = [s for s in driver.sent if s.measured]
         chats = sorted(driver.chats)
     versions = sorted(versions, key=lambda v: v.created_at)
-    by_name = {v.version: v for v in versions}
     first_in: dict[str, Any] = {}
     for v in versions:
         for event_id in v.lineage.get("feedback_event_ids", []):
             first_in.setdefault(event_id, v)
-
-    def descends(name: str | None, ancestors: set[str]) -> bool:
-        seen = set()
-        while name is not None and name not in seen:
-            if name in ancestors:
-                return True
-            seen.add(name)
-            name = by_name[name].parent if name in by_name else None
-        return False
-
     containing_cache: dict[str, set[str]] = {}
     published, served, first_status = [], [], {"ready": 0, "rejected": 0}
     pending = held = 0
@@ -272,9 +263,9 @@ def analyse(driver: Driver, versions, held_out, held_out_fraction: float) -> dic
         first_status[version.status] = first_status.get(version.status, 0) + 1
         published.append(version.created_at - s.sent_at)
         key = s.event_id
-        containing = {v.version for v in versions if key in v.lineage.get("feedback_event_ids", [])}
         if key not in containing_cache:
-            containing_cache[key] = {v.version for v in versions if descends(v.version, containing)}
+            containing = {v.version for v in versions if key in v.lineage.get("feedback_event_ids", [])}
+            containing_cache[key] = descendants(versions, containing)
         hit = next((t for t, model in chats if t >= version.created_at and model in containing_cache[key]), None)
         if hit is None:
             pending += 1  # published, not served yet (e.g. only in rejected versions so far)
