@@ -1,6 +1,6 @@
 """Learning benchmark: does the loop, as a user gets it, make the model better from thumbs?
 
-    .venv/bin/python -m bench --only learning            # full plan: about 90 minutes on 2 cores
+    .venv/bin/python -m bench --only learning            # full plan: 59 runs, about 90 minutes on 2 cores
     .venv/bin/python -m bench --only learning --quick    # smoke run: a few minutes
     .venv/bin/python -m bench --only learning --tasks first-char-0.1 --rows defaults --seeds 2 \\
         --env KTO_BETA=0.3 --tag beta03                  # an extra row of one's own (its own JSON)
@@ -25,9 +25,10 @@ first-char-0.1 (answers starting with a lowercase vowel, ~0.09), first-char-0.3 
 1 desirable to 9 undesirable, as in the KTO paper's imbalance experiments).
 
 Rows: `defaults` (the product: canary on), `canary off` (KTO_CANARY_SHARE=0: every version that
-passes the gate goes live), `defaults, unpaced`, and `poisoned` (first-char-0.3 only: a burst of
-`poison_ratings` ratings with every label inverted first, then honest users; see
-bench.learning_run.poisoned).
+passes the gate goes live), `defaults, unpaced`, and `poisoned` (first-char-0.3 only: first a batch of
+400 ratings with every label inverted, of answers the base model gave, as from a broken label
+source; honest users start once the learner canaries what it trained on them; see
+bench.learning_run.poison).
 
 Columns. The rate users saw is the rules' verdict on every answer given, by whichever version
 (active or canary) gave it, flipped labels or not (bench.learning_metrics). Lift at N: the rate
@@ -80,6 +81,7 @@ TASKS = [
 ]
 ROWS = [Row("defaults"), Row("canary off", {"KTO_CANARY_SHARE": "0"}), Row("defaults, unpaced", paced=False),
         Row("poisoned", poisoned=400)]
+PRODUCT_ROWS = ("defaults", "poisoned")
 POISON_TASK = "first-char-0.3"
 LATENCY_TAIL_S = 30.0
 """Ratings this close to a run's end are not measured for feedback -> served."""
@@ -88,6 +90,9 @@ LATENCY_TAIL_S = 30.0
 @dataclass(frozen=True)
 class Plan:
     seeds: int = 5
+    """Seeds of the product's rows (`defaults`, `poisoned`)."""
+    extra_seeds: int = 2
+    """Seeds of the other rows, kept for comparison (at most `seeds`)."""
     ratings: int = 1200
     users: int = 60
     think_s: float = 8.0
@@ -107,7 +112,8 @@ def jobs(plan: Plan) -> list[tuple[Task, Row, int]]:
     """Every (task, row, seed) of the plan, the long ones first, seeds interleaved."""
     out = []
     for row in sorted((r for r in ROWS if r.name in plan.rows), key=lambda r: (not r.paced, -r.poisoned)):
-        for seed in range(plan.seeds):
+        seeds = plan.seeds if row.name in PRODUCT_ROWS else min(plan.seeds, plan.extra_seeds)
+        for seed in range(seeds):
             for task in TASKS:
                 if task.name in plan.tasks and (not row.poisoned or task.name == POISON_TASK):
                     out.append((task, row, seed))

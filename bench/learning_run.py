@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +107,8 @@ def run_once(task: Task, row: Row, seed: int, plan, model_dir: Path, workdir: Pa
         meter = report.CpuMeter()
         t0 = time.time()
         burst = None
-        if row.poisoned:  # the same users, every label inverted (Turn.liked stays the honest verdict)
-            inverted = Raters(task.raters.rules, flip=1.0)
-            burst = simulate(url, ratings=row.poisoned, raters=inverted, seed=seed + 2 * 10**6, **chat)
+        if row.poisoned:
+            burst = poison(url, data_dir, task, row, seed, chat)
         sim = simulate(url, ratings=plan.ratings, raters=task.raters, seed=seed, **chat)
         t1 = time.time()
         cpu = meter.stop()
@@ -135,6 +134,34 @@ def run_once(task: Task, row: Row, seed: int, plan, model_dir: Path, workdir: Pa
     errors = base.errors + (burst.errors if burst else []) + sim.errors
     return Outcome(task, row, seed, base, burst, sim, versions, history, t0, t1, startup_s, cpu, active_adapter,
                    errors)
+
+
+def poison(url: str, data_dir: Path, task: Task, row: Row, seed: int, chat: dict[str, Any]) -> Simulation:
+    """The poisoned labels: `row.poisoned` answers of the base model, then a batch of ratings of
+    them with every label inverted, arriving at once (a bad label source: a broken rule, judge or
+    annotation job; Turn.liked stays the honest verdict). The learner trains on them and
+    canaries the result; honest users, who start once that canary does, judge it. Their answers
+    came before any canary, so the canary counts none of the bad ratings as evidence: raters who
+    go on lying to the canary itself would get it promoted, and no test on ratings can tell."""
+    import httpx
+
+    answers = simulate(url, ratings=row.poisoned, raters=task.raters, rate=False, seed=seed + 2 * 10**6,
+                       max_tokens=chat["max_tokens"], users=BASE_USERS)
+    turns = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for turn in answers.turns:
+            vote = client.post("/v1/feedback", headers={"X-User-Id": turn.user},
+                               json={"response_id": turn.response_id, "label": "down" if turn.liked else "up"})
+            vote.raise_for_status()
+            turns.append(replace(turn, desirable=not turn.liked, feedback_id=vote.json()["id"], rated_at=time.time()))
+    registry = open_loop_registry(data_dir)
+    try:
+        deadline = time.monotonic() + 300
+        while registry.canary() is None and registry.active() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        registry.close()
+    return Simulation(turns=turns, errors=answers.errors, serving=answers.serving)
 
 
 def poisoned(outcome: Outcome) -> dict[str, Any]:

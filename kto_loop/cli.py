@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("up", parents=[common], help="serve + learn on the embedded default (what `make run` starts)")
     sim = sub.add_parser("simulate", parents=[common], help="simulated users who chat and rate by rules")
     sim.add_argument("--ratings", type=int, default=600, help="stop after this many ratings")
-    sim.add_argument("--users", type=int, default=8, help="concurrent simulated users")
+    sim.add_argument("--users", type=int, default=60, help="simulated users, each chatting in turn")
     sim.add_argument("--rule", action="append", dest="rules", metavar="KIND:ARG",
                      help="what users like: prefix:aeiou (starts with one of these characters; prefix:Hi,Yes for "
                           "strings), avoid:WORD (does not contain it), shorter-than:N (characters); repeat to "
@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--flip", type=float, default=0.0, help="share of labels sent inverted (noisy raters)")
     sim.add_argument("--rate-liked", type=float, default=1.0,
                      help="chance that a liked answer is rated at all (disliked ones always are)")
-    sim.add_argument("--think-time", type=float, default=0.0,
-                     help="seconds each user waits between turns (times a random 0.5-1.5); 0: back to back")
+    sim.add_argument("--think-time", type=float, default=8.0,
+                     help="seconds each user reads before the next turn (times a random 0.5-1.5; default 8, "
+                          "about 7 ratings/s from 60 users); 0: back to back, faster than the learner can follow")
     sim.add_argument("--seed", type=int, default=None, help="seed the users' choices and the answers' sampling")
     sim.add_argument("--max-tokens", type=int, default=8)
     sim.add_argument("--plot", default=None, help="PNG learning curve (default <data-dir>/learning-curve.png)")
@@ -299,6 +300,8 @@ def _render_canary(body: dict) -> str:
         rows.append(f"canary: {canary['version']} for {canary['share']:.0%} of users against "
                     f"{canary['baseline'] or 'base'}{' (PAUSED)' if canary['paused'] else ''}, started by "
                     f"{canary['actor']}")
+        if len(canary.get("versions") or ()) > 1:
+            rows.append("lineage: " + " -> ".join(canary["versions"]))
         evidence = canary.get("evidence")
         if evidence:
             c, b = evidence["candidate"], evidence["baseline"]

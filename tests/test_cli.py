@@ -118,13 +118,19 @@ def test_adapters_canary_commands(monkeypatch, capsys, tmp_path, tiny_model_dir,
         assert main(["adapters", "canary", "show", *port]) == 0
         assert "candidate 2/10 desirable, baseline 15/30" in capsys.readouterr().out
         assert main(["adapters", "canary", "resume", *port]) == 0
+        v3 = registry.publish(make_adapter(3), base_model=TINY_MODEL_ID, parent=v2, metrics={}, lineage={}).version
+        registry.advance_canary(v2, v3, actor="learner", reason="gate passed")
+        assert main(["adapters", "canary", "show", *port]) == 0
+        out = capsys.readouterr().out
+        assert f"canary: {v3} for 30% of users" in out and f"lineage: {v2} -> {v3}" in out
         assert main(["adapters", "canary", "promote", "--version", "v9999", *port]) == 1
         assert "no canary of v9999" in capsys.readouterr().err
         assert main(["adapters", "canary", "rollback", "--reason", "bad", *port]) == 0
         assert "canary: none running" in capsys.readouterr().out
-        assert registry.get(v2).status == "rejected"
+        assert registry.get(v3).status == "rejected"
         assert main(["adapters", "history", *port]) == 0
         history = capsys.readouterr().out
-        assert f"canary_rollback {v2} (active {v1}) by admin: bad" in history
+        assert f"canary_advance  {v3} (active {v1}) by learner" in history
+        assert f"canary_rollback {v3} (active {v1}) by admin: bad" in history
         assert main(["adapters", "canary", "promote", *port]) == 1
         assert "409" in capsys.readouterr().err

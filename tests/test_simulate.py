@@ -103,7 +103,7 @@ def test_answers_only_rates_nothing(server):
 
 def test_the_command_is_quiet_and_saves_its_curve(server, tmp_path, capsys, caplog):
     plot = tmp_path / "curve.png"
-    code = main(["simulate", "--port", str(server.port), "--ratings", "20", "--users", "2", "--max-tokens", "2",
+    code = main(["simulate", "--port", str(server.port), "--ratings", "20", "--users", "2", "--think-time", "0", "--max-tokens", "2",
                  "--rule", "prefix:a", "--rule", "shorter-than:30", "--flip", "0.1", "--seed", "3",
                  "--plot", str(plot), "--log-level", "info"])
     assert code == 0 and plot.stat().st_size > 1000
