@@ -145,7 +145,7 @@ def ensure_demo_model(data_dir: Path) -> Path:
     if (target / "config.json").exists():
         return target
     logger.warning("no --model given: building the offline DEMO model in %s "
-                   "(a tiny Llama taught the shipped text for a few seconds: expect babble)", target)
+                   "(a tiny Llama taught the shipped text, about a minute on 2 cores: expect babble)", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-model-", dir=target.parent))
     try:
@@ -162,7 +162,7 @@ def ensure_demo_model(data_dir: Path) -> Path:
 
 
 def _teach_the_corpus(path: Path, steps: int = 100) -> None:
-    """A few seconds of training so the demo babbles the shipped text instead of random bytes.
+    """A short training (about a minute on 2 cores) so the demo babbles the shipped text instead of random bytes.
 
     Each line of the corpus is a user turn answered by the next line, in the chat template.
     """

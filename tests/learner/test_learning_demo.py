@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 
+from kto_loop.models import ensure_demo_model
 from kto_loop.simulate import Raters, parse_rule, simulate, two_proportion_p
 from registry import open_registry
 from serve.background import free_port
@@ -33,10 +34,11 @@ def test_the_default_loop_lifts_what_users_see(tmp_path):
     data_dir.mkdir()
     port = free_port()
     log = data_dir / "up.log"
+    ensure_demo_model(data_dir)  # what `up` does first, here outside the readiness timeout (a minute or more)
     process = start("up", {"KTO_DATA_DIR": str(data_dir), "KTO_PORT": str(port)}, log, log_level="info")
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(process, url, log, timeout_s=300)  # the demo model is built on first start
+        wait_ready(process, url, log, timeout_s=300)
         base = simulate(url, ratings=300, users=8, raters=Raters((RULE,)), rate=False)
         run = simulate(url, ratings=RATINGS, users=60, think_time=8.0, raters=Raters((RULE,)))
         registry = open_registry(f"sqlite:///{data_dir / 'registry' / 'registry.sqlite3'}")
