@@ -4,9 +4,15 @@
 operator can act) on the tiny character-level model of loop_processes.py. Simulated users first
 rate by an inverted rule (a burst of bad ratings: they like answers starting with a vowel),
 until the learner has published a version trained on them, which starts a canary for half of
-the users. Then honest users come back (they dislike a vowel first) and the canary compares its
-lineage — that version, and the versions the learner goes on training from it, which advance the
-canary — with the active one (the base model) on their ratings.
+the users. Then the loop is restarted (the canary, the ratings and the learner's state are kept
+on disk) with a learner that no longer trains, and honest users come back (they dislike a vowel
+first): the canary compares its version with the active one (the base model) on their ratings.
+
+Why the learner stops training for the honest phase: with the lineage canary the learner goes on
+training from the candidate on the honest labels, and at this test's pace the lineage often
+recovers and is (rightly) promoted before the bad version alone could be judged. That case is
+the canary's unit tests' and the learning benchmark's (its poisoned row); this test is about the
+rollback, and about a canary surviving a restart of the loop.
 
 The learner's update is stochastic: about one run in seven the burst trains a version that is not
 clearly worse (see NOT_WORSE); the scenario is then set up again, at most ATTEMPTS times (a
@@ -99,11 +105,13 @@ class Scenario:
     log_tail: str
 
     def honest_drop(self) -> float:
-        """How much worse the candidate did than the base model with honest users."""
-        rates = self.honest.rate_by_version()
-        if self.candidate not in rates or MODEL_ID not in rates:
+        """How much worse the canary's versions did than the base model with honest users."""
+        lineage = set(canary_steps(self.history, self.candidate)[0])
+        ours = [t.desirable for t in self.honest.ratings if t.version in lineage]
+        base = [t.desirable for t in self.honest.ratings if t.version == MODEL_ID]
+        if not ours or not base:
             return float("nan")  # compares as "not clearly worse"
-        return rates[self.candidate][1] - rates[MODEL_ID][1]
+        return sum(ours) / len(ours) - sum(base) / len(base)
 
 
 def run_scenario(tmp_path: Path, model: Path) -> Scenario:
@@ -114,30 +122,43 @@ def run_scenario(tmp_path: Path, model: Path) -> Scenario:
            **LEARNER_ENV, "KTO_CANARY_SHARE": str(SHARE),
            # one strong update on the burst, so that the version it makes is clearly worse
            "KTO_MIN_NEW_LABELS": "128", "KTO_STEPS_PER_UPDATE": "96", "KTO_LEARNING_RATE": "2e-2"}
+    # the learner no longer trains: it only runs the canary controller
+    judging = {**env, "KTO_MIN_NEW_LABELS": "1000000000", "KTO_MAX_WAIT_S": "1000000000"}
     log = data_dir / "up.log"
-    process = start("up", env, log, log_level="info")
     url = f"http://127.0.0.1:{port}"
+    process = start("up", env, log, log_level="info")
     try:
         wait_ready(process, url, log)
-        registry = open_registry(f"sqlite:///{data_dir / 'registry' / 'registry.sqlite3'}")
+    except BaseException:
+        stop(process)
+        raise
+    registry = open_registry(f"sqlite:///{data_dir / 'registry' / 'registry.sqlite3'}")
+    try:
         # ---- the burst of bad ratings, until the learner publishes a version and canaries it ----
-        bad = phase(url, INVERTED, 2000, lambda: registry.canary() is not None, timeout_s=PHASE_TIMEOUT_S)
+        try:
+            bad = phase(url, INVERTED, 2000, lambda: registry.canary() is not None, timeout_s=PHASE_TIMEOUT_S)
+        finally:
+            stop(process)
         canary = registry.canary()
         assert canary is not None, f"no canary started after {len(bad.ratings)} bad ratings:\n{log.read_text()[-3000:]}"
         candidate = canary.version
         assert (canary.actor, canary.baseline, canary.share) == ("learner", None, SHARE)
 
-        # ---- honest users again, until the canary is decided ----
+        # ---- the loop restarted, honest users again, until the canary is decided ----
         def decided() -> bool:
             running = registry.canary()
             return running is None or running.cohort != candidate
 
-        honest = phase(url, HONEST, MAX_HONEST_RATINGS, decided, timeout_s=PHASE_TIMEOUT_S)
+        process = start("up", judging, log, log_level="info")
+        try:
+            wait_ready(process, url, log)
+            honest = phase(url, HONEST, MAX_HONEST_RATINGS, decided, timeout_s=PHASE_TIMEOUT_S)
+        finally:
+            stop(process)
         history = registry.history()
         versions = registry.list_versions()
-        registry.close()
     finally:
-        stop(process)
+        registry.close()
     return Scenario(candidate, bad, honest, history, versions, log.read_text()[-3000:])
 
 
