@@ -1,7 +1,8 @@
 """The gate: nothing reaches users unless it is finite, close to the base, and not worse.
 
 - finite: every LoRA weight is finite;
-- KL: the mean per-token KL(policy ‖ base) over held-out completions is below `max_kl`;
+- KL: the mean per-token KL(policy ‖ base) over held-out completions is below `max_kl` (before
+  any label is held out, over the update's fresh ones: a first version is never unchecked);
 - accuracy: on held-out labels, the implicit reward β·(log π − log π_ref) has the label's sign
   at least as often as under the parent, less `accuracy_tolerance`. With too few held-out
   labels to tell, the check is skipped and the result says so.
@@ -41,21 +42,23 @@ class GateResult:
 
 
 @torch.no_grad()
-def evaluate(policy: Policy, held_out: list[Example], *, with_kl: bool = True, chunk: int = 16) -> Evaluation:
-    """Implicit-reward accuracy (r > 0 predicts desirable; r == 0 counts half) and token KL."""
-    if not held_out:
-        return Evaluation(None, None, 0)
-    correct, kl_sum, kl_tokens = 0.0, 0.0, 0
+def evaluate(policy: Policy, held_out: list[Example], *, kl_contexts: list[Example] = (),
+             chunk: int = 16) -> Evaluation:
+    """Implicit-reward accuracy on `held_out` (r > 0 predicts desirable; r == 0 counts half) and
+    the mean token KL to the base on `kl_contexts` (none given: not measured)."""
+    correct = 0.0
     for start in range(0, len(held_out), chunk):
         part = held_out[start:start + chunk]
-        pairs = [(e.prompt_ids, e.completion_ids) for e in part]
-        margin = policy.logps(pairs).float() - torch.tensor([e.ref_logp for e in part], device=policy.device)
+        margin = (policy.logps([(e.prompt_ids, e.completion_ids) for e in part]).float()
+                  - torch.tensor([e.ref_logp for e in part], device=policy.device))
         for e, r in zip(part, margin.tolist()):
             correct += 0.5 if abs(r) < 1e-6 else float((r > 0) == e.desirable)
-        if with_kl:
-            kl, n = policy.token_kl(pairs)
-            kl_sum, kl_tokens = kl_sum + kl, kl_tokens + n
-    return Evaluation(correct / len(held_out), kl_sum / kl_tokens if kl_tokens else None, len(held_out))
+    kl_sum, kl_tokens = 0.0, 0
+    for start in range(0, len(kl_contexts), chunk):
+        kl, n = policy.token_kl([(e.prompt_ids, e.completion_ids) for e in kl_contexts[start:start + chunk]])
+        kl_sum, kl_tokens = kl_sum + kl, kl_tokens + n
+    return Evaluation(correct / len(held_out) if held_out else None,
+                      kl_sum / kl_tokens if kl_tokens else None, len(held_out))
 
 
 def decide(candidate: Evaluation, parent: Evaluation, *, finite: bool, max_kl: float, tolerance: float) -> GateResult:

@@ -126,7 +126,7 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
                                               weight_decay=settings.weight_decay)
                 if parent is not None and parent == state.version and state.optimizer is not None:
                     optimizer.load_state_dict(state.optimizer)  # same lineage: keep the moments
-            before = evaluate(policy, test, with_kl=False)
+            before = evaluate(policy, test)
             logger.info("update starting: %d fresh labels, %d to replay, parent %s", len(fresh), len(replay),
                         parent or "base")
 
@@ -143,7 +143,9 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
 
             # ---- 6. the gate ----
             finite = policy.finite()
-            after = evaluate(policy, test) if finite else before
+            # KL on held-out contexts; with none yet, on the fresh ones (a version whose drift went
+            # unmeasured would become a head that every descendant inherits)
+            after = evaluate(policy, test, kl_contexts=test or fresh[-settings.held_out_max:]) if finite else before
             gate = decide(after, before, finite=finite, max_kl=settings.max_kl, tolerance=settings.accuracy_tolerance)
 
             # ---- 7. publish with lineage; canary (or activate) it when it passed ----
@@ -174,7 +176,7 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
                     canary.release(version, parent, f"gate passed (loss {stats.summary()['loss']:.4f})")
             else:
                 logger.warning("version %s rejected by the gate: %s", version, "; ".join(gate.reasons))
-                optimizer = None  # the next update starts again from the active version
+                optimizer = None  # the next update starts again from the head
             state.watermark, state.deferred = watermark, deferred
             state.save()
             logger.info("update -> %s: %s", version, stats.summary())

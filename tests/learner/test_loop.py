@@ -94,6 +94,28 @@ def test_publishes_with_lineage_and_builds_on_the_active_version(learner_setting
     assert not thread.is_alive()
 
 
+def test_a_first_version_with_no_held_out_labels_still_has_its_kl_checked(learner_settings, tiny_model):
+    """Before any label is held out the gate measures KL on the fresh labels: a first version
+    that drifted too far must not become the head every later version inherits."""
+    from learner.loop import main
+
+    settings = LearnerSettings(**{**learner_settings.model_dump(), "held_out_fraction": 0.0, "max_kl": 1e-6})
+    registry = open_registry(settings.registry_url)
+    publish_ratings(settings, tiny_model.tokenizer, 20, seed=4)
+    stop = threading.Event()
+    thread = threading.Thread(target=main, args=(settings, stop), daemon=True)
+    thread.start()
+    try:
+        first = wait_for(lambda: registry.list_versions(), what="a first version")[0]
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    gate = first.metrics["gate"]
+    assert gate["candidate"]["n"] == 0 and gate["candidate"]["kl_per_token"] > 1e-6
+    assert not gate["passed"] and gate["codes"] == ["kl"] and first.status == "rejected"
+    assert registry.active() is None
+
+
 def test_sigkill_mid_update_loses_nothing_and_counts_nothing_twice(learner_settings, tiny_model):
     n = 48
     publish_ratings(learner_settings, tiny_model.tokenizer, n, seed=3)
