@@ -12,7 +12,6 @@ from kto_loop.urls import SQLITE_PREFIX, sqlite_path
 
 from registry.base import Registry
 from registry.canary import Canary, in_canary
-from registry.compat import check_adapter
 from registry.errors import (
     CanaryRunning,
     InvalidAdapter,
@@ -45,7 +44,6 @@ __all__ = [
     "VerificationError",
     "VersionInfo",
     "VersionRejected",
-    "check_adapter",
     "in_canary",
     "open_registry",
 ]

@@ -7,12 +7,12 @@ URL and key layout: registry.redis_keys.
 Rules:
 - Only ready and rejected versions are visible; names are allocated and published by the Lua
   scripts of registry.redis_catalog.
-- Every pointer change (activate, rollback, reject of the active version) and every canary step
-  (registry.canary; the canary is a field of the pointer hash) is one WATCH/MULTI/EXEC
-  transaction over state, pointer and stack: the stack and canary rules run here on what was
-  read, and the writes (pointer, canary, stack, history, PUBLISH) apply together, or not at all
-  and are retried if a watched key moved meanwhile. The counter is the history's length, so
-  `pointer()`, one HMGET, tells a poller whether it missed anything.
+- Every operation of registry.transitions (pointer changes, canary steps, rejections,
+  erasures; the canary is a field of the pointer hash) is one WATCH/MULTI/EXEC transaction over
+  state, pointer, stack and erasures (`RedisTx`): it reads in immediate mode, its writes
+  (states, flags, pointer, canary, stack, history, PUBLISH) are queued after MULTI and apply
+  together, or not at all, and it runs again if a watched key moved meanwhile. The counter is
+  the history's length, so `pointer()`, one HMGET, tells a poller whether it missed anything.
 - Pub/sub is a hint and the pointer the truth (registry.redis_changes): a replica that misses a
   message still converges by polling.
 - Every Redis error becomes RegistryUnavailable. Socket timeouts are short and a broken
@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,24 +35,22 @@ from redis.backoff import NoBackoff
 from redis.client import Pipeline
 from redis.retry import Retry
 
-from registry import canary as canary_rules
 from registry import publishing, store
-from registry import rollback as stack_rules
 from registry.canary import Canary
-from registry.erasure import RedisErasures
-from registry.errors import RegistryError, RegistryUnavailable, UnknownVersion, VersionRejected
+from registry.erasure import with_flags
+from registry.errors import RegistryError, RegistryUnavailable, UnknownVersion
 from registry.publishing import VISIBLE
-from registry.redis_canary import RedisCanarySteps
 from registry.redis_catalog import RedisCatalog
 from registry.redis_changes import ChangeListener
 from registry.redis_keys import SCHEMA_VERSION, RedisKeys, parse_url
-from registry.versions import BASE, HistoryAction, HistoryEntry, VersionInfo
+from registry.transitions import Transitions
+from registry.versions import HistoryEntry, VersionInfo
 
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-class RedisRegistry(RedisCanarySteps, RedisErasures, publishing.Publishing):
+class RedisRegistry(Transitions, publishing.Publishing):
     """The Redis Registry backend; safe across processes, hosts and threads."""
 
     def __init__(
@@ -103,13 +100,22 @@ class RedisRegistry(RedisCanarySteps, RedisErasures, publishing.Publishing):
         except redis.RedisError as e:
             raise RegistryUnavailable(f"registry Redis at {self.where}: {e}") from e
 
-    def _transact(self, plan: Callable[[Pipeline], _T]) -> _T:
-        """Run `plan` in a WATCH/MULTI/EXEC transaction over state, pointer and stack: it reads
-        (immediate mode), calls pipe.multi(), queues its writes; a watched key that moved
-        meanwhile reruns it from the start."""
+    def _transaction(self, operation: Callable[[RedisTx], _T]) -> _T:
+        """One operation of registry.transitions in a WATCH/MULTI/EXEC transaction: its reads
+        (immediate mode), then MULTI and its queued writes; a watched key that moved meanwhile
+        runs it again from the start."""
         k = self._keys
+
+        def run(pipe: Pipeline) -> _T:
+            tx = RedisTx(pipe, k)
+            result = operation(tx)
+            pipe.multi()
+            for write in tx.writes:
+                write()
+            return result
+
         with self._redis() as r:
-            return r.transaction(plan, k.state, k.pointer, k.stack, value_from_callable=True)
+            return r.transaction(run, k.state, k.pointer, k.stack, k.erasures, value_from_callable=True)
 
     def _check_schema(self) -> None:
         with self._redis() as r:
@@ -169,37 +175,6 @@ class RedisRegistry(RedisCanarySteps, RedisErasures, publishing.Publishing):
             rejected_reason=reason,
         )
 
-    def reject(self, version: str, reason: str, *, actor: str = "registry") -> None:
-        """Idempotent (the first reason stays). Rejecting the active version rolls back from it
-        in the same transaction, so that every replica that finds it broken agrees on one step."""
-        k = self._keys
-
-        def plan(pipe: Pipeline) -> bool:
-            state = pipe.hget(k.state, version)
-            if state not in VISIBLE:
-                raise UnknownVersion(version)
-            if state == "rejected":
-                return False
-            counter, active, running = self._pointer_in(pipe)
-            if active == version:
-                target, stack = stack_rules.pop_for_rollback(
-                    self._stack_in(pipe), active, lambda v: self._unservable_in(pipe, v)
-                )
-            pipe.multi()
-            pipe.hset(k.state, version, "rejected")
-            pipe.hset(k.rejected, version, reason)
-            why = f"{version} rejected: {reason}"
-            if active == version:
-                self._queue_move(pipe, counter, active, running, "rollback", target, stack, actor,
-                                 why)
-            elif running is not None and running.version == version:  # never the active one
-                self._queue_note(pipe, counter, active, None, "canary_rollback", version, actor,
-                                 why)
-            return True
-
-        if self._transact(plan):
-            logger.warning("rejected %s: %s", version, reason)
-
     def verify_files(self, version: str) -> None:
         with self._redis() as r:
             pipe = r.pipeline()
@@ -229,124 +204,19 @@ class RedisRegistry(RedisCanarySteps, RedisErasures, publishing.Publishing):
         if not self._closed.is_set():
             self._changes.wait(timeout_s)
 
-    def activate(self, version: str | None, *, actor: str, reason: str = "") -> HistoryEntry:
-        """Activating the version already active still records an entry (an audit of the
-        request) and bumps the counter, but pushes nothing on the rollback stack."""
-        version = None if version == BASE else version
-
-        def plan(pipe: Pipeline) -> tuple[HistoryEntry, str | None]:
-            self._check_servable_in(pipe, version)
-            counter, previous, running = self._pointer_in(pipe)
-            stack = stack_rules.push_on_activate(self._stack_in(pipe), previous, version)
-            pipe.multi()
-            entry = self._queue_move(pipe, counter, previous, running, "activate", version, stack,
-                                     actor, reason)
-            return entry, previous
-
-        entry, previous = self._transact(plan)
-        logger.info("%s activated %s (was %s)", actor, version or "base", previous or "base")
-        return entry
-
-    def rollback(self, to: str | None = None, *, actor: str, reason: str = "") -> HistoryEntry:
-        """Without `to`, the stack rule (registry.rollback); `to=BASE` rolls back to the base."""
-
-        def plan(pipe: Pipeline) -> HistoryEntry:
-            counter, previous, running = self._pointer_in(pipe)
-            target, stack = stack_rules.plan_rollback(
-                self._stack_in(pipe), previous, to,
-                is_rejected=lambda v: self._unservable_in(pipe, v),
-                check_servable=lambda v: self._check_servable_in(pipe, v))
-            pipe.multi()
-            return self._queue_move(pipe, counter, previous, running, "rollback", target, stack,
-                                    actor, reason)
-
-        entry = self._transact(plan)
-        logger.info(
-            "%s rolled back from %s to %s", actor, entry.previous or "base", entry.version or "base"
-        )
-        return entry
-
     def history(self) -> list[HistoryEntry]:
         with self._redis() as r:
             entries = r.lrange(self._keys.history, 0, -1)
         return [HistoryEntry(**json.loads(e)) for e in entries]
 
-    # Helpers run inside _transact: reads before pipe.multi(), _queue_move after it.
-
-    def _pointer_in(self, pipe: Pipeline) -> tuple[int, str | None, Canary | None]:
-        counter, active, running = pipe.hmget(self._keys.pointer, "counter", "active", "canary")
-        return int(counter or 0), active or None, Canary.loads(running)
-
-    def _stack_in(self, pipe: Pipeline) -> list[str | None]:
-        return [v or None for v in pipe.lrange(self._keys.stack, 0, -1)]
-
-    def _unservable_in(self, pipe: Pipeline, version: str) -> bool:
-        return pipe.hget(self._keys.state, version) != "ready"
-
-    def _check_servable_in(self, pipe: Pipeline, version: str | None) -> None:
-        if version is None:
-            return
-        state = pipe.hget(self._keys.state, version)
-        if state not in VISIBLE:
-            raise UnknownVersion(version)
-        if state == "rejected":
-            raise VersionRejected(version, pipe.hget(self._keys.rejected, version))
-
-    def _queue_move(
-        self,
-        pipe: Pipeline,
-        counter: int,
-        previous: str | None,
-        running: Canary | None,
-        action: HistoryAction,
-        version: str | None,
-        stack: list[str | None],
-        actor: str,
-        reason: str,
-        evidence: dict[str, Any] | None = None,
-    ) -> HistoryEntry:
-        """Queue the pointer swap (the canary follows: registry.canary.after_move), the new stack,
-        the history entry and the notification."""
-        k = self._keys
-        running = canary_rules.after_move(running, version, now=time.time())
-        pipe.delete(k.stack)
-        if stack:
-            pipe.rpush(k.stack, *(v or "" for v in stack))
-        return self._queue_entry(pipe, counter, action, version, previous, version, running, actor,
-                                 reason, evidence)
-
-    def _queue_note(
-        self,
-        pipe: Pipeline,
-        counter: int,
-        active: str | None,
-        running: Canary | None,
-        action: HistoryAction,
-        candidate: str,
-        actor: str,
-        reason: str,
-        evidence: dict[str, Any] | None = None,
-    ) -> HistoryEntry:
-        """Queue a canary step that leaves the pointer where it is."""
-        return self._queue_entry(pipe, counter, action, candidate, active, active, running, actor,
-                                 reason, evidence)
-
-    def _queue_entry(
-        self, pipe: Pipeline, counter: int, action: HistoryAction, version: str | None,
-        previous: str | None, active: str | None, running: Canary | None, actor: str, reason: str,
-        evidence: dict[str, Any] | None,
-    ) -> HistoryEntry:
-        text = canary_rules.evidence_json(evidence)
-        entry = HistoryEntry(counter + 1, time.time(), action, version, previous, actor, reason,
-                             text and json.loads(text))
-        k = self._keys
-        pipe.hset(k.pointer, mapping={"counter": entry.seq, "active": active or "",
-                                      "canary": running.dumps() if running else ""})
-        pipe.rpush(k.history, json.dumps(entry.to_json()))
-        pipe.publish(k.changes, json.dumps({"counter": entry.seq, "active": active}))
-        return entry
-
     # ---- lifecycle -------------------------------------------------------------------------
+
+    def _with_flags(self, infos: list[VersionInfo]) -> list[VersionInfo]:
+        if not infos:
+            return infos
+        with self._redis() as r:
+            texts = r.hmget(self._keys.flags, [info.version for info in infos])
+        return [with_flags(info, text and json.loads(text)) for info, text in zip(infos, texts)]
 
     def ping(self) -> None:
         with self._redis() as r:
@@ -364,3 +234,64 @@ class RedisRegistry(RedisCanarySteps, RedisErasures, publishing.Publishing):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class RedisTx:
+    """registry.transitions.Tx on a WATCHing pipeline: reads go to Redis at once, writes wait
+    in `writes` for MULTI."""
+
+    def __init__(self, pipe: Pipeline, keys: RedisKeys) -> None:
+        self.pipe, self.k = pipe, keys
+        self.writes: list[Callable[[], object]] = []
+
+    def pointer(self) -> tuple[int, str | None, Canary | None]:
+        counter, active, canary = self.pipe.hmget(self.k.pointer, "counter", "active", "canary")
+        return int(counter or 0), active or None, Canary.loads(canary)
+
+    def stack(self) -> list[str | None]:
+        return [v or None for v in self.pipe.lrange(self.k.stack, 0, -1)]
+
+    def state(self, version: str) -> str | None:
+        return self.pipe.hget(self.k.state, version)
+
+    def rejected_reason(self, version: str) -> str | None:
+        return self.pipe.hget(self.k.rejected, version)
+
+    def parent(self, version: str) -> str | None:
+        meta = self.pipe.hget(self.k.meta, version)
+        return meta and json.loads(meta)["parent"]
+
+    def flags(self, version: str) -> list[dict[str, Any]]:
+        text = self.pipe.hget(self.k.flags, version)
+        return json.loads(text) if text else []
+
+    def erasure(self, request_id: str) -> HistoryEntry | None:
+        text = self.pipe.hget(self.k.erasures, request_id)
+        return text and HistoryEntry(**json.loads(text))
+
+    def reject(self, version: str, reason: str) -> None:
+        self.writes += [lambda: self.pipe.hset(self.k.state, version, "rejected"),
+                        lambda: self.pipe.hset(self.k.rejected, version, reason)]
+
+    def set_flags(self, version: str, flags: list[dict[str, Any]]) -> None:
+        self.writes.append(lambda: self.pipe.hset(self.k.flags, version, json.dumps(flags)))
+
+    def set_canary(self, canary: Canary | None) -> None:
+        self.writes.append(lambda: self.pipe.hset(self.k.pointer, "canary", canary.dumps() if canary else ""))
+
+    def append(self, entry: HistoryEntry, *, active: str | None, canary: Canary | None,
+               stack: list[str | None] | None = None) -> None:
+        def write() -> None:
+            k, text = self.k, json.dumps(entry.to_json())
+            if stack is not None:
+                self.pipe.delete(k.stack)
+                if stack:
+                    self.pipe.rpush(k.stack, *(v or "" for v in stack))
+            self.pipe.hset(k.pointer, mapping={"counter": entry.seq, "active": active or "",
+                                               "canary": canary.dumps() if canary else ""})
+            self.pipe.rpush(k.history, text)
+            if entry.action == "erasure":  # a repeat of the request returns this entry
+                self.pipe.hset(k.erasures, entry.evidence["request_id"], text)
+            self.pipe.publish(k.changes, json.dumps({"counter": entry.seq, "active": active}))
+
+        self.writes.append(write)

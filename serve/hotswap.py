@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from registry import Canary, Registry, VerificationError, check_adapter, in_canary
+from registry import Canary, Registry, VerificationError, in_canary
+from serve.compat import check_adapter
 from serve.engine import Engine
 from serve.metrics import ServeMetrics
 

@@ -9,11 +9,27 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from registry import check_adapter
+from serve.compat import check_adapter
+from tests import lora_adapters
 
 ALLOWED = {"q_proj", "k_proj", "v_proj", "o_proj"}
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
+
+
+@pytest.fixture(scope="module")
+def make_adapter(tmp_path_factory: pytest.TempPathFactory):
+    return lora_adapters.adapter_factory(tmp_path_factory)
+
+
+@pytest.fixture
+def base_model() -> str:
+    return lora_adapters.BASE_MODEL
+
+
+@pytest.fixture
+def adapter_dir(make_adapter) -> Path:
+    return make_adapter()
 
 
 def _check(path: Path, base_model: str, **overrides) -> list[str]:
