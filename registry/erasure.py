@@ -18,16 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from registry.versions import VersionInfo
 
 
 def erasure_evidence(request_id: str, versions: list[str], evidence: dict[str, Any] | None) -> dict[str, Any]:
     """The evidence of an erasure's history entry: the learner's, with the request and the flags."""
     return {**(evidence or {}), "request_id": request_id, "flagged_versions": sorted(set(versions))}
-
-
-def with_flags(info: VersionInfo, flags: list[dict[str, Any]] | None) -> VersionInfo:
-    """The version as shown: with its flags, if it has any."""
-    if not flags:
-        return info
-    return VersionInfo(**{**info.__dict__, "flags": tuple(flags)})

@@ -37,20 +37,19 @@ from redis.retry import Retry
 
 from registry import publishing, store
 from registry.canary import Canary
-from registry.erasure import with_flags
-from registry.errors import RegistryError, RegistryUnavailable, UnknownVersion
+from registry.errors import RegistryError, RegistryUnavailable
 from registry.publishing import VISIBLE
 from registry.redis_catalog import RedisCatalog
 from registry.redis_changes import ChangeListener
 from registry.redis_keys import SCHEMA_VERSION, RedisKeys, parse_url
 from registry.transitions import Transitions
-from registry.versions import HistoryEntry, VersionInfo
+from registry.versions import HistoryEntry, VersionReads, VersionRecord
 
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-class RedisRegistry(Transitions, publishing.Publishing):
+class RedisRegistry(Transitions, VersionReads, publishing.Publishing):
     """The Redis Registry backend; safe across processes, hosts and threads."""
 
     def __init__(
@@ -134,56 +133,17 @@ class RedisRegistry(Transitions, publishing.Publishing):
 
     # ---- versions ------------------------------------------------------------------------
 
-    def get(self, version: str) -> VersionInfo:
+    def _records(self, version: str | None) -> list[VersionRecord]:
         k = self._keys
         with self._redis() as r:
             pipe = r.pipeline()  # MULTI/EXEC: one consistent snapshot in one round trip
-            pipe.hget(k.state, version)
-            pipe.hget(k.meta, version)
-            pipe.hget(k.rejected, version)
-            state, meta, reason = pipe.execute()
-        if state not in VISIBLE:
-            raise UnknownVersion(version)
-        return self._with_flags([self._info(version, state, meta, reason)])[0]
-
-    def list_versions(self) -> list[VersionInfo]:
-        k = self._keys
-        with self._redis() as r:
-            pipe = r.pipeline()
-            pipe.hgetall(k.state)
-            pipe.hgetall(k.meta)
-            pipe.hgetall(k.rejected)
-            states, metas, reasons = pipe.execute()
+            for key in (k.state, k.meta, k.rejected, k.flags):
+                pipe.hget(key, version) if version is not None else pipe.hgetall(key)
+            found = pipe.execute()
+        states, metas, reasons, flags = found if version is None else ({version: value} for value in found)
         visible = sorted((v for v, s in states.items() if s in VISIBLE), key=lambda v: int(v[1:]))
-        return self._with_flags([self._info(v, states[v], metas[v], reasons.get(v)) for v in visible])
-
-    def adapter_path(self, version: str) -> Path:
-        return self.get(version).path
-
-    def _info(self, version: str, state: str, meta: str, reason: str | None) -> VersionInfo:
-        m = json.loads(meta)
-        return VersionInfo(
-            version=version,
-            status=state,  # type: ignore[arg-type]
-            parent=m["parent"],
-            created_at=m["created_at"],
-            base_model=m["base_model"],
-            sha256=m["sha256"],
-            path=self._files.path(version),
-            metrics=m["metrics"],
-            lineage=m["lineage"],
-            rejected_reason=reason,
-        )
-
-    def verify_files(self, version: str) -> None:
-        with self._redis() as r:
-            pipe = r.pipeline()
-            pipe.hget(self._keys.state, version)
-            pipe.hget(self._keys.meta, version)
-            state, meta = pipe.execute()
-        if state not in VISIBLE:
-            raise UnknownVersion(version)
-        self._files.verify(version, json.loads(meta)["files"])
+        return [VersionRecord(version=v, state=states[v], **json.loads(metas[v]), rejected_reason=reasons.get(v),
+                              flags=json.loads(flags[v]) if flags.get(v) else []) for v in visible]
 
     # ---- the active pointer -----------------------------------------------------------------
 
@@ -210,13 +170,6 @@ class RedisRegistry(Transitions, publishing.Publishing):
         return [HistoryEntry(**json.loads(e)) for e in entries]
 
     # ---- lifecycle -------------------------------------------------------------------------
-
-    def _with_flags(self, infos: list[VersionInfo]) -> list[VersionInfo]:
-        if not infos:
-            return infos
-        with self._redis() as r:
-            texts = r.hmget(self._keys.flags, [info.version for info in infos])
-        return [with_flags(info, text and json.loads(text)) for info, text in zip(infos, texts)]
 
     def ping(self) -> None:
         with self._redis() as r:

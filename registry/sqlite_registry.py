@@ -27,23 +27,17 @@ from typing import Any, TypeVar
 
 from registry import publishing, schema, store
 from registry.canary import Canary
-from registry.erasure import with_flags
-from registry.errors import RegistryError, UnknownVersion
+from registry.errors import RegistryError
 from registry.publishing import VISIBLE as _VISIBLE
 from registry.sqlite_catalog import SqliteCatalog
 from registry.transitions import Transitions
-from registry.versions import HistoryEntry, VersionInfo
+from registry.versions import HistoryEntry, VersionReads, VersionRecord
 
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-_VERSION_COLUMNS = (
-    "version, state, parent, created_at, base_model, sha256, metrics, lineage, rejected_reason"
-)
-
-
-class SqliteRegistry(Transitions, publishing.Publishing):
+class SqliteRegistry(Transitions, VersionReads, publishing.Publishing):
     """The embedded Registry backend; safe across processes and threads."""
 
     def __init__(
@@ -101,47 +95,18 @@ class SqliteRegistry(Transitions, publishing.Publishing):
 
     # ---- versions ------------------------------------------------------------------------
 
-    def get(self, version: str) -> VersionInfo:
+    def _records(self, version: str | None) -> list[VersionRecord]:
+        where, args = ("version = ? AND ", (version,)) if version is not None else ("", ())
         rows = self._read(
-            f"SELECT {_VERSION_COLUMNS} FROM versions WHERE version = ? AND state IN (?, ?)",
-            (version, *_VISIBLE),
-        )
-        if not rows:
-            raise UnknownVersion(version)
-        return self._with_flags([self._info(rows[0])])[0]
-
-    def list_versions(self) -> list[VersionInfo]:
-        rows = self._read(
-            f"SELECT {_VERSION_COLUMNS} FROM versions WHERE state IN (?, ?) ORDER BY seq",
-            _VISIBLE,
-        )
-        return self._with_flags([self._info(row) for row in rows])
-
-    def adapter_path(self, version: str) -> Path:
-        return self.get(version).path
-
-    def _info(self, row: tuple[Any, ...]) -> VersionInfo:
-        version, state, parent, created_at, base_model, sha256, metrics, lineage, reason = row
-        return VersionInfo(
-            version=version,
-            status=state,
-            parent=parent,
-            created_at=created_at,
-            base_model=base_model,
-            sha256=sha256,
-            path=self._files.path(version),
-            metrics=json.loads(metrics),
-            lineage=json.loads(lineage),
-            rejected_reason=reason,
-        )
-
-    def verify_files(self, version: str) -> None:
-        rows = self._read(
-            "SELECT files FROM versions WHERE version = ? AND state IN (?, ?)", (version, *_VISIBLE)
-        )
-        if not rows:
-            raise UnknownVersion(version)
-        self._files.verify(version, json.loads(rows[0][0]))
+            "SELECT version, state, parent, created_at, base_model, sha256, files, metrics, lineage,"
+            f" rejected_reason FROM versions WHERE {where}state IN (?, ?) ORDER BY seq", (*args, *_VISIBLE))
+        flags: dict[str, list[dict[str, Any]]] = {}
+        for name, erasure, at, reason in self._read(
+                f"SELECT version, erasure, at, reason FROM flags WHERE {where}1 ORDER BY at", args):
+            flags.setdefault(name, []).append({"erasure": erasure, "at": at, "reason": reason})
+        return [VersionRecord(name, state, parent, created_at, base_model, sha256, json.loads(files),
+                              json.loads(metrics), json.loads(lineage), reason, flags.get(name, []))
+                for name, state, parent, created_at, base_model, sha256, files, metrics, lineage, reason in rows]
 
     # ---- the active pointer -----------------------------------------------------------------
 
@@ -169,15 +134,6 @@ class SqliteRegistry(Transitions, publishing.Publishing):
         return Canary.loads(self._read("SELECT canary FROM pointer WHERE id = 1")[0][0])
 
     # ---- lifecycle -------------------------------------------------------------------------
-
-    def _with_flags(self, infos: list[VersionInfo]) -> list[VersionInfo]:
-        flags: dict[str, list[dict[str, Any]]] = {}
-        # One version (get, on every swap): only its rows; a list: the whole (small) table.
-        where, args = ("WHERE version = ? ", (infos[0].version,)) if len(infos) == 1 else ("", ())
-        for version, erasure, at, reason in self._read(
-                f"SELECT version, erasure, at, reason FROM flags {where}ORDER BY at", args):
-            flags.setdefault(version, []).append({"erasure": erasure, "at": at, "reason": reason})
-        return [with_flags(info, flags.get(info.version)) for info in infos]
 
     def ping(self) -> None:
         self._read("SELECT 1")
