@@ -9,9 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +17,8 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from bench import report
+from testkit.processes import assert_running, start, stop, wait_ready
+from testkit.waiting import wait_for
 
 if TYPE_CHECKING:
     from bench.learner import Plan
@@ -36,9 +35,9 @@ class Sent:
 
 
 def measure_latency(plan: Plan, model_dir: Path, tmp: Path, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
-    from bench.live import free_port
     from learner.loop import held_out
     from learner.settings import LearnerSettings
+    from testkit.ports import free_port
 
     tmp.mkdir(parents=True, exist_ok=True)
     data_dir = tmp / "loop-data"
@@ -51,24 +50,23 @@ def measure_latency(plan: Plan, model_dir: Path, tmp: Path, extra_env: dict[str,
     logger.info("starting kto-loop up on port %d (learner cadence: %d labels or %.0f s)", port,
                 defaults.min_new_labels, defaults.max_wait_s)
     log_path = tmp / "kto-loop-up.log"
-    log = log_path.open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "kto_loop.cli", "up", "--log-level", "warning"], env=env,
-                               cwd=report.REPO_ROOT, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    process = start("up", env, log_path, log_level="warning", inherit_env=False, cwd=report.REPO_ROOT)
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
     try:
-        wait_ready(process, url)
+        wait_ready(process, url, log_path, timeout_s=180.0)
         startup_s = time.perf_counter() - started
         meter = report.CpuMeter()
         driver = Driver(url, plan)
         driver.start()
         registry = open_loop_registry(data_dir)
         try:
-            deadline = time.monotonic() + plan.warmup_timeout_s
-            while not registry.list_versions():
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("no version was published during the warm-up: is the learner running?")
-                time.sleep(0.5)
+            def published() -> list:
+                assert_running(process)
+                return registry.list_versions()
+
+            wait_for(published, what="a version published during the warm-up (is the learner running?)",
+                     timeout_s=plan.warmup_timeout_s, interval_s=0.5)
             warmup_s = time.perf_counter() - started - startup_s
             logger.info("first version published; measuring for %.0f s", plan.measure_s)
             driver.measuring.set()
@@ -87,12 +85,10 @@ def measure_latency(plan: Plan, model_dir: Path, tmp: Path, extra_env: dict[str,
         registry.close()
         cpu = meter.stop()
     except BaseException:
-        stop_loop(process)
-        log.close()
+        stop(process)
         logger.error("kto-loop up's log ends with:\n%s", log_path.read_text(errors="replace")[-4000:])
         raise
-    stop_loop(process)
-    log.close()
+    stop(process)
     server_log = log_path.read_text(errors="replace")
     analysis = analyse(driver, versions, held_out, defaults.held_out_fraction)
     rejected = [v for v in versions if v.status == "rejected"]
@@ -132,43 +128,12 @@ def per_version(versions) -> list[dict[str, Any]]:
     return rows
 
 
-def wait_ready(process: subprocess.Popen, url: str, timeout_s: float = 180.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"kto-loop up exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("kto-loop up never became ready")
-        time.sleep(0.5)
-
-
-def stop_loop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-
-
 def open_loop_registry(data_dir: Path):
     from registry import open_registry
 
     path = data_dir / "registry" / "registry.sqlite3"
-    deadline = time.monotonic() + 60
-    while not path.exists():  # serve creates it at start-up; it is there once /readyz said so
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no registry at {path}")
-        time.sleep(0.2)
+    # serve creates it at start-up: it is there once /readyz said so
+    wait_for(path.exists, what=f"the registry at {path}", timeout_s=60, interval_s=0.2)
     return open_registry(f"sqlite:///{path}")
 
 

@@ -8,16 +8,16 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.feedback_latency import open_loop_registry, stop_loop, wait_ready
+from bench.feedback_latency import open_loop_registry
 from kto_loop.simulate import Raters, Simulation, Turn, simulate
+from testkit.processes import start, stop, wait_ready
+from testkit.waiting import wait_for
 
 logger = logging.getLogger("bench.learning")
 
@@ -85,7 +85,7 @@ def loop_env(model_dir: Path, data_dir: Path, port: int, seed: int, overrides: d
 def run_once(task: Task, row: Row, seed: int, plan, model_dir: Path, workdir: Path,
              extra_env: dict[str, str] | None = None) -> Outcome:
     """Start the loop, measure, stop it; the data directory is removed afterwards."""
-    from bench.live import free_port
+    from testkit.ports import free_port
 
     data_dir = workdir / "data"
     data_dir.mkdir(parents=True)
@@ -93,12 +93,10 @@ def run_once(task: Task, row: Row, seed: int, plan, model_dir: Path, workdir: Pa
     env = loop_env(model_dir, data_dir, port, seed, {**row.env, **(extra_env or {})})
     log_path = workdir / "kto-loop-up.log"
     started = time.perf_counter()
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "kto_loop.cli", "up", "--log-level", "info"], env=env,
-                                   cwd=report.REPO_ROOT, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    process = start("up", env, log_path, log_level="info", inherit_env=False, cwd=report.REPO_ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(process, url)
+        wait_ready(process, url, log_path, timeout_s=180.0)
         startup_s = time.perf_counter() - started
         users, think = (plan.users, plan.think_s) if row.paced else (plan.unpaced_users, 0.0)
         chat = {"max_tokens": task.max_tokens, "users": users, "think_time": think}
@@ -122,10 +120,10 @@ def run_once(task: Task, row: Row, seed: int, plan, model_dir: Path, workdir: Pa
         finally:
             registry.close()
     except BaseException:
-        stop_loop(process)
+        stop(process)
         logger.error("kto-loop up's log ends with:\n%s", log_path.read_text(errors="replace")[-4000:])
         raise
-    stop_loop(process)
+    stop(process)
     log_text = log_path.read_text(errors="replace")
     if "Traceback (most recent call last)" in log_text:
         logger.warning("%s/%s/seed %d: the loop logged a traceback:\n%s", task.name, row.name, seed,
@@ -156,9 +154,10 @@ def poison(url: str, data_dir: Path, task: Task, row: Row, seed: int, chat: dict
             turns.append(replace(turn, desirable=not turn.liked, feedback_id=vote.json()["id"], rated_at=time.time()))
     registry = open_loop_registry(data_dir)
     try:
-        deadline = time.monotonic() + 300
-        while registry.canary() is None and registry.active() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: registry.canary() is not None or registry.active() is not None,
+                 what="a canary or an active version after the burst", timeout_s=300, interval_s=0.2)
+    except AssertionError:  # a result too (the gate refused every version, say): the honest users come anyway
+        logger.warning("no canary nor active version 300 s after the poisoned burst")
     finally:
         registry.close()
     return Simulation(turns=turns, errors=answers.errors, serving=answers.serving)

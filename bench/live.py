@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import torch
 
-from serve.background import BackgroundServer, free_port  # noqa: F401 (free_port re-exported)
 from serve.settings import ServeSettings
+from testkit.background_server import BackgroundServer
 
 logger = logging.getLogger(__name__)
 

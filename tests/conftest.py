@@ -15,6 +15,28 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from tests.tiny import TINY_MODEL_ID
 
+STOCHASTIC_KEYWORDS = ("failure_rate", "why")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        'stochastic(failure_rate, why): random by nature, fails now and then though nothing is wrong; '
+        'both keywords required: failure_rate="about 1 in N" (or "not measured"), why="…"')
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A `stochastic` mark must say how often the test fails by chance and why: collection fails otherwise."""
+    wrong = []
+    for item in items:
+        for mark in item.iter_markers("stochastic"):
+            given = {k: v for k, v in mark.kwargs.items() if isinstance(v, str) and v.strip()}
+            if mark.args or set(mark.kwargs) != set(STOCHASTIC_KEYWORDS) or len(given) != len(STOCHASTIC_KEYWORDS):
+                wrong.append(f"{item.nodeid}: {mark}")
+    if wrong:
+        raise pytest.UsageError("@pytest.mark.stochastic needs exactly the keywords failure_rate and why, "
+                                "each a non-empty string:\n" + "\n".join(wrong))
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import functools
 import math
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import yaml
 
-from serve.background import free_port
+from testkit.ports import free_port
+from testkit.processes import assert_running, log_on_failure, spawn, stop
+from testkit.waiting import wait_for
 from tests.services import _services_module, _unavailable
 
 
@@ -60,22 +61,15 @@ class PrometheusServer:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> PrometheusServer:
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [binaries()[0], f"--config.file={self.config_path}", f"--storage.tsdb.path={self.state_dir / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-                stdout=out, stderr=subprocess.STDOUT)
-        self.wait(lambda: self._ready(), "Prometheus ready", timeout_s=60)
+        self.process = spawn(
+            [binaries()[0], f"--config.file={self.config_path}", f"--storage.tsdb.path={self.state_dir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"], self.log)
+        self.wait(self._ready, what="Prometheus ready", timeout_s=60)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop(self.process, timeout_s=20)
 
     def _ready(self) -> bool:
         try:
@@ -101,13 +95,15 @@ class PrometheusServer:
         assert len(result) <= 1, f"{expr} returned {len(result)} series"
         return result[0][1] if result else None
 
-    def wait(self, predicate, what: str, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not predicate():
-            if self.process is not None and self.process.poll() is not None:
-                raise AssertionError(f"prometheus exited:\n{self.log.read_text()[-3000:]}")
-            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{self.log.read_text()[-3000:]}"
-            time.sleep(0.25)
+    def wait(self, condition, *, what: str, timeout_s: float = 60) -> None:
+        """`wait_for` `condition`, failing at once if Prometheus exits; a failure shows its log's end."""
+        def met() -> object:
+            if self.process is not None:
+                assert_running(self.process)
+            return condition()
+
+        with log_on_failure(self.log):
+            wait_for(met, what=what, timeout_s=timeout_s, interval_s=0.25)
 
 
 def finite(value: float | None) -> bool:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from kto_loop.cli import main
-from serve.background import BackgroundServer
+from testkit.background_server import BackgroundServer
 from tests.serve.conftest import ADMIN_TOKEN
 from tests.tiny import TINY_MODEL_ID
 

@@ -10,7 +10,7 @@ import pytest
 from kto_loop.cli import main
 from kto_loop.curve import Event, events, rolling
 from kto_loop.simulate import Raters, Rule, Simulation, Turn, parse_rule, simulate
-from serve.background import BackgroundServer
+from testkit.background_server import BackgroundServer
 from tests.tiny import TINY_MODEL_ID
 
 

@@ -15,9 +15,10 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from kto_loop.simulate import simulate
-from serve.background import free_port
+from testkit.ports import free_port
+from testkit.processes import start, stop, wait_ready
 from tests.deploy.test_observability import ALERTS, alert_rules, dashboard_exprs
-from tests.learner.loop_processes import LEARNER_ENV, MODEL_ID, VOWELS, build_char_model, start, stop, wait_ready
+from tests.learner.loop_processes import LEARNER_ENV, MODEL_ID, VOWELS, build_char_model
 from tests.prometheus import PrometheusServer, binaries, finite
 
 RATINGS = 120
@@ -66,18 +67,20 @@ def test_promql_gives_the_desirable_rate_per_version_and_the_learners_loss(tmp_p
         wait_ready(learner, learner_url, data / "learn.log", path="/healthz")
         with PrometheusServer(config, tmp_path / "prometheus") as prom:
             # Both targets up, and the base version's zero-valued feedback series scraped before any rating.
-            prom.wait(lambda: prom.value('sum(up{job=~"kto-serve|kto-learner"})') == 2, "both targets up")
-            prom.wait(lambda: len(prom.query('kto_feedback_total{version="base"}')) == 2, "the base's feedback series")
+            prom.wait(lambda: prom.value('sum(up{job=~"kto-serve|kto-learner"})') == 2, what="both targets up")
+            prom.wait(lambda: len(prom.query('kto_feedback_total{version="base"}')) == 2,
+                      what="the base's feedback series")
 
             result = simulate(serve_url, ratings=RATINGS, users=4, prefixes=VOWELS, max_tokens=4)
             assert not result.errors, result.errors[:3]
-            prom.wait(lambda: (prom.value("sum(kto_learner_updates_total)") or 0) >= 1, "a learner update", 120)
+            prom.wait(lambda: (prom.value("sum(kto_learner_updates_total)") or 0) >= 1, what="a learner update",
+                      timeout_s=120)
             exposed = feedback_counts(serve_url)  # no more ratings come: these are final
             total = sum(n for _, n in exposed.values())
             assert total >= RATINGS  # a user may rate once more while the others stop
-            prom.wait(lambda: prom.value("sum(kto_feedback_total)") == total, "the last ratings scraped")
+            prom.wait(lambda: prom.value("sum(kto_feedback_total)") == total, what="the last ratings scraped")
             # increase() needs two samples of a series: a version first seen in that scrape needs one more.
-            prom.wait(lambda: prom.value("min(count_over_time(kto_feedback_total[5m]))") >= 2, "a second sample")
+            prom.wait(lambda: prom.value("min(count_over_time(kto_feedback_total[5m]))") >= 2, what="a second sample")
 
             # ---- the desirable rate per version ----
             rated = {version: d / n for version, (d, n) in exposed.items() if n}
@@ -108,7 +111,7 @@ def test_promql_gives_the_desirable_rate_per_version_and_the_learners_loss(tmp_p
                 rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
                 return {r["name"] for r in rules} == expected_rules and all(r["health"] != "unknown" for r in rules)
 
-            prom.wait(rules_evaluated, "every alert rule evaluated")
+            prom.wait(rules_evaluated, what="every alert rule evaluated")
             broken = [(r["name"], r.get("lastError")) for g in prom.api("rules")["groups"] for r in g["rules"]
                       if r["health"] != "ok"]
             assert not broken, broken

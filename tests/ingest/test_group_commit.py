@@ -17,6 +17,7 @@ import pytest
 
 from ingest._group_commit import GroupCommit
 from ingest.bus import BusUnavailable
+from testkit.waiting import wait_for
 
 WAIT_S = 10.0
 
@@ -44,10 +45,7 @@ class Recorder:
 
 
 def queued(committer: GroupCommit, n: int) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while len(committer._queue) < n:
-        assert time.monotonic() < deadline, f"{n} callers queued within {WAIT_S} s"
-        time.sleep(0.001)
+    wait_for(lambda: len(committer._queue) >= n, what=f"{n} callers queued", timeout_s=WAIT_S, interval_s=0.001)
 
 
 def start(pool: ThreadPoolExecutor, committer: GroupCommit, items: list[object]) -> list[Future]:

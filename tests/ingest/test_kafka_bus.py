@@ -20,17 +20,14 @@ from tests.ingest.helpers import WAIT_S, fill, nums, take, values
 from ingest.bus import BusUnavailable, open_bus
 from ingest.events import FeedbackEvent, ResponseEvent, SamplingParams, Topics, decode_event, encode_event
 from ingest.kafka_bus import KafkaBus, bootstrap_servers
+from testkit.ports import free_port
 
 Spawn = Callable[..., Any]  # conftest spawn_worker: a Popen
 
 
 def dead_address() -> str:
     """A 127.0.0.1 port nothing listens on."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"
 
 
 def test_bootstrap_servers_from_urls() -> None:

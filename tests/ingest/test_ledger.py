@@ -6,7 +6,6 @@ conftest.py); the rest test what only one backend has.
 
 from __future__ import annotations
 
-import socket
 import sqlite3
 import time
 from collections import Counter
@@ -27,6 +26,7 @@ from ingest.ledger import (
     open_ledger,
 )
 from ingest.redis_ledger import RedisLedger
+from testkit.ports import free_port
 from tests.ingest.conftest import LedgerStore
 
 
@@ -202,9 +202,7 @@ def test_concurrent_votes_from_processes_serialise(
 
 
 def test_an_unreachable_redis_raises_ledger_unavailable_quickly() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        url = f"redis://127.0.0.1:{s.getsockname()[1]}/0"  # nothing listens there
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     ledger = RedisLedger(url, timeout_s=1.0)
     for call in (lambda: ledger.lookup("r1"), lambda: ledger.record_response("r1", "a"),
                  lambda: ledger.set_vote("r1", "a", "desirable", "e1")):

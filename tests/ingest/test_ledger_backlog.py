@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from ingest.ledger import LedgerUnavailable, SqliteLedger
 from ingest.ledger_backlog import BackloggedLedger
+from testkit.waiting import wait_for
 
 
 class Outage:
@@ -29,13 +28,6 @@ class Outage:
         return call
 
 
-def wait_until(condition, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def outage(tmp_path):
     return Outage(SqliteLedger(tmp_path / "ledger.sqlite3"))
@@ -51,7 +43,7 @@ def test_responses_recorded_during_an_outage_become_ratable_after_it(outage):
     with pytest.raises(LedgerUnavailable):  # "try again", never "unknown response"
         ledger.set_vote("r2", "ann", "desirable", "e1")
     outage.down = False
-    wait_until(lambda: ledger.backlog == 0)
+    wait_for(lambda: ledger.backlog == 0, what="the backlog written", timeout_s=5, interval_s=0.02)
     assert [ledger.lookup(f"r{i}").version for i in range(4)] == [None, "v0001", "v0001", "v0001"]
     assert ledger.set_vote("r2", "ann", "desirable", "e1") is None
     ledger.close()
@@ -64,7 +56,7 @@ def test_the_backlog_is_bounded_and_drops_the_oldest(outage):
         ledger.record_response(f"r{i}", "ann")
     assert ledger.backlog == 2 and ledger.dropped == 1
     outage.down = False
-    wait_until(lambda: ledger.backlog == 0)
+    wait_for(lambda: ledger.backlog == 0, what="the backlog written", timeout_s=5, interval_s=0.02)
     assert ledger.lookup("r0") is None and ledger.lookup("r2") is not None
     ledger.close()
 
@@ -79,6 +71,6 @@ def test_forgetting_a_user_reaches_the_backlog_too(outage):
         ledger.forget_user("ann")
     outage.down = False
     assert ledger.forget_user("ann") == 1 + 1  # one waiting in the backlog, one in the ledger
-    wait_until(lambda: ledger.backlog == 0)
+    wait_for(lambda: ledger.backlog == 0, what="the backlog written", timeout_s=5, interval_s=0.02)
     assert ledger.lookup("r0") is None and ledger.lookup("r1") is None and ledger.lookup("b0") is not None
     ledger.close()

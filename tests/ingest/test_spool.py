@@ -23,6 +23,7 @@ from ingest.bus import BusUnavailable, Record
 from ingest.spool import Spool, SpoolFull, SpoolLocked
 from ingest.spooled_bus import SPOOLED, SpooledBus
 from ingest.sqlite_bus import SqliteBus
+from testkit.waiting import wait_for
 
 WAIT_S = 30.0
 
@@ -108,13 +109,6 @@ def nums(*ints: int) -> list[bytes]:
     return [str(i).encode() for i in ints]
 
 
-def wait_for(condition: Callable[[], object], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {WAIT_S} s"
-        time.sleep(0.01)
-
-
 def test_records_reach_the_bus_in_spool_order_across_topics(make_spooled: Callable, flaky: FlakyBus) -> None:
     spooled = make_spooled()
     flaky.hang.set()  # hold the forwarder so that it finds one batch of several topics
@@ -136,7 +130,7 @@ def test_a_healthy_bus_gets_each_record_without_waiting_for_more(make_spooled: C
     spooled = make_spooled()
     for i in range(20):
         spooled.publish("a", "k", str(i).encode())
-        wait_for(lambda: spooled.status().depth == 0, "the record sent")
+        wait_for(lambda: spooled.status().depth == 0, what="the record sent", timeout_s=WAIT_S, interval_s=0.01)
     assert flaky.values("a") == nums(*range(20))
 
 
@@ -158,7 +152,7 @@ def test_an_outage_is_ridden_out_and_everything_goes_in_order_once(make_spooled:
     spooled.create_topics(["a", "b"], partitions=2)  # remembered until the bus answers
     for i in range(30):
         spooled.publish("a" if i % 3 else "b", "k", str(i).encode())
-    wait_for(lambda: spooled.status().bus_up is False, "the outage noticed")
+    wait_for(lambda: spooled.status().bus_up is False, what="the outage noticed", timeout_s=WAIT_S, interval_s=0.01)
     status = spooled.status()
     assert (status.depth, status.sent) == (30, 0) and "took the bus down" in status.last_error
     assert status.oldest_age_s >= 0
@@ -274,7 +268,8 @@ def queue_behind(spool: Spool, pool: ThreadPoolExecutor, appends: list[list[tupl
     futures = []
     for items in appends:
         futures.append(pool.submit(spool.append, "a", items))
-        wait_for(lambda: len(spool._appends._queue) == len(futures), "the append queued")
+        wait_for(lambda: len(spool._appends._queue) == len(futures), what="the append queued", timeout_s=WAIT_S,
+                 interval_s=0.01)
     return futures
 
 

@@ -9,7 +9,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from ingest.bus import BusUnavailable, Record, open_bus
 from ingest.sqlite_bus import SqliteBus
+from testkit.waiting import wait_for
 
 
 def read_all(bus: SqliteBus, topics: list[str], group: str = "reader") -> list[Record]:
@@ -141,10 +141,8 @@ def test_a_failed_group_commit_fails_only_the_publishes_of_that_group(bus_path: 
         doomed = []
         for value in (b"x", b"y"):
             doomed.append(pool.submit(bus.publish_many, "t", [("k", value), ("k", value)]))
-            deadline = time.monotonic() + 10
-            while len(bus._publishes._queue) < len(doomed):
-                assert time.monotonic() < deadline
-                time.sleep(0.001)
+            wait_for(lambda: len(bus._publishes._queue) >= len(doomed), what=f"{len(doomed)} publishes queued",
+                     timeout_s=10, interval_s=0.001)
         release.set()
         assert first.result(10).offset == 0
         for future in doomed:

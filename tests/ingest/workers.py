@@ -26,14 +26,13 @@ import time
 import uuid
 from pathlib import Path
 
+from testkit.waiting import wait_for
+
 
 def _wait_for(go_file: str) -> None:
+    """Say "ready", then wait for the parent's go (the file): writers started apart start together."""
     print("ready", flush=True)
-    deadline = time.monotonic() + 30
-    while not Path(go_file).exists():
-        if time.monotonic() > deadline:
-            raise SystemExit("go file never appeared")
-        time.sleep(0.005)
+    wait_for(Path(go_file).exists, what="the go file", timeout_s=30, interval_s=0.005)
 
 
 def writer(url: str, topic: str, tag: str, count: str, batch: str, go_file: str) -> None:

@@ -1,6 +1,7 @@
-"""The learning tests' processes: a character-level model, `kto-loop` commands as child
-processes, and the check that the desirable rate rose. Shared by the embedded run
-(test_learning_e2e.py) and the production topology (test_learning_production.py).
+"""The learning tests' set-up: a character-level model, the learner's settings for it, simulated
+users until a version serves, and the check that the desirable rate rose. Shared by the embedded
+run (test_learning_e2e.py) and the production topology (test_learning_production.py); the
+`kto-loop` processes themselves are testkit.processes'.
 
 Why this is a fair test: the rule — an answer is liked iff its first character is a vowel — is
 what KTO is for (a binary judgement, no pairs, no reward model), and a LoRA adapter on a tiny
@@ -14,11 +15,7 @@ itself — events, join, KTO steps, gate, publish, hot-swap — rather than of t
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +23,8 @@ import httpx
 
 from kto_loop.models import build_tiny_model
 from kto_loop.simulate import Simulation, simulate, two_proportion_p
+from testkit.processes import assert_running, log_on_failure
+from testkit.waiting import wait_for
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ."
 VOWELS = ("a", "e", "i", "o", "u")
@@ -43,39 +42,6 @@ def build_char_model(path: Path) -> Path:
                             init_std=0.15)
 
 
-def start(command: str, env: dict[str, str], log: Path, log_level: str = "warning",
-          args: tuple[str, ...] = ()) -> subprocess.Popen:
-    """`kto-loop <command> [args]` in its own process group, output to `log`."""
-    with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "kto_loop.cli", command, "--log-level", log_level, *args],
-                                env={**os.environ, **env}, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
-
-
-def wait_ready(process: subprocess.Popen, url: str, log: Path, timeout_s: float = 120, path: str = "/readyz") -> None:
-    """Until `url + path` answers 200 (a server's /readyz, the learner's /healthz); fails if the process exits."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert process.poll() is None, f"{process.args[3:]} exited:\n{log.read_text()[-3000:]}"
-        try:
-            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"{url}{path} never answered 200:\n{log.read_text()[-3000:]}"
-        time.sleep(0.5)
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 def simulate_learning(urls: list[str], *, prefixes: tuple[str, ...], ratings: int = 600, base: int = 60,
                       learner: subprocess.Popen | None = None, log: Path | None = None,
                       timeout_s: float = 180) -> Simulation:
@@ -84,13 +50,17 @@ def simulate_learning(urls: list[str], *, prefixes: tuple[str, ...], ratings: in
     counted: over HTTP, hundreds of ratings of a tiny model take seconds, so unpaced they could all
     be in before a learner (a separate process, still starting) had published anything."""
     result = simulate(urls, ratings=base, users=8, prefixes=prefixes, max_tokens=4)
-    deadline = time.monotonic() + timeout_s
-    while serving(urls[0]) == MODEL_ID:
+
+    def a_version_serves() -> bool:
         if learner is not None:
-            assert learner.poll() is None, f"the learner died:\n{log.read_text()[-3000:] if log else ''}"
-        assert time.monotonic() < deadline, f"no version served after {timeout_s} s:\n{log.read_text()[-3000:] if log else ''}"
-        simulate(urls, ratings=8, users=8, prefixes=prefixes, max_tokens=4)
-        time.sleep(0.2)
+            assert_running(learner)
+        if serving(urls[0]) != MODEL_ID:
+            return True
+        simulate(urls, ratings=8, users=8, prefixes=prefixes, max_tokens=4)  # uncounted, to feed the learner
+        return False
+
+    with log_on_failure(log):
+        wait_for(a_version_serves, what="a version served", timeout_s=timeout_s, interval_s=0.2)
     rest = simulate(urls, ratings=ratings - base, users=8, prefixes=prefixes, max_tokens=4)
     result.turns += [replace(t, index=t.index + len(result.turns)) for t in rest.turns]
     result.errors += rest.errors

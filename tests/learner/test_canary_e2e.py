@@ -28,7 +28,6 @@ user whom the hash put outside the canary ever got an answer from any of its ver
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +35,19 @@ import pytest
 
 from kto_loop.simulate import Simulation, simulate
 from registry import in_canary, open_registry
-from serve.background import free_port
-from tests.learner.loop_processes import (
-    ALPHABET, LEARNER_ENV, MODEL_ID, VOWELS, build_char_model, start, stop, wait_ready)
+from testkit.ports import free_port
+from testkit.processes import log_tail, start, stop, wait_ready
+from testkit.waiting import wait_for
+from tests.learner.loop_processes import ALPHABET, LEARNER_ENV, MODEL_ID, VOWELS, build_char_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.stochastic(
+        failure_rate="about 1 in 100 at most (from simulation, not counted over real runs)",
+        why="the burst's version is worse by a random amount: about 1 run in 7 it is not clearly worse and the "
+            "scenario is set up again, at most 4 times (all 4: about 1 in 2,400); a clearly worse one (a drop of "
+            "0.15) is rolled back within BOUND_RATINGS in about 99% of simulated runs"),
+]
 
 INVERTED = VOWELS  # the bad burst likes what honest users dislike
 HONEST = tuple(c for c in ALPHABET if c not in VOWELS)  # honest users dislike a vowel first (and empty answers)
@@ -71,11 +78,11 @@ PHASE_TIMEOUT_S = 400
 def watch(until, stop_event: threading.Event, timeout_s: float) -> threading.Thread:
     """Set `stop_event` once `until()` is true (or after timeout_s), polling on a thread."""
     def run() -> None:
-        deadline = time.monotonic() + timeout_s
-        while not stop_event.is_set() and time.monotonic() < deadline:
-            if until():
-                break
-            time.sleep(0.2)
+        try:
+            wait_for(lambda: stop_event.is_set() or until(), what="the phase's end", timeout_s=timeout_s,
+                     interval_s=0.2)
+        except AssertionError:
+            pass  # timeout_s passed: that ends the phase too
         stop_event.set()
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -140,7 +147,7 @@ def run_scenario(tmp_path: Path, model: Path) -> Scenario:
         finally:
             stop(process)
         canary = registry.canary()
-        assert canary is not None, f"no canary started after {len(bad.ratings)} bad ratings:\n{log.read_text()[-3000:]}"
+        assert canary is not None, f"no canary started after {len(bad.ratings)} bad ratings:\n{log_tail(log)}"
         candidate = canary.version
         assert (canary.actor, canary.baseline, canary.share) == ("learner", None, SHARE)
 
@@ -159,7 +166,7 @@ def run_scenario(tmp_path: Path, model: Path) -> Scenario:
         versions = registry.list_versions()
     finally:
         registry.close()
-    return Scenario(candidate, bad, honest, history, versions, log.read_text()[-3000:])
+    return Scenario(candidate, bad, honest, history, versions, log_tail(log))
 
 
 def canary_steps(history: list, candidate: str) -> tuple[list[str], object | None]:

@@ -7,7 +7,6 @@ import json
 import random
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from ingest.bus import BusUnavailable
 from ingest.sqlite_bus import SqliteBus
 from learner.buffer import ReplayBuffer
 from learner.consumer import EventJoiner
+from testkit.waiting import wait_for
 
 Stream = Any  # conftest's EventStream
 MakeJoiner = Callable[..., EventJoiner]
@@ -263,13 +263,13 @@ def test_sigkill_mid_stream_then_a_fresh_joiner_counts_every_rating_once(
     buffer_path = tmp_path / "buffer.sqlite3"
     child = spawn_join_worker(event_bus.path, buffer_path, stream.topics.prefix, 4, 0.01)
     assert child.stdout is not None
-    deadline = time.monotonic() + 60
-    while True:
+
+    def a_quarter_joined() -> bool:  # the worker prints its example count after each poll
         line = child.stdout.readline()
         assert line, f"the worker died: {child.stderr.read() if child.stderr else ''}"
-        if int(line) >= n // 4:
-            break
-        assert time.monotonic() < deadline, "the worker made no progress"
+        return int(line) >= n // 4
+
+    wait_for(a_quarter_joined, what=f"the worker to join {n // 4} examples", timeout_s=60, interval_s=0)
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=10)
 
@@ -278,10 +278,13 @@ def test_sigkill_mid_stream_then_a_fresh_joiner_counts_every_rating_once(
         assert 0 < lag < end, "the kill should have landed mid-stream"
         buffer = joiner._buffer
         # The dead worker's partitions come free when its lease (1 s) runs out.
-        deadline = time.monotonic() + 30
-        while joiner.lag() > 0:
-            assert time.monotonic() < deadline, "the partitions never came free"
+        def caught_up() -> bool:
+            if joiner.lag() == 0:
+                return True
             joiner.poll_once(timeout_s=0.1)
+            return False
+
+        wait_for(caught_up, what="the dead worker's partitions to come free", timeout_s=30, interval_s=0)
         labels = {e.response_id: e.desirable for e in buffer.unreferenced(10 * n)}
         counts = buffer.counts()
         buffer.close()

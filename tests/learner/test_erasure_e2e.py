@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 
 import httpx
 
-from serve.background import free_port
-from tests.learner.loop_processes import LEARNER_ENV, MODEL_ID, build_char_model, start, stop, wait_ready
+from testkit.ports import free_port
+from testkit.processes import start, stop, wait_ready
+from testkit.waiting import wait_for
+from tests.learner.loop_processes import LEARNER_ENV, MODEL_ID, build_char_model
 
 ADMIN = {"Authorization": "Bearer erasure-test"}
+WAIT_S = 120.0
+"""Seconds a wait for the learner allows."""
 
 
 def rate_some(client: httpx.Client, user: str, n: int) -> list[str]:
@@ -30,14 +33,6 @@ def rate_some(client: httpx.Client, user: str, n: int) -> list[str]:
     return ids
 
 
-def wait_for(what: str, check, timeout_s: float = 120.0):
-    deadline = time.monotonic() + timeout_s
-    while not (found := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-    return found
-
-
 def test_an_erased_users_data_leaves_the_learner_and_flags_its_versions(tmp_path):
     data_dir, port = tmp_path / "data", free_port()
     data_dir.mkdir()
@@ -51,16 +46,18 @@ def test_an_erased_users_data_leaves_the_learner_and_flags_its_versions(tmp_path
         with httpx.Client(base_url=url, timeout=30) as client:
             erins = set(rate_some(client, "erin", 12))
             rate_some(client, "frank", 24)  # enough labels for an update (KTO_MIN_NEW_LABELS 32)
-            versions = wait_for("a version trained on erin's ratings", lambda: [
+            versions = wait_for(lambda: [
                 v["version"] for v in client.get("/v1/adapters", headers=ADMIN).json()["versions"]
-                if erins & set(v["lineage"].get("feedback_event_ids", []))])
+                if erins & set(v["lineage"].get("feedback_event_ids", []))],
+                what="a version trained on erin's ratings", timeout_s=WAIT_S, interval_s=0.5)
 
             erased = client.delete("/v1/users/erin", params={"reason": "ticket 7"}, headers=ADMIN)
             assert erased.status_code == 202, erased.text
             request_id = erased.json()["request_id"]
-            entry = wait_for("the erasure in the history", lambda: next(
+            entry = wait_for(lambda: next(
                 (h for h in client.get("/v1/adapters/history", headers=ADMIN).json()["history"]
-                 if h["action"] == "erasure" and h["evidence"]["request_id"] == request_id), None))
+                 if h["action"] == "erasure" and h["evidence"]["request_id"] == request_id), None),
+                what="the erasure in the history", timeout_s=WAIT_S, interval_s=0.5)
             assert set(versions) <= set(entry["evidence"]["flagged_versions"])
             assert entry["evidence"]["removed"]["examples"] == 12 and entry["reason"] == "ticket 7"
             page = client.get(f"/v1/adapters/{versions[0]}", headers=ADMIN).json()

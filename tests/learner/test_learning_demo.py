@@ -19,10 +19,16 @@ import pytest
 from kto_loop.models import ensure_demo_model
 from kto_loop.simulate import Raters, parse_rule, simulate, two_proportion_p
 from registry import open_registry
-from serve.background import free_port
-from tests.learner.loop_processes import start, stop, wait_ready
+from testkit.ports import free_port
+from testkit.processes import log_tail, start, stop, wait_ready
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.stochastic(
+        failure_rate="not measured",
+        why="simulated users and the learner's updates are random; in the learning benchmark (task "
+            "first-char-0.3, row defaults) 5 of 5 seeds passed +0.2 by 450-650 ratings, and this asserts at 1,000"),
+]
 
 RULE = parse_rule("prefix:HLT")
 RATINGS = 1000
@@ -54,7 +60,7 @@ def test_the_default_loop_lifts_what_users_see(tmp_path):
     actions = [(e.action, e.actor) for e in history]
     print(f"base {d0}/{n0} = {d0 / n0:.2f} -> last {WINDOW} answers {d1}/{n1} = {d1 / n1:.2f}: lift {lift:+.2f}, "
           f"p {p:.2g}; history {actions}")
-    assert lift >= 0.2 and p < 0.01, (lift, p, actions, log.read_text()[-3000:])
+    assert lift >= 0.2 and p < 0.01, (lift, p, actions, log_tail(log))
     # it got there the product's way: canaries the learner started, promoted by the controller
     assert ("canary_promote", "canary-controller") in actions
     assert {actor for _, actor in actions} <= {"learner", "canary-controller"}

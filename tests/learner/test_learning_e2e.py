@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from serve.background import free_port
+from testkit.ports import free_port
+from testkit.processes import start, stop, wait_ready
 from tests.learner.loop_processes import (
-    LEARNER_ENV, MODEL_ID, VOWELS, assert_learned, build_char_model, simulate_learning, start, stop, wait_ready)
+    LEARNER_ENV, MODEL_ID, VOWELS, assert_learned, build_char_model, simulate_learning)
+
+pytestmark = pytest.mark.stochastic(
+    failure_rate="not measured",
+    why="whether 600 simulated thumbs lift the desirable rate by 0.2 at p < 0.01 depends on the sampled answers "
+        "and on which ratings land in which update; no failure rate has been recorded")
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,18 @@ import httpx
 import pytest
 
 from ingest.events import Topics, decode_event
-from serve.background import free_port
+from testkit.ports import free_port
+from testkit.processes import describe, log_tail, start, stop, wait_ready
 from tests.learner.loop_processes import (
-    LEARNER_ENV, MODEL_ID, VOWELS, assert_learned, build_char_model, simulate_learning, start, stop, wait_ready)
+    LEARNER_ENV, MODEL_ID, VOWELS, assert_learned, build_char_model, simulate_learning)
 
-pytestmark = [pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow,
+    pytest.mark.stochastic(
+        failure_rate="not measured",
+        why="whether 600 simulated thumbs lift the desirable rate by 0.2 at p < 0.01 depends on the sampled "
+            "answers and on which ratings land in which update (one recorded run: 0.13 -> 0.91, p 5e-28)"),
+]
 
 PARTITIONS = 2
 
@@ -81,7 +88,7 @@ def test_two_replicas_and_a_learner_over_kafka_and_redis_learn_the_rule(services
         for url in urls:
             assert counter(url, "kto_responses_total") > 200 and counter(url, "kto_feedback_total") > 200
         for process, log in processes:
-            assert process.poll() is None, f"{process.args[3:]} died:\n{log.read_text()[-3000:]}"
+            assert process.poll() is None, f"{describe(process)} died:\n{log_tail(log)}"
     finally:
         for process, _ in reversed(processes):
             stop(process)

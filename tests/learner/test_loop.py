@@ -3,11 +3,8 @@ survive a SIGKILL mid-update without losing or double-counting a rating."""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -20,7 +17,12 @@ from kto_loop.models import render_prompt
 from learner.buffer import ReplayBuffer
 from learner.settings import LearnerSettings
 from registry import BASE, open_registry
+from testkit import processes
+from testkit.waiting import wait_for
 from tests.tiny import TINY_MODEL_ID
+
+WAIT_S = 120.0
+"""Seconds a wait for the learner allows (an update on a loaded 2-core box)."""
 
 
 def publish_ratings(settings: LearnerSettings, tokenizer, n: int, seed: int) -> list[str]:
@@ -55,14 +57,6 @@ def learner_settings(tmp_path, tiny_model_dir) -> LearnerSettings:
                            canary_share=0.0)  # versions go live at once (canaries: test_canary.py)
 
 
-def wait_for(predicate, timeout: float = 120, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return value
-
-
 def test_publishes_with_lineage_and_builds_on_the_active_version(learner_settings, tiny_model):
     from learner.loop import main
 
@@ -72,7 +66,7 @@ def test_publishes_with_lineage_and_builds_on_the_active_version(learner_setting
     thread = threading.Thread(target=main, args=(learner_settings, stop), daemon=True)
     thread.start()
     try:
-        first = wait_for(lambda: registry.list_versions(), what="a first version")[0]
+        first = wait_for(lambda: registry.list_versions(), what="a first version", timeout_s=WAIT_S)[0]
         assert first.parent is None and first.status == "ready" and first.base_model == TINY_MODEL_ID
         lineage = first.lineage
         assert set(lineage["feedback_event_ids"]) <= set(trained_ids) and lineage["feedback_event_ids"]
@@ -80,13 +74,14 @@ def test_publishes_with_lineage_and_builds_on_the_active_version(learner_setting
         assert lineage["hyperparameters"]["beta"] == learner_settings.beta
         assert first.metrics["steps"] >= 4 and first.metrics["gate"]["passed"] is True
         assert len(lineage["feedback_event_ids"]) == lineage["fresh_examples"]  # every fresh label trained
-        wait_for(lambda: registry.active() == first.version, what="auto activation")
+        wait_for(lambda: registry.active() == first.version, what="auto activation", timeout_s=WAIT_S)
 
         # the operator rolls back to the base: the next version must start from the base again
         registry.rollback(to=BASE, actor="operator", reason="test")
         publish_ratings(learner_settings, tiny_model.tokenizer, 20, seed=2)
         later = wait_for(lambda: [v for v in registry.list_versions() if v.created_at > first.created_at
-                                  and v.lineage["parent"] is None and v.status == "ready"], what="a version on the base")
+                                  and v.lineage["parent"] is None and v.status == "ready"],
+                         what="a version on the base", timeout_s=WAIT_S)
         assert later[0].parent is None
     finally:
         stop.set()
@@ -106,7 +101,7 @@ def test_a_first_version_with_no_held_out_labels_still_has_its_kl_checked(learne
     thread = threading.Thread(target=main, args=(settings, stop), daemon=True)
     thread.start()
     try:
-        first = wait_for(lambda: registry.list_versions(), what="a first version")[0]
+        first = wait_for(lambda: registry.list_versions(), what="a first version", timeout_s=WAIT_S)[0]
     finally:
         stop.set()
         thread.join(timeout=60)
@@ -119,22 +114,24 @@ def test_a_first_version_with_no_held_out_labels_still_has_its_kl_checked(learne
 def test_sigkill_mid_update_loses_nothing_and_counts_nothing_twice(learner_settings, tiny_model):
     n = 48
     publish_ratings(learner_settings, tiny_model.tokenizer, n, seed=3)
-    env = {**os.environ, "KTO_DATA_DIR": str(learner_settings.data_dir), "KTO_MODEL": learner_settings.model,
+    env = {"KTO_DATA_DIR": str(learner_settings.data_dir), "KTO_MODEL": learner_settings.model,
            "KTO_MODEL_ID": TINY_MODEL_ID, "KTO_MIN_NEW_LABELS": str(n - 8), "KTO_MICRO_BATCH": "8",
            "KTO_STEPS_PER_UPDATE": "100000", "KTO_POLL_TIMEOUT_S": "0.1"}
-    learner = subprocess.Popen([sys.executable, "-m", "kto_loop.cli", "learn"], env=env,
-                               stderr=subprocess.PIPE, text=True)
+    log = learner_settings.data_dir / "learn.log"
+    learner = processes.start("learn", env, log, log_level="info")
     try:
-        for line in learner.stderr:  # "update starting" is logged as the first optimizer step begins
-            if "update starting" in line:
-                break
-        time.sleep(1.0)  # well inside an update of 100000 steps
+        def updating() -> bool:  # "update starting" is logged as the first optimizer step begins
+            processes.assert_running(learner)
+            return "update starting" in log.read_text()
+
+        with processes.log_on_failure(log):
+            wait_for(updating, what="the learner's first update", timeout_s=WAIT_S)
+        time.sleep(1.0)  # deliberate, no condition: well inside an update of 100000 steps, where the kill lands
         assert learner.poll() is None
         learner.send_signal(signal.SIGKILL)
         learner.wait(timeout=30)
     finally:
-        if learner.poll() is None:
-            learner.kill()
+        processes.stop(learner)
     registry = open_registry(learner_settings.registry_url)
     assert registry.list_versions() == []  # nothing half-written is visible
 
@@ -145,7 +142,8 @@ def test_sigkill_mid_update_loses_nothing_and_counts_nothing_twice(learner_setti
     thread = threading.Thread(target=main, args=(restarted, stop), daemon=True)
     thread.start()
     try:
-        version = wait_for(lambda: registry.list_versions(), what="the version after restart")[0]
+        version = wait_for(lambda: registry.list_versions(), what="the version after restart",
+                           timeout_s=WAIT_S)[0]
     finally:
         stop.set()
         thread.join(timeout=60)

@@ -14,8 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from learner.endpoint import MetricsEndpoint
 from learner.metrics import LearnerMetrics
 from learner.settings import LearnerSettings
-from serve.background import free_port
-from tests.learner.test_loop import publish_ratings, wait_for
+from testkit.ports import free_port
+from testkit.waiting import wait_for
+from tests.learner.test_loop import WAIT_S, publish_ratings
 from tests.prometheus import check_metrics
 from tests.tiny import TINY_MODEL_ID
 
@@ -146,7 +147,7 @@ def test_a_running_learner_exposes_its_update_over_http(tmp_path, tiny_model_dir
         return got if got and got[("kto_learner_updates_total", (("outcome", "published"),))] >= 1 else None
 
     try:
-        got = wait_for(updated, what="a published update in the metrics")
+        got = wait_for(updated, what="a published update in the metrics", timeout_s=WAIT_S)
         assert got[("kto_learner_steps_total", ())] >= settings.steps_per_update
         assert math.isfinite(got[("kto_learner_loss", ())]) and got[("kto_learner_loss", ())] > 0
         assert math.isfinite(got[("kto_learner_z0", ())])
@@ -154,7 +155,8 @@ def test_a_running_learner_exposes_its_update_over_http(tmp_path, tiny_model_dir
         examples = sum(got[("kto_learner_buffer_examples", (("label", label),))]
                        for label in ("desirable", "undesirable"))
         assert examples == 40
-        wait_for(lambda: scrape()[("kto_learner_consumer_lag_records", ())] == 0, what="the lag to reach 0")
+        wait_for(lambda: scrape()[("kto_learner_consumer_lag_records", ())] == 0, what="the lag to reach 0",
+                 timeout_s=WAIT_S)
         assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
         check_metrics(httpx.get(f"{url}/metrics").text)
     finally:

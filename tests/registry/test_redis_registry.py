@@ -71,12 +71,12 @@ def test_a_change_during_the_pointer_read_is_not_missed(reg, open_reg, publish):
     open_reg().activate(v1, actor="op")
     # The message lands while nobody waits (as while HotSwap reads the pointer): it must be
     # kept for the next wait. (Without this pause the test would pass too, only test less.)
-    time.sleep(0.5)
+    time.sleep(0.5)  # deliberate, no condition: nobody is waiting while the message lands
     assert _timed(reg.wait_for_change, 30) < 1.0
 
 
 def test_unreachable_redis_is_unavailable_at_once(tmp_path):
-    from serve.background import free_port
+    from testkit.ports import free_port
 
     started = time.monotonic()
     with pytest.raises(RegistryUnavailable, match="127.0.0.1"):

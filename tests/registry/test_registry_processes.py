@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from registry import UnknownVersion
+from testkit.waiting import wait_for
 
 WORKER = Path(__file__).with_name("_publish_worker.py")
 
@@ -45,14 +45,18 @@ def test_two_processes_publish_concurrently(registry_url, adapter_root, open_reg
 
 
 def _wait_for(marker: Path, proc: subprocess.Popen, deadline_s: float = 120.0) -> None:
-    end = time.monotonic() + deadline_s
-    while not marker.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"worker exited before its checkpoint: {proc.communicate()[0]}")
-        if time.monotonic() > end:
-            proc.kill()
-            pytest.fail("worker never reached its checkpoint")
-        time.sleep(0.02)
+    """Until the worker touched `marker` (it then stalls there); killed if the wait fails."""
+    def reached() -> bool:
+        if marker.exists():
+            return True
+        assert proc.poll() is None, f"worker exited before its checkpoint: {proc.communicate()[0]}"
+        return False
+
+    try:
+        wait_for(reached, what="the worker at its checkpoint", timeout_s=deadline_s, interval_s=0.02)
+    except AssertionError:
+        proc.kill()
+        raise
 
 
 @pytest.mark.parametrize("stage", ["reserved", "staged", "renamed"])

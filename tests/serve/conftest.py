@@ -6,8 +6,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serve.app import create_app
-from serve.background import BackgroundServer
 from serve.settings import ServeSettings
+from testkit.background_server import BackgroundServer
 from tests.tiny import TINY_MODEL_ID
 
 ADMIN_TOKEN = "test-admin-token"

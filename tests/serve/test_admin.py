@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from fastapi.testclient import TestClient
 
 from serve.app import create_app
+from testkit.waiting import wait_for
 from tests.serve.conftest import ADMIN
 from tests.tiny import TINY_MODEL_ID
 
@@ -86,10 +85,7 @@ def test_bad_version_published_as_active_is_refused_and_serving_stays(client, st
     client.post(f"/v1/adapters/{good}/activate", headers=ADMIN)
     bad = publish(state, make_adapter(4, r=4, target_modules=("q_proj", "v_proj"), base_model="elsewhere")).version
     state.registry.activate(bad, actor="learner", reason="auto")
-    deadline = time.monotonic() + 5
-    while state.registry.active() != good and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert state.registry.active() == good  # pointed back at what was serving
+    wait_for(lambda: state.registry.active() == good, what="the pointer back at what was serving", timeout_s=5)
     assert state.hotswap.serving == good
     assert state.registry.get(bad).status == "rejected"
     assert client.post("/v1/chat/completions", json=HELLO).json()["model"] == good
@@ -99,11 +95,9 @@ def test_bad_version_published_as_active_is_refused_and_serving_stays(client, st
 def test_new_version_picked_up_without_admin_call(client, state, make_adapter):
     """A version activated straight in the registry (as the learner does) is served within a second."""
     v1 = publish(state, make_adapter(1)).version
-    started = time.monotonic()
     state.registry.activate(v1, actor="learner", reason="auto")
-    while client.post("/v1/chat/completions", json=HELLO).json()["model"] != v1:
-        assert time.monotonic() - started < 5, "the new version was never served"
-        time.sleep(0.02)
+    wait_for(lambda: client.post("/v1/chat/completions", json=HELLO).json()["model"] == v1,
+             what="the new version served", timeout_s=5, interval_s=0.02)
 
 
 @pytest.mark.parametrize("path", ["/v1/adapters/v1/activate", "/v1/adapters/rollback"])

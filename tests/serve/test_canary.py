@@ -3,11 +3,10 @@ roll back over the admin API, and a canary started elsewhere (the learner) follo
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from registry import in_canary
+from testkit.waiting import wait_for
 from tests.serve.conftest import ADMIN
 from tests.tiny import TINY_MODEL_ID
 
@@ -25,14 +24,6 @@ def chat(client, who: str | None = None, **extra) -> str:
 
 def publish(state, adapter_dir, parent=None) -> str:
     return state.registry.publish(adapter_dir, base_model=TINY_MODEL_ID, parent=parent, metrics={}, lineage={}).version
-
-
-def wait_for(predicate, what: str, timeout_s: float = 30.0):
-    deadline = time.monotonic() + timeout_s
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 @pytest.fixture
@@ -123,17 +114,17 @@ def test_a_canary_started_elsewhere_is_followed(client, state, versions, make_ad
     """As the learner does it: straight into the registry; the replica's poll loop follows."""
     v1, v2, inside, outside = versions
     state.registry.start_canary(v2, 0.5, actor="learner")
-    wait_for(lambda: state.hotswap.canary is not None, "the replica to follow the canary")
+    wait_for(lambda: state.hotswap.canary is not None, what="the replica to follow the canary")
     assert chat(client, inside[0]) == v2 and chat(client, outside[0]) == v1
     state.registry.rollback_canary(v2, actor="canary-controller", reason="worse")
-    wait_for(lambda: state.hotswap.canary is None, "the replica to drop the canary")
+    wait_for(lambda: state.hotswap.canary is None, what="the replica to drop the canary")
     assert chat(client, inside[0]) == v1
-    wait_for(lambda: v2 not in state.engine.loaded_versions, "the candidate to be unloaded")
+    wait_for(lambda: v2 not in state.engine.loaded_versions, what="the candidate to be unloaded")
 
     broken = publish(state, make_adapter(5, base_model="another-model"))
     state.registry.start_canary(broken, 1.0, actor="learner")  # the registry cannot check the base model
     last = wait_for(lambda: (h := state.registry.history()[-1]).action == "canary_rollback" and h,
-                    "the replica to refuse the candidate")
+                    what="the replica to refuse the candidate")
     assert last.version == broken and last.actor.startswith("serve:")
     assert state.registry.canary() is None and state.registry.get(broken).status == "rejected"
     assert {chat(client, u) for u in USERS} == {v1}
@@ -144,11 +135,11 @@ def test_an_advancing_canary_keeps_its_users_and_serves_the_newest_candidate(cli
     get the new one, the others stay on the active version, and /v1/models shows it."""
     v1, v2, inside, outside = versions
     state.registry.start_canary(v2, 0.5, actor="learner")
-    wait_for(lambda: state.hotswap.canary is not None, "the replica to follow the canary")
+    wait_for(lambda: state.hotswap.canary is not None, what="the replica to follow the canary")
     v3 = publish(state, make_adapter(6), parent=v2)
     state.registry.advance_canary(v2, v3, actor="learner")
-    wait_for(lambda: state.hotswap.canary and state.hotswap.canary.version == v3, "the replica to advance")
+    wait_for(lambda: state.hotswap.canary and state.hotswap.canary.version == v3, what="the replica to advance")
     assert {u: chat(client, u) for u in USERS} == {u: v3 if u in inside else v1 for u in USERS}
     alias = client.get("/v1/models").json()["data"][0]
     assert (alias["active"], alias["canary"], alias["serving"]) == (v1, v3, v1)  # anonymous: the active one
-    wait_for(lambda: v2 not in state.engine.loaded_versions, "the previous candidate to be unloaded")
+    wait_for(lambda: v2 not in state.engine.loaded_versions, what="the previous candidate to be unloaded")

@@ -17,8 +17,9 @@ import httpx
 import pytest
 
 from ingest.events import FeedbackEvent, ResponseEvent, decode_event
-from serve.background import BackgroundServer
 from serve.settings import ServeSettings
+from testkit.background_server import BackgroundServer
+from testkit.waiting import wait_for
 from tests.serve.browser import chromium
 from tests.tiny import TINY_MODEL_ID
 
@@ -93,7 +94,8 @@ def test_a_user_chats_streams_and_rates_in_the_browser(page, server):
 
     response_id = details(answer)["response id"]
     assert response_id.startswith("chatcmpl-") and details(answer)["version"] == server.state.settings.base_model_id
-    asked = wait_for(lambda: events(server, ResponseEvent, response_id), "the response event")
+    asked = wait_for(lambda: events(server, ResponseEvent, response_id), what="the response event",
+                     timeout_s=WAIT_S)
     assert [(m.role, m.content) for m in asked[0].messages] == [
         ("user", "Hello there"), ("assistant", bubble_text(page, first)), ("user", "Tell me more")]
     assert asked[0].user == user
@@ -101,15 +103,17 @@ def test_a_user_chats_streams_and_rates_in_the_browser(page, server):
     down, up = vote_buttons(answer)
     assert (down.accessible_name, up.accessible_name) == ("thumbs down", "thumbs up")
     down.click()
-    wait_until(lambda: down.get_attribute("aria-pressed") == "true", "👎 shown as chosen")
+    wait_for(lambda: down.get_attribute("aria-pressed") == "true", what="👎 shown as chosen", timeout_s=WAIT_S)
     assert up.get_attribute("aria-pressed") == "false"
-    rated = wait_for(lambda: events(server, FeedbackEvent, response_id), "the 👎 feedback event")
+    rated = wait_for(lambda: events(server, FeedbackEvent, response_id), what="the 👎 feedback event",
+                     timeout_s=WAIT_S)
     assert [(e.label, e.user) for e in rated] == [("undesirable", user)]
 
     up.click()  # changing the vote is recorded too
-    wait_until(lambda: up.get_attribute("aria-pressed") == "true", "👍 shown as chosen")
+    wait_for(lambda: up.get_attribute("aria-pressed") == "true", what="👍 shown as chosen", timeout_s=WAIT_S)
     assert down.get_attribute("aria-pressed") == "false"
-    rated = wait_for(lambda: events(server, FeedbackEvent, response_id, at_least=2), "the 👍 feedback event")
+    rated = wait_for(lambda: events(server, FeedbackEvent, response_id, at_least=2), what="the 👍 feedback event",
+                     timeout_s=WAIT_S)
     assert [(e.label, e.user) for e in rated] == [("undesirable", user), ("desirable", user)]
     assert not answer.find_element(By.CSS_SELECTOR, "[role=alert]").is_displayed()
 
@@ -133,7 +137,7 @@ def test_errors_are_shown_in_the_conversation(page, server, monkeypatch):
     down, up = vote_buttons(answer)
     up.click()
     alert = answer.find_element(By.CSS_SELECTOR, "[role=alert]")
-    wait_until(alert.is_displayed, "the rating's error")
+    wait_for(alert.is_displayed, what="the rating's error", timeout_s=WAIT_S)
     assert "not saved" in alert.text and "only the user who received" in alert.text, alert.text
     assert up.get_attribute("aria-pressed") == "false"
     page.execute_script("localStorage.setItem('kto-loop-user', arguments[0])", user)
@@ -269,15 +273,3 @@ def events(server, kind, response_id: str, at_least: int = 1) -> list:
         consumer.close()
     return found if len(found) >= at_least else []
 
-
-def wait_for(probe, what: str):
-    """probe()'s first truthy result within WAIT_S."""
-    deadline = time.monotonic() + WAIT_S
-    while not (result := probe()):
-        assert time.monotonic() < deadline, f"no {what} within {WAIT_S} s"
-        time.sleep(0.1)
-    return result
-
-
-def wait_until(condition, what: str) -> None:
-    wait_for(condition, what)

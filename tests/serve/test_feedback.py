@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from ingest.events import FeedbackEvent, decode_event
 from serve.app import create_app
+from testkit.ports import free_port
 
 ALICE = {"X-User-Id": "alice"}
 BOB = {"X-User-Id": "bob"}
@@ -140,11 +141,7 @@ def test_the_ledger_follows_the_registry_to_redis_unless_set(tmp_path):
 
 
 def test_an_unreachable_ledger_still_answers_chat_and_asks_raters_to_retry(settings):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     with TestClient(create_app(settings.model_copy(update={"ledger_url": dead}))) as client:
         answer = client.post("/v1/chat/completions", json=HELLO, headers=ALICE)
         assert answer.status_code == 200  # its ledger entry waits in the backlog

@@ -3,7 +3,6 @@ full, and delivers every acknowledged rating exactly once after the broker comes
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import uuid
@@ -19,8 +18,10 @@ from ingest.kafka_bus import KafkaBus
 from learner.buffer import ReplayBuffer
 from learner.consumer import EventJoiner
 from serve.app import create_app
-from serve.background import BackgroundServer
 from serve.settings import ServeSettings
+from testkit.background_server import BackgroundServer
+from testkit.ports import free_port
+from testkit.waiting import wait_for
 from tests.services import PrivateKafka
 
 ALICE = {"X-User-Id": "alice"}
@@ -29,9 +30,7 @@ WAIT_S = 120.0  # a Kafka restart on a loaded 2-core box takes a while
 
 
 def dead_kafka_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"kafka://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
+    return f"kafka://127.0.0.1:{free_port()}"  # nothing listens there
 
 
 def on_kafka(settings: ServeSettings, url: str, **changes: object) -> ServeSettings:
@@ -44,13 +43,6 @@ def metric(client: TestClient, name: str) -> float:
             if sample.name == name:
                 return sample.value
     raise AssertionError(f"no metric {name}")
-
-
-def wait_for(condition, what: str, wait_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + wait_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {wait_s} s"
-        time.sleep(0.05)
 
 
 def answer(client: TestClient) -> str:
@@ -67,7 +59,8 @@ def test_chat_and_feedback_work_while_kafka_is_unreachable(settings: ServeSettin
         assert vote.status_code == 202 and vote.json()["status"] == "recorded"
         assert metric(client, "kto_spool_depth") == 2  # the response and the rating, durable, waiting
         assert metric(client, "kto_spool_oldest_age_seconds") >= 0
-        wait_for(lambda: client.get("/readyz").json()["spool"]["bus_reachable"] is False, "the outage noticed")
+        wait_for(lambda: client.get("/readyz").json()["spool"]["bus_reachable"] is False, what="the outage noticed",
+                 timeout_s=WAIT_S)
         ready = client.get("/readyz")
         # Still ready: chat works. The body says where the events are.
         assert ready.status_code == 200 and ready.json()["checks"]["bus"] is True
@@ -135,7 +128,8 @@ class Rater(threading.Thread):
 
     def wait_for_more(self, n: int) -> None:
         target = len(self.acked) + n
-        wait_for(lambda: len(self.acked) >= target or not self.is_alive(), f"{n} more ratings")
+        wait_for(lambda: len(self.acked) >= target or not self.is_alive(), what=f"{n} more ratings",
+                 timeout_s=WAIT_S)
         assert self.is_alive() and not self.failures, self.failures
 
 
@@ -155,7 +149,7 @@ def test_a_broker_restart_mid_stream_loses_and_duplicates_no_acknowledged_rating
                 rater.wait_for_more(10)  # chat and feedback go on while the broker is gone
                 assert spool.status().depth > 0
                 kafka.start()
-                wait_for(lambda: spool.status().bus_up, "the broker back")
+                wait_for(lambda: spool.status().bus_up, what="the broker back", timeout_s=WAIT_S)
                 rater.wait_for_more(10)
             finally:
                 rater.stop.set()
@@ -172,7 +166,7 @@ def test_a_broker_restart_mid_stream_loses_and_duplicates_no_acknowledged_rating
                 joiner.poll_once(timeout_s=0.5)
                 return all(buffer.get(rid) is not None for rid in acked) and joiner.lag() == 0
 
-            wait_for(caught_up, "the learner caught up")
+            wait_for(caught_up, what="the learner caught up", timeout_s=WAIT_S)
             counts = buffer.counts()
             examples = {rid: buffer.get(rid).feedback_event_id for rid in acked}  # type: ignore[union-attr]
         bus.close()

@@ -17,8 +17,9 @@ import httpx
 import pytest
 
 from registry import open_registry
-from serve.background import BackgroundServer
 from serve.settings import ServeSettings
+from testkit.background_server import BackgroundServer
+from testkit.waiting import wait_for
 from tests.serve.conftest import ADMIN, ADMIN_TOKEN
 from tests.services import PrivateRedis
 from tests.tiny import TINY_MODEL_ID
@@ -48,14 +49,15 @@ def _serving(server: BackgroundServer) -> str:
 
 def _seconds_to_converge(replicas: list[BackgroundServer], expected: str, since: float) -> float:
     """Seconds from `since` until every replica serves `expected` (polled; fails after 15 s)."""
-    deadline = since + 15.0
     pending = list(replicas)
-    while pending:
-        pending = [r for r in pending if _serving(r) != expected]
-        if pending and time.monotonic() > deadline:
-            pytest.fail(f"{[r.state.settings.replica for r in pending]} never served {expected}")
-        if pending:
-            time.sleep(0.02)
+
+    def converged() -> bool:
+        pending[:] = [r for r in pending if _serving(r) != expected]
+        return not pending
+
+    names = [r.state.settings.replica for r in replicas]
+    wait_for(converged, what=f"{names} serving {expected}", timeout_s=since + 15.0 - time.monotonic(),
+             interval_s=0.02)
     return time.monotonic() - since
 
 
@@ -131,10 +133,9 @@ def test_replica_keeps_serving_through_a_redis_restart(tmp_path, tiny_model_dir,
             took = _seconds_to_converge([a], v2, since=time.monotonic())
             assert took <= 3.0, f"reconverged only after {took:.1f} s"
             assert _chat_model(a) == v2
-            deadline = time.monotonic() + 10
-            while (rated := _rate(a, during[0]["id"])).status_code == 503:  # the backlog is written
-                assert time.monotonic() < deadline, "answers from the outage never became ratable"
-                time.sleep(0.05)
+            # 503 until the ledger backlog is written
+            rated = wait_for(lambda: (r := _rate(a, during[0]["id"])).status_code != 503 and r,
+                             what="answers from the outage to become ratable", timeout_s=10)
             assert rated.status_code == 202, rated.text
             assert all(_rate(a, answer["id"]).status_code == 202 for answer in during[1:])
             assert httpx.get(f"{a.url}/readyz", timeout=10).json()["checks"]["registry"] is True

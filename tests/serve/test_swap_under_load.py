@@ -14,6 +14,7 @@ import time
 
 import httpx
 
+from testkit.waiting import wait_for
 from tests.serve.conftest import ADMIN
 from tests.tiny import TINY_MODEL_ID
 
@@ -61,20 +62,22 @@ def test_swap_under_load(live_server, make_adapter):
     for t in threads:
         t.start()
     windows = []  # (version, sent, returned)
-    with httpx.Client(timeout=60, headers=ADMIN) as admin:
-        time.sleep(0.3)
-        for version in versions:
-            sent = time.monotonic()
-            reply = admin.post(f"{live_server.url}/v1/adapters/{version}/activate")
-            assert reply.status_code == 200, reply.text
-            windows.append((version, sent, time.monotonic()))
-            deadline = time.monotonic() + 30  # let each version answer before the next swap
-            while not any(r[2] == version for r in list(results)) and time.monotonic() < deadline:
-                time.sleep(0.02)
-    time.sleep(0.3)
-    stop.set()
-    for t in threads:
-        t.join(timeout=120)
+    try:
+        with httpx.Client(timeout=60, headers=ADMIN) as admin:
+            wait_for(lambda: results or failures, what="a first answer under load", timeout_s=30)
+            for version in versions:
+                sent = time.monotonic()
+                reply = admin.post(f"{live_server.url}/v1/adapters/{version}/activate")
+                assert reply.status_code == 200, reply.text
+                windows.append((version, sent, time.monotonic()))
+                # let each version answer before the next swap
+                wait_for(lambda: failures or any(r[2] == version for r in list(results)),
+                         what=f"an answer from {version}", timeout_s=30, interval_s=0.02)
+        time.sleep(0.3)  # deliberate, no condition: the clients stream on a while after the last swap
+    finally:  # the clients stop whatever happened: they are not daemon threads
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
 
     assert failures == []
     assert len(results) >= 2 * CLIENTS

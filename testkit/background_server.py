@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
 
 from serve.app import create_app
 from serve.settings import ServeSettings
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from testkit.ports import free_port
+from testkit.waiting import wait_for
 
 
 class BackgroundServer:
@@ -33,11 +26,14 @@ class BackgroundServer:
 
     def __enter__(self):
         self.thread.start()
-        deadline = time.monotonic() + self.start_timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the background server did not start")
-            time.sleep(0.05)
+
+        def started() -> bool:
+            if self.server.started:
+                return True
+            assert self.thread.is_alive(), "the background server's thread ended before the server started"
+            return False
+
+        wait_for(started, what="the background server to start", timeout_s=self.start_timeout_s, interval_s=0.05)
         return self
 
     def __exit__(self, *exc) -> None:
