@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from bench import report
-from kto_loop.models import _demo_corpus, build_tokenizer
+from foundation.models import _demo_corpus, build_tokenizer
 from serve.text import TextTracker
 
 

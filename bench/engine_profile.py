@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kto_loop.models import default_device, load_model
+from foundation.models import default_device, load_model
 from serve.engine import Engine, Finished, GenerationRequest
 
 

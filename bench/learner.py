@@ -154,7 +154,7 @@ def run(options) -> Path:
 
 
 def build_model(spec: ModelSpec, path: Path) -> Path:
-    from kto_loop.models import build_tiny_model
+    from foundation.models import build_tiny_model
 
     if not (path / "config.json").exists():
         build_tiny_model(path, vocab_size=512, hidden_size=spec.hidden_size, num_layers=spec.num_layers,

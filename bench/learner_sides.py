@@ -137,7 +137,7 @@ def worker(argv: list[str]) -> None:
 
         datasets.disable_progress_bars()
 
-    from kto_loop.models import default_device, load_model
+    from foundation.models import default_device, load_model
 
     device, _ = default_device()
     n = args.batch * args.steps

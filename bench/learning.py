@@ -5,7 +5,7 @@
     .venv/bin/python -m bench --only learning --tasks first-char-0.1 --rows defaults --seeds 2 \\
         --env KTO_BETA=0.3 --tag beta03                  # an extra row of one's own (its own JSON)
 
-Every run is `kto-loop up` on the demo model (`kto_loop.models.ensure_demo_model`, built once),
+Every run is `kto-loop up` on the demo model (`foundation.models.ensure_demo_model`, built once),
 a fresh data directory, and the shipped defaults (no KTO_* variable of this shell reaches it),
 plus what its row overrides. First the base rate: `base_answers` answers of the base model,
 judged by the task's rules and never rated (so never trained on). Then simulated users
@@ -156,7 +156,7 @@ class _Ref:
 
 
 def run(options) -> Path:
-    from kto_loop.models import ensure_demo_model
+    from foundation.models import ensure_demo_model
 
     plan = QUICK if options.quick else Plan()
     plan = replace(plan, **{k: v for k, v in {

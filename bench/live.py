@@ -32,7 +32,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 def build_demo_model(path: Path) -> Path:
     """The demo-sized random Llama (hidden 128, 4 layers, vocabulary 512); nothing downloaded."""
-    from kto_loop.models import build_tiny_model
+    from foundation.models import build_tiny_model
 
     return build_tiny_model(path, vocab_size=512, hidden_size=128, num_layers=4, num_heads=4)
 
@@ -47,7 +47,7 @@ def make_adapters(model_path: Path, out_dir: Path, count: int, *, base_model: st
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
 
-    from kto_loop.models import load_model
+    from foundation.models import load_model
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     base = load_model(model_path, device="cpu", dtype=dtype).model

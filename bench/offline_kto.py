@@ -58,7 +58,7 @@ def train(model_dir: str, examples: list[dict], out_dir: Path, seed: int) -> tup
     from peft import LoraConfig
     from trl import KTOConfig, KTOTrainer
 
-    from kto_loop.models import load_model
+    from foundation.models import load_model
     from learner.loss import paper_weights
     from learner.settings import LearnerSettings
 
@@ -96,7 +96,7 @@ def score(model_dir: str, adapter: str | None, rules: list[str], *, answers: int
     model with `adapter` (None: the base), as the server samples; the share the rules like."""
     import torch
 
-    from kto_loop.models import eos_token_ids, load_model, render_prompt
+    from foundation.models import eos_token_ids, load_model, render_prompt
     from kto_loop.simulate import PROMPTS, Raters, parse_rule
 
     raters = Raters(tuple(parse_rule(r) for r in rules))

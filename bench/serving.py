@@ -40,7 +40,7 @@ import torch
 from bench import report, swap
 from bench.live import ADMIN_TOKEN, DEMO_MODEL_ID, PROMPT, Clients, LiveServer, Reply, build_demo_model, \
     complete, make_adapters, stream
-from kto_loop.models import render_prompt
+from foundation.models import render_prompt
 from serve.engine import Failed, Finished, GenerationRequest
 from serve.settings import ServeSettings
 

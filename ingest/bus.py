@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
+from foundation.urls import backend_of
+
 logger = logging.getLogger(__name__)
 
 TopicPartition = tuple[str, int]
@@ -158,19 +160,17 @@ class Bus(Protocol):
 def open_bus(url: str, *, timeout_s: float | None = None) -> Bus:
     """The bus backend for ``url``.
 
-    - ``sqlite:///PATH`` (see ``kto_loop.urls``): the embedded log
+    - ``sqlite:///PATH`` (see ``foundation.urls``): the embedded log
       (parent directories are created);
     - ``kafka://host:port[,host:port]``: Apache Kafka (the bootstrap servers); ``timeout_s``: seconds
       one request may take (``KafkaBus``'s default when None).
     """
-    if url.startswith("sqlite://"):
+    if backend_of(url, allowed=("sqlite", "kafka"), what="bus") == "sqlite":
         # Imported here so that each backend costs only when chosen.
-        from ingest._sqlite import path_from_url
+        from foundation.sqlite import path_from_url
         from ingest.sqlite_bus import SqliteBus
 
         return SqliteBus(path_from_url(url))
-    if url.startswith("kafka://"):
-        from ingest.kafka_bus import KafkaBus
+    from ingest.kafka_bus import KafkaBus
 
-        return KafkaBus.from_url(url) if timeout_s is None else KafkaBus.from_url(url, timeout_s=timeout_s)
-    raise ValueError(f"unsupported bus URL {url!r}: expected sqlite:///path/to/bus.sqlite3 or kafka://host:port")
+    return KafkaBus.from_url(url) if timeout_s is None else KafkaBus.from_url(url, timeout_s=timeout_s)

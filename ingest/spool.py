@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ingest._group_commit import GroupCommit
-from ingest._sqlite import connect, ensure_schema, write_transaction
+from foundation.sqlite import connect, ensure_schema, write_transaction
 from ingest.bus import BusUnavailable, check_records, check_topic_name
 
 logger = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ingest._group_commit import GroupCommit
-from ingest._sqlite import connect, ensure_schema, write_transaction
+from foundation.sqlite import connect, ensure_schema, write_transaction
 from ingest.bus import BusUnavailable, Record, TopicPartition, check_records, check_subscription, check_topic_name
 from ingest.sqlite_consumer import SqliteConsumer, partition_counts
 

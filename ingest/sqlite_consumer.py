@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from ingest._sqlite import connect, write_transaction
+from foundation.sqlite import connect, write_transaction
 from ingest.bus import BusUnavailable, Record, TopicPartition, check_topic_name
 
 logger = logging.getLogger(__name__)

@@ -145,7 +145,7 @@ def _up(settings, argv: list[str], log_level: str) -> int:
         settings.torch_threads = max(1, (os.cpu_count() or 2) // 2)
     env = {**os.environ, "KTO_TORCH_THREADS": str(settings.torch_threads)}
 
-    from kto_loop.models import ensure_demo_model
+    from foundation.models import ensure_demo_model
 
     if settings.model is None:
         ensure_demo_model(settings.data_dir)  # once, before two processes would both build it

@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from ingest._sqlite import connect, ensure_schema, write_transaction
+from foundation.sqlite import connect, ensure_schema, write_transaction
 from learner import erasure
 from learner.example import EXAMPLE_SQL, DeadLetter, Example, ExampleRef, example_from_row
 from learner.join import ApplyResult, Polled, apply_batch, dead_letter_event, next_counter

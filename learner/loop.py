@@ -30,7 +30,7 @@ import torch
 
 from ingest.bus import open_bus
 from ingest.events import Topics
-from kto_loop.models import default_device, ensure_demo_model, load_model, set_torch_threads
+from foundation.models import default_device, ensure_demo_model, load_model, set_torch_threads
 from learner import erasure
 from learner.buffer import Example, ExampleRef, ReplayBuffer
 from learner.canary import CanaryController

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from kto_loop.models import LoadedModel
+from foundation.models import LoadedModel
 from learner.loss import sequence_logps
 from learner.settings import LearnerSettings
 

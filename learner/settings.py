@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from kto_loop.settings import CommonSettings
+from foundation.settings import CommonSettings
 
 
 class LearnerSettings(CommonSettings):

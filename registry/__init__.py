@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kto_loop.urls import SQLITE_PREFIX, sqlite_path
+from foundation.urls import backend_of, sqlite_path
 
 from registry.base import Registry
 from registry.canary import Canary, in_canary
@@ -60,19 +60,13 @@ def open_registry(url: str, adapter_root: Path | None = None) -> Registry:
       `kto:registry:`, see registry.redis_keys); adapter files under `adapter_root`, which
       is then required: a directory every replica and the learner share.
     """
-    if url.startswith(SQLITE_PREFIX):
+    if backend_of(url, allowed=("sqlite", "redis"), what="registry") == "sqlite":
         return SqliteRegistry(sqlite_path(url), adapter_root)
-    if url.startswith(("redis://", "rediss://")):
-        if adapter_root is None:
-            # The URL may hold a password: name its scheme only.
-            raise ValueError(
-                "the Redis registry needs adapter_root (KTO_ADAPTER_DIR): the directory of "
-                "adapter files that every replica and the learner share"
-            )
-        from registry.redis_registry import RedisRegistry
+    if adapter_root is None:
+        raise ValueError(
+            "the Redis registry needs adapter_root (KTO_ADAPTER_DIR): the directory of "
+            "adapter files that every replica and the learner share"
+        )
+    from registry.redis_registry import RedisRegistry
 
-        return RedisRegistry(url, adapter_root)
-    raise ValueError(
-        f"unsupported registry URL scheme {url.split('://', 1)[0]!r}: expected "
-        "sqlite:///<path to registry.sqlite3> or redis://host:port/db"
-    )
+    return RedisRegistry(url, adapter_root)

@@ -24,7 +24,7 @@ parameter goes to redis-py (e.g. `socket_timeout=5`). Keys, all under the prefix
 
 from __future__ import annotations
 
-from kto_loop.urls import redis_url
+from foundation.urls import redis_url
 
 DEFAULT_PREFIX = "kto:registry:"
 SCHEMA_VERSION = 4

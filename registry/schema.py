@@ -14,11 +14,11 @@ rather than misread.
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from foundation import sqlite
 from registry.errors import RegistryError, RegistryUnavailable
 from registry.versions import HISTORY_ACTIONS
 
@@ -100,62 +100,21 @@ def unavailable_on_error(db_path: Path) -> Iterator[None]:
 
 
 def connect(db_path: Path, busy_timeout_s: float) -> sqlite3.Connection:
-    """Open (creating if needed) the registry database in WAL mode with full fsync.
+    """Open (creating if needed) the registry database in WAL mode with full fsync (a committed
+    publish or pointer swap survives a power cut, not just a crash), migrated to this layout.
 
     The connection is in autocommit mode: callers open explicit BEGIN IMMEDIATE transactions.
     It may be shared between threads provided the caller serializes its use.
     """
     with unavailable_on_error(db_path):
-        conn = sqlite3.connect(
-            db_path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
-    try:
-        with unavailable_on_error(db_path):
-            _prepare(conn, db_path, busy_timeout_s)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _prepare(conn: sqlite3.Connection, db_path: Path, busy_timeout_s: float) -> None:
-    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-    _enable_wal(conn, db_path, busy_timeout_s)
-    # FULL: a committed publish or pointer swap survives a power cut, not just a crash.
-    conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        found = conn.execute("PRAGMA user_version").fetchone()[0]
-        if found > SCHEMA_VERSION:
-            raise RegistryError(
-                f"{db_path} has schema {found}, newer than this code's {SCHEMA_VERSION}"
-            )
-        for statement in _TABLES.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-        for statement in _migrations(found):
-            conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
-def _enable_wal(conn: sqlite3.Connection, db_path: Path, busy_timeout_s: float) -> None:
-    # Switching a new file to WAL while another process does the same can fail with "database is
-    # locked" at once, without the busy handler, so retry here; once in WAL it is only a read.
-    deadline = time.monotonic() + busy_timeout_s
-    while True:
+        conn = sqlite.connect(db_path, synchronous="FULL", busy_timeout_s=busy_timeout_s)
         try:
-            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-            if str(mode).lower() != "wal":
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            break
-        except sqlite3.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-    if str(mode).lower() != "wal":
-        raise RegistryError(f"could not put {db_path} in WAL mode (got {mode!r})")
+            sqlite.ensure_schema(conn, [t for t in _TABLES.split(";") if t.strip()], SCHEMA_VERSION,
+                                 f"registry {db_path}", migrations=_migrations)
+        except sqlite.NewerLayout as e:
+            conn.close()
+            raise RegistryError(str(e)) from e
+        except BaseException:
+            conn.close()
+            raise
+    return conn

@@ -12,11 +12,11 @@ from starlette.concurrency import run_in_threadpool
 
 from ingest.bus import Bus, open_bus
 from ingest.events import Topics
-from ingest.ledger import open_ledger
-from ingest.ledger_backlog import BackloggedLedger
+from serve.ledger import open_ledger
+from serve.ledger_backlog import BackloggedLedger
 from ingest.spool import Spool
 from ingest.spooled_bus import SpooledBus
-from kto_loop.models import ensure_demo_model, load_model, set_torch_threads
+from foundation.models import ensure_demo_model, load_model, set_torch_threads
 from registry import open_registry
 from serve import errors
 from serve.deps import ServeState

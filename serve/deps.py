@@ -10,9 +10,9 @@ from fastapi import Depends, Header, Request
 
 from ingest.bus import Bus
 from ingest.events import Topics
-from ingest.ledger import ResponseLedger
+from serve.ledger import ResponseLedger
 from ingest.spooled_bus import SpooledBus
-from kto_loop.models import LoadedModel
+from foundation.models import LoadedModel
 from registry import Registry
 from serve.engine import Engine
 from serve.errors import Forbidden, Unauthorized

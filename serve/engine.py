@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from kto_loop.models import LoadedModel, eos_token_ids
+from foundation.models import LoadedModel, eos_token_ids
 from serve.batch import RunningBatch, left_pad
 from serve.sampling import sample_next
 from serve.text import TextTracker

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ingest.bus import BusUnavailable
-from ingest.ledger import LedgerUnavailable, NotResponseOwnerError, UnknownResponseError
+from serve.ledger import LedgerUnavailable, NotResponseOwnerError, UnknownResponseError
 from ingest.spool import SpoolFull
 from registry import (
     CanaryRunning,

@@ -94,7 +94,7 @@ class ServeMetrics:
         return gone
 
     def watch_ledger(self, backlog: Callable[[], int]) -> None:
-        """Export how many responses wait for an unreachable ledger (ingest.ledger_backlog)."""
+        """Export how many responses wait for an unreachable ledger (serve.ledger_backlog)."""
         Gauge("kto_ledger_backlog", "Responses not yet recorded in the ledger (it is unreachable).",
               registry=self.registry).set_function(backlog)
 

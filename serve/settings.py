@@ -7,8 +7,9 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 
-from kto_loop.settings import CommonSettings
-from kto_loop.urls import redis_url
+from foundation.settings import CommonSettings
+from foundation import urls
+from foundation.urls import redis_url
 
 
 class ServeSettings(CommonSettings):
@@ -78,7 +79,7 @@ class ServeSettings(CommonSettings):
     @property
     def spooled(self) -> bool:
         """Whether events go through the spool: for every bus but the embedded one."""
-        return not self.bus_url.startswith("sqlite://")
+        return urls.names(self.bus_url) != "sqlite"
 
     def resolved_spool_path(self) -> Path:
         return self.spool_path or self.data_dir / "spool.sqlite3"
@@ -86,7 +87,7 @@ class ServeSettings(CommonSettings):
     def resolved_ledger_url(self) -> str:
         if self.ledger_url:
             return self.ledger_url
-        if self.registry_url.startswith(("redis://", "rediss://")):
+        if urls.names(self.registry_url) == "redis":
             # The same server, under the ledger's own keys (the registry's prefix= is not for it).
             client_url, _, _ = redis_url(self.registry_url, "unused")
             return client_url

@@ -40,7 +40,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from kto_loop.models import build_tiny_model
+    from foundation.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden_size=32, num_heads=2)
 
@@ -48,7 +48,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_model(tiny_model_dir):
     """A fresh copy in memory per test: serving wraps it with PEFT, so tests must not share it."""
-    from kto_loop.models import load_model
+    from foundation.models import load_model
 
     return load_model(tiny_model_dir, model_id=TINY_MODEL_ID)
 
@@ -65,7 +65,7 @@ def make_adapter(tiny_model_dir, tmp_path_factory):
     """make_adapter(seed, r=4, target_modules=..., base_model=TINY_MODEL_ID) -> a PEFT adapter dir."""
     from peft import LoraConfig, get_peft_model
 
-    from kto_loop.models import load_model
+    from foundation.models import load_model
 
     root = tmp_path_factory.mktemp("adapters")
     made: dict[tuple, Path] = {}

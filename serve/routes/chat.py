@@ -5,7 +5,7 @@ that feedback checks, before the client gets its last byte: an id a client can s
 it can rate. No answer goes out unrecorded: when the event spool (Kafka) is full, a request is
 refused with 503 before anything is generated, and an answer whose event could not be written
 ends in a 503 (or, streaming, an error chunk) instead of its last chunk. While the ledger
-(Redis) is away, chat goes on: its entries wait in a backlog (ingest.ledger_backlog) and
+(Redis) is away, chat goes on: its entries wait in a backlog (serve.ledger_backlog) and
 ratings of those answers get 503 until it is back.
 """
 
@@ -23,7 +23,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ingest.events import ChatMessage, ResponseEvent, SamplingParams, encode_event
-from kto_loop.models import render_prompt
+from foundation.models import render_prompt
 from serve.deps import ServeState, State, UserId
 from serve.engine import Delta, Failed, Finished, GenerationRequest, Output
 from serve.errors import ApiError, BadRequest, NotFound, unavailable

@@ -1,11 +1,8 @@
-"""Fixtures for the ingest tests: a bus (embedded or Kafka) and a ledger, a fake clock, child processes.
+"""Fixtures for the ingest tests: a bus (embedded or Kafka), a fake clock, child processes.
 
 A test runs on the embedded bus unless its module parametrizes ``backend`` (``both_backends``):
 then it runs once per backend, on Kafka against the session's broker (the ``services``
 fixture), with topic and group names of its own (``helpers.NamespacedBus``).
-
-Every test that uses ``ledger`` or ``ledger_store`` runs twice: on the embedded ledger (a file and
-a fake clock) and on Redis (the session's redis-server, a key prefix of the test's own).
 """
 
 from __future__ import annotations
@@ -23,8 +20,6 @@ from tests.ingest.helpers import NamespacedBus
 from tests.tiny import FakeClock, spawn_scripts
 
 from ingest.kafka_bus import KafkaBus
-from ingest.ledger import ResponseLedger, SqliteLedger
-from ingest.redis_ledger import RedisLedger
 from ingest.sqlite_bus import SqliteBus
 
 WORKERS = Path(__file__).with_name("workers.py")
@@ -101,62 +96,6 @@ def bus_url(backend: str, bus_path: Path, request: pytest.FixtureRequest) -> str
     if backend == "kafka":
         return request.getfixturevalue("services").bus_url
     return f"sqlite:///{bus_path}"
-
-
-class LedgerStore:
-    """One test's ledger storage (a file, or a key prefix on Redis); ``open`` gives a new handle on it."""
-
-    def __init__(self, backend: str, path: Path, redis_url: str | None) -> None:
-        self.backend, self.path, self.redis_url = backend, path, redis_url
-        # Starting at the real time, so that child processes (on the real clock) see live entries.
-        self.clock = FakeClock(time.time())
-        self.key_prefix = f"test-{uuid.uuid4().hex[:12]}:"
-        self.opened: list[Any] = []
-
-    @property
-    def url(self) -> str:
-        """What a child process opens it with (see ``workers.py voter``)."""
-        return self.redis_url if self.backend == "redis" else f"sqlite:///{self.path}"  # type: ignore[return-value]
-
-    def open(self, ttl_s: float = 3600.0) -> ResponseLedger:
-        if self.backend == "redis":
-            ledger: Any = RedisLedger(self.url, ttl_s=ttl_s, key_prefix=self.key_prefix)
-        else:
-            ledger = SqliteLedger(self.path, ttl_s=ttl_s, clock=self.clock)
-        self.opened.append(ledger)
-        return ledger
-
-    def pass_time(self, seconds: float) -> None:
-        """Let ``seconds`` pass for the ledger: on the fake clock, or (Redis expires keys on its own
-        clock) for real, so Redis tests use TTLs of a second or so."""
-        if self.backend == "redis":
-            time.sleep(seconds)
-        else:
-            self.clock.advance(seconds)
-
-    def close(self) -> None:
-        for ledger in self.opened:
-            ledger.close()
-        if self.backend == "redis":
-            import redis
-
-            with redis.Redis.from_url(self.url) as client:
-                keys = list(client.scan_iter(match=f"{self.key_prefix}*"))
-                if keys:
-                    client.delete(*keys)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
-def ledger_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LedgerStore]:
-    redis_url = request.getfixturevalue("services").registry_url if request.param == "redis" else None
-    store = LedgerStore(request.param, tmp_path / "ledger.sqlite3", redis_url)
-    yield store
-    store.close()
-
-
-@pytest.fixture
-def ledger(ledger_store: LedgerStore) -> ResponseLedger:
-    return ledger_store.open()
 
 
 @pytest.fixture

@@ -79,8 +79,8 @@ def test_open_bus_rejects_other_urls(url: str) -> None:
 def test_ingest_imports_no_kafka_redis_http_or_torch() -> None:
     # The Kafka and Redis modules import their clients only when a KafkaBus or RedisLedger is made.
     code = (
-        "import sys, ingest.bus, ingest.sqlite_bus, ingest.sqlite_consumer, ingest.events, ingest.ledger,"
-        " ingest.kafka_bus, ingest.kafka_consumer, ingest.redis_ledger, ingest.spool, ingest.spooled_bus\n"
+        "import sys, ingest.bus, ingest.sqlite_bus, ingest.sqlite_consumer, ingest.events, serve.ledger,"
+        " ingest.kafka_bus, ingest.kafka_consumer, serve.redis_ledger, ingest.spool, ingest.spooled_bus\n"
         "bad = sorted(m for m in ('kafka', 'redis', 'torch', 'fastapi', 'starlette', 'httpx') if m in sys.modules)\n"
         "assert not bad, bad\n"
     )

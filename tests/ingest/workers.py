@@ -5,9 +5,6 @@ writer BUS_URL TOPIC TAG COUNT BATCH GO_FILE
     records "TAG-i" (COUNT 0: forever), BATCH at a time, pausing 1 ms between publishes so that
     concurrent writers interleave; after each publish returns, print "OFFSET i" per record: the
     parent's proof of acknowledgement.
-voter LEDGER_URL KEY_PREFIX RESPONSE_ID USER COUNT SEED GO_FILE
-    open the ledger (sqlite:///… or redis://…, the Redis keys under KEY_PREFIX), wait for GO_FILE,
-    then cast COUNT random votes; print "PREVIOUS NEW" for each.
 spooler SPOOL_PATH BUS_URL TOPIC
     publish "0", "1", … forever through a SpooledBus on the spool file SPOOL_PATH, sending to the
     bus at BUS_URL ("down": a bus that is never reachable); after each publish returns, print
@@ -20,10 +17,8 @@ member KAFKA_URL GROUP TOPIC COMMIT_AT
 
 from __future__ import annotations
 
-import random
 import sys
 import time
-import uuid
 from pathlib import Path
 
 from testkit.waiting import wait_for
@@ -49,20 +44,6 @@ def writer(url: str, topic: str, tag: str, count: str, batch: str, go_file: str)
         i += len(items)
         time.sleep(0.001)
     bus.close()
-
-
-def voter(url: str, key_prefix: str, response_id: str, user: str, count: str, seed: str, go_file: str) -> None:
-    from ingest.ledger import open_ledger
-    from ingest.redis_ledger import RedisLedger
-
-    ledger = RedisLedger(url, key_prefix=key_prefix) if url.startswith("redis") else open_ledger(url)
-    rng = random.Random(int(seed))
-    _wait_for(go_file)
-    for _ in range(int(count)):
-        label = rng.choice(["desirable", "undesirable"])
-        previous = ledger.set_vote(response_id, user, label, uuid.uuid4().hex)
-        print(previous, label, flush=True)
-    ledger.close()
 
 
 def spooler(spool_path: str, url: str, topic: str) -> None:
@@ -100,4 +81,4 @@ def member(url: str, group: str, topic: str, commit_at: str) -> None:
 
 
 if __name__ == "__main__":
-    {"writer": writer, "voter": voter, "spooler": spooler, "member": member}[sys.argv[1]](*sys.argv[2:])
+    {"writer": writer, "spooler": spooler, "member": member}[sys.argv[1]](*sys.argv[2:])

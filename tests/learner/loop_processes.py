@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from kto_loop.models import build_tiny_model
+from foundation.models import build_tiny_model
 from kto_loop.simulate import Simulation, simulate, two_proportion_p
 from testkit.processes import assert_running, log_on_failure
 from testkit.waiting import wait_for

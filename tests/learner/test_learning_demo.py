@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 
-from kto_loop.models import ensure_demo_model
+from foundation.models import ensure_demo_model
 from kto_loop.simulate import Raters, parse_rule, simulate, two_proportion_p
 from registry import open_registry
 from testkit.ports import free_port

@@ -13,7 +13,7 @@ import pytest
 
 from ingest.bus import open_bus
 from ingest.events import FeedbackEvent, ResponseEvent, SamplingParams, Topics, encode_event
-from kto_loop.models import render_prompt
+from foundation.models import render_prompt
 from learner.buffer import ReplayBuffer
 from learner.settings import LearnerSettings
 from registry import BASE, open_registry

@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 from serve.app import create_app
 from serve.settings import ServeSettings
 from testkit.background_server import BackgroundServer
+from tests.serve.ledger_fixtures import ledger, ledger_store, spawn_voter  # noqa: F401 (fixtures)
 from tests.tiny import TINY_MODEL_ID
 
 ADMIN_TOKEN = "test-admin-token"

@@ -144,7 +144,7 @@ def test_audit_is_forbidden_without_an_admin_token(settings):
 
 
 def test_audit_answers_503_while_the_ledger_is_unreachable(client, state, monkeypatch):
-    from ingest.ledger import LedgerUnavailable
+    from serve.ledger import LedgerUnavailable
 
     def away(response_id):
         raise LedgerUnavailable("redis is down")

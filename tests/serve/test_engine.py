@@ -43,7 +43,7 @@ def engine(tiny_model):
 
 
 def prompt(tiny_model, text: str) -> list[int]:
-    from kto_loop.models import render_prompt
+    from foundation.models import render_prompt
 
     return render_prompt(tiny_model.tokenizer, [{"role": "user", "content": text}])
 

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from kto_loop.models import build_tokenizer
+from foundation.models import build_tokenizer
 from serve.text import TextTracker
 
 CORPUS = "\n".join(["Grüß dich, wie geht's? 👋 Très bien, merci ! 東京は晴れです。", "the quick brown fox jumps",

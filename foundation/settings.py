@@ -12,8 +12,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-EMBEDDED_SCHEMES = ("sqlite://",)
-
+from foundation import urls
 
 class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KTO_", extra="ignore", validate_default=True)
@@ -63,7 +62,7 @@ class CommonSettings(BaseSettings):
             self.bus_url = f"sqlite:///{self.data_dir / 'bus.sqlite3'}"
         if self.registry_url is None:
             self.registry_url = f"sqlite:///{self.data_dir / 'registry' / 'registry.sqlite3'}"
-        if self.adapter_dir is None and self.registry_url.startswith(("redis://", "rediss://")):
+        if self.adapter_dir is None and urls.names(self.registry_url) == "redis":
             self.adapter_dir = self.data_dir / "adapters"  # Redis holds no files
         for name in ("bus_url", "registry_url"):
             url = getattr(self, name)
@@ -73,6 +72,6 @@ class CommonSettings(BaseSettings):
 
     @property
     def base_model_id(self) -> str:
-        from kto_loop.models import DEMO_MODEL_ID
+        from foundation.models import DEMO_MODEL_ID
 
         return self.model_id or self.model or DEMO_MODEL_ID

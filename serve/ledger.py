@@ -14,7 +14,7 @@ replica sharing the ledger adds to one tally. Tallies outlive the entries' TTL a
 erasure (``forget_user``): they are counts, not anybody's data.
 
 Backends, chosen by URL in ``open_ledger``: ``sqlite:///path`` (embedded, one host) and
-``redis://…`` (``ingest.redis_ledger``, shared by replicas on several hosts).
+``redis://…`` (``serve.redis_ledger``, shared by replicas on several hosts).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from ingest._sqlite import connect, ensure_schema, path_from_url, write_transaction
+from foundation.sqlite import connect, ensure_schema, path_from_url, write_transaction
+from foundation.urls import backend_of
 
 logger = logging.getLogger(__name__)
 
@@ -268,13 +269,9 @@ def _count(conn: sqlite3.Connection, version: str | None, column: str, delta: in
 
 
 def open_ledger(url: str, *, ttl_s: float = DEFAULT_TTL_S) -> ResponseLedger:
-    """The ledger for ``url``: ``sqlite:///PATH`` (see ``kto_loop.urls``) or ``redis[s]://host:port/db``."""
-    if url.startswith("sqlite://"):
+    """The ledger for ``url``: ``sqlite:///PATH`` (see ``foundation.urls``) or ``redis[s]://host:port/db``."""
+    if backend_of(url, allowed=("sqlite", "redis"), what="ledger") == "sqlite":
         return SqliteLedger(path_from_url(url), ttl_s=ttl_s)
-    if url.startswith(("redis://", "rediss://")):
-        from ingest.redis_ledger import RedisLedger  # redis-py only when chosen
+    from serve.redis_ledger import RedisLedger  # redis-py only when chosen
 
-        return RedisLedger(url, ttl_s=ttl_s)
-    raise ValueError(
-        f"unsupported ledger URL {url!r}: expected sqlite:///path/to/ledger.sqlite3 or redis://host:port/db"
-    )
+    return RedisLedger(url, ttl_s=ttl_s)

@@ -1,6 +1,7 @@
-"""SQLite plumbing shared by the embedded bus and the embedded ledger.
+"""SQLite plumbing shared by the embedded bus, the response ledger, the replay buffer and the
+embedded registry.
 
-Both keep their state in one SQLite file in WAL mode that several processes open at once, so
+Each keeps their state in one SQLite file in WAL mode that several processes open at once, so
 they need the same things: a ``sqlite:///`` URL parser, connections with the right pragmas, and
 write transactions that take the write lock up front.
 """
@@ -10,18 +11,18 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from kto_loop.urls import sqlite_path
+from foundation.urls import sqlite_path
 
 logger = logging.getLogger(__name__)
 
 
 
 def path_from_url(url: str) -> Path:
-    """The file path in a ``sqlite:///PATH`` URL (see ``kto_loop.urls``)."""
+    """The file path in a ``sqlite:///PATH`` URL (see ``foundation.urls``)."""
     return sqlite_path(url)
 
 
@@ -81,13 +82,22 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
-def ensure_schema(conn: sqlite3.Connection, statements: list[str], version: int, what: str) -> None:
-    """Create tables if missing and check the file's layout version (``PRAGMA user_version``)."""
+class NewerLayout(RuntimeError):
+    """The file was written by a newer version of this code: refused rather than misread."""
+
+
+def ensure_schema(conn: sqlite3.Connection, statements: list[str], version: int, what: str,
+                  migrations: Callable[[int], list[str]] | None = None) -> None:
+    """Create tables if missing and bring the file to layout `version` (``PRAGMA user_version``),
+    in one transaction: `migrations(found)` gives the statements from an older layout `found`
+    (0: a new file, which `statements` create as they are now)."""
     with write_transaction(conn):
         found = conn.execute("PRAGMA user_version").fetchone()[0]
         if found > version:
-            raise RuntimeError(f"{what} file has layout version {found}, newer than this code's {version}")
+            raise NewerLayout(f"{what} file has layout version {found}, newer than this code's {version}")
         for statement in statements:
+            conn.execute(statement)
+        for statement in migrations(found) if migrations and found not in (0, version) else []:
             conn.execute(statement)
         if found < version:
             conn.execute(f"PRAGMA user_version={version}")

@@ -1,14 +1,39 @@
 """Backend URLs. Embedded backends take `sqlite:///PATH`, SQLAlchemy's convention: the path is
 what follows the third slash, so `sqlite:///data/bus.sqlite3` is relative to the working
 directory and `sqlite:////var/lib/kto/bus.sqlite3` is absolute. Redis backends take
-`redis://host:port/db[?prefix=…]` (see `redis_url`)."""
+`redis://host:port/db[?prefix=…]` (see `redis_url`), Kafka `kafka://host:port[,host:port]`.
+
+Which backend a URL names is decided here only (`backend_of`), from the table `SCHEMES`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from typing import Literal
+
+Backend = Literal["sqlite", "redis", "kafka"]
+
+SCHEMES: dict[str, Backend] = {"sqlite": "sqlite", "redis": "redis", "rediss": "redis", "kafka": "kafka"}
+"""URL scheme -> the backend it names (rediss: Redis over TLS)."""
 
 SQLITE_PREFIX = "sqlite:///"
+
+
+def names(url: str) -> Backend | None:
+    """The backend `url` names by its scheme, None for a scheme not in `SCHEMES`."""
+    return SCHEMES.get(url.split("://", 1)[0]) if "://" in url else None
+
+
+def backend_of(url: str, *, allowed: tuple[Backend, ...], what: str) -> Backend:
+    """The backend `url` names, one of `allowed`; ValueError naming the scheme (never the whole
+    URL, which may hold a password) and what `what` accepts otherwise."""
+    found = names(url)
+    if found is None or found not in allowed:
+        scheme = url.split("://", 1)[0] if "://" in url else ""
+        expected = " or ".join(f"{s}://" for s, b in SCHEMES.items() if b in allowed)
+        named = f"scheme {scheme!r}" if scheme else "without a scheme"
+        raise ValueError(f"unsupported {what} URL {named}: expected {expected}")
+    return found
 
 
 def sqlite_path(url: str) -> Path:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from ingest.ledger import (
+from serve.ledger import (
     LedgerEntry,
     LedgerUnavailable,
     NotResponseOwnerError,
@@ -25,9 +25,10 @@ from ingest.ledger import (
     VersionTally,
     open_ledger,
 )
-from ingest.redis_ledger import RedisLedger
+from serve.redis_ledger import RedisLedger
 from testkit.ports import free_port
-from tests.ingest.conftest import LedgerStore
+from tests.tiny import FakeClock
+from tests.serve.ledger_fixtures import LedgerStore
 
 
 def test_recorded_response_can_be_looked_up(ledger: ResponseLedger) -> None:
@@ -148,7 +149,8 @@ def test_a_vote_does_not_extend_the_ttl(ledger_store: LedgerStore) -> None:
     assert ledger.lookup("r1") is None
 
 
-def test_expired_entries_are_purged_from_the_file(tmp_path: Path, clock: Any) -> None:
+def test_expired_entries_are_purged_from_the_file(tmp_path: Path) -> None:
+    clock = FakeClock(0.0)
     path = tmp_path / "ledger.sqlite3"
     ledger = SqliteLedger(path, ttl_s=100.0, clock=clock)
     for i in range(5):
@@ -172,13 +174,13 @@ def test_the_ledger_persists_and_is_shared_between_instances(ledger_store: Ledge
 
 
 def test_concurrent_votes_from_processes_serialise(
-    ledger_store: LedgerStore, tmp_path: Path, spawn_worker: Callable
+    ledger_store: LedgerStore, tmp_path: Path, spawn_voter: Callable
 ) -> None:
     # Processes stand for serve replicas: each vote's check-and-set must be atomic in the ledger.
     go = tmp_path / "go"
     ledger_store.open().record_response("r1", "alice")
     voters = [
-        spawn_worker("voter", ledger_store.url, ledger_store.key_prefix, "r1", "alice", 40, seed, go)
+        spawn_voter(ledger_store.url, ledger_store.key_prefix, "r1", "alice", 40, seed, go)
         for seed in range(3)
     ]
     for child in voters:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ingest.ledger import LedgerUnavailable, SqliteLedger
-from ingest.ledger_backlog import BackloggedLedger
+from serve.ledger import LedgerUnavailable, SqliteLedger
+from serve.ledger_backlog import BackloggedLedger
 from testkit.waiting import wait_for
 
 

@@ -54,7 +54,7 @@ def default_device() -> tuple[torch.device, torch.dtype]:
 
 
 def _demo_corpus() -> str:
-    return resources.files("kto_loop").joinpath("data/corpus.txt").read_text(encoding="utf-8")
+    return resources.files("foundation").joinpath("data/corpus.txt").read_text(encoding="utf-8")
 
 
 def build_tokenizer(path: Path, *, vocab_size: int = 512, corpus: str | None = None, alphabet: str | None = None):

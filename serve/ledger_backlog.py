@@ -23,7 +23,7 @@ import collections
 import logging
 import threading
 
-from ingest.ledger import LedgerEntry, LedgerUnavailable, ResponseLedger, VersionTally
+from serve.ledger import LedgerEntry, LedgerUnavailable, ResponseLedger, VersionTally
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The Redis ledger: the ``ResponseLedger`` shared by every serve replica, through redis-py.
 
 URL: ``redis://[:password@]host:port/db[?prefix=kto:ledger:]`` or ``rediss://…`` (TLS); the
-prefix namespaces the keys (see ``kto_loop.urls.redis_url``). A rating may reach a different
+prefix namespaces the keys (see ``foundation.urls.redis_url``). A rating may reach a different
 replica than the one that answered, so what feedback checks lives here rather than in a file.
 
 Layout and rules (the same semantics as ``SqliteLedger``):
@@ -30,7 +30,7 @@ import logging
 import time
 from typing import Any
 
-from ingest.ledger import (
+from serve.ledger import (
     DEFAULT_TTL_S,
     LABELS,
     LedgerEntry,
@@ -39,7 +39,7 @@ from ingest.ledger import (
     UnknownResponseError,
     VersionTally,
 )
-from kto_loop.urls import redis_url
+from foundation.urls import redis_url
 
 logger = logging.getLogger(__name__)
 
