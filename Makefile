@@ -11,13 +11,20 @@ export UV_PYTHON_DOWNLOADS := never
 UV := $(CACHE)/uv/bin/uv
 VENV_STAMP := .venv/.synced
 
-.PHONY: run test bench setup clean services services-stop screenshot
+.PHONY: run test lint bench setup clean services services-stop screenshot
 
 run: $(VENV_STAMP)
 	.venv/bin/kto-loop up
 
-test: $(VENV_STAMP)
+# Lint, format, the layers contract and types first (seconds), then the tests.
+test: $(VENV_STAMP) lint
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV_STAMP)
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/lint-imports
+	.venv/bin/mypy
 
 bench: $(VENV_STAMP)
 	.venv/bin/python -m bench $(BENCH_ARGS)

@@ -18,15 +18,26 @@ from bench.report import RESULTS_DIR
 
 logger = logging.getLogger("bench")
 
-SUITES = {"serving": "bench.serving", "learner": "bench.learner", "ingest": "bench.ingest",
-          "detokenize": "bench.detokenize", "buffer": "bench.buffer",
-          "sampling": "bench.sampling", "learning": "bench.learning"}  # name -> module with run(options) -> Path
+SUITES = {
+    "serving": "bench.serving",
+    "learner": "bench.learner",
+    "ingest": "bench.ingest",
+    "detokenize": "bench.detokenize",
+    "buffer": "bench.buffer",
+    "sampling": "bench.sampling",
+    "learning": "bench.learning",
+}  # name -> module with run(options) -> Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--only", action="append", choices=sorted(SUITES), metavar="SUITE",
-                        help=f"run only this suite (repeatable; one of: {', '.join(SUITES)}); default: all")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=sorted(SUITES),
+        metavar="SUITE",
+        help=f"run only this suite (repeatable; one of: {', '.join(SUITES)}); default: all",
+    )
     parser.add_argument("--quick", action="store_true", help="a short smoke run (about a minute per suite)")
     parser.add_argument("--model", help="a local model directory to benchmark instead of the demo-sized random model")
     parser.add_argument("--model-id", help="the name the model is served under (default: the directory name)")
@@ -36,16 +47,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     learning.add_argument("--tasks", help="only these tasks (comma-separated)")
     learning.add_argument("--rows", help="only these rows (comma-separated: defaults, canary off, ...)")
     learning.add_argument("--seeds", type=int, help="seeds per task and row")
-    learning.add_argument("--env", action="append", metavar="KTO_X=VALUE",
-                          help="a setting for every run on top of the defaults (an extra row: use --tag)")
+    learning.add_argument(
+        "--env",
+        action="append",
+        metavar="KTO_X=VALUE",
+        help="a setting for every run on top of the defaults (an extra row: use --tag)",
+    )
     learning.add_argument("--tag", help="appended to the results' file names")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if options.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if options.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("bench").setLevel(logging.INFO)
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

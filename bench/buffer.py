@@ -19,7 +19,6 @@ from ingest.bus import Record
 from ingest.events import FeedbackEvent, ResponseEvent, SamplingParams
 from learner.buffer import ReplayBuffer
 
-
 SIZES = (10_000, 50_000)
 QUICK_SIZES = (2_000, 10_000)
 
@@ -29,13 +28,22 @@ def fill(buffer: ReplayBuffer, start: int, n: int, rng: random.Random) -> None:
     for i in range(start, start + n):
         user = f"u{i % 300}"
         response = ResponseEvent(
-            response_id=f"r{i}", user=user, base_model="bench", adapter_version=None,
-            messages=[{"role": "user", "content": "hi"}], prompt_token_ids=[rng.randrange(500) for _ in range(100)],
-            completion="…", completion_token_ids=[rng.randrange(500) for _ in range(60)], finish_reason="stop",
-            sampling=SamplingParams(max_tokens=64, temperature=1.0, top_p=1.0))
+            response_id=f"r{i}",
+            user=user,
+            base_model="bench",
+            adapter_version=None,
+            messages=[{"role": "user", "content": "hi"}],
+            prompt_token_ids=[rng.randrange(500) for _ in range(100)],
+            completion="…",
+            completion_token_ids=[rng.randrange(500) for _ in range(60)],
+            finish_reason="stop",
+            sampling=SamplingParams(max_tokens=64, temperature=1.0, top_p=1.0),
+        )
         vote = FeedbackEvent(response_id=f"r{i}", user=user, label="desirable" if i % 3 else "undesirable")
-        batch += [(Record("b.responses", 0, i, response.response_id, b"", 0.0), response, None),
-                  (Record("b.feedback", 0, i, vote.response_id, b"", 0.0), vote, None)]
+        batch += [
+            (Record("b.responses", 0, i, response.response_id, b"", 0.0), response, None),
+            (Record("b.feedback", 0, i, vote.response_id, b"", 0.0), vote, None),
+        ]
         if len(batch) >= 5000:
             buffer.apply(batch, now=0.0)
             batch = []
@@ -72,10 +80,21 @@ def run(options) -> Path:
 
             baseline_s = best_of(lambda: buffer.referenced())
             light_s = best_of(light)
-            results.append({"examples": n, "referenced_s": baseline_s, "index_and_load_s": light_s,
-                            "speedup": report.ratio(baseline_s, light_s)})
+            results.append(
+                {
+                    "examples": n,
+                    "referenced_s": baseline_s,
+                    "index_and_load_s": light_s,
+                    "speedup": report.ratio(baseline_s, light_s),
+                }
+            )
             rows.append([n, baseline_s * 1000, light_s * 1000, report.ratio(baseline_s, light_s)])
         buffer.close()
-    print(report.table("Reading the buffer to plan one update, ms (best of 3)",
-                       ["examples", "referenced() [baseline]", "index() + load(picked)", "speedup ×"], rows))
+    print(
+        report.table(
+            "Reading the buffer to plan one update, ms (best of 3)",
+            ["examples", "referenced() [baseline]", "index() + load(picked)", "speedup ×"],
+            rows,
+        )
+    )
     return report.save_suite("buffer", options, "referenced(): every example with its token ids", results)

@@ -16,7 +16,6 @@ from bench import report
 from foundation.models import _demo_corpus, build_tokenizer
 from serve.text import TextTracker
 
-
 LENGTHS = (128, 512, 2048)
 QUICK_LENGTHS = (128, 512)
 
@@ -27,8 +26,8 @@ def full_decode_stream(tokenizer, tokens: list[int]) -> str:
     for end in range(1, len(tokens) + 1):
         text = tokenizer.decode(tokens[:end], skip_special_tokens=True)
         safe = len(text) - 1 if text.endswith("\ufffd") else len(text)
-        sent += text[len(sent):safe] if safe > len(sent) else ""
-    return sent + tokenizer.decode(tokens, skip_special_tokens=True)[len(sent):]
+        sent += text[len(sent) : safe] if safe > len(sent) else ""
+    return sent + tokenizer.decode(tokens, skip_special_tokens=True)[len(sent) :]
 
 
 def tracker_stream(tokenizer, tokens: list[int]) -> str:
@@ -56,13 +55,24 @@ def run(options) -> Path:
         tokens = (corpus * (n // len(corpus) + 1))[:n]
         whole = tokenizer.decode(tokens, skip_special_tokens=True)
         repeats = 5 if n <= 512 else 2
-        base_s, base_text = best_of(lambda: full_decode_stream(tokenizer, tokens), repeats)
-        ours_s, ours_text = best_of(lambda: tracker_stream(tokenizer, tokens), repeats)
+        base_s, base_text = best_of(lambda tokens=tokens: full_decode_stream(tokenizer, tokens), repeats)
+        ours_s, ours_text = best_of(lambda tokens=tokens: tracker_stream(tokenizer, tokens), repeats)
         assert base_text == ours_text == whole, "the streamed text differs from one decode of the answer"
         speedup = report.ratio(base_s, ours_s)
-        results.append({"tokens": n, "baseline_us_per_token": 1e6 * base_s / n,
-                        "tracker_us_per_token": 1e6 * ours_s / n, "speedup": speedup})
+        results.append(
+            {
+                "tokens": n,
+                "baseline_us_per_token": 1e6 * base_s / n,
+                "tracker_us_per_token": 1e6 * ours_s / n,
+                "speedup": speedup,
+            }
+        )
         rows.append([n, 1e6 * base_s / n, 1e6 * ours_s / n, speedup])
-    print(report.table("Streaming detokenization, CPU µs per token (best of repeats, process time)",
-                       ["answer tokens", "full decode each step", "TextTracker", "speedup ×"], rows))
+    print(
+        report.table(
+            "Streaming detokenization, CPU µs per token (best of repeats, process time)",
+            ["answer tokens", "full decode each step", "TextTracker", "speedup ×"],
+            rows,
+        )
+    )
     return report.save_suite("detokenize", options, "decode the whole completion at every step", results)

@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         for seeded in (True, False):
             for rows in (1, 4, 16):
                 ms = 1000 * per_step_s(engine, prompt, rows, options.tokens, seeded)
-                lines.append(f"seeded={seeded!s:<5} rows={rows:<2}  {ms:7.2f} ms/step  {rows / ms * 1000:8.0f} tokens/s")
+                lines.append(
+                    f"seeded={seeded!s:<5} rows={rows:<2}  {ms:7.2f} ms/step  {rows / ms * 1000:8.0f} tokens/s"
+                )
     finally:
         engine.stop()
     # The profile: 16 seeded rows stepped on this thread (the profiler sees the calling thread's ops).

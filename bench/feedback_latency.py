@@ -47,8 +47,12 @@ def measure_latency(plan: Plan, model_dir: Path, tmp: Path, extra_env: dict[str,
         env.pop(name)  # the defaults, whatever this shell has set
     env.update(extra_env or {})
     defaults = LearnerSettings(_env_file=None, data_dir=data_dir)
-    logger.info("starting kto-loop up on port %d (learner cadence: %d labels or %.0f s)", port,
-                defaults.min_new_labels, defaults.max_wait_s)
+    logger.info(
+        "starting kto-loop up on port %d (learner cadence: %d labels or %.0f s)",
+        port,
+        defaults.min_new_labels,
+        defaults.max_wait_s,
+    )
     log_path = tmp / "kto-loop-up.log"
     process = start("up", env, log_path, log_level="warning", inherit_env=False, cwd=report.REPO_ROOT)
     url = f"http://127.0.0.1:{port}"
@@ -61,12 +65,17 @@ def measure_latency(plan: Plan, model_dir: Path, tmp: Path, extra_env: dict[str,
         driver.start()
         registry = open_loop_registry(data_dir)
         try:
+
             def published() -> list:
                 assert_running(process)
                 return registry.list_versions()
 
-            wait_for(published, what="a version published during the warm-up (is the learner running?)",
-                     timeout_s=plan.warmup_timeout_s, interval_s=0.5)
+            wait_for(
+                published,
+                what="a version published during the warm-up (is the learner running?)",
+                timeout_s=plan.warmup_timeout_s,
+                interval_s=0.5,
+            )
             warmup_s = time.perf_counter() - started - startup_s
             logger.info("first version published; measuring for %.0f s", plan.measure_s)
             driver.measuring.set()
@@ -93,23 +102,42 @@ def measure_latency(plan: Plan, model_dir: Path, tmp: Path, extra_env: dict[str,
     analysis = analyse(driver, versions, held_out, defaults.held_out_fraction)
     rejected = [v for v in versions if v.status == "rejected"]
     return {
-        "env": extra_env or {}, "model": str(model_dir), "rate_per_s": plan.rate_per_s, "users": plan.users, "max_tokens": plan.max_tokens,
-        "cadence": {"min_new_labels": defaults.min_new_labels, "max_wait_s": defaults.max_wait_s,
-                    "steps_per_update": defaults.steps_per_update, "micro_batch": defaults.micro_batch,
-                    "held_out_fraction": defaults.held_out_fraction},
-        "startup_s": startup_s, "warmup_s": warmup_s, "measure_s": plan.measure_s, "drain_s": drained_s,
+        "env": extra_env or {},
+        "model": str(model_dir),
+        "rate_per_s": plan.rate_per_s,
+        "users": plan.users,
+        "max_tokens": plan.max_tokens,
+        "cadence": {
+            "min_new_labels": defaults.min_new_labels,
+            "max_wait_s": defaults.max_wait_s,
+            "steps_per_update": defaults.steps_per_update,
+            "micro_batch": defaults.micro_batch,
+            "held_out_fraction": defaults.held_out_fraction,
+        },
+        "startup_s": startup_s,
+        "warmup_s": warmup_s,
+        "measure_s": plan.measure_s,
+        "drain_s": drained_s,
         "achieved_rate_per_s": driver.measured_count() / plan.measure_s,
-        "chats": len(driver.chats), "errors": driver.errors[:10], "error_count": len(driver.errors),
-        "versions": len(versions), "rejected_versions": len(rejected),
+        "chats": len(driver.chats),
+        "errors": driver.errors[:10],
+        "error_count": len(driver.errors),
+        "versions": len(versions),
+        "rejected_versions": len(rejected),
         "rejected_reasons": sorted({v.rejected_reason or "" for v in rejected})[:5],
-        "update_seconds": report.summary([v.metrics.get("seconds") for v in versions
-                                          if isinstance(v.metrics.get("seconds"), (int, float))]),
+        "update_seconds": report.summary(
+            [v.metrics.get("seconds") for v in versions if isinstance(v.metrics.get("seconds"), (int, float))]
+        ),
         "version_interval_s": report.summary([b.created_at - a.created_at for a, b in zip(versions, versions[1:])]),
         "per_version": per_version(versions),
         "server_log_tracebacks": server_log.count("Traceback (most recent call last)"),
-        "server_log_errors": [line for line in server_log.splitlines()
-                              if line.startswith(("concurrent.", "RuntimeError", "ValueError")) or " ERROR " in line][:5],
-        "cpu": cpu, **analysis,
+        "server_log_errors": [
+            line
+            for line in server_log.splitlines()
+            if line.startswith(("concurrent.", "RuntimeError", "ValueError")) or " ERROR " in line
+        ][:5],
+        "cpu": cpu,
+        **analysis,
     }
 
 
@@ -119,11 +147,20 @@ def per_version(versions) -> list[dict[str, Any]]:
     rows = []
     for v in sorted(versions, key=lambda v: v.created_at):
         events = set(v.lineage.get("feedback_event_ids", []))
-        rows.append({"version": v.version, "status": v.status, "created_at": v.created_at,
-                     "fresh_examples": v.lineage.get("fresh_examples"), "first_trained_here": len(events - seen),
-                     "trained_examples": len(events), "update_s": v.metrics.get("seconds"),
-                     "newest_label_to_publish_s": v.created_at - v.lineage["newest_label_at"]
-                     if isinstance(v.lineage.get("newest_label_at"), (int, float)) else None})
+        rows.append(
+            {
+                "version": v.version,
+                "status": v.status,
+                "created_at": v.created_at,
+                "fresh_examples": v.lineage.get("fresh_examples"),
+                "first_trained_here": len(events - seen),
+                "trained_examples": len(events),
+                "update_s": v.metrics.get("seconds"),
+                "newest_label_to_publish_s": v.created_at - v.lineage["newest_label_at"]
+                if isinstance(v.lineage.get("newest_label_at"), (int, float))
+                else None,
+            }
+        )
         seen |= events
     return rows
 
@@ -182,9 +219,14 @@ class Driver:
                         return
                 next_at = max(next_at + period, time.monotonic() - period)  # steady; no burst to catch up
                 try:
-                    reply = client.post("/v1/chat/completions", json={
-                        "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
-                        "max_tokens": self.plan.max_tokens, "temperature": 1.0})
+                    reply = client.post(
+                        "/v1/chat/completions",
+                        json={
+                            "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
+                            "max_tokens": self.plan.max_tokens,
+                            "temperature": 1.0,
+                        },
+                    )
                     reply.raise_for_status()
                     body = reply.json()
                     with self._lock:
@@ -192,8 +234,9 @@ class Driver:
                     desirable = body["choices"][0]["message"]["content"].lstrip().lower().startswith(tuple("aeiou"))
                     measured = self.measuring.is_set()
                     sent_at = time.time()
-                    vote = client.post("/v1/feedback", json={"response_id": body["id"],
-                                                             "label": "up" if desirable else "down"})
+                    vote = client.post(
+                        "/v1/feedback", json={"response_id": body["id"], "label": "up" if desirable else "down"}
+                    )
                     vote.raise_for_status()
                     with self._lock:
                         self.sent.append(Sent(vote.json()["id"], body["id"], sent_at, measured))
@@ -236,6 +279,11 @@ def analyse(driver: Driver, versions, held_out, held_out_fraction: float) -> dic
             pending += 1  # published, not served yet (e.g. only in rejected versions so far)
             continue
         served.append(hit - s.sent_at)
-    return {"measured_ratings": len(sent), "held_out": held, "pending": pending,
-            "first_version_status": first_status, "published_s": report.summary(published),
-            "served_s": report.summary(served)}
+    return {
+        "measured_ratings": len(sent),
+        "held_out": held,
+        "pending": pending,
+        "first_version_status": first_status,
+        "published_s": report.summary(published),
+        "served_s": report.summary(served),
+    }

@@ -72,11 +72,24 @@ def run(options) -> Path:
         with kafka_url(tmp / "services") as url:
             results["kafka"] = measure_bus(url, plan, tmp / "kafka")
         results["embedded"] = measure_bus(f"sqlite:///{tmp / 'embedded' / 'bus.sqlite3'}", plan, tmp / "embedded")
-    targets = [report.Target("ratings joined per second, Kafka (burst)", results["kafka"]["burst"]["joined_per_s"],
-                             ">=", 5000, "ratings/s")]
+    targets = [
+        report.Target(
+            "ratings joined per second, Kafka (burst)",
+            results["kafka"]["burst"]["joined_per_s"],
+            ">=",
+            5000,
+            "ratings/s",
+        )
+    ]
     print_tables(results, targets, plan)
-    payload = {"suite": "ingest", "quick": options.quick, "machine": report.machine_info("cpu", "n/a"),
-               "plan": asdict(plan), "results": results, "targets": [t.to_json() for t in targets]}
+    payload = {
+        "suite": "ingest",
+        "quick": options.quick,
+        "machine": report.machine_info("cpu", "n/a"),
+        "plan": asdict(plan),
+        "results": results,
+        "targets": [t.to_json() for t in targets],
+    }
     path = report.write_json("ingest-cpu" + ("-quick" if options.quick else ""), payload, options.results_dir)
     logger.info("wrote %s", path)
     return path
@@ -93,18 +106,32 @@ class kafka_url:
         if url.startswith("kafka://"):
             return url
         logger.info("starting a Kafka broker (deploy/services/services.py start)")
-        done = subprocess.run([sys.executable, str(SERVICES), "start", "--state-dir", str(self.state_dir),
-                               "--owner-pid", str(os.getpid())], capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(SERVICES),
+                "start",
+                "--state-dir",
+                str(self.state_dir),
+                "--owner-pid",
+                str(os.getpid()),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         self.started = True
         return next(line.split("=", 1)[1] for line in done.stdout.splitlines() if line.startswith("KTO_BUS_URL="))
 
     def __exit__(self, *exc: object) -> None:
         if self.started:
-            subprocess.run([sys.executable, str(SERVICES), "stop", "--state-dir", str(self.state_dir)],
-                           capture_output=True)
+            subprocess.run(
+                [sys.executable, str(SERVICES), "stop", "--state-dir", str(self.state_dir)], capture_output=True
+            )
 
 
 # ---- the producing side (this process) ------------------------------------------------------
+
 
 def serve_publisher(url: str, data_dir: Path):
     """What serve publishes through for this bus URL: Kafka behind its local spool, or the embedded bus."""
@@ -123,11 +150,18 @@ def make_events(n: int, prefix: str) -> list[tuple[str, bytes, bytes]]:
     events = []
     for i in range(n):
         rid = f"{prefix}-{i}"
-        response = ResponseEvent(response_id=rid, user=f"user-{i % 50}", base_model="bench/model", adapter_version=None,
-                                 messages=[ChatMessage(role="user", content="How do I boil an egg?")],
-                                 prompt_token_ids=list(range(32)), completion="Put it in boiling water.",
-                                 completion_token_ids=list(range(100, 132)), finish_reason="stop",
-                                 sampling=SamplingParams(max_tokens=64, temperature=1.0, top_p=1.0))
+        response = ResponseEvent(
+            response_id=rid,
+            user=f"user-{i % 50}",
+            base_model="bench/model",
+            adapter_version=None,
+            messages=[ChatMessage(role="user", content="How do I boil an egg?")],
+            prompt_token_ids=list(range(32)),
+            completion="Put it in boiling water.",
+            completion_token_ids=list(range(100, 132)),
+            finish_reason="stop",
+            sampling=SamplingParams(max_tokens=64, temperature=1.0, top_p=1.0),
+        )
         feedback = FeedbackEvent(response_id=rid, user=f"user-{i % 50}", label="desirable" if i % 3 else "undesirable")
         events.append((rid, encode_event(response), encode_event(feedback)))
     return events
@@ -156,11 +190,16 @@ def produce(publisher, topics, events, producers: int, rate_per_s: float | None 
     with ThreadPoolExecutor(producers) as pool:
         list(pool.map(send, range(len(events))))
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "events": 2 * len(events), "events_per_s": 2 * len(events) / seconds,
-            "publish_latency_s": report.summary(latencies)}
+    return {
+        "seconds": seconds,
+        "events": 2 * len(events),
+        "events_per_s": 2 * len(events) / seconds,
+        "publish_latency_s": report.summary(latencies),
+    }
 
 
 # ---- one bus: burst, then sustained ---------------------------------------------------------
+
 
 def measure_bus(url: str, plan: Plan, tmp: Path) -> dict[str, Any]:
     from ingest.events import Topics
@@ -191,13 +230,21 @@ def measure_bus(url: str, plan: Plan, tmp: Path) -> dict[str, Any]:
             publisher.close()
         done_at = samples[-1]["t"]
         lags = [s["lag"] for s in samples if s["t"] >= started]
-        out[phase] = {**produced, "ratings": n, "rate_asked_per_s": rate,
-                      "joined_seconds": done_at - started, "joined_per_s": n / (done_at - started),
-                      "lag_records": report.summary(lags), "lag_samples": [(round(s["t"] - started, 2), s["lag"])
-                                                                            for s in samples if s["t"] >= started],
-                      "cpu": meter.stop()}
-        logger.info("  %.0f ratings/s joined; publish p50 %.2f ms", out[phase]["joined_per_s"],
-                    produced["publish_latency_s"]["p50"] * 1000)
+        out[phase] = {
+            **produced,
+            "ratings": n,
+            "rate_asked_per_s": rate,
+            "joined_seconds": done_at - started,
+            "joined_per_s": n / (done_at - started),
+            "lag_records": report.summary(lags),
+            "lag_samples": [(round(s["t"] - started, 2), s["lag"]) for s in samples if s["t"] >= started],
+            "cpu": meter.stop(),
+        }
+        logger.info(
+            "  %.0f ratings/s joined; publish p50 %.2f ms",
+            out[phase]["joined_per_s"],
+            produced["publish_latency_s"]["p50"] * 1000,
+        )
     return out
 
 
@@ -205,8 +252,12 @@ class Joiner:
     """The learner's consumer in a child process (`python -m bench.ingest URL PREFIX BUFFER N`)."""
 
     def __init__(self, url: str, prefix: str, buffer: Path, n: int, sample_s: float):
-        self.process = subprocess.Popen([sys.executable, "-m", "bench.ingest", url, prefix, str(buffer), str(n),
-                                         str(sample_s)], stdout=subprocess.PIPE, text=True, cwd=report.REPO_ROOT)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.ingest", url, prefix, str(buffer), str(n), str(sample_s)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=report.REPO_ROOT,
+        )
 
     def _line(self) -> dict[str, Any]:
         line = self.process.stdout.readline()
@@ -240,7 +291,10 @@ def joiner_main(url: str, prefix: str, buffer_path: str, n: int, sample_s: float
 
     bus, topics = open_bus(url), Topics(prefix)
     bus.create_topics(topics.all)
-    with ReplayBuffer(Path(buffer_path)) as buffer, EventJoiner(bus, topics, buffer, group_id=f"{prefix}-learner") as joiner:
+    with (
+        ReplayBuffer(Path(buffer_path)) as buffer,
+        EventJoiner(bus, topics, buffer, group_id=f"{prefix}-learner") as joiner,
+    ):
         joiner.poll_once(timeout_s=0.5)  # joins the group before the producer starts
         print(json.dumps({"ready": True}), flush=True)
         next_sample = 0.0
@@ -255,8 +309,9 @@ def joiner_main(url: str, prefix: str, buffer_path: str, n: int, sample_s: float
             if result.records:
                 progress_at = now
             elif now - progress_at > STALL_S:  # fail the run rather than wait forever
-                raise SystemExit(f"the joiner got no records for {STALL_S:.0f} s with {labels} of {n} labels "
-                                 f"(lag {joiner.lag()})")
+                raise SystemExit(
+                    f"the joiner got no records for {STALL_S:.0f} s with {labels} of {n} labels (lag {joiner.lag()})"
+                )
             if labels >= n or now >= next_sample:
                 print(json.dumps({"t": now, "labels": labels, "lag": joiner.lag(), "done": labels >= n}), flush=True)
                 next_sample = now + sample_s
@@ -270,20 +325,49 @@ def joiner_main(url: str, prefix: str, buffer_path: str, n: int, sample_s: float
 
 # ---- tables ---------------------------------------------------------------------------------
 
+
 def print_tables(results: dict[str, Any], targets: list[report.Target], plan: Plan) -> None:
     rows = []
     for bus, phases in results.items():
         for phase in ("burst", "sustained"):
             r = phases[phase]
             lat, lag = r["publish_latency_s"], r["lag_records"]
-            rows.append([bus, phase, r["ratings"], r["rate_asked_per_s"] or "max", r["events_per_s"],
-                         lat["p50"] * 1000, lat["p99"] * 1000, r["joined_per_s"], lag["p50"], lag["max"],
-                         r["cpu"]["other_cores"]])
-    print(report.table(
-        f"Ingest: rating = response event + feedback event, {plan.producers} publishing threads, the joiner in its own "
-        f"process, {plan.partitions} partition(s)",
-        ["bus", "phase", "ratings", "asked/s", "events/s sent", "publish p50 ms", "p99 ms", "ratings/s joined",
-         "lag p50", "lag max", "other cores"], rows))
+            rows.append(
+                [
+                    bus,
+                    phase,
+                    r["ratings"],
+                    r["rate_asked_per_s"] or "max",
+                    r["events_per_s"],
+                    lat["p50"] * 1000,
+                    lat["p99"] * 1000,
+                    r["joined_per_s"],
+                    lag["p50"],
+                    lag["max"],
+                    r["cpu"]["other_cores"],
+                ]
+            )
+    print(
+        report.table(
+            f"Ingest: rating = response event + feedback event, {plan.producers} publishing threads, the "
+            "joiner in its own "
+            f"process, {plan.partitions} partition(s)",
+            [
+                "bus",
+                "phase",
+                "ratings",
+                "asked/s",
+                "events/s sent",
+                "publish p50 ms",
+                "p99 ms",
+                "ratings/s joined",
+                "lag p50",
+                "lag max",
+                "other cores",
+            ],
+            rows,
+        )
+    )
     print()
     print(report.targets_table(targets))
 

@@ -96,8 +96,10 @@ class Plan:
     prompt_tokens: int = 64
     completion_tokens: int = 64  # including TRL's EOS
     repeats: int = 3  # runs per (side, model), each in the same fresh subprocess
-    models: tuple[ModelSpec, ...] = (ModelSpec("demo (h128, 4 layers)", 128, 4, 4, 16),
-                                     ModelSpec("larger (h512, 6 layers)", 512, 6, 8, 4))
+    models: tuple[ModelSpec, ...] = (
+        ModelSpec("demo (h128, 4 layers)", 128, 4, 4, 16),
+        ModelSpec("larger (h512, 6 layers)", 512, 6, 8, 4),
+    )
     breakdown_steps: int = 3  # an extra instrumented run of ours: where the time goes (steps after the first)
     # torch threads (OMP_NUM_THREADS) of the throughput workers on CPU, the same for both sides. Not
     # the default (one per core): on this shared 2-core box two OpenMP threads per process collapse
@@ -117,8 +119,13 @@ class Plan:
 
 
 FULL = Plan()
-QUICK = Plan(models=(ModelSpec("demo (h128, 4 layers)", 128, 4, 4, 8),), breakdown_steps=2, measure_s=15.0,
-             drain_s=35.0, diagnostic_env=())
+QUICK = Plan(
+    models=(ModelSpec("demo (h128, 4 layers)", 128, 4, 4, 8),),
+    breakdown_steps=2,
+    measure_s=15.0,
+    drain_s=35.0,
+    diagnostic_env=(),
+)
 
 
 def run(options) -> Path:
@@ -135,17 +142,31 @@ def run(options) -> Path:
         if plan.diagnostic_env:
             env = dict(plan.diagnostic_env)
             logger.info("feedback latency again, diagnostic: %s", env)
-            latency.append(measure_latency(replace(plan, measure_s=plan.diagnostic_measure_s,
-                                                   drain_s=plan.diagnostic_drain_s),
-                                           models[0][1], tmp / "latency-diagnostic", env))
+            latency.append(
+                measure_latency(
+                    replace(plan, measure_s=plan.diagnostic_measure_s, drain_s=plan.diagnostic_drain_s),
+                    models[0][1],
+                    tmp / "latency-diagnostic",
+                    env,
+                )
+            )
     results = {"throughput": throughput, "latency": latency}
     targets = make_targets(results)
     print_tables(results, targets, plan)
     payload = {
-        "suite": "learner", "quick": options.quick, "machine": report.machine_info(device, dtype),
-        "plan": asdict(plan), "lora": {"r": LORA_RANK, "alpha": LORA_ALPHA, "targets": "all linear but lm_head",
-                                       "lr": LEARNING_RATE, "beta": BETA},
-        "results": results, "targets": [t.to_json() for t in targets],
+        "suite": "learner",
+        "quick": options.quick,
+        "machine": report.machine_info(device, dtype),
+        "plan": asdict(plan),
+        "lora": {
+            "r": LORA_RANK,
+            "alpha": LORA_ALPHA,
+            "targets": "all linear but lm_head",
+            "lr": LEARNING_RATE,
+            "beta": BETA,
+        },
+        "results": results,
+        "targets": [t.to_json() for t in targets],
     }
     name = f"learner-{device}" + ("-quick" if options.quick else "")
     path = report.write_json(name, payload, options.results_dir)
@@ -157,8 +178,14 @@ def build_model(spec: ModelSpec, path: Path) -> Path:
     from foundation.models import build_tiny_model
 
     if not (path / "config.json").exists():
-        build_tiny_model(path, vocab_size=512, hidden_size=spec.hidden_size, num_layers=spec.num_layers,
-                         num_heads=spec.num_heads, seed=SEED)
+        build_tiny_model(
+            path,
+            vocab_size=512,
+            hidden_size=spec.hidden_size,
+            num_layers=spec.num_layers,
+            num_heads=spec.num_heads,
+            seed=SEED,
+        )
     return path
 
 
@@ -171,6 +198,7 @@ def resolve_models(options, plan: Plan, tmp: Path) -> list[tuple[ModelSpec, Path
 
 # ---- 1. throughput: the orchestrating side ---------------------------------------------------
 
+
 def compare_sides(spec: ModelSpec, model_path: Path, plan: Plan, tmp: Path) -> dict[str, Any]:
     """Timing in one subprocess (the sides alternate); peak memory in fresh ones, one per side.
 
@@ -180,15 +208,27 @@ def compare_sides(spec: ModelSpec, model_path: Path, plan: Plan, tmp: Path) -> d
     RSS follows the live tensors. With the default (a threshold that rises up to 32 MiB as
     buffers are freed) large tensors come from the heap, and the peak also depends on how
     fragmented the heap gets."""
-    common = ["--model", str(model_path), "--batch", str(plan.batch), "--prompt-tokens", str(plan.prompt_tokens),
-              "--completion-tokens", str(plan.completion_tokens), "--steps", str(spec.steps)]
+    common = [
+        "--model",
+        str(model_path),
+        "--batch",
+        str(plan.batch),
+        "--prompt-tokens",
+        str(plan.prompt_tokens),
+        "--completion-tokens",
+        str(plan.completion_tokens),
+        "--steps",
+        str(spec.steps),
+    ]
     import torch
 
     threads = {} if torch.cuda.is_available() else {"OMP_NUM_THREADS": str(plan.cpu_threads)}
-    logger.info("%s: %d runs per side of %d steps x %d examples, alternating", spec.name, plan.repeats, spec.steps,
-                plan.batch)
-    sides = _worker("both", [*common, "--repeats", str(plan.repeats), "--breakdown-steps",
-                             str(plan.breakdown_steps)], tmp, threads)
+    logger.info(
+        "%s: %d runs per side of %d steps x %d examples, alternating", spec.name, plan.repeats, spec.steps, plan.batch
+    )
+    sides = _worker(
+        "both", [*common, "--repeats", str(plan.repeats), "--breakdown-steps", str(plan.breakdown_steps)], tmp, threads
+    )
     for side in ("ours", "trl"):
         logger.info("%s on %s: peak memory", side, spec.name)
         sides[side]["memory"] = _worker(side, common, tmp, threads)[side]["memory"]
@@ -200,9 +240,14 @@ def compare_sides(spec: ModelSpec, model_path: Path, plan: Plan, tmp: Path) -> d
         sides[side]["memory_fixed_mmap"] = _worker(side, common, tmp, fixed)[side]["memory"]
     ours, trl = sides["ours"], sides["trl"]
     return {
-        "model": spec.name, "path": str(model_path), "parameters": ours["parameters"],
+        "model": spec.name,
+        "path": str(model_path),
+        "parameters": ours["parameters"],
         "trainable_parameters": {"ours": ours["trainable"], "trl": trl["trainable"]},
-        "steps": spec.steps, "batch": plan.batch, "ours": ours, "trl": trl,
+        "steps": spec.steps,
+        "batch": plan.batch,
+        "ours": ours,
+        "trl": trl,
         "same_token_ids": all(r.get("same_token_ids_as_ours") for r in trl["runs"]),
         "loss": {"ours": ours["runs"][0]["loss"], "trl": trl["runs"][0]["loss"]},
         "ratio_examples_per_s": report.ratio(ours["examples_per_s"], trl["examples_per_s"]),
@@ -210,8 +255,9 @@ def compare_sides(spec: ModelSpec, model_path: Path, plan: Plan, tmp: Path) -> d
         "ratio_with_reference": report.ratio(ours["with_reference"]["examples_per_s"], trl["examples_per_s"]),
         "ratio_steady_step": report.ratio(trl["steady_step_s"], ours["steady_step_s"]),
         "memory_ratio": report.ratio(ours["memory"]["peak_delta_mib"], trl["memory"]["peak_delta_mib"]),
-        "memory_ratio_fixed_mmap": report.ratio(ours["memory_fixed_mmap"]["peak_delta_mib"],
-                                                trl["memory_fixed_mmap"]["peak_delta_mib"]),
+        "memory_ratio_fixed_mmap": report.ratio(
+            ours["memory_fixed_mmap"]["peak_delta_mib"], trl["memory_fixed_mmap"]["peak_delta_mib"]
+        ),
     }
 
 
@@ -219,8 +265,14 @@ def _worker(side: str, args: list[str], tmp: Path, env: dict[str, str]) -> dict[
     out = tmp / f"worker-{side}-{time.monotonic_ns()}.json"
     command = [sys.executable, "-m", "bench.learner_sides", "--side", side, *args, "--out", str(out)]
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=report.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **env})
+    done = subprocess.run(
+        command,
+        cwd=report.REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **env},
+    )
     if done.returncode != 0:
         raise RuntimeError(f"the {side} worker failed ({done.returncode}): {' '.join(command)}\n{done.stdout[-4000:]}")
     result = json.loads(out.read_text())
@@ -231,15 +283,19 @@ def _worker(side: str, args: list[str], tmp: Path, env: dict[str, str]) -> dict[
 
 # ---- report ----------------------------------------------------------------------------------
 
+
 def make_targets(results: dict[str, Any]) -> list[report.Target]:
     targets = []
     for t in results["throughput"]:
         targets.append(report.Target(f"ours / TRL examples/s, {t['model']}", t["ratio_examples_per_s"], ">=", 1.5, "x"))
         targets.append(report.Target(f"peak RSS ours / TRL, {t['model']}", t["memory_ratio"], "<=", 1.0, "x"))
-        targets.append(report.Target(f"  same, fixed mmap threshold, {t['model']}", t["memory_ratio_fixed_mmap"], "<=",
-                                     1.0, "x"))
+        targets.append(
+            report.Target(f"  same, fixed mmap threshold, {t['model']}", t["memory_ratio_fixed_mmap"], "<=", 1.0, "x")
+        )
     default = results["latency"][0]
-    targets.append(report.Target("feedback -> published p50 (defaults)", default["published_s"]["p50"], "<=", 20.0, "s"))
+    targets.append(
+        report.Target("feedback -> published p50 (defaults)", default["published_s"]["p50"], "<=", 20.0, "s")
+    )
     return targets
 
 
@@ -248,62 +304,139 @@ def print_tables(results: dict[str, Any], targets: list[report.Target], plan: Pl
     for t in results["throughput"]:
         o, r = t["ours"], t["trl"]
         tok = o["mean_tokens"]
-        for label, side, block in (("ours: run_update", o, o), ("ours + one-time reference", o, o["with_reference"]),
-                                   ("TRL: KTOTrainer.train()", r, r)):
+        for label, side, block in (
+            ("ours: run_update", o, o),
+            ("ours + one-time reference", o, o["with_reference"]),
+            ("TRL: KTOTrainer.train()", r, r),
+        ):
             main_row = block is side
-            rows.append([t["model"], label, f"{t['steps']}x{t['batch']}", f"{tok['prompt']:.0f}+{tok['completion']:.0f}",
-                         block["seconds"], block["examples_per_s"], block["tokens_per_s"],
-                         side["steady_step_s"] if main_row else "",
-                         report.ratio(block["examples_per_s"], r["examples_per_s"]),
-                         side["memory"]["peak_delta_mib"] if main_row else "",
-                         side["memory_fixed_mmap"]["peak_delta_mib"] if main_row else ""])
+            rows.append(
+                [
+                    t["model"],
+                    label,
+                    f"{t['steps']}x{t['batch']}",
+                    f"{tok['prompt']:.0f}+{tok['completion']:.0f}",
+                    block["seconds"],
+                    block["examples_per_s"],
+                    block["tokens_per_s"],
+                    side["steady_step_s"] if main_row else "",
+                    report.ratio(block["examples_per_s"], r["examples_per_s"]),
+                    side["memory"]["peak_delta_mib"] if main_row else "",
+                    side["memory_fixed_mmap"]["peak_delta_mib"] if main_row else "",
+                ]
+            )
     first = results["throughput"][0]["ours"] if results["throughput"] else {}
     device = f"{first.get('device')}, {first.get('torch_threads')} torch thread(s)"
-    print(report.table(
-        f"1. Learner throughput, one pass of N steps x B examples ({device}; median of {plan.repeats} runs per side, "
-        f"sides alternating; LoRA r{LORA_RANK} on every linear layer; peak memory above the loaded model, one fresh "
-        f"process per side)",
-        ["model", "path", "N x B", "tokens", "s", "examples/s", "tokens/s", "steady s/step", "x TRL",
-         "peak RSS MiB", "MiB, fixed mmap"], rows))
+    print(
+        report.table(
+            f"1. Learner throughput, one pass of N steps x B examples ({device}; median of "
+            f"{plan.repeats} runs per side, "
+            f"sides alternating; LoRA r{LORA_RANK} on every linear layer; peak memory above the loaded "
+            "model, one fresh "
+            f"process per side)",
+            [
+                "model",
+                "path",
+                "N x B",
+                "tokens",
+                "s",
+                "examples/s",
+                "tokens/s",
+                "steady s/step",
+                "x TRL",
+                "peak RSS MiB",
+                "MiB, fixed mmap",
+            ],
+            rows,
+        )
+    )
     for t in results["throughput"]:
         o, r = t["ours"], t["trl"]
-        print(f"   {t['model']}: best run TRL/ours {report.fmt(t['ratio_best_of_runs'])}x; "
-              f"steady-state step TRL/ours {report.fmt(t['ratio_steady_step'])}x; reference pass "
-              f"{report.fmt(o['with_reference']['reference_s'])} s for {t['steps'] * t['batch']} examples; same token ids "
-              f"on both sides: {t['same_token_ids']}; mean loss ours {t['loss']['ours']:.6f}, TRL {t['loss']['trl']:.6f}; "
-              f"runs (s) ours {[round(x['seconds'], 2) for x in o['runs']]}, "
-              f"TRL {[round(x['seconds'], 2) for x in r['runs']]}; cores busy with other work during each run: "
-              f"ours {[report.fmt(x['cpu']['other_cores']) for x in o['runs']]}, "
-              f"TRL {[report.fmt(x['cpu']['other_cores']) for x in r['runs']]}")
+        print(
+            f"   {t['model']}: best run TRL/ours {report.fmt(t['ratio_best_of_runs'])}x; "
+            f"steady-state step TRL/ours {report.fmt(t['ratio_steady_step'])}x; reference pass "
+            f"{report.fmt(o['with_reference']['reference_s'])} s for {t['steps'] * t['batch']} examples; "
+            "same token ids "
+            f"on both sides: {t['same_token_ids']}; mean loss ours {t['loss']['ours']:.6f}, TRL "
+            f"{t['loss']['trl']:.6f}; "
+            f"runs (s) ours {[round(x['seconds'], 2) for x in o['runs']]}, "
+            f"TRL {[round(x['seconds'], 2) for x in r['runs']]}; cores busy with other work during each run: "
+            f"ours {[report.fmt(x['cpu']['other_cores']) for x in o['runs']]}, "
+            f"TRL {[report.fmt(x['cpu']['other_cores']) for x in r['runs']]}"
+        )
     print()
     for t in results["throughput"]:
         b = t["ours"].get("breakdown")
         if b:
             rows = [[k, v, report.ratio(v, b["total"])] for k, v in b.items() if k != "total"]
             rows.append(["total", b["total"], 1.0])
-            print(report.table(f"   Where one step of ours goes: {t['model']} (s per step, steps after the first)",
-                               ["phase", "s/step", "share"], rows))
+            print(
+                report.table(
+                    f"   Where one step of ours goes: {t['model']} (s per step, steps after the first)",
+                    ["phase", "s/step", "share"],
+                    rows,
+                )
+            )
             print()
     rows = []
     for lat in results["latency"]:
         name = "defaults" if not lat["env"] else "diagnostic: " + " ".join(f"{k}={v}" for k, v in lat["env"].items())
         busy = (lat["cpu"]["self_cores"] or 0) + (lat["cpu"]["other_cores"] or 0)
-        rows.append([name, lat["measured_ratings"], lat["achieved_rate_per_s"], lat["published_s"]["n"],
-                     lat["published_s"]["p50"], lat["published_s"]["p99"], lat["served_s"]["n"], lat["served_s"]["p50"],
-                     lat["served_s"]["p99"], lat["held_out"], lat["pending"], lat["versions"], lat["rejected_versions"],
-                     lat["update_seconds"]["p50"], lat["version_interval_s"]["p50"], busy])
+        rows.append(
+            [
+                name,
+                lat["measured_ratings"],
+                lat["achieved_rate_per_s"],
+                lat["published_s"]["n"],
+                lat["published_s"]["p50"],
+                lat["published_s"]["p99"],
+                lat["served_s"]["n"],
+                lat["served_s"]["p50"],
+                lat["served_s"]["p99"],
+                lat["held_out"],
+                lat["pending"],
+                lat["versions"],
+                lat["rejected_versions"],
+                lat["update_seconds"]["p50"],
+                lat["version_interval_s"]["p50"],
+                busy,
+            ]
+        )
     lat = results["latency"][0]
-    print(report.table(
-        f"2. Feedback latency (s from sending the rating): kto-loop up on {Path(lat['model']).name}, cadence "
-        f"{lat['cadence']['min_new_labels']} labels or {lat['cadence']['max_wait_s']:g} s, "
-        f"{lat['cadence']['steps_per_update']} steps x {lat['cadence']['micro_batch']}; {lat['rate_per_s']:g} ratings/s "
-        f"asked for, measured over {lat['measure_s']:g} s (diagnostic {plan.diagnostic_measure_s:g} s)",
-        ["run", "ratings", "rate/s", "published n", "p50", "p99", "served n", "p50", "p99", "held out", "never",
-         "versions", "rejected", "update s p50", "interval s p50", "cores busy"], rows))
+    print(
+        report.table(
+            f"2. Feedback latency (s from sending the rating): kto-loop up on {Path(lat['model']).name}, cadence "
+            f"{lat['cadence']['min_new_labels']} labels or {lat['cadence']['max_wait_s']:g} s, "
+            f"{lat['cadence']['steps_per_update']} steps x {lat['cadence']['micro_batch']}; "
+            f"{lat['rate_per_s']:g} ratings/s "
+            f"asked for, measured over {lat['measure_s']:g} s (diagnostic {plan.diagnostic_measure_s:g} s)",
+            [
+                "run",
+                "ratings",
+                "rate/s",
+                "published n",
+                "p50",
+                "p99",
+                "served n",
+                "p50",
+                "p99",
+                "held out",
+                "never",
+                "versions",
+                "rejected",
+                "update s p50",
+                "interval s p50",
+                "cores busy",
+            ],
+            rows,
+        )
+    )
     for lat in results["latency"]:
-        print(f"   {lat['env'] or 'defaults'}: first version status {lat['first_version_status']}; client errors "
-              f"{lat['error_count']}; tracebacks in kto-loop up's log {lat['server_log_tracebacks']} "
-              f"{lat['server_log_errors'][:2]}")
+        print(
+            f"   {lat['env'] or 'defaults'}: first version status {lat['first_version_status']}; client errors "
+            f"{lat['error_count']}; tracebacks in kto-loop up's log {lat['server_log_tracebacks']} "
+            f"{lat['server_log_errors'][:2]}"
+        )
     print()
     print(report.targets_table(targets))
 

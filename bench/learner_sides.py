@@ -47,8 +47,8 @@ def make_texts(tokenizer, n: int, prompt_tokens: int, completion_tokens: int) ->
     texts = []
     for i in range(n):
         start = (i * 37) % (len(ids) - need)
-        prompt = tokenizer.decode(ids[start:start + prompt_tokens])
-        completion = tokenizer.decode(ids[start + prompt_tokens:start + need - 1])
+        prompt = tokenizer.decode(ids[start : start + prompt_tokens])
+        completion = tokenizer.decode(ids[start + prompt_tokens : start + need - 1])
         texts.append((prompt, completion))
     return texts
 
@@ -99,11 +99,19 @@ class Memory:
         if self.cuda:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() / 2**20
-            return {"kind": "cuda max_memory_allocated", "baseline_mib": self.base, "peak_mib": peak,
-                    "peak_delta_mib": peak - self.base}
+            return {
+                "kind": "cuda max_memory_allocated",
+                "baseline_mib": self.base,
+                "peak_mib": peak,
+                "peak_delta_mib": peak - self.base,
+            }
         peak = maxrss_mib()
-        return {"kind": "peak RSS (getrusage maxrss)", "baseline_mib": self.base, "peak_mib": peak,
-                "peak_delta_mib": peak - self.base}
+        return {
+            "kind": "peak RSS (getrusage maxrss)",
+            "baseline_mib": self.base,
+            "peak_mib": peak,
+            "peak_delta_mib": peak - self.base,
+        }
 
 
 def worker(argv: list[str]) -> None:
@@ -154,11 +162,16 @@ def worker(argv: list[str]) -> None:
             one["cpu"] = meter.stop()  # other_cores > 0: something else ran on the machine meanwhile
             if memory is not None:
                 info[side]["memory"] = memory.result()
-            info[side].update({
-                "parameters": sum(p.numel() for p in loaded.model.parameters() if not p.requires_grad),
-                "trainable": one.pop("trainable"),
-                "mean_tokens": {"prompt": statistics.fmean(len(p) for p, _ in tokens),
-                                "completion": statistics.fmean(len(c) for _, c in tokens)}})
+            info[side].update(
+                {
+                    "parameters": sum(p.numel() for p in loaded.model.parameters() if not p.requires_grad),
+                    "trainable": one.pop("trainable"),
+                    "mean_tokens": {
+                        "prompt": statistics.fmean(len(p) for p, _ in tokens),
+                        "completion": statistics.fmean(len(c) for _, c in tokens),
+                    },
+                }
+            )
             runs[side].append(one)
             del loaded, one
             gc.collect()
@@ -174,16 +187,26 @@ def worker(argv: list[str]) -> None:
         got, seconds = runs[side], statistics.median(r["seconds"] for r in runs[side])
         tok = info[side]["mean_tokens"]
         per_example = tok["prompt"] + tok["completion"]
-        result[side] = {**info[side], "side": side, "device": device.type, "torch_threads": torch.get_num_threads(),
-                        "runs": got, "seconds": seconds,
-                        "best_seconds": min(r["seconds"] for r in got), "examples_per_s": n / seconds,
-                        "tokens_per_s": n * per_example / seconds,
-                        "steady_step_s": statistics.median(r["steady_step_s"] for r in got)}
+        result[side] = {
+            **info[side],
+            "side": side,
+            "device": device.type,
+            "torch_threads": torch.get_num_threads(),
+            "runs": got,
+            "seconds": seconds,
+            "best_seconds": min(r["seconds"] for r in got),
+            "examples_per_s": n / seconds,
+            "tokens_per_s": n * per_example / seconds,
+            "steady_step_s": statistics.median(r["steady_step_s"] for r in got),
+        }
         if side == "ours":
             with_ref = statistics.median(r["seconds"] + r["reference_s"] for r in got)
-            result[side]["with_reference"] = {"seconds": with_ref, "examples_per_s": n / with_ref,
-                                              "tokens_per_s": n * per_example / with_ref,
-                                              "reference_s": statistics.median(r["reference_s"] for r in got)}
+            result[side]["with_reference"] = {
+                "seconds": with_ref,
+                "examples_per_s": n / with_ref,
+                "tokens_per_s": n * per_example / with_ref,
+                "reference_s": statistics.median(r["reference_s"] for r in got),
+            }
     args.out.write_text(json.dumps(report._clean(result)))
 
 
@@ -191,8 +214,13 @@ def lora_targets(model) -> list[str]:
     """What `Policy` targets for "all-linear": short names of every Linear but the LM head."""
     import torch
 
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")
+        }
+    )
 
 
 def _examples(tokens: list[tuple[list[int], list[int]]], batch: int):
@@ -205,11 +233,24 @@ def _examples(tokens: list[tuple[list[int], list[int]]], batch: int):
         start = i - i % batch
         partner = start + batch - 1 if i == start else i - 1
         partner = min(partner, len(tokens) - 1)
-        examples.append(Example(
-            response_id=f"r{i}", user=None, prompt_ids=prompt, completion_ids=completion, desirable=i % 2 == 0,
-            feedback_event_id=f"f{i}", labeled_at=0.0, adapter_version=None, seq=i + 1, ref_logp=None,
-            kl_partner=f"r{partner}", kl_ref_logp=None, times_trained=0,
-            kl_partner_completion_ids=tokens[partner][1]))
+        examples.append(
+            Example(
+                response_id=f"r{i}",
+                user=None,
+                prompt_ids=prompt,
+                completion_ids=completion,
+                desirable=i % 2 == 0,
+                feedback_event_id=f"f{i}",
+                labeled_at=0.0,
+                adapter_version=None,
+                seq=i + 1,
+                ref_logp=None,
+                kl_partner=f"r{partner}",
+                kl_ref_logp=None,
+                times_trained=0,
+                kl_partner_completion_ids=tokens[partner][1],
+            )
+        )
     return examples
 
 
@@ -217,8 +258,15 @@ def _policy(loaded):
     from learner.policy import Policy
     from learner.settings import LearnerSettings
 
-    settings = LearnerSettings(lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_target_modules="all-linear",
-                               learning_rate=LEARNING_RATE, beta=BETA, seed=SEED, micro_batch=2)
+    settings = LearnerSettings(
+        lora_rank=LORA_RANK,
+        lora_alpha=LORA_ALPHA,
+        lora_target_modules="all-linear",
+        learning_rate=LEARNING_RATE,
+        beta=BETA,
+        seed=SEED,
+        micro_batch=2,
+    )
     return Policy(loaded, settings)
 
 
@@ -233,7 +281,7 @@ def _reference(policy, examples, chunk: int = 32) -> float:
     """`learner.loop._fill_references`, minus the buffer: both reference passes, in chunks of 32."""
     started = time.perf_counter()
     for i in range(0, len(examples), chunk):
-        todo = examples[i:i + chunk]
+        todo = examples[i : i + chunk]
         ref = policy.reference_logps([(e.prompt_ids, e.completion_ids) for e in todo])
         kl_ref = policy.reference_logps([(e.prompt_ids, e.kl_partner_completion_ids) for e in todo])
         for e, r, k in zip(todo, ref.tolist(), kl_ref.tolist()):
@@ -250,7 +298,7 @@ def run_ours(loaded, texts, tokens, args) -> dict[str, Any]:
     policy = _policy(loaded)
     examples = _examples(tokens, args.batch)
     reference_s = _reference(policy, examples)
-    batches = [examples[i:i + args.batch] for i in range(0, len(examples), args.batch)]
+    batches = [examples[i : i + args.batch] for i in range(0, len(examples), args.batch)]
     optimizer = torch.optim.AdamW(policy.trainable().values(), lr=LEARNING_RATE, weight_decay=0.0)
     step_ends, step_rss = [], [maxrss_mib()]
     original_step = optimizer.step
@@ -265,15 +313,23 @@ def run_ours(loaded, texts, tokens, args) -> dict[str, Any]:
     optimizer.step = timed_step
     _sync(policy.device)
     started = time.perf_counter()
-    stats = run_update(policy, optimizer, batches, beta=BETA, desirable_weight=1.0, undesirable_weight=1.0,
-                       max_grad_norm=1.0)
+    stats = run_update(
+        policy, optimizer, batches, beta=BETA, desirable_weight=1.0, undesirable_weight=1.0, max_grad_norm=1.0
+    )
     _sync(policy.device)
     seconds = time.perf_counter() - started
     steps = [b - a for a, b in zip(step_ends, step_ends[1:])]
-    return {"seconds": seconds, "reference_s": reference_s, "steps": stats.steps, "examples": stats.examples,
-            "loss": stats.summary()["loss"], "steady_step_s": statistics.median(steps) if steps else seconds,
-            "first_step_s": step_ends[0] - started if step_ends else None, "step_maxrss_mib": step_rss,
-            "trainable": sum(p.numel() for p in policy.trainable().values())}
+    return {
+        "seconds": seconds,
+        "reference_s": reference_s,
+        "steps": stats.steps,
+        "examples": stats.examples,
+        "loss": stats.summary()["loss"],
+        "steady_step_s": statistics.median(steps) if steps else seconds,
+        "first_step_s": step_ends[0] - started if step_ends else None,
+        "step_maxrss_mib": step_rss,
+        "trainable": sum(p.numel() for p in policy.trainable().values()),
+    }
 
 
 def breakdown_ours(loaded, tokens, args) -> dict[str, float]:
@@ -285,7 +341,7 @@ def breakdown_ours(loaded, tokens, args) -> dict[str, float]:
     policy = _policy(loaded)
     examples = _examples(tokens, args.batch)
     _reference(policy, examples)
-    batches = [examples[i:i + args.batch] for i in range(0, len(examples), args.batch)]
+    batches = [examples[i : i + args.batch] for i in range(0, len(examples), args.batch)]
     optimizer = torch.optim.AdamW(policy.trainable().values(), lr=LEARNING_RATE, weight_decay=0.0)
     spent: dict[str, float] = {}
     calls = {"logps": 0}
@@ -300,6 +356,7 @@ def breakdown_ours(loaded, tokens, args) -> dict[str, float]:
             if counting["on"]:
                 spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
             return out
+
         return wrapper
 
     original_logps = policy.logps
@@ -338,18 +395,41 @@ def run_trl(loaded, texts, tokens, args) -> dict[str, Any]:
 
     cuda = loaded.device.type == "cuda"
     n = len(texts)
-    dataset = Dataset.from_dict({"prompt": [p for p, _ in texts], "completion": [c for _, c in texts],
-                                 "label": [i % 2 == 0 for i in range(n)]})
+    dataset = Dataset.from_dict(
+        {"prompt": [p for p, _ in texts], "completion": [c for _, c in texts], "label": [i % 2 == 0 for i in range(n)]}
+    )
     with tempfile.TemporaryDirectory(prefix="kto-bench-trl-") as out_dir:
         config = KTOConfig(
-            output_dir=out_dir, per_device_train_batch_size=args.batch, max_steps=args.steps,
-            learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-            max_grad_norm=1.0, beta=BETA, bf16=cuda, use_cpu=not cuda, report_to=[], logging_steps=10**9,
-            save_strategy="no", max_length=args.prompt_tokens + args.completion_tokens + 64,
-            precompute_ref_log_probs=False, disable_dropout=True, dataloader_num_workers=0,
-            gradient_checkpointing=False, disable_tqdm=True, seed=SEED, optim="adamw_torch")
-        peft_config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                                 target_modules=lora_targets(loaded.model), task_type="CAUSAL_LM")
+            output_dir=out_dir,
+            per_device_train_batch_size=args.batch,
+            max_steps=args.steps,
+            learning_rate=LEARNING_RATE,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            beta=BETA,
+            bf16=cuda,
+            use_cpu=not cuda,
+            report_to=[],
+            logging_steps=10**9,
+            save_strategy="no",
+            max_length=args.prompt_tokens + args.completion_tokens + 64,
+            precompute_ref_log_probs=False,
+            disable_dropout=True,
+            dataloader_num_workers=0,
+            gradient_checkpointing=False,
+            disable_tqdm=True,
+            seed=SEED,
+            optim="adamw_torch",
+        )
+        peft_config = LoraConfig(
+            r=LORA_RANK,
+            lora_alpha=LORA_ALPHA,
+            lora_dropout=0.0,
+            target_modules=lora_targets(loaded.model),
+            task_type="CAUSAL_LM",
+        )
         step_ends: list[float] = []
         step_rss = [maxrss_mib()]
 
@@ -360,10 +440,17 @@ def run_trl(loaded, texts, tokens, args) -> dict[str, Any]:
                 step_ends.append(time.perf_counter())
                 step_rss.append(maxrss_mib())
 
-        trainer = KTOTrainer(model=loaded.model, args=config, train_dataset=dataset,
-                             processing_class=loaded.tokenizer, peft_config=peft_config, callbacks=[StepTimer()])
-        same_ids = (list(trainer.train_dataset["prompt_ids"]) == [p for p, _ in tokens]
-                    and list(trainer.train_dataset["completion_ids"]) == [c for _, c in tokens])
+        trainer = KTOTrainer(
+            model=loaded.model,
+            args=config,
+            train_dataset=dataset,
+            processing_class=loaded.tokenizer,
+            peft_config=peft_config,
+            callbacks=[StepTimer()],
+        )
+        same_ids = list(trainer.train_dataset["prompt_ids"]) == [p for p, _ in tokens] and list(
+            trainer.train_dataset["completion_ids"]
+        ) == [c for _, c in tokens]
         started = time.perf_counter()
         output = trainer.train()
         if cuda:
@@ -371,11 +458,17 @@ def run_trl(loaded, texts, tokens, args) -> dict[str, Any]:
         seconds = time.perf_counter() - started
         steps = [b - a for a, b in zip(step_ends, step_ends[1:])]
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return {"seconds": seconds, "steps": output.global_step, "examples": output.global_step * args.batch,
-            "loss": output.training_loss, "steady_step_s": statistics.median(steps) if steps else seconds,
-            "first_step_s": step_ends[0] - started if step_ends else None, "same_token_ids_as_ours": same_ids,
-            "step_maxrss_mib": step_rss,
-            "trainable": trainable}
+    return {
+        "seconds": seconds,
+        "steps": output.global_step,
+        "examples": output.global_step * args.batch,
+        "loss": output.training_loss,
+        "steady_step_s": statistics.median(steps) if steps else seconds,
+        "first_step_s": step_ends[0] - started if step_ends else None,
+        "same_token_ids_as_ours": same_ids,
+        "step_maxrss_mib": step_rss,
+        "trainable": trainable,
+    }
 
 
 if __name__ == "__main__":

@@ -76,11 +76,16 @@ TASKS = [
     Task("avoid-word", Raters((parse_rule("avoid:good"),)), "does not contain the word 'good'"),
     Task("length", Raters((parse_rule("shorter-than:20"),)), "shorter than 20 characters"),
     Task("noisy", Raters((HLT,), flip=0.2), "starts with H, L or T; 20% of labels flipped", target=0.15),
-    Task("1:9", Raters((HLT,), rate_liked=0.25), "starts with H, L or T; a quarter of liked answers rated",
-         target=0.15),
+    Task(
+        "1:9", Raters((HLT,), rate_liked=0.25), "starts with H, L or T; a quarter of liked answers rated", target=0.15
+    ),
 ]
-ROWS = [Row("defaults"), Row("canary off", {"KTO_CANARY_SHARE": "0"}), Row("defaults, unpaced", paced=False),
-        Row("poisoned", poisoned=400)]
+ROWS = [
+    Row("defaults"),
+    Row("canary off", {"KTO_CANARY_SHARE": "0"}),
+    Row("defaults, unpaced", paced=False),
+    Row("poisoned", poisoned=400),
+]
 PRODUCT_ROWS = ("defaults", "poisoned")
 POISON_TASK = "first-char-0.3"
 LATENCY_TAIL_S = 30.0
@@ -104,8 +109,13 @@ class Plan:
     rows: tuple[str, ...] = tuple(r.name for r in ROWS)
 
 
-QUICK = Plan(seeds=1, ratings=400, base_answers=200, tasks=("first-char-0.1", "first-char-0.3"),
-             rows=("defaults", "canary off", "poisoned"))
+QUICK = Plan(
+    seeds=1,
+    ratings=400,
+    base_answers=200,
+    tasks=("first-char-0.1", "first-char-0.3"),
+    rows=("defaults", "canary off", "poisoned"),
+)
 
 
 def jobs(plan: Plan) -> list[tuple[Task, Row, int]]:
@@ -129,18 +139,27 @@ def measure(outcome: Outcome, offline: dict[str, Any] | None) -> dict[str, Any]:
     base = (sum(t.liked for t in base_turns), len(base_turns))
     fraction = LearnerSettings(_env_file=None).held_out_fraction
     record = {
-        "task": outcome.task.name, "row": outcome.row.name, "seed": outcome.seed, "env": outcome.row.env,
+        "task": outcome.task.name,
+        "row": outcome.row.name,
+        "seed": outcome.seed,
+        "env": outcome.row.env,
         "base": {"answers": base[1], "liked": base[0], "rate": base[0] / base[1]},
-        "ratings": len(lm.rated_positions(turns)), "answers": len(turns),
-        "seconds": outcome.ended - outcome.started, "startup_s": outcome.startup_s,
+        "ratings": len(lm.rated_positions(turns)),
+        "answers": len(turns),
+        "seconds": outcome.ended - outcome.started,
+        "startup_s": outcome.startup_s,
         "curve": lm.curve(turns),
-        "at_600": lm.lift_at(turns, base, 600), "at_1200": lm.lift_at(turns, base, 1200),
+        "at_600": lm.lift_at(turns, base, 600),
+        "at_1200": lm.lift_at(turns, base, 1200),
         "ratings_until_plus_0_2": lm.ratings_until(turns, base[0] / base[1]),
         "holds": lm.holds(turns),
-        "versions": lm.version_counts(outcome.versions, outcome.history), "gate": lm.gate_log(outcome.versions),
+        "versions": lm.version_counts(outcome.versions, outcome.history),
+        "gate": lm.gate_log(outcome.versions),
         "feedback_to_served": lm.feedback_to_served(
-            turns, outcome.versions, lambda rid: held_out(_Ref(rid), fraction), outcome.ended - LATENCY_TAIL_S),
-        "errors": len(outcome.errors), "cpu": outcome.cpu,
+            turns, outcome.versions, lambda rid: held_out(_Ref(rid), fraction), outcome.ended - LATENCY_TAIL_S
+        ),
+        "errors": len(outcome.errors),
+        "cpu": outcome.cpu,
     }
     record["at_end"] = lm.lift_at(turns, base, record["ratings"])
     if outcome.burst is not None:
@@ -159,20 +178,38 @@ def run(options) -> Path:
     from foundation.models import ensure_demo_model
 
     plan = QUICK if options.quick else Plan()
-    plan = replace(plan, **{k: v for k, v in {
-        "tasks": tuple(options.tasks.split(",")) if getattr(options, "tasks", None) else None,
-        "rows": tuple(options.rows.split(",")) if getattr(options, "rows", None) else None,
-        "seeds": getattr(options, "seeds", None)}.items() if v is not None})
+    plan = replace(
+        plan,
+        **{
+            k: v
+            for k, v in {
+                "tasks": tuple(options.tasks.split(",")) if getattr(options, "tasks", None) else None,
+                "rows": tuple(options.rows.split(",")) if getattr(options, "rows", None) else None,
+                "seeds": getattr(options, "seeds", None),
+            }.items()
+            if v is not None
+        },
+    )
     extra_env = dict(e.split("=", 1) for e in getattr(options, "env", None) or [])
     todo = jobs(plan)
-    logger.info("learning: %d runs (%d at a time); pace %d users x %.0f s think", len(todo), plan.concurrent,
-                plan.users, plan.think_s)
+    logger.info(
+        "learning: %d runs (%d at a time); pace %d users x %.0f s think",
+        len(todo),
+        plan.concurrent,
+        plan.users,
+        plan.think_s,
+    )
     started, records, outcomes = time.perf_counter(), [], {}
-    with tempfile.TemporaryDirectory(prefix="kto-bench-learning-") as tmp, \
-            ThreadPoolExecutor(plan.concurrent) as pool:
+    with tempfile.TemporaryDirectory(prefix="kto-bench-learning-") as tmp, ThreadPoolExecutor(plan.concurrent) as pool:
         model_dir = ensure_demo_model(Path(tmp))  # what `make run` builds, built the same way
-        futures = {pool.submit(_one, task, row, seed, plan, model_dir, Path(tmp) / f"{i:03d}", extra_env):
-                   (task.name, row.name, seed) for i, (task, row, seed) in enumerate(todo)}
+        futures = {
+            pool.submit(_one, task, row, seed, plan, model_dir, Path(tmp) / f"{i:03d}", extra_env): (
+                task.name,
+                row.name,
+                seed,
+            )
+            for i, (task, row, seed) in enumerate(todo)
+        }
         for future in as_completed(futures):
             key = futures[future]
             try:
@@ -183,41 +220,71 @@ def run(options) -> Path:
                 continue
             records.append(record)
             outcomes[key] = outcome
-            logger.info("done %s/%s/seed %d: base %.2f -> %.2f at the end (%d of %d runs, %.0f min)", *key,
-                        record["base"]["rate"], record["at_end"]["rate"], len(records), len(todo),
-                        (time.perf_counter() - started) / 60)
+            logger.info(
+                "done %s/%s/seed %d: base %.2f -> %.2f at the end (%d of %d runs, %.0f min)",
+                *key,
+                record["base"]["rate"],
+                record["at_end"]["rate"],
+                len(records),
+                len(todo),
+                (time.perf_counter() - started) / 60,
+            )
     from bench.learning_report import print_tables, save_curves, summarize
 
     summary = summarize(records, TASKS, plan)
     print_tables(summary, records)
-    name = "learning-cpu" + ("-quick" if options.quick else "") + (f"-{options.tag}" if getattr(options, "tag", None) else "")
+    name = (
+        "learning-cpu"
+        + ("-quick" if options.quick else "")
+        + (f"-{options.tag}" if getattr(options, "tag", None) else "")
+    )
     png = save_curves(summary, outcomes, options.results_dir / f"{name}.png")
-    payload = {"suite": "learning", "quick": options.quick, "machine": report.machine_info("cpu", "float32"),
-               "plan": asdict(plan), "extra_env": extra_env, "tasks": [_task_json(t) for t in TASKS],
-               "rows": [asdict(r) for r in ROWS], "wall_minutes": (time.perf_counter() - started) / 60,
-               "summary": summary, "runs": sorted(records, key=lambda r: (r["task"], r["row"], r["seed"])),
-               "curves_png": png.name}
+    payload = {
+        "suite": "learning",
+        "quick": options.quick,
+        "machine": report.machine_info("cpu", "float32"),
+        "plan": asdict(plan),
+        "extra_env": extra_env,
+        "tasks": [_task_json(t) for t in TASKS],
+        "rows": [asdict(r) for r in ROWS],
+        "wall_minutes": (time.perf_counter() - started) / 60,
+        "summary": summary,
+        "runs": sorted(records, key=lambda r: (r["task"], r["row"], r["seed"])),
+        "curves_png": png.name,
+    }
     path = report.write_json(name, payload, options.results_dir)
     logger.info("wrote %s and %s", path, png)
     return path
 
 
-def _one(task: Task, row: Row, seed: int, plan: Plan, model_dir: Path, workdir: Path,
-         extra_env: dict[str, str]) -> tuple[dict[str, Any], Outcome]:
+def _one(
+    task: Task, row: Row, seed: int, plan: Plan, model_dir: Path, workdir: Path, extra_env: dict[str, str]
+) -> tuple[dict[str, Any], Outcome]:
     from bench.offline_kto import run_offline
 
     workdir.mkdir(parents=True)
     outcome = run_once(task, row, seed, plan, model_dir, workdir, extra_env)
     offline = None
     if plan.offline and row.name == "defaults":
-        offline = run_offline(model_dir, outcome.sim.turns, [str(r) for r in task.raters.rules],
-                              max_tokens=task.max_tokens, seed=seed, active_adapter=outcome.active_adapter,
-                              workdir=workdir)
+        offline = run_offline(
+            model_dir,
+            outcome.sim.turns,
+            [str(r) for r in task.raters.rules],
+            max_tokens=task.max_tokens,
+            seed=seed,
+            active_adapter=outcome.active_adapter,
+            workdir=workdir,
+        )
     return measure(outcome, offline), outcome
 
 
 def _task_json(task: Task) -> dict[str, Any]:
-    return {"name": task.name, "about": task.about, "rules": [str(r) for r in task.raters.rules],
-            "flip": task.raters.flip, "rate_liked": task.raters.rate_liked, "target": task.target,
-            "max_tokens": task.max_tokens}
-
+    return {
+        "name": task.name,
+        "about": task.about,
+        "rules": [str(r) for r in task.raters.rules],
+        "flip": task.raters.flip,
+        "rate_liked": task.raters.rate_liked,
+        "target": task.target,
+        "max_tokens": task.max_tokens,
+    }

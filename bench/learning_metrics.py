@@ -34,7 +34,7 @@ def window(turns: Sequence[Turn], stop: int, width: int = WIDTH) -> tuple[int, i
         return 0, 0
     stop = min(stop, len(rated))
     first = rated[stop - width - 1] + 1 if stop - width > 0 else 0
-    part = turns[first:rated[stop - 1] + 1]
+    part = turns[first : rated[stop - 1] + 1]
     return sum(t.liked for t in part), len(part)
 
 
@@ -55,12 +55,18 @@ def lift_at(turns: Sequence[Turn], base: tuple[int, int], at: int, width: int = 
     if n == 0 or len(rated_positions(turns)) < at:
         return {"at": at, "rate": math.nan, "answers": n, "lift": math.nan, "p": math.nan}
     rate = liked / n
-    return {"at": at, "rate": rate, "answers": n, "lift": rate - base[0] / base[1],
-            "p": two_proportion_p(base[0], base[1], liked, n)}
+    return {
+        "at": at,
+        "rate": rate,
+        "answers": n,
+        "lift": rate - base[0] / base[1],
+        "p": two_proportion_p(base[0], base[1], liked, n),
+    }
 
 
-def ratings_until(turns: Sequence[Turn], base_rate: float, lift: float = 0.2, step: int = 50,
-                  width: int = WIDTH) -> int | None:
+def ratings_until(
+    turns: Sequence[Turn], base_rate: float, lift: float = 0.2, step: int = 50, width: int = WIDTH
+) -> int | None:
     """The first multiple of `step` ratings at which the window rate is at least base + lift."""
     total = len(rated_positions(turns))
     for at in range(width, total + 1, step):
@@ -78,7 +84,7 @@ def holds(turns: Sequence[Turn], step: int = 50, width: int = WIDTH) -> dict[str
         return {"last": math.nan, "peak": math.nan, "drop": math.nan}
     last = window(turns, total, width)
     last_rate = last[0] / last[1]
-    peak = max(rates + [last_rate])
+    peak = max([*rates, last_rate])
     return {"last": last_rate, "peak": peak, "drop": peak - last_rate}
 
 
@@ -124,8 +130,9 @@ def descendants(versions: Sequence[Any], roots: set[str]) -> set[str]:
     return out
 
 
-def feedback_to_served(turns: Sequence[Turn], versions: Sequence[Any], held_out: Callable[[str], bool],
-                       until: float) -> dict[str, Any]:
+def feedback_to_served(
+    turns: Sequence[Turn], versions: Sequence[Any], held_out: Callable[[str], bool], until: float
+) -> dict[str, Any]:
     """For each rating sent before `until` (unix seconds) and not held out by the learner's gate:
     seconds until the first answer by a version trained on it (one whose lineage lists its
     feedback event, or a descendant of one), given to any simulated user. A rating never served
@@ -154,9 +161,14 @@ def feedback_to_served(turns: Sequence[Turn], versions: Sequence[Any], held_out:
         else:
             never += 1
     everything = latencies + [math.inf] * never
-    return {"measured": len(everything), "held_out": held, "never": never,
-            "p50_s": late_percentile(everything, 50), "p99_s": late_percentile(everything, 99),
-            "served": report.summary(latencies)}
+    return {
+        "measured": len(everything),
+        "held_out": held,
+        "never": never,
+        "p50_s": late_percentile(everything, 50),
+        "p99_s": late_percentile(everything, 99),
+        "served": report.summary(latencies),
+    }
 
 
 def late_percentile(values: Sequence[float], q: float) -> float:

@@ -75,15 +75,24 @@ def loop_env(model_dir: Path, data_dir: Path, port: int, seed: int, overrides: d
     """The environment of `kto-loop up`: this shell's, with every KTO_* setting removed (the
     defaults are the product), then the run's own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KTO_")}
-    env.update({"KTO_MODEL": str(model_dir), "KTO_MODEL_ID": "kto-loop-demo", "KTO_DATA_DIR": str(data_dir),
-                "KTO_PORT": str(port), "KTO_SEED": str(seed), "HF_HUB_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false"})
+    env.update(
+        {
+            "KTO_MODEL": str(model_dir),
+            "KTO_MODEL_ID": "kto-loop-demo",
+            "KTO_DATA_DIR": str(data_dir),
+            "KTO_PORT": str(port),
+            "KTO_SEED": str(seed),
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
     env.update(overrides)
     return env
 
 
-def run_once(task: Task, row: Row, seed: int, plan, model_dir: Path, workdir: Path,
-             extra_env: dict[str, str] | None = None) -> Outcome:
+def run_once(
+    task: Task, row: Row, seed: int, plan, model_dir: Path, workdir: Path, extra_env: dict[str, str] | None = None
+) -> Outcome:
     """Start the loop, measure, stop it; the data directory is removed afterwards."""
     from testkit.ports import free_port
 
@@ -100,8 +109,15 @@ def run_once(task: Task, row: Row, seed: int, plan, model_dir: Path, workdir: Pa
         startup_s = time.perf_counter() - started
         users, think = (plan.users, plan.think_s) if row.paced else (plan.unpaced_users, 0.0)
         chat = {"max_tokens": task.max_tokens, "users": users, "think_time": think}
-        base = simulate(url, ratings=plan.base_answers, raters=task.raters, rate=False, seed=seed + 10**6,
-                        max_tokens=task.max_tokens, users=BASE_USERS)
+        base = simulate(
+            url,
+            ratings=plan.base_answers,
+            raters=task.raters,
+            rate=False,
+            seed=seed + 10**6,
+            max_tokens=task.max_tokens,
+            users=BASE_USERS,
+        )
         meter = report.CpuMeter()
         t0 = time.time()
         burst = None
@@ -126,12 +142,16 @@ def run_once(task: Task, row: Row, seed: int, plan, model_dir: Path, workdir: Pa
     stop(process)
     log_text = log_path.read_text(errors="replace")
     if "Traceback (most recent call last)" in log_text:
-        logger.warning("%s/%s/seed %d: the loop logged a traceback:\n%s", task.name, row.name, seed,
-                       log_text[log_text.index("Traceback"):][:3000])
+        logger.warning(
+            "%s/%s/seed %d: the loop logged a traceback:\n%s",
+            task.name,
+            row.name,
+            seed,
+            log_text[log_text.index("Traceback") :][:3000],
+        )
     shutil.rmtree(data_dir, ignore_errors=True)
     errors = base.errors + (burst.errors if burst else []) + sim.errors
-    return Outcome(task, row, seed, base, burst, sim, versions, history, t0, t1, startup_s, cpu, active_adapter,
-                   errors)
+    return Outcome(task, row, seed, base, burst, sim, versions, history, t0, t1, startup_s, cpu, active_adapter, errors)
 
 
 def poison(url: str, data_dir: Path, task: Task, row: Row, seed: int, chat: dict[str, Any]) -> Simulation:
@@ -143,19 +163,33 @@ def poison(url: str, data_dir: Path, task: Task, row: Row, seed: int, chat: dict
     go on lying to the canary itself would get it promoted, and no test on ratings can tell."""
     import httpx
 
-    answers = simulate(url, ratings=row.poisoned, raters=task.raters, rate=False, seed=seed + 2 * 10**6,
-                       max_tokens=chat["max_tokens"], users=BASE_USERS)
+    answers = simulate(
+        url,
+        ratings=row.poisoned,
+        raters=task.raters,
+        rate=False,
+        seed=seed + 2 * 10**6,
+        max_tokens=chat["max_tokens"],
+        users=BASE_USERS,
+    )
     turns = []
     with httpx.Client(base_url=url, timeout=60) as client:
         for turn in answers.turns:
-            vote = client.post("/v1/feedback", headers={"X-User-Id": turn.user},
-                               json={"response_id": turn.response_id, "label": "down" if turn.liked else "up"})
+            vote = client.post(
+                "/v1/feedback",
+                headers={"X-User-Id": turn.user},
+                json={"response_id": turn.response_id, "label": "down" if turn.liked else "up"},
+            )
             vote.raise_for_status()
             turns.append(replace(turn, desirable=not turn.liked, feedback_id=vote.json()["id"], rated_at=time.time()))
     registry = open_loop_registry(data_dir)
     try:
-        wait_for(lambda: registry.canary() is not None or registry.active() is not None,
-                 what="a canary or an active version after the burst", timeout_s=300, interval_s=0.2)
+        wait_for(
+            lambda: registry.canary() is not None or registry.active() is not None,
+            what="a canary or an active version after the burst",
+            timeout_s=300,
+            interval_s=0.2,
+        )
     except AssertionError:  # a result too (the gate refused every version, say): the honest users come anyway
         logger.warning("no canary nor active version 300 s after the poisoned burst")
     finally:
@@ -172,8 +206,11 @@ def poisoned(outcome: Outcome) -> dict[str, Any]:
     trained = {v.version for v in outcome.versions if burst_ids & set(v.lineage.get("feedback_event_ids", []))}
     bad = descendants(outcome.versions, trained)
     honest_start = outcome.sim.turns[0].at if outcome.sim.turns else outcome.ended
-    decided = [e for e in outcome.history if e.version in bad and e.at >= honest_start
-               and e.action in ("canary_rollback", "canary_promote", "activate")]
+    decided = [
+        e
+        for e in outcome.history
+        if e.version in bad and e.at >= honest_start and e.action in ("canary_rollback", "canary_promote", "activate")
+    ]
     first = decided[0] if decided else None
     until = first.at if first else outcome.ended
 
@@ -185,12 +222,12 @@ def poisoned(outcome: Outcome) -> dict[str, Any]:
     return {
         "poisoned_versions": len(bad),
         "served_poisoned_versions": len({t.version for t in outcome.burst.turns + outcome.sim.turns} & bad),
-        "outcome": "rolled back" if first and first.action == "canary_rollback" else
-                   ("promoted" if first else "still running at the end"),
+        "outcome": "rolled back"
+        if first and first.action == "canary_rollback"
+        else ("promoted" if first else "still running at the end"),
         "burst_ratings_of_poisoned": served(outcome.burst.turns, 0.0),
         "honest_ratings_of_poisoned": served(outcome.sim.turns, honest_start),
         "honest_rate_of_poisoned": sum(t.liked for t in honest_bad) / len(honest_bad) if honest_bad else None,
         "honest_rate_of_others": sum(t.liked for t in others) / len(others) if others else None,
         "decision_seconds_after_burst": (first.at - honest_start) if first else None,
     }
-

@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import torch
 
-from serve.settings import ServeSettings
 from testkit.background_server import BackgroundServer
 
 logger = logging.getLogger(__name__)
@@ -37,8 +36,9 @@ def build_demo_model(path: Path) -> Path:
     return build_tiny_model(path, vocab_size=512, hidden_size=128, num_layers=4, num_heads=4)
 
 
-def make_adapters(model_path: Path, out_dir: Path, count: int, *, base_model: str, r: int = 16,
-                  seed: int = 1000) -> list[Path]:
+def make_adapters(
+    model_path: Path, out_dir: Path, count: int, *, base_model: str, r: int = 16, seed: int = 1000
+) -> list[Path]:
     """`count` PEFT LoRA adapters (rank r on q/k/v/o) with random A and B, one per seed.
 
     The base is loaded once on the CPU and wrapped once; each adapter re-draws the LoRA weights
@@ -81,12 +81,15 @@ class LiveServer(BackgroundServer):
         reply.raise_for_status()
         for family in text_string_to_metric_families(reply.text):
             for sample in family.samples:
-                if sample.name == name and (labels is None or all(sample.labels.get(k) == v for k, v in labels.items())):
+                if sample.name == name and (
+                    labels is None or all(sample.labels.get(k) == v for k, v in labels.items())
+                ):
                     return float(sample.value)
         return 0.0
 
 
 # ---- one request -----------------------------------------------------------------------------
+
 
 @dataclass
 class Reply:
@@ -101,8 +104,15 @@ class Reply:
     finish_reason: str | None = None
 
 
-def complete(client: httpx.Client, url: str, *, max_tokens: int, temperature: float, seed: int | None = None,
-             model: str | None = None) -> Reply:
+def complete(
+    client: httpx.Client,
+    url: str,
+    *,
+    max_tokens: int,
+    temperature: float,
+    seed: int | None = None,
+    model: str | None = None,
+) -> Reply:
     """A non-streaming chat completion."""
     body = {"messages": PROMPT, "max_tokens": max_tokens, "temperature": temperature, "seed": seed}
     if model:
@@ -113,8 +123,14 @@ def complete(client: httpx.Client, url: str, *, max_tokens: int, temperature: fl
     reply.raise_for_status()
     data = reply.json()
     choice = data["choices"][0]
-    return Reply(started, seconds, data["usage"]["completion_tokens"], data["model"],
-                 text=choice["message"]["content"], finish_reason=choice["finish_reason"])
+    return Reply(
+        started,
+        seconds,
+        data["usage"]["completion_tokens"],
+        data["model"],
+        text=choice["message"]["content"],
+        finish_reason=choice["finish_reason"],
+    )
 
 
 def stream(client: httpx.Client, url: str, *, max_tokens: int, temperature: float, seed: int | None = None) -> Reply:
@@ -122,8 +138,14 @@ def stream(client: httpx.Client, url: str, *, max_tokens: int, temperature: floa
 
     The first chunk only carries the assistant role and is sent before generation starts, so the
     first token is the first chunk with content or a finish_reason."""
-    body = {"messages": PROMPT, "max_tokens": max_tokens, "temperature": temperature, "seed": seed,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "messages": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "seed": seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     started = time.perf_counter()
     ttft, tokens, model, finish = None, 0, "", None
     with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=USER) as reply:
@@ -155,8 +177,9 @@ class Clients:
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._loop, args=(i,), name=f"client-{i}", daemon=True)
-                         for i in range(n)]
+        self._threads = [
+            threading.Thread(target=self._loop, args=(i,), name=f"client-{i}", daemon=True) for i in range(n)
+        ]
 
     def _loop(self, index: int) -> None:
         seed = self.seed_base + index * 1_000_000
@@ -165,7 +188,7 @@ class Clients:
                 seed += 1
                 try:
                     reply = self.send(client, seed)
-                except Exception as exc:  # noqa: BLE001 - a benchmark reports failures, it does not stop
+                except Exception as exc:
                     logger.warning("request failed: %r", exc)
                     with self._lock:
                         self.errors.append(repr(exc))
@@ -173,7 +196,7 @@ class Clients:
                 with self._lock:
                     self.replies.append(reply)
 
-    def start(self) -> "Clients":
+    def start(self) -> Clients:
         for thread in self._threads:
             thread.start()
         return self

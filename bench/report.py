@@ -14,9 +14,10 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 # ---- statistics ------------------------------------------------------------------------------
+
 
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0–100), linear between closest ranks (numpy's default method).
@@ -59,6 +61,7 @@ def ratio(numerator: float, denominator: float) -> float:
 
 # ---- targets ---------------------------------------------------------------------------------
 
+
 @dataclass
 class Target:
     """A goal from the issue: `value <op> threshold`, with op "<=" or ">="."""
@@ -80,12 +83,12 @@ class Target:
 
 
 def targets_table(targets: Iterable[Target]) -> str:
-    rows = [[t.name, fmt(t.value), f"{t.op} {fmt(t.threshold)}", t.unit, "PASS" if t.met else "MISS"]
-            for t in targets]
+    rows = [[t.name, fmt(t.value), f"{t.op} {fmt(t.threshold)}", t.unit, "PASS" if t.met else "MISS"] for t in targets]
     return table("Targets (reported, never enforced)", ["target", "measured", "goal", "unit", "verdict"], rows)
 
 
 # ---- tables ----------------------------------------------------------------------------------
+
 
 def fmt(value: Any, digits: int = 3) -> str:
     """Numbers to 3 significant-ish digits; everything else as str."""
@@ -108,13 +111,14 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> 
     """A left-aligned plain-text table with a title line and a rule under the header."""
     cells = [[fmt(c) for c in row] for row in rows]
     widths = [max([len(col)] + [len(r[i]) for r in cells]) for i, col in enumerate(columns)]
-    line = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    line = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
     out = [f"== {title} ==", line(columns), line(["-" * w for w in widths])]
     out += [line(r) for r in cells]
     return "\n".join(out)
 
 
 # ---- other work on the machine ---------------------------------------------------------------
+
 
 class CpuMeter:
     """CPU used while a phase ran, in cores: by this process and by everything else (Linux).
@@ -134,8 +138,12 @@ class CpuMeter:
             return None
         user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
         tick = os.sysconf("SC_CLK_TCK")
-        return (time.monotonic(), (user + nice + system + irq + softirq) / tick, int(own[11]) / tick + int(own[12]) / tick,
-                steal / tick)
+        return (
+            time.monotonic(),
+            (user + nice + system + irq + softirq) / tick,
+            int(own[11]) / tick + int(own[12]) / tick,
+            steal / tick,
+        )
 
     def stop(self) -> dict[str, float | None]:
         end = self._read()
@@ -147,6 +155,7 @@ class CpuMeter:
 
 
 # ---- machine info and results ----------------------------------------------------------------
+
 
 def git_commit(root: Path = REPO_ROOT) -> str | None:
     """HEAD's commit read from the .git directory (no git process); None when unavailable."""
@@ -181,7 +190,7 @@ def machine_info(device: str, dtype: str) -> dict[str, Any]:
     import transformers
 
     info: dict[str, Any] = {
-        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "hostname": platform.node(),
         "platform": platform.platform(),
@@ -213,8 +222,13 @@ def write_json(name: str, payload: dict[str, Any], directory: Path = RESULTS_DIR
 
 def save_suite(suite: str, options, baseline: str, results: list[dict[str, Any]], device: str = "cpu") -> Path:
     """Write a micro-suite's results as `<suite>-<device>[-quick].json`; its path."""
-    payload = {"suite": suite, "quick": options.quick, "machine": machine_info(device, "float32"),
-               "baseline": baseline, "results": results}
+    payload = {
+        "suite": suite,
+        "quick": options.quick,
+        "machine": machine_info(device, "float32"),
+        "baseline": baseline,
+        "results": results,
+    }
     path = write_json(f"{suite}-{device}" + ("-quick" if options.quick else ""), payload, options.results_dir)
     logger.info("wrote %s", path)
     return path

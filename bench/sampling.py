@@ -24,7 +24,7 @@ def per_row_baseline(logits: torch.Tensor, params) -> list[int]:
     logits = logits.float()
     tokens = []
     for row, (temperature, top_p, generator) in enumerate(params):
-        probs = nucleus(torch.softmax(logits[row:row + 1] / temperature, dim=-1), torch.tensor([top_p]))
+        probs = nucleus(torch.softmax(logits[row : row + 1] / temperature, dim=-1), torch.tensor([top_p]))
         tokens.append(int(torch.multinomial(probs[0], 1, generator=generator)))
     return tokens
 
@@ -48,11 +48,23 @@ def run(options) -> Path:
             logits = torch.randn(batch, vocab, device=device)
             generators = [torch.Generator(device=device).manual_seed(i) for i in range(batch)]
             params = [(1.0, 1.0, g) for g in generators]
-            base = time_per_call(lambda: per_row_baseline(logits, params), calls)
-            ours = time_per_call(lambda: sample_next(logits, params), calls)
-            results.append({"vocab": vocab, "rows": batch, "per_row_us": base * 1e6, "batched_us": ours * 1e6,
-                            "speedup": report.ratio(base, ours)})
+            base = time_per_call(lambda logits=logits, params=params: per_row_baseline(logits, params), calls)
+            ours = time_per_call(lambda logits=logits, params=params: sample_next(logits, params), calls)
+            results.append(
+                {
+                    "vocab": vocab,
+                    "rows": batch,
+                    "per_row_us": base * 1e6,
+                    "batched_us": ours * 1e6,
+                    "speedup": report.ratio(base, ours),
+                }
+            )
             rows.append([vocab, batch, base * 1e6, ours * 1e6, report.ratio(base, ours)])
-    print(report.table(f"Seeded sampling, µs per step on {device.type} (best of 3 × {calls} calls)",
-                       ["vocab", "rows", "per-row draws [baseline]", "sample_next (batched)", "speedup ×"], rows))
+    print(
+        report.table(
+            f"Seeded sampling, µs per step on {device.type} (best of 3 × {calls} calls)",
+            ["vocab", "rows", "per-row draws [baseline]", "sample_next (batched)", "speedup ×"],
+            rows,
+        )
+    )
     return report.save_suite("sampling", options, "per-row seeded draws, one sync per row", results, device.type)

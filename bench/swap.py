@@ -38,23 +38,35 @@ SWAP_TIMEOUT_S = 60.0
 
 def measure(server: LiveServer, plan, adapter_dirs: list[Path], model_id: str) -> dict[str, Any]:
     registry = server.state.registry
-    versions = [registry.publish(path, base_model=model_id, parent=None, metrics={}, lineage={"source": "bench"}).version
-                for path in adapter_dirs]
-    first, idle, loaded = versions[0], versions[1:plan.adapters + 1], versions[plan.adapters + 1:]
+    versions = [
+        registry.publish(path, base_model=model_id, parent=None, metrics={}, lineage={"source": "bench"}).version
+        for path in adapter_dirs
+    ]
+    first, idle, loaded = versions[0], versions[1 : plan.adapters + 1], versions[plan.adapters + 1 :]
     with httpx.Client(timeout=300) as client:
         first_swap = _swap(server, client, first)
         conditions = [_condition(server, client, "idle", idle)]
-        background = Clients(plan.background, lambda c, seed: stream(c, server.url, max_tokens=plan.max_tokens,
-                                                                     temperature=1.0, seed=seed), seed_base=7).start()
+        background = Clients(
+            plan.background,
+            lambda c, seed: stream(c, server.url, max_tokens=plan.max_tokens, temperature=1.0, seed=seed),
+            seed_base=7,
+        ).start()
         try:
             time.sleep(1.0)  # let the background batch fill
             conditions.append(_condition(server, client, f"{plan.background} streaming clients", loaded))
         finally:
             background.stop()
-    conditions[-1]["background"] = {"clients": plan.background, "requests": len(background.replies),
-                                    "errors": len(background.errors)}
-    return {"registry_poll_s": server.state.settings.registry_poll_s, "lora_rank": plan.lora_rank,
-            "first_swap": first_swap, "conditions": conditions}
+    conditions[-1]["background"] = {
+        "clients": plan.background,
+        "requests": len(background.replies),
+        "errors": len(background.errors),
+    }
+    return {
+        "registry_poll_s": server.state.settings.registry_poll_s,
+        "lora_rank": plan.lora_rank,
+        "first_swap": first_swap,
+        "conditions": conditions,
+    }
 
 
 def _condition(server: LiveServer, client: httpx.Client, name: str, versions: list[str]) -> dict[str, Any]:
@@ -62,17 +74,24 @@ def _condition(server: LiveServer, client: httpx.Client, name: str, versions: li
     swaps = [_swap(server, client, version) for version in versions]
     cpu = meter.stop()
     ok = [s for s in swaps if s["served"]]
-    logger.info("hot-swap (%s): p50 %.3f s over %d swaps", name,
-                report.percentile([s["activation_to_served_s"] for s in ok], 50), len(ok))
+    logger.info(
+        "hot-swap (%s): p50 %.3f s over %d swaps",
+        name,
+        report.percentile([s["activation_to_served_s"] for s in ok], 50),
+        len(ok),
+    )
     return {
-        "name": name, "swaps": len(swaps), "timeouts": len(swaps) - len(ok),
+        "name": name,
+        "swaps": len(swaps),
+        "timeouts": len(swaps) - len(ok),
         "activation_to_served_s": report.summary([s["activation_to_served_s"] for s in ok]),
         "activate_call_s": report.summary([s["activate_call_s"] for s in swaps]),
         "server_swap_s": report.summary([s["server_swap_s"] for s in ok]),
         "adapter_load_s": report.summary([s["adapter_load_s"] for s in ok]),
         "probe_request_s": report.summary([s["probe_request_s"] for s in ok]),
         "probes_per_swap": report.summary([s["probes"] for s in ok]),
-        "cpu": cpu, "each": swaps,
+        "cpu": cpu,
+        "each": swaps,
     }
 
 
@@ -94,7 +113,9 @@ def _swap(server: LiveServer, client: httpx.Client, version: str) -> dict[str, A
     if not served:
         logger.warning("version %s was not served within %.0f s of its activation", version, SWAP_TIMEOUT_S)
     return {
-        "version": version, "served": served, "probes": probes,
+        "version": version,
+        "served": served,
+        "probes": probes,
         "activation_to_served_s": (reply.started + reply.seconds - t0) if served else None,
         "activate_call_s": activated,
         "probe_request_s": reply.seconds if reply else None,
@@ -107,13 +128,49 @@ def table(results: dict[str, Any], poll_s: float) -> str:
     rows = []
     for c in results["conditions"]:
         a, s, ld = c["activation_to_served_s"], c["server_swap_s"], c["adapter_load_s"]
-        rows.append([c["name"], f"{c['swaps'] - c['timeouts']}/{c['swaps']}", a["p50"], a["p99"], a["max"],
-                     s["p50"], ld["p50"], ld["p99"], c["probe_request_s"]["p50"], c["cpu"]["other_cores"]])
+        rows.append(
+            [
+                c["name"],
+                f"{c['swaps'] - c['timeouts']}/{c['swaps']}",
+                a["p50"],
+                a["p99"],
+                a["max"],
+                s["p50"],
+                ld["p50"],
+                ld["p99"],
+                c["probe_request_s"]["p50"],
+                c["cpu"]["other_cores"],
+            ]
+        )
     f = results["first_swap"]
-    rows.append(["first adapter (wraps base in PEFT)", "1/1" if f["served"] else "0/1", f["activation_to_served_s"],
-                 "", "", f["server_swap_s"], f["adapter_load_s"], "", f["probe_request_s"], ""])
+    rows.append(
+        [
+            "first adapter (wraps base in PEFT)",
+            "1/1" if f["served"] else "0/1",
+            f["activation_to_served_s"],
+            "",
+            "",
+            f["server_swap_s"],
+            f["adapter_load_s"],
+            "",
+            f["probe_request_s"],
+            "",
+        ]
+    )
     return report.table(
         f"3. Hot-swap: registry.activate -> first response from that version; rank {results['lora_rank']} "
         f"q/k/v/o; server polls the pointer every {poll_s:g} s (floor: 0-{poll_s:g} s, mean {poll_s / 2:g} s)",
-        ["condition", "served", "p50 s", "p99 s", "max s", "server swap p50 s", "load p50 s", "load p99 s",
-         "probe p50 s", "other cores"], rows)
+        [
+            "condition",
+            "served",
+            "p50 s",
+            "p99 s",
+            "max s",
+            "server swap p50 s",
+            "load p50 s",
+            "load p99 s",
+            "probe p50 s",
+            "other cores",
+        ],
+        rows,
+    )

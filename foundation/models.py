@@ -27,6 +27,7 @@ def _quiet_progress_bars() -> None:
 
     hf_logging.disable_progress_bar()
 
+
 DEMO_MODEL_ID = "kto-loop-demo"
 
 # A plain-text chat format; the tokenizer carries it so `apply_chat_template` works unchanged.
@@ -144,8 +145,11 @@ def ensure_demo_model(data_dir: Path) -> Path:
     target = Path(data_dir) / "demo-model"
     if (target / "config.json").exists():
         return target
-    logger.warning("no --model given: building the offline DEMO model in %s "
-                   "(a tiny Llama taught the shipped text, about a minute on 2 cores: expect babble)", target)
+    logger.warning(
+        "no --model given: building the offline DEMO model in %s "
+        "(a tiny Llama taught the shipped text, about a minute on 2 cores: expect babble)",
+        target,
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-model-", dir=target.parent))
     try:
@@ -172,7 +176,7 @@ def _teach_the_corpus(path: Path, steps: int = 100) -> None:
     rows = []
     for i, line in enumerate(lines):
         chat = [{"role": "user", "content": line}, {"role": "assistant", "content": lines[(i + 1) % len(lines)]}]
-        rows.append(render_prompt(tokenizer, chat, add_generation_prompt=False) + [tokenizer.eos_token_id])
+        rows.append([*render_prompt(tokenizer, chat, add_generation_prompt=False), tokenizer.eos_token_id])
     ids = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_token_id)
     mask = torch.zeros_like(ids)
     for i, row in enumerate(rows):

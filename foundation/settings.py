@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from foundation import urls
 
+
 class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KTO_", extra="ignore", validate_default=True)
 

@@ -20,7 +20,6 @@ from foundation.urls import sqlite_path
 logger = logging.getLogger(__name__)
 
 
-
 def path_from_url(url: str) -> Path:
     """The file path in a ``sqlite:///PATH`` URL (see ``foundation.urls``)."""
     return sqlite_path(url)
@@ -86,8 +85,13 @@ class NewerLayout(RuntimeError):
     """The file was written by a newer version of this code: refused rather than misread."""
 
 
-def ensure_schema(conn: sqlite3.Connection, statements: list[str], version: int, what: str,
-                  migrations: Callable[[int], list[str]] | None = None) -> None:
+def ensure_schema(
+    conn: sqlite3.Connection,
+    statements: list[str],
+    version: int,
+    what: str,
+    migrations: Callable[[int], list[str]] | None = None,
+) -> None:
     """Create tables if missing and bring the file to layout `version` (``PRAGMA user_version``),
     in one transaction: `migrations(found)` gives the statements from an older layout `found`
     (0: a new file, which `statements` create as they are now)."""

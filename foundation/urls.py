@@ -8,8 +8,8 @@ Which backend a URL names is decided here only (`backend_of`), from the table `S
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 from typing import Literal
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 Backend = Literal["sqlite", "redis", "kafka"]
 
@@ -40,7 +40,7 @@ def sqlite_path(url: str) -> Path:
     """The database file a `sqlite:///PATH` URL names; ValueError saying what is wrong otherwise."""
     if not url.startswith(SQLITE_PREFIX):
         raise ValueError(f"{url!r} is not a sqlite:///PATH URL")
-    raw = unquote(url[len(SQLITE_PREFIX):])
+    raw = unquote(url[len(SQLITE_PREFIX) :])
     if not raw or raw.endswith("/"):
         raise ValueError(f"sqlite URL {url!r} must name a file, e.g. sqlite:///data/bus.sqlite3")
     if ":memory:" in raw or "?" in raw:

@@ -32,7 +32,7 @@ R = TypeVar("R")
 
 
 class _Waiter(Generic[T]):
-    __slots__ = ("item", "outcome", "done", "wake")
+    __slots__ = ("done", "item", "outcome", "wake")
 
     def __init__(self, item: T) -> None:
         self.item = item

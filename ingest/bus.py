@@ -48,7 +48,8 @@ def check_topic_name(topic: object) -> str:
 
 
 def check_subscription(group_id: object, topics: object) -> None:
-    """Raise ``TypeError``/``ValueError`` unless ``group_id`` is a name and ``topics`` a non-empty list of topic names."""
+    """Raise ``TypeError``/``ValueError`` unless ``group_id`` is a name and ``topics`` a non-empty
+    list of topic names."""
     if isinstance(topics, str):
         raise TypeError("topics must be a list of topic names, not a string")
     if not group_id:

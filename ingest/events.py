@@ -21,7 +21,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -129,7 +129,7 @@ class ErasureEvent(_EventModel):
 
 AnyEvent = ResponseEvent | FeedbackEvent | ErasureEvent
 
-Event = Annotated[Union[ResponseEvent, FeedbackEvent, ErasureEvent], Field(discriminator="type")]
+Event = Annotated[ResponseEvent | FeedbackEvent | ErasureEvent, Field(discriminator="type")]
 """Any event; pydantic picks the class from ``type``."""
 
 _event_adapter: TypeAdapter[AnyEvent] = TypeAdapter(Event)

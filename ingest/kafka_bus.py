@@ -10,8 +10,8 @@ Publishing rules:
   the broker drops the duplicates that the producer's own retries would create, and keeps one
   producer's records of a partition in send order.
 - Records are keyed by the key the caller gives (the response_id), so the partitioner (murmur2,
-  as Java clients hash keys) puts a response and its feedback on the same partition. Keyless records go round-robin over the
-  partitions, as on the embedded bus.
+  as Java clients hash keys) puts a response and its feedback on the same partition. Keyless
+  records go round-robin over the partitions, as on the embedded bus.
 - ``publish`` returns once every in-sync replica has the record. That is Kafka's durability:
   replication, not fsync. On a one-node broker (tests, ``make services``) an acknowledged record
   can be lost to a power cut; in production give the cluster ``default.replication.factor=3``
@@ -57,7 +57,7 @@ def bootstrap_servers(url: str) -> list[str]:
     prefix = "kafka://"
     if not url.startswith(prefix):
         raise ValueError(f"{url!r} is not a kafka://host:port URL")
-    rest = url[len(prefix):].rstrip("/")
+    rest = url[len(prefix) :].rstrip("/")
     if not rest or any(c in rest for c in "/?#@"):
         raise ValueError(f"Kafka URL {url!r} must be kafka://host:port[,host:port] (no path, query or user)")
     servers = []
@@ -150,8 +150,12 @@ class KafkaBus:
             if self._closed:
                 raise BusUnavailable("the Kafka bus is closed")
             if self._producer is None:
-                self._producer = KafkaSender(self.servers, client_id=self._client_config["client_id"],
-                                             timeout_s=self._timeout_s, batch_bytes=self._batch_bytes)
+                self._producer = KafkaSender(
+                    self.servers,
+                    client_id=self._client_config["client_id"],
+                    timeout_s=self._timeout_s,
+                    batch_bytes=self._batch_bytes,
+                )
             return self._producer
 
     def _drop_admin(self, admin: Any) -> None:
@@ -193,7 +197,9 @@ class KafkaBus:
         if not topics:
             return
         ms = self._client_config["request_timeout_ms"]
-        self._admin_call(f"create topics {topics}", lambda admin: self._create_topics(admin, list(topics), partitions, ms))
+        self._admin_call(
+            f"create topics {topics}", lambda admin: self._create_topics(admin, list(topics), partitions, ms)
+        )
         with self._lock:
             self._known_topics.update(topics)
 
@@ -250,13 +256,16 @@ class KafkaBus:
                         self.create_topics([topic], 1)
         try:
             partitions = {topic: producer.partitions(topic) for topic in topics}
-            sent = producer.send([(topic, self._partition(partitions[topic], key), key, bytes(value))
-                                  for topic, key, value in items])
+            sent = producer.send(
+                [(topic, self._partition(partitions[topic], key), key, bytes(value)) for topic, key, value in items]
+            )
         except BusUnavailable:
             self._drop_producer(producer)
             raise
-        return [Record(topic, partition, offset, key, bytes(value), at)
-                for (partition, offset, at), (topic, key, value) in zip(sent, items)]
+        return [
+            Record(topic, partition, offset, key, bytes(value), at)
+            for (partition, offset, at), (topic, key, value) in zip(sent, items)
+        ]
 
     def _drop_producer(self, producer: Any) -> None:
         # The next publish makes a fresh producer; whatever this one still held was reported failed.

@@ -99,8 +99,11 @@ class KafkaGroupConsumer:
     def _revoked(self, revoked: Any) -> None:
         # Nothing is committed here: see the module docstring.
         if revoked:
-            logger.info("group %s: partitions revoked %s (uncommitted records go to the next owner)",
-                        self.group_id, sorted((tp.topic, tp.partition) for tp in revoked))
+            logger.info(
+                "group %s: partitions revoked %s (uncommitted records go to the next owner)",
+                self.group_id,
+                sorted((tp.topic, tp.partition) for tp in revoked),
+            )
 
     def _assigned(self, assigned: Any) -> None:
         with self._lock:
@@ -108,8 +111,9 @@ class KafkaGroupConsumer:
                 offset = self._pending_seeks.pop((tp.topic, tp.partition), None)
                 if offset is not None:
                     self._consumer.seek(tp, offset)
-        logger.info("group %s: partitions assigned %s", self.group_id,
-                    sorted((tp.topic, tp.partition) for tp in assigned))
+        logger.info(
+            "group %s: partitions assigned %s", self.group_id, sorted((tp.topic, tp.partition) for tp in assigned)
+        )
 
     def poll(self, timeout_s: float = 1.0, max_records: int = 500) -> list[Record]:
         """Records after this member's positions, in offset order per partition; ``[]`` after ``timeout_s``.
@@ -159,15 +163,24 @@ class KafkaGroupConsumer:
                 if tp in owned:
                     wanted[tp] = OffsetAndMetadata(offset, "", -1)
                 else:
-                    logger.warning("group %s: not committing %s[%d], not assigned to this member "
-                                   "(its records will be re-delivered to the owner)", self.group_id, topic, partition)
+                    logger.warning(
+                        "group %s: not committing %s[%d], not assigned to this member "
+                        "(its records will be re-delivered to the owner)",
+                        self.group_id,
+                        topic,
+                        partition,
+                    )
             if not wanted:
                 return
         try:
             consumer.commit(wanted, timeout_ms=self._timeout_ms)
         except CommitFailedError as exc:
-            logger.warning("group %s rebalanced before the commit; not committed, the records will be "
-                           "re-delivered to the partitions' owners: %s", self.group_id, exc)
+            logger.warning(
+                "group %s rebalanced before the commit; not committed, the records will be "
+                "re-delivered to the partitions' owners: %s",
+                self.group_id,
+                exc,
+            )
         except KafkaError as exc:
             raise BusUnavailable(f"cannot commit: {exc}") from exc
 
@@ -203,7 +216,7 @@ class KafkaGroupConsumer:
         self._closed = True
         try:
             self._consumer.close(autocommit=False, timeout_ms=self._timeout_ms)
-        except Exception as exc:  # noqa: BLE001 - the session timeout will drop us anyway
+        except Exception as exc:
             logger.warning("consumer of group %s did not leave cleanly: %s", self.group_id, exc)
 
     def __enter__(self) -> KafkaGroupConsumer:

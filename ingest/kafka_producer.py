@@ -41,20 +41,22 @@ class KafkaSender:
         self.servers = servers
         self._timeout_s = timeout_s
         ms = int(timeout_s * 1000)
-        self._producer = Producer({
-            "bootstrap.servers": ",".join(servers),
-            "client.id": client_id,
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": 0,
-            "message.timeout.ms": ms,
-            "socket.timeout.ms": ms,
-            "partitioner": "murmur2_random",
-            # Big batches: a backlog (the spool's forwarder sends hundreds of records per call)
-            # goes in a few produce requests. Below the broker's message.max.bytes (1 MiB).
-            "batch.size": batch_bytes,
-            "logger": logger,
-        })
+        self._producer = Producer(
+            {
+                "bootstrap.servers": ",".join(servers),
+                "client.id": client_id,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 0,
+                "message.timeout.ms": ms,
+                "socket.timeout.ms": ms,
+                "partitioner": "murmur2_random",
+                # Big batches: a backlog (the spool's forwarder sends hundreds of records per call)
+                # goes in a few produce requests. Below the broker's message.max.bytes (1 MiB).
+                "batch.size": batch_bytes,
+                "logger": logger,
+            }
+        )
         self._partitions: dict[str, tuple[float, list[int]]] = {}
         self._lock = threading.Lock()
 
@@ -87,6 +89,7 @@ class KafkaSender:
         def delivered(i: int):
             def report(err: Any, msg: Any) -> None:
                 results[i] = err if err is not None else (msg.partition(), msg.offset(), msg.timestamp()[1] / 1000.0)
+
             return report
 
         deadline = time.monotonic() + self._timeout_s + 1.0
@@ -103,13 +106,15 @@ class KafkaSender:
             raise BusUnavailable(f"cannot publish {len(failed)} of {len(records)} records: {reason}")
         return results
 
-    def _produce(self, topic: str, partition: int | None, key: str | None, value: bytes, report: Any,
-                 deadline: float) -> None:
+    def _produce(
+        self, topic: str, partition: int | None, key: str | None, value: bytes, report: Any, deadline: float
+    ) -> None:
         options = {} if partition is None else {"partition": partition}
         while True:
             try:
-                self._producer.produce(topic, value=value, key=None if key is None else key.encode("utf-8"),
-                                       on_delivery=report, **options)
+                self._producer.produce(
+                    topic, value=value, key=None if key is None else key.encode("utf-8"), on_delivery=report, **options
+                )
                 return
             except BufferError:  # the local queue is full: let deliveries drain it
                 if time.monotonic() >= deadline:

@@ -44,8 +44,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ingest._group_commit import GroupCommit
 from foundation.sqlite import connect, ensure_schema, write_transaction
+from ingest._group_commit import GroupCommit
 from ingest.bus import BusUnavailable, check_records, check_topic_name
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ _SCHEMA = [
         topic TEXT NOT NULL,
         key TEXT,
         value BLOB NOT NULL,
-        spooled_at REAL NOT NULL)""",
+        spooled_at REAL NOT NULL)"""
 ]
 
 
@@ -67,9 +67,7 @@ class SpoolFull(BusUnavailable):
     """The spool holds ``max_events`` records already; nothing was stored."""
 
     def __init__(self, depth: int, max_events: int) -> None:
-        super().__init__(
-            f"the event spool is full: {depth} events are waiting for the bus (the limit is {max_events})"
-        )
+        super().__init__(f"the event spool is full: {depth} events are waiting for the bus (the limit is {max_events})")
         self.depth, self.max_events = depth, max_events
 
 
@@ -203,9 +201,11 @@ class Spool:
     def peek(self, limit: int) -> list[Spooled]:
         """The oldest ``limit`` records, oldest first."""
         with self._read_lock:
-            rows = self._reading().execute(
-                "SELECT seq, topic, key, value, spooled_at FROM spool ORDER BY seq LIMIT ?", (limit,)
-            ).fetchall()
+            rows = (
+                self._reading()
+                .execute("SELECT seq, topic, key, value, spooled_at FROM spool ORDER BY seq LIMIT ?", (limit,))
+                .fetchall()
+            )
         return [Spooled(seq, topic, key, bytes(value), at) for seq, topic, key, value, at in rows]
 
     def remove_through(self, seq: int) -> int:
@@ -219,7 +219,10 @@ class Spool:
         return removed
 
     def _shrink(self, conn: sqlite3.Connection) -> None:
-        (page_size,), (free,) = conn.execute("PRAGMA page_size").fetchone(), conn.execute("PRAGMA freelist_count").fetchone()
+        (page_size,), (free,) = (
+            conn.execute("PRAGMA page_size").fetchone(),
+            conn.execute("PRAGMA freelist_count").fetchone(),
+        )
         if free * page_size < self._shrink_at:
             return
         try:
@@ -261,7 +264,7 @@ def _insert(conn: sqlite3.Connection, rows: list[tuple[str, str | None, bytes, f
     """Insert rows in order with multi-row statements (one step each, not one per row); the last seq."""
     last = 0
     for start in range(0, len(rows), _ROWS_PER_INSERT):
-        chunk = rows[start:start + _ROWS_PER_INSERT]
+        chunk = rows[start : start + _ROWS_PER_INSERT]
         last = conn.execute(
             "INSERT INTO spool (topic, key, value, spooled_at) VALUES " + ",".join(["(?, ?, ?, ?)"] * len(chunk)),
             [field for row in chunk for field in row],

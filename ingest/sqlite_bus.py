@@ -35,8 +35,8 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from ingest._group_commit import GroupCommit
 from foundation.sqlite import connect, ensure_schema, write_transaction
+from ingest._group_commit import GroupCommit
 from ingest.bus import BusUnavailable, Record, TopicPartition, check_records, check_subscription, check_topic_name
 from ingest.sqlite_consumer import SqliteConsumer, partition_counts
 
@@ -196,7 +196,7 @@ class SqliteBus:
         outcomes: list[list[Record] | BaseException] = []
         start = 0
         for call in calls:
-            outcomes.append(records[start:start + len(call)])
+            outcomes.append(records[start : start + len(call)])
             start += len(call)
         return outcomes
 
@@ -225,7 +225,7 @@ class SqliteBus:
         rows = [(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp) for r in records]
         for start in range(0, len(rows), _ROWS_PER_INSERT):
             # Multi-row statements: one call into SQLite per chunk rather than one per record.
-            chunk = rows[start:start + _ROWS_PER_INSERT]
+            chunk = rows[start : start + _ROWS_PER_INSERT]
             conn.execute(
                 "INSERT INTO records (topic, part, record_offset, key, value, timestamp) VALUES "
                 + ",".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)),

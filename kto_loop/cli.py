@@ -41,27 +41,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kto-loop", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", parents=[common], help="run the inference server")
-    sub.add_parser("learn", parents=[_common("serve /metrics and /healthz on this TCP port (default: none; "
-                                             "KTO_METRICS_PORT)")], help="run the KTO learner")
+    sub.add_parser(
+        "learn",
+        parents=[_common("serve /metrics and /healthz on this TCP port (default: none; KTO_METRICS_PORT)")],
+        help="run the KTO learner",
+    )
     sub.add_parser("up", parents=[common], help="serve + learn on the embedded default (what `make run` starts)")
     sim = sub.add_parser("simulate", parents=[common], help="simulated users who chat and rate by rules")
     sim.add_argument("--ratings", type=int, default=600, help="stop after this many ratings")
     sim.add_argument("--users", type=int, default=60, help="simulated users, each chatting in turn")
-    sim.add_argument("--rule", action="append", dest="rules", metavar="KIND:ARG",
-                     help="what users like: prefix:aeiou (starts with one of these characters; prefix:Hi,Yes for "
-                          "strings), avoid:WORD (does not contain it), shorter-than:N (characters); repeat to "
-                          "require several (default prefix:aeiou)")
+    sim.add_argument(
+        "--rule",
+        action="append",
+        dest="rules",
+        metavar="KIND:ARG",
+        help="what users like: prefix:aeiou (starts with one of these characters; prefix:Hi,Yes for "
+        "strings), avoid:WORD (does not contain it), shorter-than:N (characters); repeat to "
+        "require several (default prefix:aeiou)",
+    )
     sim.add_argument("--flip", type=float, default=0.0, help="share of labels sent inverted (noisy raters)")
-    sim.add_argument("--rate-liked", type=float, default=1.0,
-                     help="chance that a liked answer is rated at all (disliked ones always are)")
-    sim.add_argument("--think-time", type=float, default=8.0,
-                     help="seconds each user reads before the next turn (times a random 0.5-1.5; default 8, "
-                          "about 7 ratings/s from 60 users); 0: back to back, faster than the learner can follow")
+    sim.add_argument(
+        "--rate-liked",
+        type=float,
+        default=1.0,
+        help="chance that a liked answer is rated at all (disliked ones always are)",
+    )
+    sim.add_argument(
+        "--think-time",
+        type=float,
+        default=8.0,
+        help="seconds each user reads before the next turn (times a random 0.5-1.5; default 8, "
+        "about 7 ratings/s from 60 users); 0: back to back, faster than the learner can follow",
+    )
     sim.add_argument("--seed", type=int, default=None, help="seed the users' choices and the answers' sampling")
     sim.add_argument("--max-tokens", type=int, default=8)
     sim.add_argument("--plot", default=None, help="PNG learning curve (default <data-dir>/learning-curve.png)")
-    sim.add_argument("--url", action="append", dest="urls", metavar="URL",
-                     help="a server to chat with (repeat for replicas; default http://HOST:PORT from the settings)")
+    sim.add_argument(
+        "--url",
+        action="append",
+        dest="urls",
+        metavar="URL",
+        help="a server to chat with (repeat for replicas; default http://HOST:PORT from the settings)",
+    )
     adapters = sub.add_parser("adapters", help="list, activate and roll back adapter versions")
     actions = adapters.add_subparsers(dest="action", required=True)
     actions.add_parser("list", parents=[common], help="versions with status, parent and metrics")
@@ -81,8 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("version")
     start.add_argument("--share", type=float, default=0.2, help="fraction of users, in (0, 1] (default 0.2)")
     start.add_argument("--reason", default="")
-    for step, what in (("promote", "make the candidate active"), ("rollback", "reject the candidate forever"),
-                       ("pause", "route nobody to the candidate; no automatic decision"), ("resume", "undo pause")):
+    for step, what in (
+        ("promote", "make the candidate active"),
+        ("rollback", "reject the candidate forever"),
+        ("pause", "route nobody to the candidate; no automatic decision"),
+        ("resume", "undo pause"),
+    ):
         decide = steps.add_parser(step, parents=[common], help=what)
         decide.add_argument("--version", help="only if the canary is of this version (default: whatever runs)")
         decide.add_argument("--reason", default="")
@@ -151,8 +176,12 @@ def _up(settings, argv: list[str], log_level: str) -> int:
         ensure_demo_model(settings.data_dir)  # once, before two processes would both build it
     learner_args = _without_port([a if a != "up" else "learn" for a in argv])  # --port is the server's
     learner = subprocess.Popen([sys.executable, "-m", "kto_loop.cli", *learner_args], env=env)
-    logger.info("learner started (pid %d); chat in a browser at http://%s:%d/ (API under /v1)", learner.pid,
-                settings.host, settings.port)
+    logger.info(
+        "learner started (pid %d); chat in a browser at http://%s:%d/ (API under /v1)",
+        learner.pid,
+        settings.host,
+        settings.port,
+    )
     try:
         return _serve(settings, log_level)
     finally:
@@ -184,23 +213,37 @@ def _simulate(settings, args) -> int:
         for noisy in ("httpx", "httpcore"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        raters = Raters(tuple(parse_rule(r) for r in args.rules or ["prefix:aeiou"]), flip=args.flip,
-                        rate_liked=args.rate_liked)
+        raters = Raters(
+            tuple(parse_rule(r) for r in args.rules or ["prefix:aeiou"]), flip=args.flip, rate_liked=args.rate_liked
+        )
     except ValueError as exc:
         sys.stderr.write(f"kto-loop: {exc}\n")
         return 2
     urls = args.urls or [f"http://{settings.host}:{settings.port}"]
-    logger.info("%d users liking %s, %s", args.users, raters,
-                f"{args.think_time:g} s between turns" if args.think_time else "back to back")
-    result = simulate(urls, ratings=args.ratings, users=args.users, raters=raters, max_tokens=args.max_tokens,
-                      think_time=args.think_time, seed=args.seed)
+    logger.info(
+        "%d users liking %s, %s",
+        args.users,
+        raters,
+        f"{args.think_time:g} s between turns" if args.think_time else "back to back",
+    )
+    result = simulate(
+        urls,
+        ratings=args.ratings,
+        users=args.users,
+        raters=raters,
+        max_tokens=args.max_tokens,
+        think_time=args.think_time,
+        seed=args.seed,
+    )
     for version, (n, rate) in result.rate_by_version().items():
         print(f"{version:<24} n={n:<5} desirable={rate:.3f}")
     turns, k = result.turns, min(100, len(result.turns) // 2)
     if k:
         first, last = sum(t.liked for t in turns[:k]), sum(t.liked for t in turns[-k:])
-        print(f"liked: first {k} answers {first / k:.2f}, last {k} {last / k:.2f} "
-              f"({(last - first) / k:+.2f}, one-sided p {two_proportion_p(first, k, last, k):.2g})")
+        print(
+            f"liked: first {k} answers {first / k:.2f}, last {k} {last / k:.2f} "
+            f"({(last - first) / k:+.2f}, one-sided p {two_proportion_p(first, k, last, k):.2g})"
+        )
     if result.errors:
         print(f"{len(result.errors)} requests failed, e.g. {result.errors[0]}")
     path = plot(result, Path(args.plot) if args.plot else settings.data_dir / "learning-curve.png")
@@ -213,8 +256,9 @@ def _serve(settings, log_level: str = "info") -> int:
 
     from serve.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                timeout_graceful_shutdown=10)
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=10
+    )
     return 0
 
 
@@ -248,8 +292,11 @@ def _adapters(settings, args) -> int:
             sys.stderr.write(f"kto-loop: cannot reach the server at {url}: {exc}\n")
             return 1
     if reply.is_error:
-        message = reply.json().get("error", {}).get("message", reply.text) if reply.headers.get(
-            "content-type", "").startswith("application/json") else reply.text
+        message = (
+            reply.json().get("error", {}).get("message", reply.text)
+            if reply.headers.get("content-type", "").startswith("application/json")
+            else reply.text
+        )
         sys.stderr.write(f"kto-loop: {reply.status_code}: {message}\n")
         return 1
     print(_render(args.action, reply.json()))
@@ -269,8 +316,10 @@ def _render(action: str, body: dict) -> str:
         rows = [f"active: {body['active'] or 'base'}   serving here: {body['serving'] or 'base'}"]
         for v in body["versions"]:
             mark = "*" if v["version"] == body["active"] else " "
-            rows.append(f"{mark} {v['version']:<8} {v['status']:<9} parent={v['parent'] or 'base':<8} "
-                        f"metrics={json.dumps(v['metrics'], sort_keys=True)}")
+            rows.append(
+                f"{mark} {v['version']:<8} {v['status']:<9} parent={v['parent'] or 'base':<8} "
+                f"metrics={json.dumps(v['metrics'], sort_keys=True)}"
+            )
         return "\n".join(rows)
     if action == "history":
         return "\n".join(_entry(e) for e in body["history"])
@@ -297,18 +346,22 @@ def _render_canary(body: dict) -> str:
     if canary is None:
         rows.append("canary: none running")
     else:
-        rows.append(f"canary: {canary['version']} for {canary['share']:.0%} of users against "
-                    f"{canary['baseline'] or 'base'}{' (PAUSED)' if canary['paused'] else ''}, started by "
-                    f"{canary['actor']}")
+        rows.append(
+            f"canary: {canary['version']} for {canary['share']:.0%} of users against "
+            f"{canary['baseline'] or 'base'}{' (PAUSED)' if canary['paused'] else ''}, started by "
+            f"{canary['actor']}"
+        )
         if len(canary.get("versions") or ()) > 1:
             rows.append("lineage: " + " -> ".join(canary["versions"]))
         evidence = canary.get("evidence")
         if evidence:
             c, b = evidence["candidate"], evidence["baseline"]
             low, high = evidence["interval"]
-            rows.append(f"evidence: candidate {c['desirable']}/{c['n']} desirable, baseline {b['desirable']}/{b['n']}; "
-                        f"difference in [{low:+.3f}, {high:+.3f}] (alpha {evidence['alpha']}, margin "
-                        f"{evidence['margin']}): {evidence['decision']}")
+            rows.append(
+                f"evidence: candidate {c['desirable']}/{c['n']} desirable, baseline {b['desirable']}/{b['n']}; "
+                f"difference in [{low:+.3f}, {high:+.3f}] (alpha {evidence['alpha']}, margin "
+                f"{evidence['margin']}): {evidence['decision']}"
+            )
         else:
             rows.append("evidence: none reported yet")
     last = body.get("last") or body.get("entry")

@@ -58,8 +58,9 @@ def rolling(result: Simulation, window: int) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def plot(result: Simulation, path: Path, *, window: int = 100, title: str | None = None,
-         base_rate: float | None = None) -> Path:
+def plot(
+    result: Simulation, path: Path, *, window: int = 100, title: str | None = None, base_rate: float | None = None
+) -> Path:
     """Save the curve as a PNG: the rate users saw (by the raters' rules, so flipped labels do
     not show), the base rate if measured, version changes and canary decisions."""
     import matplotlib
@@ -72,20 +73,24 @@ def plot(result: Simulation, path: Path, *, window: int = 100, title: str | None
     ax.plot(xs, ys, color="black", linewidth=1.2, label=f"liked, last {window} answers")
     if base_rate is not None:
         ax.axhline(base_rate, color="grey", linestyle=":", linewidth=1, label=f"base model {base_rate:.2f}")
-    style = {"promote": ("tab:green", "-", "promoted"), "rollback": ("tab:red", "--", "rolled back"),
-             "active": ("tab:blue", "-", "activated"), "canary": ("tab:olive", ":", "canary started")}
+    style = {
+        "promote": ("tab:green", "-", "promoted"),
+        "rollback": ("tab:red", "--", "rolled back"),
+        "active": ("tab:blue", "-", "activated"),
+        "canary": ("tab:olive", ":", "canary started"),
+    }
     labelled = set()
     for event in events(result):
         if event.kind == "advance":
             ax.plot([event.at], [0.01], marker="|", color="tab:olive", markersize=6)
             continue
         colour, line, name = style[event.kind]
-        ax.axvline(event.at, color=colour, linestyle=line, linewidth=0.8, alpha=0.7,
-                   label=None if name in labelled else name)
+        ax.axvline(
+            event.at, color=colour, linestyle=line, linewidth=0.8, alpha=0.7, label=None if name in labelled else name
+        )
         labelled.add(name)
         if event.kind in ("promote", "rollback", "active"):
-            ax.annotate(event.version or "base", (event.at, 0.97), fontsize=6, rotation=90, va="top",
-                        color=colour)
+            ax.annotate(event.version or "base", (event.at, 0.97), fontsize=6, rotation=90, va="top", color=colour)
     ax.set_xlabel("ratings")
     ax.set_ylabel("share of answers liked")
     ax.set_ylim(0, 1)

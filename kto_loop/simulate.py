@@ -34,6 +34,7 @@ PROMPTS = ["hello", "tell me something", "what is new", "say a word", "how are y
 
 # ---- rules ---------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Rule:
     """One thing a simulated user likes or dislikes about an answer."""
@@ -96,11 +97,13 @@ class Raters:
 
     def __str__(self) -> str:
         extra = (f", {self.flip:.0%} flipped" if self.flip else "") + (
-            f", {self.rate_liked:.0%} of liked answers rated" if self.rate_liked < 1 else "")
+            f", {self.rate_liked:.0%} of liked answers rated" if self.rate_liked < 1 else ""
+        )
         return " and ".join(map(str, self.rules)) + extra
 
 
 # ---- what happened -------------------------------------------------------------------------------
+
 
 @dataclass
 class Turn:
@@ -162,10 +165,23 @@ def two_proportion_p(d1: int, n1: int, d2: int, n2: int) -> float:
 
 # ---- the users -----------------------------------------------------------------------------------
 
-def simulate(url: str | Sequence[str], *, ratings: int, users: int = 8, raters: Raters | None = None,
-             prefixes: tuple[str, ...] | None = None, max_tokens: int = 8, temperature: float = 1.0,
-             think_time: float = 0.0, seed: int | None = None, rate: bool = True, report_every: int = 100,
-             stop: threading.Event | None = None, on_turn: Callable[[Turn], None] | None = None) -> Simulation:
+
+def simulate(
+    url: str | Sequence[str],
+    *,
+    ratings: int,
+    users: int = 8,
+    raters: Raters | None = None,
+    prefixes: tuple[str, ...] | None = None,
+    max_tokens: int = 8,
+    temperature: float = 1.0,
+    think_time: float = 0.0,
+    seed: int | None = None,
+    rate: bool = True,
+    report_every: int = 100,
+    stop: threading.Event | None = None,
+    on_turn: Callable[[Turn], None] | None = None,
+) -> Simulation:
     """Chat (and rate) until `ratings` answers were rated (with `rate=False`: answered, none
     rated); returns every turn in arrival order.
 
@@ -185,15 +201,19 @@ def simulate(url: str | Sequence[str], *, ratings: int, users: int = 8, raters: 
         name = f"sim-{number}"
         rng = random.Random(f"{seed}/{name}") if seed is not None else random.Random()
         with contextlib.ExitStack() as stack:
-            replicas = [stack.enter_context(httpx.Client(base_url=u, timeout=120, headers={"X-User-Id": name}))
-                        for u in urls]
+            replicas = [
+                stack.enter_context(httpx.Client(base_url=u, timeout=120, headers={"X-User-Id": name})) for u in urls
+            ]
             turn = 0
             while not (stop.is_set() or done.is_set()):
                 turn += 1
                 client, rater = replicas[(number + turn) % len(urls)], replicas[(number + turn + 1) % len(urls)]
                 prompt = PROMPTS[(number + turn) % len(PROMPTS)]
-                request = {"messages": [{"role": "user", "content": prompt}],
-                           "max_tokens": max_tokens, "temperature": temperature}
+                request = {
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": max_tokens,
+                    "temperature": temperature,
+                }
                 if seed is not None:
                     request["seed"] = rng.randrange(2**31)
                 try:
@@ -206,8 +226,9 @@ def simulate(url: str | Sequence[str], *, ratings: int, users: int = 8, raters: 
                     label = raters.label(liked, rng) if rate else None
                     feedback_id = None
                     if label is not None:
-                        vote = rater.post("/v1/feedback", json={"response_id": body["id"],
-                                                                "label": "up" if label else "down"})
+                        vote = rater.post(
+                            "/v1/feedback", json={"response_id": body["id"], "label": "up" if label else "down"}
+                        )
                         vote.raise_for_status()
                         feedback_id = vote.json()["id"]
                 except httpx.HTTPError as exc:
@@ -219,8 +240,19 @@ def simulate(url: str | Sequence[str], *, ratings: int, users: int = 8, raters: 
                     if counted[0] >= ratings:
                         done.set()
                         return
-                    item = Turn(len(result.turns), arrived, name, body["model"], answer, liked, label, body["id"],
-                                feedback_id, time.time() if label is not None else None, prompt)
+                    item = Turn(
+                        len(result.turns),
+                        arrived,
+                        name,
+                        body["model"],
+                        answer,
+                        liked,
+                        label,
+                        body["id"],
+                        feedback_id,
+                        time.time() if label is not None else None,
+                        prompt,
+                    )
                     result.turns.append(item)
                     counted[0] += label is not None if rate else 1
                     if counted[0] % report_every == 0 and (label is not None or not rate):
@@ -244,8 +276,14 @@ def simulate(url: str | Sequence[str], *, ratings: int, users: int = 8, raters: 
     return result
 
 
-def _watch_serving(url: str, result: Simulation, lock: threading.Lock, done: threading.Event,
-                   stop: threading.Event, every_s: float = 0.5) -> None:
+def _watch_serving(
+    url: str,
+    result: Simulation,
+    lock: threading.Lock,
+    done: threading.Event,
+    stop: threading.Event,
+    every_s: float = 0.5,
+) -> None:
     """Record what the server serves (GET /v1/models) whenever it changes, for the plot."""
     with httpx.Client(base_url=url, timeout=10) as client:
         while not (done.is_set() or stop.is_set()):
@@ -261,6 +299,12 @@ def _watch_serving(url: str, result: Simulation, lock: threading.Lock, done: thr
 def _progress(result: Simulation, counted: int, target: int) -> None:
     recent = result.turns[-100:]
     serving = result.serving[-1] if result.serving else None
-    logger.info("%d/%d; liked in the last %d answers: %.2f; serving %s%s", counted, target, len(recent),
-                sum(t.liked for t in recent) / len(recent), serving[1] if serving else "?",
-                f" (canary {serving[2]})" if serving and serving[2] else "")
+    logger.info(
+        "%d/%d; liked in the last %d answers: %.2f; serving %s%s",
+        counted,
+        target,
+        len(recent),
+        sum(t.liked for t in recent) / len(recent),
+        serving[1] if serving else "?",
+        f" (canary {serving[2]})" if serving and serving[2] else "",
+    )

@@ -105,6 +105,7 @@ _SCHEMA = [
     *erasure.SCHEMA,
 ]
 
+
 class ReplayBuffer:
     """The buffer at ``path``; see the module docstring."""
 
@@ -156,8 +157,12 @@ class ReplayBuffer:
         forgotten = conn.execute("DELETE FROM seen WHERE seen_at < ?", (cutoff,)).rowcount
         self._last_prune = now
         if dropped or forgotten:
-            logger.info("buffer dropped %d unrated responses and %d event ids older than %.0f s",
-                        dropped, forgotten, self.retention_s)
+            logger.info(
+                "buffer dropped %d unrated responses and %d event ids older than %.0f s",
+                dropped,
+                forgotten,
+                self.retention_s,
+            )
 
     def expire_pending(self, now: float, ttl_s: float) -> list[DeadLetter]:
         """Move feedback parked for ``ttl_s`` or longer (by ``now``) from ``pending`` to the outbox.
@@ -190,9 +195,13 @@ class ReplayBuffer:
     def dead_letters_to_send(self, limit: int = 100) -> list[DeadLetter]:
         """Queued dead letters, oldest first."""
         with self._lock:
-            rows = self._connection().execute(
-                "SELECT id, reason, topic, part, record_offset, key, raw FROM outbox ORDER BY id LIMIT ?", (limit,)
-            ).fetchall()
+            rows = (
+                self._connection()
+                .execute(
+                    "SELECT id, reason, topic, part, record_offset, key, raw FROM outbox ORDER BY id LIMIT ?", (limit,)
+                )
+                .fetchall()
+            )
         return [DeadLetter(*row[:6], bytes(row[6])) for row in rows]
 
     def dead_letters_sent(self, ids: Iterable[int]) -> None:
@@ -207,10 +216,14 @@ class ReplayBuffer:
     def unreferenced(self, limit: int) -> list[Example]:
         """Examples without reference log-probs, oldest first; only those that have a KL partner."""
         with self._lock:
-            rows = self._connection().execute(
-                EXAMPLE_SQL + " WHERE e.ref_logp IS NULL AND e.kl_partner IS NOT NULL ORDER BY e.position LIMIT ?",
-                (limit,),
-            ).fetchall()
+            rows = (
+                self._connection()
+                .execute(
+                    EXAMPLE_SQL + " WHERE e.ref_logp IS NULL AND e.kl_partner IS NOT NULL ORDER BY e.position LIMIT ?",
+                    (limit,),
+                )
+                .fetchall()
+            )
         return [example_from_row(row) for row in rows]
 
     def set_reference(self, items: list[tuple[str, float, float]]) -> int:
@@ -227,14 +240,15 @@ class ReplayBuffer:
             conn = self._connection()
             with write_transaction(conn):
                 for response_id, ref, kl_ref in items:
-                    row = conn.execute("SELECT ref_logp FROM examples WHERE response_id = ?",
-                                       (response_id,)).fetchone()
+                    row = conn.execute("SELECT ref_logp FROM examples WHERE response_id = ?", (response_id,)).fetchone()
                     if row is None:
                         logger.warning("set_reference: no example %s (deleted meanwhile?)", response_id)
                         continue
                     seq_sql, args = ("seq = ?, ", [next_counter(conn, "seq")]) if row[0] is None else ("", [])
-                    conn.execute(f"UPDATE examples SET {seq_sql}ref_logp = ?, kl_ref_logp = ? WHERE response_id = ?",
-                                 [*args, ref, kl_ref, response_id])
+                    conn.execute(
+                        f"UPDATE examples SET {seq_sql}ref_logp = ?, kl_ref_logp = ? WHERE response_id = ?",
+                        [*args, ref, kl_ref, response_id],
+                    )
                     done += 1
         return done
 
@@ -252,10 +266,15 @@ class ReplayBuffer:
         What an update plans with (held-out split, replay pool, per-user caps): no token ids are
         read or parsed, so it stays cheap as the buffer grows; ``load`` fetches the ones it picks."""
         with self._lock:
-            rows = self._connection().execute(
-                "SELECT e.response_id, r.user, e.desirable, e.seq FROM examples e"
-                " JOIN responses r ON r.response_id = e.response_id WHERE e.ref_logp IS NOT NULL"
-                " ORDER BY e.position").fetchall()
+            rows = (
+                self._connection()
+                .execute(
+                    "SELECT e.response_id, r.user, e.desirable, e.seq FROM examples e"
+                    " JOIN responses r ON r.response_id = e.response_id WHERE e.ref_logp IS NOT NULL"
+                    " ORDER BY e.position"
+                )
+                .fetchall()
+            )
         return [ExampleRef(i, user, bool(desirable), seq) for i, user, desirable, seq in rows]
 
     def load(self, response_ids: Iterable[str]) -> list[Example]:
@@ -263,9 +282,11 @@ class ReplayBuffer:
         ids = list(dict.fromkeys(response_ids))
         found: dict[str, Example] = {}
         for start in range(0, len(ids), 500):  # far below SQLite's limit on parameters
-            chunk = ids[start:start + 500]
-            found.update((e.response_id, e) for e in self._select(
-                f" WHERE e.response_id IN ({','.join('?' * len(chunk))})", chunk))
+            chunk = ids[start : start + 500]
+            found.update(
+                (e.response_id, e)
+                for e in self._select(f" WHERE e.response_id IN ({','.join('?' * len(chunk))})", chunk)
+            )
         return [found[i] for i in ids if i in found]
 
     def max_seq(self) -> int:
@@ -281,11 +302,14 @@ class ReplayBuffer:
         with self._lock:
             conn = self._connection()
             with write_transaction(conn):
-                conn.executemany("UPDATE examples SET times_trained = times_trained + 1 WHERE response_id = ?",
-                                 [(i,) for i in ids])
+                conn.executemany(
+                    "UPDATE examples SET times_trained = times_trained + 1 WHERE response_id = ?", [(i,) for i in ids]
+                )
                 if version is not None:
-                    conn.executemany("INSERT OR IGNORE INTO trained (response_id, version) VALUES (?, ?)",
-                                     [(i, version) for i in ids])
+                    conn.executemany(
+                        "INSERT OR IGNORE INTO trained (response_id, version) VALUES (?, ?)",
+                        [(i, version) for i in ids],
+                    )
 
     def erasures_to_report(self) -> list[erasure.Erasure]:
         """Erasures applied here but not yet recorded in the registry, oldest first."""
@@ -309,14 +333,22 @@ class ReplayBuffer:
             conn = self._connection()
             desirable, undesirable, unreferenced = conn.execute(
                 "SELECT COALESCE(SUM(desirable), 0), COALESCE(SUM(1 - desirable), 0),"
-                " COALESCE(SUM(ref_logp IS NULL), 0) FROM examples").fetchone()
+                " COALESCE(SUM(ref_logp IS NULL), 0) FROM examples"
+            ).fetchone()
             (pending,) = conn.execute("SELECT COUNT(*) FROM pending").fetchone()
             (unrated,) = conn.execute(
                 "SELECT COUNT(*) FROM responses r WHERE rejected IS NULL"
-                " AND NOT EXISTS (SELECT 1 FROM examples e WHERE e.response_id = r.response_id)").fetchone()
+                " AND NOT EXISTS (SELECT 1 FROM examples e WHERE e.response_id = r.response_id)"
+            ).fetchone()
             (outbox,) = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()
-        return {"desirable": desirable, "undesirable": undesirable, "pending": pending,
-                "unreferenced": unreferenced, "unrated_responses": unrated, "dead_letters_queued": outbox}
+        return {
+            "desirable": desirable,
+            "undesirable": undesirable,
+            "pending": pending,
+            "unreferenced": unreferenced,
+            "unrated_responses": unrated,
+            "dead_letters_queued": outbox,
+        }
 
     def _select(self, where: str, args: Iterable[object]) -> list[Example]:
         with self._lock:
@@ -343,10 +375,16 @@ class ReplayBuffer:
         at or after ``since`` (unix seconds): each rated response once, with its current label."""
         counts: dict[str | None, tuple[int, int]] = {v: (0, 0) for v in versions}
         with self._lock:
-            rows = self._connection().execute(
-                "SELECT r.adapter_version, COUNT(*), SUM(e.desirable) FROM examples e"
-                " JOIN responses r ON r.response_id = e.response_id WHERE r.created_at >= ?"
-                " GROUP BY r.adapter_version", (since,)).fetchall()
+            rows = (
+                self._connection()
+                .execute(
+                    "SELECT r.adapter_version, COUNT(*), SUM(e.desirable) FROM examples e"
+                    " JOIN responses r ON r.response_id = e.response_id WHERE r.created_at >= ?"
+                    " GROUP BY r.adapter_version",
+                    (since,),
+                )
+                .fetchall()
+            )
         for version, rated, desirable in rows:
             if version in counts:
                 counts[version] = (rated, desirable)

@@ -157,18 +157,25 @@ class Verdict:
             "delta": None if c.rate is None or b.rate is None else c.rate - b.rate,
             "interval": [self.lower, self.upper],
             "lineage": [[arm.n, arm.desirable] for arm in self.lineage],
-            "worse_from": self.worse_from, "suffix_upper": self.suffix_upper,
+            "worse_from": self.worse_from,
+            "suffix_upper": self.suffix_upper,
             "statistic": "differences of normal-mixture confidence sequences (Howard et al. 2021), "
-                         "sigma 1/2: alpha/2 for the baseline, alpha/2 * 6/(pi^2 j^2) for suffix j "
-                         "of the lineage",
-            "alpha": self.alpha, "margin": self.margin, "min_ratings": self.min_ratings, "rho": self.rho,
-            "thresholds": {"rollback": "upper < 0 for some suffix",
-                           "promote": f"lower > {-self.margin} and n >= {self.min_ratings} per arm"},
+            "sigma 1/2: alpha/2 for the baseline, alpha/2 * 6/(pi^2 j^2) for suffix j "
+            "of the lineage",
+            "alpha": self.alpha,
+            "margin": self.margin,
+            "min_ratings": self.min_ratings,
+            "rho": self.rho,
+            "thresholds": {
+                "rollback": "upper < 0 for some suffix",
+                "promote": f"lower > {-self.margin} and n >= {self.min_ratings} per arm",
+            },
         }
 
 
-def compare(lineage: Sequence[Arm] | Arm, baseline: Arm, *, alpha: float, margin: float, min_ratings: int,
-            rho: float) -> Verdict:
+def compare(
+    lineage: Sequence[Arm] | Arm, baseline: Arm, *, alpha: float, margin: float, min_ratings: int, rho: float
+) -> Verdict:
     """The anytime-valid test of the module docstring; `lineage` holds each candidate's ratings,
     oldest first (one Arm: a canary that never advanced)."""
     lineage = (lineage,) if isinstance(lineage, Arm) else tuple(lineage)
@@ -188,8 +195,9 @@ def compare(lineage: Sequence[Arm] | Arm, baseline: Arm, *, alpha: float, margin
         decision = "promote"
     else:
         decision = "continue"
-    return Verdict(decision, suffix, baseline, lower, upper, alpha, margin, min_ratings, rho, lineage,
-                   worse_from, suffix_upper)
+    return Verdict(
+        decision, suffix, baseline, lower, upper, alpha, margin, min_ratings, rho, lineage, worse_from, suffix_upper
+    )
 
 
 def _interval(arm: Arm, a: float, rho: float) -> tuple[float, float]:
@@ -207,8 +215,9 @@ class CanaryController:
     leaves decisions to operators), and never while the canary is paused.
     """
 
-    def __init__(self, registry: Registry, buffer: ReplayBuffer, settings: LearnerSettings,
-                 metrics: LearnerMetrics | None = None) -> None:
+    def __init__(
+        self, registry: Registry, buffer: ReplayBuffer, settings: LearnerSettings, metrics: LearnerMetrics | None = None
+    ) -> None:
         self.registry, self.buffer, self.settings, self.metrics = registry, buffer, settings, metrics
         self.rho = tuned_rho(settings.canary_tuned_for, settings.canary_alpha / 2)
         self._next_check = 0.0
@@ -239,9 +248,14 @@ class CanaryController:
             elif canary is not None and canary.actor == LEARNER and canary.version == parent:
                 self.registry.advance_canary(parent, version, actor=LEARNER, reason=reason)
             else:
-                logger.info("%s not released: trained from %s, but %s", version, parent or "base",
-                            f"the canary of {canary.version} by {canary.actor} runs" if canary
-                            else f"{active or 'base'} is active")
+                logger.info(
+                    "%s not released: trained from %s, but %s",
+                    version,
+                    parent or "base",
+                    f"the canary of {canary.version} by {canary.actor} runs"
+                    if canary
+                    else f"{active or 'base'} is active",
+                )
         except RegistryError as exc:  # decided or started by someone else meanwhile
             logger.info("%s not released: %s", version, exc)
 
@@ -264,10 +278,21 @@ class CanaryController:
         settings = self.settings
         # (an operator may have made an earlier candidate the baseline: its ratings are the baseline's)
         lineage = [Arm(*counts[v]) if v != canary.baseline else Arm(0, 0) for v in canary.versions]
-        verdict = compare(lineage, Arm(*counts[canary.baseline]), alpha=settings.canary_alpha,
-                          margin=settings.canary_margin, min_ratings=settings.canary_min_ratings, rho=self.rho)
-        evidence = {**verdict.evidence(), "candidate_version": canary.version,
-                    "baseline_version": canary.baseline, "since": canary.since, "versions": list(canary.versions)}
+        verdict = compare(
+            lineage,
+            Arm(*counts[canary.baseline]),
+            alpha=settings.canary_alpha,
+            margin=settings.canary_margin,
+            min_ratings=settings.canary_min_ratings,
+            rho=self.rho,
+        )
+        evidence = {
+            **verdict.evidence(),
+            "candidate_version": canary.version,
+            "baseline_version": canary.baseline,
+            "since": canary.since,
+            "versions": list(canary.versions),
+        }
         if verdict.decision == "continue" or settings.activation != "auto":
             key = (canary.version, canary.since, verdict.candidate, verdict.baseline)
             if key != self._reported:
@@ -277,19 +302,24 @@ class CanaryController:
         self._decide(canary.version, canary.versions, canary.baseline, verdict, evidence)
         return verdict
 
-    def _decide(self, version: str, versions: tuple[str, ...], baseline: str | None, verdict: Verdict,
-                evidence: dict) -> None:
+    def _decide(
+        self, version: str, versions: tuple[str, ...], baseline: str | None, verdict: Verdict, evidence: dict
+    ) -> None:
         c, b = verdict.candidate, verdict.baseline
         counts = f"{c.desirable}/{c.n} vs {b.desirable}/{b.n} desirable"
         try:
             if verdict.decision == "rollback":
                 since = versions[verdict.worse_from - 1]
-                reason = (f"worse than {baseline or 'base'} since {since}: difference at most "
-                          f"{verdict.suffix_upper:+.3f} ({counts} over the whole canary; alpha {verdict.alpha})")
+                reason = (
+                    f"worse than {baseline or 'base'} since {since}: difference at most "
+                    f"{verdict.suffix_upper:+.3f} ({counts} over the whole canary; alpha {verdict.alpha})"
+                )
                 self.registry.rollback_canary(version, actor=ACTOR, reason=reason, evidence=evidence)
             else:
-                reason = (f"not worse than {baseline or 'base'} by more than {verdict.margin}: difference at "
-                          f"least {verdict.lower:+.3f} ({counts}; alpha {verdict.alpha})")
+                reason = (
+                    f"not worse than {baseline or 'base'} by more than {verdict.margin}: difference at "
+                    f"least {verdict.lower:+.3f} ({counts}; alpha {verdict.alpha})"
+                )
                 self.registry.promote_canary(version, actor=ACTOR, reason=reason, evidence=evidence)
         except NoCanary:
             logger.info("the canary of %s ended before the controller's %s", version, verdict.decision)

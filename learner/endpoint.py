@@ -22,8 +22,9 @@ logger = logging.getLogger(__name__)
 class MetricsEndpoint:
     """Serves ``registry`` on ``host:port`` (0 picks a free port; ``port`` is the bound one)."""
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int,
-                 alive: Callable[[], bool] = lambda: True) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, host: str, port: int, alive: Callable[[], bool] = lambda: True
+    ) -> None:
         """``alive()``: False once the loop has stopped, so /healthz answers 503 while shutting down."""
         handler = type("Handler", (_Handler,), {"registry": registry, "alive": staticmethod(alive)})
         self._server = ThreadingHTTPServer((host, port), handler)
@@ -58,8 +59,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
         elif path == "/healthz":
             ok = self.alive()
-            self._send(200 if ok else 503, json.dumps({"status": "ok" if ok else "stopping"}).encode(),
-                       "application/json")
+            self._send(
+                200 if ok else 503, json.dumps({"status": "ok" if ok else "stopping"}).encode(), "application/json"
+            )
         else:
             self._send(404, json.dumps({"error": f"no {path}: try /metrics or /healthz"}).encode(), "application/json")
 

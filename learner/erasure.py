@@ -69,30 +69,50 @@ class Erasure:
 def erase(conn: sqlite3.Connection, event: ErasureEvent) -> Erasure:
     """Apply ``event`` in the caller's transaction (see the module docstring); idempotent."""
     key = user_hash(event.user)
-    conn.execute("INSERT INTO tombstones (user_hash, erased_before) VALUES (?, ?) ON CONFLICT (user_hash)"
-                 " DO UPDATE SET erased_before = MAX(erased_before, excluded.erased_before)", (key, event.created_at))
+    conn.execute(
+        "INSERT INTO tombstones (user_hash, erased_before) VALUES (?, ?) ON CONFLICT (user_hash)"
+        " DO UPDATE SET erased_before = MAX(erased_before, excluded.erased_before)",
+        (key, event.created_at),
+    )
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS erased (response_id TEXT PRIMARY KEY)")
     conn.execute("DELETE FROM erased")
-    conn.execute("INSERT INTO erased SELECT response_id FROM responses WHERE user = ? AND created_at <= ?",
-                 (event.user, event.created_at))
-    versions = [v for (v,) in conn.execute(
-        "SELECT DISTINCT version FROM trained WHERE response_id IN (SELECT response_id FROM erased) ORDER BY version")]
+    conn.execute(
+        "INSERT INTO erased SELECT response_id FROM responses WHERE user = ? AND created_at <= ?",
+        (event.user, event.created_at),
+    )
+    versions = [
+        v
+        for (v,) in conn.execute(
+            "SELECT DISTINCT version FROM trained WHERE response_id IN (SELECT response_id FROM erased) "
+            "ORDER BY version"
+        )
+    ]
     _repartner(conn)
     removed = {
         "examples": conn.execute("DELETE FROM examples WHERE response_id IN (SELECT response_id FROM erased)").rowcount,
-        "pending_ratings": conn.execute("DELETE FROM pending WHERE user = ? AND created_at <= ?",
-                                        (event.user, event.created_at)).rowcount,
+        "pending_ratings": conn.execute(
+            "DELETE FROM pending WHERE user = ? AND created_at <= ?", (event.user, event.created_at)
+        ).rowcount,
     }
     conn.execute("DELETE FROM trained WHERE response_id IN (SELECT response_id FROM erased)")
     removed["responses"] = conn.execute(
-        "DELETE FROM responses WHERE response_id IN (SELECT response_id FROM erased)").rowcount
+        "DELETE FROM responses WHERE response_id IN (SELECT response_id FROM erased)"
+    ).rowcount
     conn.execute("DELETE FROM erased")
     erasure = Erasure(event.event_id, key, event.created_at, event.actor, event.reason, removed, versions)
     conn.execute(
         "INSERT OR IGNORE INTO erasures (request_id, user_hash, requested_at, actor, reason, removed, versions)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (erasure.request_id, key, erasure.requested_at, erasure.actor, erasure.reason, json.dumps(removed),
-         json.dumps(versions)))
+        (
+            erasure.request_id,
+            key,
+            erasure.requested_at,
+            erasure.actor,
+            erasure.reason,
+            json.dumps(removed),
+            json.dumps(versions),
+        ),
+    )
     logger.info("erasure %s: removed %s; versions trained on it: %s", event.event_id, removed, versions or "none")
     return erasure
 
@@ -101,16 +121,25 @@ def _repartner(conn: sqlite3.Connection) -> None:
     """Give every remaining example whose KL partner is erased the nearest remaining one instead."""
     orphans = conn.execute(
         "SELECT response_id, position FROM examples WHERE kl_partner IN (SELECT response_id FROM erased)"
-        " AND response_id NOT IN (SELECT response_id FROM erased) ORDER BY position").fetchall()
+        " AND response_id NOT IN (SELECT response_id FROM erased) ORDER BY position"
+    ).fetchall()
     for response_id, position in orphans:
         kept = " AND response_id NOT IN (SELECT response_id FROM erased) AND response_id != ?"
-        partner = (conn.execute(f"SELECT response_id FROM examples WHERE position < ?{kept}"
-                                " ORDER BY position DESC LIMIT 1", (position, response_id)).fetchone()
-                   or conn.execute(f"SELECT response_id FROM examples WHERE position > ?{kept}"
-                                   " ORDER BY position LIMIT 1", (position, response_id)).fetchone())
+        partner = (
+            conn.execute(
+                f"SELECT response_id FROM examples WHERE position < ?{kept} ORDER BY position DESC LIMIT 1",
+                (position, response_id),
+            ).fetchone()
+            or conn.execute(
+                f"SELECT response_id FROM examples WHERE position > ?{kept} ORDER BY position LIMIT 1",
+                (position, response_id),
+            ).fetchone()
+        )
         # Its reference log-probs were of the old pair: computed again (which makes it fresh again).
-        conn.execute("UPDATE examples SET kl_partner = ?, ref_logp = NULL, kl_ref_logp = NULL WHERE response_id = ?",
-                     (partner and partner[0], response_id))
+        conn.execute(
+            "UPDATE examples SET kl_partner = ?, ref_logp = NULL, kl_ref_logp = NULL WHERE response_id = ?",
+            (partner and partner[0], response_id),
+        )
 
 
 def tombstones(conn: sqlite3.Connection) -> dict[str, float]:
@@ -124,8 +153,10 @@ def is_erased(tombstones: dict[str, float], user: str | None, created_at: float)
 
 
 def to_report(conn: sqlite3.Connection) -> list[Erasure]:
-    rows = conn.execute("SELECT request_id, user_hash, requested_at, actor, reason, removed, versions FROM erasures"
-                        " WHERE reported_at IS NULL ORDER BY requested_at").fetchall()
+    rows = conn.execute(
+        "SELECT request_id, user_hash, requested_at, actor, reason, removed, versions FROM erasures"
+        " WHERE reported_at IS NULL ORDER BY requested_at"
+    ).fetchall()
     return [Erasure(*row[:5], json.loads(row[5]), json.loads(row[6])) for row in rows]
 
 
@@ -134,10 +165,16 @@ def report(buffer, registry) -> int:
     done = 0
     for erasure in buffer.erasures_to_report():
         registry.record_erasure(
-            erasure.request_id, erasure.versions, actor=f"learner (asked by {erasure.actor})",
+            erasure.request_id,
+            erasure.versions,
+            actor=f"learner (asked by {erasure.actor})",
             reason=erasure.reason or "a user's data was erased on request",
-            evidence={"user_sha256": erasure.user_hash, "requested_at": erasure.requested_at,
-                      "removed": erasure.removed})
+            evidence={
+                "user_sha256": erasure.user_hash,
+                "requested_at": erasure.requested_at,
+                "removed": erasure.removed,
+            },
+        )
         buffer.erasure_reported(erasure.request_id)
         done += 1
     return done

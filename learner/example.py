@@ -69,5 +69,12 @@ class DeadLetter:
 def example_from_row(row: tuple) -> Example:
     """An Example from a row of ``EXAMPLE_SQL``."""
     partner = row[13]
-    return Example(row[0], row[1], json.loads(row[2]), json.loads(row[3]), bool(row[4]), *row[5:13],
-                   kl_partner_completion_ids=None if partner is None else json.loads(partner))
+    return Example(
+        row[0],
+        row[1],
+        json.loads(row[2]),
+        json.loads(row[3]),
+        bool(row[4]),
+        *row[5:13],
+        kl_partner_completion_ids=None if partner is None else json.loads(partner),
+    )

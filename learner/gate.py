@@ -42,23 +42,26 @@ class GateResult:
 
 
 @torch.no_grad()
-def evaluate(policy: Policy, held_out: list[Example], *, kl_contexts: list[Example] = (),
-             chunk: int = 16) -> Evaluation:
+def evaluate(
+    policy: Policy, held_out: list[Example], *, kl_contexts: list[Example] = (), chunk: int = 16
+) -> Evaluation:
     """Implicit-reward accuracy on `held_out` (r > 0 predicts desirable; r == 0 counts half) and
     the mean token KL to the base on `kl_contexts` (none given: not measured)."""
     correct = 0.0
     for start in range(0, len(held_out), chunk):
-        part = held_out[start:start + chunk]
-        margin = (policy.logps([(e.prompt_ids, e.completion_ids) for e in part]).float()
-                  - torch.tensor([e.ref_logp for e in part], device=policy.device))
+        part = held_out[start : start + chunk]
+        margin = policy.logps([(e.prompt_ids, e.completion_ids) for e in part]).float() - torch.tensor(
+            [e.ref_logp for e in part], device=policy.device
+        )
         for e, r in zip(part, margin.tolist()):
             correct += 0.5 if abs(r) < 1e-6 else float((r > 0) == e.desirable)
     kl_sum, kl_tokens = 0.0, 0
     for start in range(0, len(kl_contexts), chunk):
-        kl, n = policy.token_kl([(e.prompt_ids, e.completion_ids) for e in kl_contexts[start:start + chunk]])
+        kl, n = policy.token_kl([(e.prompt_ids, e.completion_ids) for e in kl_contexts[start : start + chunk]])
         kl_sum, kl_tokens = kl_sum + kl, kl_tokens + n
-    return Evaluation(correct / len(held_out) if held_out else None,
-                      kl_sum / kl_tokens if kl_tokens else None, len(held_out))
+    return Evaluation(
+        correct / len(held_out) if held_out else None, kl_sum / kl_tokens if kl_tokens else None, len(held_out)
+    )
 
 
 def decide(candidate: Evaluation, parent: Evaluation, *, finite: bool, max_kl: float, tolerance: float) -> GateResult:
@@ -72,7 +75,9 @@ def decide(candidate: Evaluation, parent: Evaluation, *, finite: bool, max_kl: f
     if candidate.n < MIN_HELD_OUT:
         result.notes.append(f"accuracy check skipped: {candidate.n} held-out labels < {MIN_HELD_OUT}")
     elif candidate.accuracy < parent.accuracy - tolerance:
-        result.reasons.append(f"held-out accuracy {candidate.accuracy:.3f} < parent {parent.accuracy:.3f} - {tolerance}")
+        result.reasons.append(
+            f"held-out accuracy {candidate.accuracy:.3f} < parent {parent.accuracy:.3f} - {tolerance}"
+        )
         result.codes.append("accuracy")
     result.passed = not result.reasons
     return result

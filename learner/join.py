@@ -89,7 +89,13 @@ def next_counter(conn: sqlite3.Connection, name: str) -> int:
 
 
 def queue_dead_letter(
-    conn: sqlite3.Connection, reason: str, topic: str, partition: int, offset: int, key: str | None, raw: bytes,
+    conn: sqlite3.Connection,
+    reason: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: str | None,
+    raw: bytes,
     now: float,
 ) -> bool:
     """Add a dead letter to the outbox; False if that bus record is already queued there."""
@@ -105,8 +111,15 @@ def queue_dead_letter(
 
 
 def dead_letter_event(
-    conn: sqlite3.Connection, event_id: str, reason: str, topic: str, partition: int, offset: int, key: str | None,
-    raw: bytes, now: float,
+    conn: sqlite3.Connection,
+    event_id: str,
+    reason: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: str | None,
+    raw: bytes,
+    now: float,
 ) -> bool:
     """Queue a decoded event's dead letter and forget its event_id, so that a replay counts anew."""
     conn.execute("DELETE FROM seen WHERE event_id = ?", (event_id,))
@@ -129,8 +142,18 @@ class _Vote(NamedTuple):
 
     @classmethod
     def of(cls, record: Record, event: FeedbackEvent) -> _Vote:
-        return cls(event.event_id, event.response_id, event.user, event.label == "desirable", event.created_at,
-                   record.topic, record.partition, record.offset, record.key, record.value)
+        return cls(
+            event.event_id,
+            event.response_id,
+            event.user,
+            event.label == "desirable",
+            event.created_at,
+            record.topic,
+            record.partition,
+            record.offset,
+            record.key,
+            record.value,
+        )
 
 
 _IN_CHUNK = 500  # ids per IN (...) list, far below SQLite's limit on parameters
@@ -141,7 +164,7 @@ def _present(conn: sqlite3.Connection, sql: str, ids: list[str]) -> set[str]:
     found: set[str] = set()
     unique = list(dict.fromkeys(ids))
     for start in range(0, len(unique), _IN_CHUNK):
-        chunk = unique[start:start + _IN_CHUNK]
+        chunk = unique[start : start + _IN_CHUNK]
         found.update(row[0] for row in conn.execute(f"{sql} ({','.join('?' * len(chunk))})", chunk))
     return found
 
@@ -162,8 +185,15 @@ def apply_batch(conn: sqlite3.Connection, batch: list[Polled], now: float) -> Ap
             continue
         if event is None:
             join.result.dead_lettered += queue_dead_letter(
-                conn, reject or "undecodable", record.topic, record.partition, record.offset, record.key,
-                record.value, now)
+                conn,
+                reject or "undecodable",
+                record.topic,
+                record.partition,
+                record.offset,
+                record.key,
+                record.value,
+                now,
+            )
             continue
         if not join.first_sight(event.event_id):
             join.result.duplicates += 1
@@ -171,8 +201,9 @@ def apply_batch(conn: sqlite3.Connection, batch: list[Polled], now: float) -> Ap
         if isinstance(event, ResponseEvent):
             join.store_response(record, event, reject)
         elif reject is not None:
-            join.dead_letter(event.event_id, reject, record.topic, record.partition, record.offset, record.key,
-                             record.value)
+            join.dead_letter(
+                event.event_id, reject, record.topic, record.partition, record.offset, record.key, record.value
+            )
         else:
             join.vote(_Vote.of(record, event))
     join.finish()
@@ -195,13 +226,17 @@ class _Join:
         events = [event for _, event, _ in batch if event is not None]
         self.seen = _present(conn, "SELECT event_id FROM seen WHERE event_id IN", [e.event_id for e in events])
         self.new_seen: dict[str, None] = {}  # first seen in this batch, in order: inserted by finish
-        self.parked = _present(conn, "SELECT DISTINCT response_id FROM pending WHERE response_id IN",
-                               [e.response_id for e in events if isinstance(e, ResponseEvent)])
+        self.parked = _present(
+            conn,
+            "SELECT DISTINCT response_id FROM pending WHERE response_id IN",
+            [e.response_id for e in events if isinstance(e, ResponseEvent)],
+        )
         self.counters: dict[str, int] = dict(conn.execute("SELECT name, value FROM counters").fetchall())
         self.counted: set[str] = set()
         # (response_id, kl_partner) of the example inserted last, whose partner may still be missing.
         self.latest: tuple[str, str | None] | None = conn.execute(
-            "SELECT response_id, kl_partner FROM examples ORDER BY position DESC LIMIT 1").fetchone()
+            "SELECT response_id, kl_partner FROM examples ORDER BY position DESC LIMIT 1"
+        ).fetchone()
 
     def first_sight(self, event_id: str) -> bool:
         """Record ``event_id`` as seen; False if it was seen before (a duplicate)."""
@@ -217,23 +252,27 @@ class _Join:
         self.counted.add(name)
         return self.counters[name]
 
-    def dead_letter(self, event_id: str, reason: str, topic: str, partition: int, offset: int, key: str | None,
-                    raw: bytes) -> None:
+    def dead_letter(
+        self, event_id: str, reason: str, topic: str, partition: int, offset: int, key: str | None, raw: bytes
+    ) -> None:
         """Queue a decoded event's dead letter and forget its event_id (see ``dead_letter_event``)."""
         self.seen.discard(event_id)
         if self.new_seen.pop(event_id, False) is False:  # seen in an earlier batch (a parked vote)
             self.conn.execute("DELETE FROM seen WHERE event_id = ?", (event_id,))
-        self.result.dead_lettered += queue_dead_letter(self.conn, reason, topic, partition, offset, key, raw,
-                                                       self.now)
+        self.result.dead_lettered += queue_dead_letter(self.conn, reason, topic, partition, offset, key, raw, self.now)
 
     def finish(self) -> None:
         """Write back what the batch kept in memory."""
         if self.new_seen:
-            self.conn.executemany("INSERT OR IGNORE INTO seen (event_id, seen_at) VALUES (?, ?)",
-                                  [(event_id, self.now) for event_id in self.new_seen])
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO seen (event_id, seen_at) VALUES (?, ?)",
+                [(event_id, self.now) for event_id in self.new_seen],
+            )
         if self.counted:
-            self.conn.executemany("UPDATE counters SET value = ? WHERE name = ?",
-                                  [(self.counters[name], name) for name in sorted(self.counted)])
+            self.conn.executemany(
+                "UPDATE counters SET value = ? WHERE name = ?",
+                [(self.counters[name], name) for name in sorted(self.counted)],
+            )
 
     def store_response(self, record: Record, event: ResponseEvent, reject: str | None) -> None:
         conn, result = self.conn, self.result
@@ -247,18 +286,29 @@ class _Join:
             " completion_ids = excluded.completion_ids, created_at = excluded.created_at,"
             " stored_at = excluded.stored_at, rejected = NULL"
             " WHERE responses.rejected IS NOT NULL AND excluded.rejected IS NULL",
-            (event.response_id, event.event_id, event.user, event.adapter_version, _ids(event.prompt_token_ids),
-             _ids(event.completion_token_ids), event.created_at, self.now, reject),
+            (
+                event.response_id,
+                event.event_id,
+                event.user,
+                event.adapter_version,
+                _ids(event.prompt_token_ids),
+                _ids(event.completion_token_ids),
+                event.created_at,
+                self.now,
+                reject,
+            ),
         ).rowcount
         if not stored:
             # Same response_id under a new event_id: the first one stays (its tokens were served).
-            logger.warning("response %s arrived again as event %s; keeping the first", event.response_id,
-                           event.event_id)
+            logger.warning(
+                "response %s arrived again as event %s; keeping the first", event.response_id, event.event_id
+            )
             result.duplicates += 1
             return
         if reject is not None:
-            self.dead_letter(event.event_id, reject, record.topic, record.partition, record.offset, record.key,
-                             record.value)
+            self.dead_letter(
+                event.event_id, reject, record.topic, record.partition, record.offset, record.key, record.value
+            )
         else:
             result.responses += 1
         if event.response_id not in self.parked:
@@ -286,8 +336,19 @@ class _Join:
             conn.execute(
                 "INSERT OR IGNORE INTO pending (event_id, response_id, user, desirable, created_at, parked_at,"
                 " topic, part, record_offset, key, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (vote.event_id, vote.response_id, vote.user, vote.desirable, vote.created_at, self.now, vote.topic,
-                 vote.partition, vote.offset, vote.key, vote.raw),
+                (
+                    vote.event_id,
+                    vote.response_id,
+                    vote.user,
+                    vote.desirable,
+                    vote.created_at,
+                    self.now,
+                    vote.topic,
+                    vote.partition,
+                    vote.offset,
+                    vote.key,
+                    vote.raw,
+                ),
             )
             self.parked.add(vote.response_id)
             result.parked += 1
@@ -295,12 +356,13 @@ class _Join:
         owner, rejected, desirable, labeled_at, event_id = found
         reason = None
         if rejected is not None:
-            reason = (f"feedback {vote.event_id} on response {vote.response_id}: the response was rejected "
-                      f"({rejected})")
+            reason = f"feedback {vote.event_id} on response {vote.response_id}: the response was rejected ({rejected})"
         elif owner != vote.user:
             # The server refuses such votes; this guards against a bug or a forged event.
-            reason = (f"feedback {vote.event_id} on response {vote.response_id} was rated by someone who did not "
-                      f"receive it (rated by {vote.user!r}, served to {owner!r})")
+            reason = (
+                f"feedback {vote.event_id} on response {vote.response_id} was rated by someone who did not "
+                f"receive it (rated by {vote.user!r}, served to {owner!r})"
+            )
         if reason is not None:
             self.dead_letter(vote.event_id, reason, vote.topic, vote.partition, vote.offset, vote.key, vote.raw)
             return
@@ -315,8 +377,10 @@ class _Join:
             return
         if bool(desirable) == vote.desirable:
             # Newer but the same label: record which event holds it, but it is nothing new to train on.
-            conn.execute("UPDATE examples SET feedback_event_id = ?, labeled_at = ? WHERE response_id = ?",
-                         (vote.event_id, vote.created_at, vote.response_id))
+            conn.execute(
+                "UPDATE examples SET feedback_event_id = ?, labeled_at = ? WHERE response_id = ?",
+                (vote.event_id, vote.created_at, vote.response_id),
+            )
             result.stale += 1
             return
         conn.execute(
@@ -333,10 +397,19 @@ class _Join:
         self.conn.execute(
             "INSERT INTO examples (response_id, desirable, feedback_event_id, labeled_at, seq, position, kl_partner)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (vote.response_id, vote.desirable, vote.event_id, vote.created_at, self.next("seq"), position,
-             None if previous is None else previous[0]),
+            (
+                vote.response_id,
+                vote.desirable,
+                vote.event_id,
+                vote.created_at,
+                self.next("seq"),
+                position,
+                None if previous is None else previous[0],
+            ),
         )
         if previous is not None and previous[1] is None:  # only the first example ever lacks a partner
-            self.conn.execute("UPDATE examples SET kl_partner = ? WHERE response_id = ? AND kl_partner IS NULL",
-                              (vote.response_id, previous[0]))
+            self.conn.execute(
+                "UPDATE examples SET kl_partner = ? WHERE response_id = ? AND kl_partner IS NULL",
+                (vote.response_id, previous[0]),
+            )
         self.latest = (vote.response_id, None if previous is None else previous[0])

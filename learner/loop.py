@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
+from foundation.models import default_device, ensure_demo_model, load_model, set_torch_threads
 from ingest.bus import open_bus
 from ingest.events import Topics
-from foundation.models import default_device, ensure_demo_model, load_model, set_torch_threads
 from learner import erasure
 from learner.buffer import Example, ExampleRef, ReplayBuffer
 from learner.canary import CanaryController
@@ -58,8 +58,13 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
     stop = stop or _stop_on_signals()
     # ---- metrics first: /healthz answers (and Prometheus sees the learner up) while the model loads ----
     metrics = metrics or LearnerMetrics()
-    endpoint = None if settings.metrics_port is None else MetricsEndpoint(
-        metrics.registry, settings.host, settings.metrics_port, alive=lambda: not stop.is_set()).start()
+    endpoint = (
+        None
+        if settings.metrics_port is None
+        else MetricsEndpoint(
+            metrics.registry, settings.host, settings.metrics_port, alive=lambda: not stop.is_set()
+        ).start()
+    )
     # ---- set-up: model, policy, backends, the learner's own state ----
     set_torch_threads(settings.torch_threads)
     device, _ = default_device()
@@ -98,21 +103,30 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
             #      (examples the per-user cap deferred count only on the timer)
             fresh = [e for e in buffer.fresh(state.watermark) if not held_out(e, settings.held_out_fraction)]
             waited = time.monotonic() - last_update
-            if not (len(fresh) >= settings.min_new_labels
-                    or (waited >= settings.max_wait_s
-                        and len(fresh) + len(state.deferred) >= settings.min_labels_on_timer)):
+            if not (
+                len(fresh) >= settings.min_new_labels
+                or (waited >= settings.max_wait_s and len(fresh) + len(state.deferred) >= settings.min_labels_on_timer)
+            ):
                 continue
             last_update = time.monotonic()
             watermark = buffer.max_seq()
             # Planned on the light index; only the examples picked are loaded with their tokens.
             index = buffer.index()
-            test = buffer.load([r.response_id for r in index
-                                if held_out(r, settings.held_out_fraction)][-settings.held_out_max:])
+            test = buffer.load(
+                [r.response_id for r in index if held_out(r, settings.held_out_fraction)][-settings.held_out_max :]
+            )
             waiting = set(state.deferred)  # a relabeled one is in `fresh` already, with a new seq
-            fresh += buffer.load([r.response_id for r in index if r.response_id in waiting and r.seq <= state.watermark])
+            fresh += buffer.load(
+                [r.response_id for r in index if r.response_id in waiting and r.seq <= state.watermark]
+            )
             fresh_ids = {e.response_id for e in fresh}
-            replay = [r for r in index if not held_out(r, settings.held_out_fraction)
-                      and r.seq <= state.watermark and r.response_id not in fresh_ids]
+            replay = [
+                r
+                for r in index
+                if not held_out(r, settings.held_out_fraction)
+                and r.seq <= state.watermark
+                and r.response_id not in fresh_ids
+            ]
 
             # ---- 4. warm-start from the head: the candidate of the learner's canary while one
             #      runs (its lineage goes on learning, learner.canary), else the active version ----
@@ -122,53 +136,86 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
             elif parent != state.version or optimizer is None:
                 policy.load(registry.adapter_path(parent))
             if optimizer is None or parent != state.version:
-                optimizer = torch.optim.AdamW(policy.trainable().values(), lr=settings.learning_rate,
-                                              weight_decay=settings.weight_decay)
+                optimizer = torch.optim.AdamW(
+                    policy.trainable().values(), lr=settings.learning_rate, weight_decay=settings.weight_decay
+                )
                 if parent is not None and parent == state.version and state.optimizer is not None:
                     optimizer.load_state_dict(state.optimizer)  # same lineage: keep the moments
             before = evaluate(policy, test)
-            logger.info("update starting: %d fresh labels, %d to replay, parent %s", len(fresh), len(replay),
-                        parent or "base")
+            logger.info(
+                "update starting: %d fresh labels, %d to replay, parent %s", len(fresh), len(replay), parent or "base"
+            )
 
             # ---- 5. K steps of KTO on fresh labels mixed with replay ----
             n_d = sum(e.desirable for e in fresh + replay)
-            weights = ((settings.desirable_weight, settings.undesirable_weight)
-                       if settings.desirable_weight is not None else paper_weights(n_d, len(fresh + replay) - n_d))
-            batches = plan_batches(fresh, replay, steps=settings.steps_per_update, size=settings.micro_batch,
-                                   replay_fraction=settings.replay_fraction, rng=rng,
-                                   max_user_share=settings.max_user_share)
+            weights = (
+                (settings.desirable_weight, settings.undesirable_weight)
+                if settings.desirable_weight is not None
+                else paper_weights(n_d, len(fresh + replay) - n_d)
+            )
+            batches = plan_batches(
+                fresh,
+                replay,
+                steps=settings.steps_per_update,
+                size=settings.micro_batch,
+                replay_fraction=settings.replay_fraction,
+                rng=rng,
+                max_user_share=settings.max_user_share,
+            )
             batches = _loaded(buffer, batches)
-            stats = run_update(policy, optimizer, batches, beta=settings.beta, desirable_weight=weights[0],
-                               undesirable_weight=weights[1], max_grad_norm=settings.max_grad_norm)
+            stats = run_update(
+                policy,
+                optimizer,
+                batches,
+                beta=settings.beta,
+                desirable_weight=weights[0],
+                undesirable_weight=weights[1],
+                max_grad_norm=settings.max_grad_norm,
+            )
 
             # ---- 6. the gate ----
             finite = policy.finite()
             # KL on held-out contexts; with none yet, on the fresh ones (a version whose drift went
             # unmeasured would become a head that every descendant inherits)
-            after = evaluate(policy, test, kl_contexts=test or fresh[-settings.held_out_max:]) if finite else before
+            after = evaluate(policy, test, kl_contexts=test or fresh[-settings.held_out_max :]) if finite else before
             gate = decide(after, before, finite=finite, max_kl=settings.max_kl, tolerance=settings.accuracy_tolerance)
 
             # ---- 7. publish with lineage; canary (or activate) it when it passed ----
             trained = {e.response_id: e for batch in batches for e in batch}
             deferred = [e.response_id for e in fresh if e.response_id not in trained]
             lineage = {
-                "parent": parent, "feedback_event_ids": sorted(e.feedback_event_id for e in trained.values()),
-                "fresh_examples": len(fresh) - len(deferred), "deferred_examples": len(deferred),
+                "parent": parent,
+                "feedback_event_ids": sorted(e.feedback_event_id for e in trained.values()),
+                "fresh_examples": len(fresh) - len(deferred),
+                "deferred_examples": len(deferred),
                 "replayed_examples": sum(i not in fresh_ids for i in trained),
-                "labels": {"desirable": sum(e.desirable for e in trained.values()),
-                           "undesirable": sum(not e.desirable for e in trained.values())},
-                "watermark": watermark, "buffer": buffer.counts(),
-                "hyperparameters": {"beta": settings.beta, "weights": list(weights), "lr": settings.learning_rate,
-                                    "steps": settings.steps_per_update, "micro_batch": settings.micro_batch,
-                                    "lora_rank": settings.lora_rank, "lora_alpha": settings.lora_alpha},
+                "labels": {
+                    "desirable": sum(e.desirable for e in trained.values()),
+                    "undesirable": sum(not e.desirable for e in trained.values()),
+                },
+                "watermark": watermark,
+                "buffer": buffer.counts(),
+                "hyperparameters": {
+                    "beta": settings.beta,
+                    "weights": list(weights),
+                    "lr": settings.learning_rate,
+                    "steps": settings.steps_per_update,
+                    "micro_batch": settings.micro_batch,
+                    "lora_rank": settings.lora_rank,
+                    "lora_alpha": settings.lora_alpha,
+                },
                 "newest_label_at": max(e.labeled_at for e in fresh),
             }
             version_metrics = {**stats.summary(), "gate": gate.to_json()}
             version = _publish(policy, registry, settings, parent, version_metrics, lineage, gate)
-            metrics.observe_update(stats.summary(), passed=gate.passed, reason_codes=gate.codes,
-                                   seconds=time.monotonic() - last_update,
-                                   fresh_labeled_at=[e.labeled_at for e in trained.values() if e.seq > state.watermark],
-                                   published_at=time.time())
+            metrics.observe_update(
+                stats.summary(),
+                passed=gate.passed,
+                reason_codes=gate.codes,
+                seconds=time.monotonic() - last_update,
+                fresh_labeled_at=[e.labeled_at for e in trained.values() if e.seq > state.watermark],
+                published_at=time.time(),
+            )
             buffer.mark_trained(list(trained), version)
             if gate.passed:
                 state.version, state.optimizer = version, optimizer.state_dict()
@@ -191,10 +238,18 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
 
 def _loaded(buffer: ReplayBuffer, batches: list[list]) -> list[list[Example]]:
     """The planned batches with each replayed ExampleRef loaded as its Example."""
-    loaded = {e.response_id: e for e in buffer.load(
-        {e.response_id for batch in batches for e in batch if isinstance(e, ExampleRef)})}
-    batches = [[e if isinstance(e, Example) else loaded[e.response_id] for e in batch if
-                isinstance(e, Example) or e.response_id in loaded] for batch in batches]
+    loaded = {
+        e.response_id: e
+        for e in buffer.load({e.response_id for batch in batches for e in batch if isinstance(e, ExampleRef)})
+    }
+    batches = [
+        [
+            e if isinstance(e, Example) else loaded[e.response_id]
+            for e in batch
+            if isinstance(e, Example) or e.response_id in loaded
+        ]
+        for batch in batches
+    ]
     return [batch for batch in batches if len(batch) >= 2]  # z0 needs a mismatched pair
 
 
@@ -212,9 +267,15 @@ def _publish(policy: Policy, registry, settings: LearnerSettings, parent, metric
     tmp = Path(tempfile.mkdtemp(prefix="kto-adapter-"))
     try:
         policy.save(tmp, settings.base_model_id)
-        info = registry.publish(tmp, base_model=settings.base_model_id, parent=parent, metrics=metrics,
-                                lineage=lineage, status="ready" if gate.passed else "rejected",
-                                rejected_reason=None if gate.passed else "gate: " + "; ".join(gate.reasons))
+        info = registry.publish(
+            tmp,
+            base_model=settings.base_model_id,
+            parent=parent,
+            metrics=metrics,
+            lineage=lineage,
+            status="ready" if gate.passed else "rejected",
+            rejected_reason=None if gate.passed else "gate: " + "; ".join(gate.reasons),
+        )
         return info.version
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -80,8 +80,12 @@ def kto_loss(
     if policy_logps.dim() != 1 or policy_logps.numel() == 0:
         raise ValueError(f"policy_logps must have shape [B] with B ≥ 1, got {tuple(policy_logps.shape)}")
     shape = policy_logps.shape
-    for name, t in (("ref_logps", ref_logps), ("kl_policy_logps", kl_policy_logps),
-                    ("kl_ref_logps", kl_ref_logps), ("desirable", desirable)):
+    for name, t in (
+        ("ref_logps", ref_logps),
+        ("kl_policy_logps", kl_policy_logps),
+        ("kl_ref_logps", kl_ref_logps),
+        ("desirable", desirable),
+    ):
         if t.shape != shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
     desirable = desirable.to(device=policy_logps.device, dtype=torch.bool)
@@ -137,9 +141,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
     picked = logits[:, :-1][mask]  # [N, V]: only completion positions, still in the model's dtype
 
     rows = max(1, _CHUNK_ELEMENTS // max(1, logits.size(-1)))
-    token_logps = [
-        _token_logps(picked[i : i + rows], targets[i : i + rows]) for i in range(0, picked.size(0), rows)
-    ]
+    token_logps = [_token_logps(picked[i : i + rows], targets[i : i + rows]) for i in range(0, picked.size(0), rows)]
     flat = torch.cat(token_logps) if token_logps else picked.new_zeros(0, dtype=torch.float32)
     # Scatter back to [B, T-1] (zeros elsewhere) and sum rows, as TRL does: rows with no
     # completion token get 0, and the result stays connected to `logits` for backward.
@@ -153,9 +155,7 @@ def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def paper_weights(
-    n_desirable: int, n_undesirable: int, *, lo: float = 1.0, hi: float = 4 / 3
-) -> tuple[float, float]:
+def paper_weights(n_desirable: int, n_undesirable: int, *, lo: float = 1.0, hi: float = 4 / 3) -> tuple[float, float]:
     """(λ_D, λ_U) with λ_D·n_D / (λ_U·n_U) in [lo, hi]: the KTO paper's rule (eq. 8, as TRL cites it).
 
     The defaults (1.0, 1.0) are kept whenever the live label ratio n_D/n_U already lies in the

@@ -47,38 +47,63 @@ class LearnerMetrics:
         """``lag_every_s``: least time between two measurements of the consumer lag (seconds)."""
         self.registry = r = CollectorRegistry()
         self.updates = Counter(
-            "kto_learner_updates_total", "Updates finished, by outcome: published (passed the gate) or rejected.",
-            ["outcome"], registry=r)
+            "kto_learner_updates_total",
+            "Updates finished, by outcome: published (passed the gate) or rejected.",
+            ["outcome"],
+            registry=r,
+        )
         self.steps = Counter("kto_learner_steps_total", "KTO optimizer steps taken.", registry=r)
         self.examples_trained = Counter(
-            "kto_learner_examples_trained_total", "Examples in the micro-batches of all steps (with repeats).",
-            registry=r)
-        self.loss = Gauge("kto_learner_loss", "Mean KTO loss over the steps of the last update (NaN before one).",
-                          registry=r)
-        self.z0 = Gauge("kto_learner_z0", "Mean KL reference point z0 of the last update, in nats (NaN before one).",
-                        registry=r)
+            "kto_learner_examples_trained_total",
+            "Examples in the micro-batches of all steps (with repeats).",
+            registry=r,
+        )
+        self.loss = Gauge(
+            "kto_learner_loss", "Mean KTO loss over the steps of the last update (NaN before one).", registry=r
+        )
+        self.z0 = Gauge(
+            "kto_learner_z0", "Mean KL reference point z0 of the last update, in nats (NaN before one).", registry=r
+        )
         self.reward = Gauge(
-            "kto_learner_reward", "Mean implicit reward beta*(log pi - log pi_ref) of the last update, by label.",
-            ["label"], registry=r)
+            "kto_learner_reward",
+            "Mean implicit reward beta*(log pi - log pi_ref) of the last update, by label.",
+            ["label"],
+            registry=r,
+        )
         self.consumer_lag = Gauge(
-            "kto_learner_consumer_lag_records", "Records on the response and feedback topics not yet consumed.",
-            registry=r)
+            "kto_learner_consumer_lag_records",
+            "Records on the response and feedback topics not yet consumed.",
+            registry=r,
+        )
         self.feedback_to_publish = Histogram(
             "kto_learner_feedback_to_publish_seconds",
             "From a rating's created_at to the publication of the first version trained on it (gate passed).",
-            buckets=FRESHNESS_BUCKETS, registry=r)
+            buckets=FRESHNESS_BUCKETS,
+            registry=r,
+        )
         self.update_seconds = Histogram(
-            "kto_learner_update_duration_seconds", "One update: evaluation, steps, gate and publication.",
-            buckets=UPDATE_BUCKETS, registry=r)
+            "kto_learner_update_duration_seconds",
+            "One update: evaluation, steps, gate and publication.",
+            buckets=UPDATE_BUCKETS,
+            registry=r,
+        )
         self.last_update = Gauge(
-            "kto_learner_last_update_timestamp_seconds", "Unix time the last update finished (0 before one).",
-            registry=r)
+            "kto_learner_last_update_timestamp_seconds",
+            "Unix time the last update finished (0 before one).",
+            registry=r,
+        )
         self.gate_failures = Counter(
-            "kto_learner_gate_failures_total", "Gate checks failed, by reason: nonfinite, kl, accuracy.",
-            ["reason"], registry=r)
+            "kto_learner_gate_failures_total",
+            "Gate checks failed, by reason: nonfinite, kl, accuracy.",
+            ["reason"],
+            registry=r,
+        )
         self.canary_decisions = Counter(
-            "kto_learner_canary_decisions_total", "Canary decisions, by decision (promote, rollback, ...).",
-            ["decision"], registry=r)
+            "kto_learner_canary_decisions_total",
+            "Canary decisions, by decision (promote, rollback, ...).",
+            ["decision"],
+            registry=r,
+        )
         for outcome in UPDATE_OUTCOMES:
             self.updates.labels(outcome=outcome)
         for reason in GATE_REASONS:
@@ -108,8 +133,16 @@ class LearnerMetrics:
         except Exception as exc:
             logger.warning("could not measure the consumer lag: %s", exc)
 
-    def observe_update(self, summary: dict, *, passed: bool, reason_codes: Iterable[str], seconds: float,
-                       fresh_labeled_at: Iterable[float], published_at: float) -> None:
+    def observe_update(
+        self,
+        summary: dict,
+        *,
+        passed: bool,
+        reason_codes: Iterable[str],
+        seconds: float,
+        fresh_labeled_at: Iterable[float],
+        published_at: float,
+    ) -> None:
         """Record one finished update.
 
         ``summary``: ``UpdateStats.summary()``; ``seconds``: the update's wall time;
@@ -146,15 +179,22 @@ class _BufferCollector(Collector):
         except Exception as exc:
             logger.warning("could not read the replay buffer for metrics: %s", exc)
             return
-        examples = GaugeMetricFamily("kto_learner_buffer_examples", "Labelled examples in the replay buffer, by label.",
-                                     labels=["label"])
+        examples = GaugeMetricFamily(
+            "kto_learner_buffer_examples", "Labelled examples in the replay buffer, by label.", labels=["label"]
+        )
         for label in LABELS:
             examples.add_metric([label], counts[label])
         yield examples
-        yield GaugeMetricFamily("kto_learner_buffer_pending_ratings",
-                                "Ratings waiting in the buffer for the response they rate.", value=counts["pending"])
-        yield GaugeMetricFamily("kto_learner_buffer_unreferenced_examples",
-                                "Examples waiting for their reference log-probs.", value=counts["unreferenced"])
+        yield GaugeMetricFamily(
+            "kto_learner_buffer_pending_ratings",
+            "Ratings waiting in the buffer for the response they rate.",
+            value=counts["pending"],
+        )
+        yield GaugeMetricFamily(
+            "kto_learner_buffer_unreferenced_examples",
+            "Examples waiting for their reference log-probs.",
+            value=counts["unreferenced"],
+        )
 
     def describe(self) -> Iterator[Metric]:
         # Names known without reading the buffer (register() would otherwise call collect()).

@@ -34,7 +34,7 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> tu
         n = len(prompt) + len(answer)
         ids[i, :n] = torch.tensor(prompt + answer, dtype=torch.long)
         attention[i, :n] = 1
-        completion[i, len(prompt):n] = True
+        completion[i, len(prompt) : n] = True
     return ids.to(device), attention.to(device), completion.to(device)
 
 
@@ -49,10 +49,20 @@ class Policy:
         targets = settings.lora_target_modules
         if targets == "all-linear":
             # Short names (q_proj, …), not PEFT's expansion into full paths: that is what serve checks.
-            targets = sorted({name.rsplit(".", 1)[-1] for name, m in loaded.model.named_modules()
-                              if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")})
-        config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
-                            target_modules=targets, task_type="CAUSAL_LM")
+            targets = sorted(
+                {
+                    name.rsplit(".", 1)[-1]
+                    for name, m in loaded.model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")
+                }
+            )
+        config = LoraConfig(
+            r=settings.lora_rank,
+            lora_alpha=settings.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        )
         self.model = get_peft_model(loaded.model, config, adapter_name=ADAPTER)
         self.model.eval()  # dropout off, as TRL's disable_dropout does; gradients still flow
         self.config = self.model.peft_config[ADAPTER]
@@ -110,9 +120,14 @@ class Policy:
         from safetensors.torch import load_file
 
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
-        if config.get("r") != self.config.r or set(config.get("target_modules") or []) != set(self.config.target_modules):
-            logger.warning("version at %s has another LoRA shape (r=%s); starting from a fresh adapter",
-                           adapter_dir, config.get("r"))
+        if config.get("r") != self.config.r or set(config.get("target_modules") or []) != set(
+            self.config.target_modules
+        ):
+            logger.warning(
+                "version at %s has another LoRA shape (r=%s); starting from a fresh adapter",
+                adapter_dir,
+                config.get("r"),
+            )
             self.reset()
             return False
         state = load_file(str(adapter_dir / "adapter_model.safetensors"), device=str(self.device))

@@ -29,7 +29,7 @@ class LearnerState:
     later update (see `LearnerSettings.max_user_share`)."""
 
     @classmethod
-    def load(cls, path: Path) -> "LearnerState":
+    def load(cls, path: Path) -> LearnerState:
         if not path.exists():
             return cls(path)
         try:
@@ -43,8 +43,15 @@ class LearnerState:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
-            torch.save({"watermark": self.watermark, "version": self.version, "optimizer": self.optimizer,
-                        "deferred": self.deferred}, f)
+            torch.save(
+                {
+                    "watermark": self.watermark,
+                    "version": self.version,
+                    "optimizer": self.optimizer,
+                    "deferred": self.deferred,
+                },
+                f,
+            )
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)

@@ -35,11 +35,17 @@ class UpdateStats:
     reward_undesirable: list[float] = field(default_factory=list)
 
     def summary(self) -> dict:
-        mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-        return {"steps": self.steps, "examples": self.examples, "tokens": self.tokens,
-                "seconds": round(self.seconds, 3), "loss": mean(self.loss), "z0": mean(self.z0),
-                "reward_desirable": mean(self.reward_desirable),
-                "reward_undesirable": mean(self.reward_undesirable)}
+        mean = lambda xs: sum(xs) / len(xs) if xs else None
+        return {
+            "steps": self.steps,
+            "examples": self.examples,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+            "loss": mean(self.loss),
+            "z0": mean(self.z0),
+            "reward_desirable": mean(self.reward_desirable),
+            "reward_undesirable": mean(self.reward_undesirable),
+        }
 
 
 def user_limit(counts: list[int], *, share: float, nominal: int) -> int:
@@ -56,8 +62,9 @@ def user_limit(counts: list[int], *, share: float, nominal: int) -> int:
     return max(q, 1)
 
 
-def cap_users(fresh: list[Example], replay_pool: list[Example | ExampleRef], *, share: float, nominal: int,
-              rng: random.Random) -> tuple[list[Example], list[Example | ExampleRef]]:
+def cap_users(
+    fresh: list[Example], replay_pool: list[Example | ExampleRef], *, share: float, nominal: int, rng: random.Random
+) -> tuple[list[Example], list[Example | ExampleRef]]:
     """Fresh examples and replay pool cut so that no rating user has more than ``user_limit`` of
     them: each user's oldest fresh examples first (by seq, so deferred ones drain in order), then
     replay up to the same limit. The fresh examples cut are the caller's to defer."""
@@ -77,9 +84,16 @@ def cap_users(fresh: list[Example], replay_pool: list[Example | ExampleRef], *, 
     return kept, pool
 
 
-def plan_batches(fresh: list[Example], replay_pool: list[Example | ExampleRef], *, steps: int, size: int,
-                 replay_fraction: float, rng: random.Random,
-                 max_user_share: float = 1.0) -> list[list[Example | ExampleRef]]:
+def plan_batches(
+    fresh: list[Example],
+    replay_pool: list[Example | ExampleRef],
+    *,
+    steps: int,
+    size: int,
+    replay_fraction: float,
+    rng: random.Random,
+    max_user_share: float = 1.0,
+) -> list[list[Example | ExampleRef]]:
     """At least `steps` micro-batches, more if needed so every fresh example is trained once;
     the rest of each batch is replayed. The replay pool may hold light ``ExampleRef``s (planning
     needs only ids, users and labels): the caller loads the ones picked.
@@ -113,8 +127,16 @@ def plan_batches(fresh: list[Example], replay_pool: list[Example | ExampleRef], 
     return batches
 
 
-def run_update(policy: Policy, optimizer: torch.optim.Optimizer, batches: list[list[Example]], *, beta: float,
-               desirable_weight: float, undesirable_weight: float, max_grad_norm: float) -> UpdateStats:
+def run_update(
+    policy: Policy,
+    optimizer: torch.optim.Optimizer,
+    batches: list[list[Example]],
+    *,
+    beta: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+    max_grad_norm: float,
+) -> UpdateStats:
     stats = UpdateStats()
     started = time.perf_counter()
     params = list(policy.trainable().values())
@@ -129,8 +151,16 @@ def run_update(policy: Policy, optimizer: torch.optim.Optimizer, batches: list[l
         with torch.no_grad():  # z0 is detached in the loss: no graph needed (and first, so the
             kl_logps = policy.logps(kl_pairs)  # graph below never shares the heap with these logits)
         policy_logps = policy.logps(pairs)
-        loss, losses, z0 = kto_loss(policy_logps, ref, kl_logps, kl_ref, desirable, beta=beta,
-                                    desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+        loss, losses, z0 = kto_loss(
+            policy_logps,
+            ref,
+            kl_logps,
+            kl_ref,
+            desirable,
+            beta=beta,
+            desirable_weight=desirable_weight,
+            undesirable_weight=undesirable_weight,
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from foundation.urls import backend_of, sqlite_path
-
 from registry.base import Registry
 from registry.canary import Canary, in_canary
 from registry.errors import (
@@ -47,6 +46,7 @@ __all__ = [
     "in_canary",
     "open_registry",
 ]
+
 
 def open_registry(url: str, adapter_root: Path | None = None) -> Registry:
     """Open the registry named by `url`.

@@ -85,16 +85,14 @@ class Registry(Protocol):
         ...
 
     def start_canary(
-        self, version: str, share: float, *, actor: str, reason: str = "",
-        evidence: dict[str, Any] | None = None,
+        self, version: str, share: float, *, actor: str, reason: str = "", evidence: dict[str, Any] | None = None
     ) -> HistoryEntry:
         """Route `share` of the users to `version`; CanaryRunning, InvalidCanary (it is active),
         UnknownVersion, VersionRejected, ValueError (share not in (0, 1])."""
         ...
 
     def advance_canary(
-        self, version: str, to: str, *, actor: str, reason: str = "",
-        evidence: dict[str, Any] | None = None,
+        self, version: str, to: str, *, actor: str, reason: str = "", evidence: dict[str, Any] | None = None
     ) -> HistoryEntry:
         """Move the canary of `version` on to `to`, a version trained from it; same users, the
         evidence goes on. NoCanary, InvalidCanary (not trained from it), UnknownVersion,
@@ -113,9 +111,7 @@ class Registry(Protocol):
         """Reject the candidate forever; the canary ends and the active version stays."""
         ...
 
-    def pause_canary(
-        self, version: str, paused: bool, *, actor: str, reason: str = ""
-    ) -> HistoryEntry:
+    def pause_canary(self, version: str, paused: bool, *, actor: str, reason: str = "") -> HistoryEntry:
         """Pause (route nobody to the candidate, decide nothing) or resume the canary."""
         ...
 
@@ -125,7 +121,12 @@ class Registry(Protocol):
         ...
 
     def record_erasure(
-        self, request_id: str, versions: list[str], *, actor: str, reason: str = "",
+        self,
+        request_id: str,
+        versions: list[str],
+        *,
+        actor: str,
+        reason: str = "",
         evidence: dict[str, Any] | None = None,
     ) -> HistoryEntry:
         """A user's data was erased (request `request_id`): flag `versions`, those trained on it,

@@ -107,10 +107,7 @@ def check_share(share: float) -> float:
     return float(share)
 
 
-def start(
-    running: Canary | None, active: str | None, version: str, share: float, *, actor: str,
-    now: float,
-) -> Canary:
+def start(running: Canary | None, active: str | None, version: str, share: float, *, actor: str, now: float) -> Canary:
     """The new canary; CanaryRunning if one runs, InvalidCanary if `version` is active.
     (Whether the version exists and is ready is the backend's check.)"""
     share = check_share(share)
@@ -127,8 +124,9 @@ def advance(running: Canary | None, version: str, to: str, parent: str | None) -
     (Whether `to` exists and is ready is the backend's check.)"""
     running = require(running, version)
     if parent != running.version:
-        raise InvalidCanary(to, f"it was trained from {parent or 'the base model'}, not from the "
-                                f"candidate {running.version}")
+        raise InvalidCanary(
+            to, f"it was trained from {parent or 'the base model'}, not from the candidate {running.version}"
+        )
     return replace(running, version=to, versions=(*running.versions, to))
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any
 
 
-
 def erasure_evidence(request_id: str, versions: list[str], evidence: dict[str, Any] | None) -> dict[str, Any]:
     """The evidence of an erasure's history entry: the learner's, with the request and the flags."""
     return {**(evidence or {}), "request_id": request_id, "flagged_versions": sorted(set(versions))}

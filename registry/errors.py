@@ -47,9 +47,7 @@ class NothingToRollBack(RegistryError):
     """The base model is active and no earlier version is left to return to."""
 
     def __init__(self) -> None:
-        super().__init__(
-            "nothing to roll back: the base model is active and no earlier version remains"
-        )
+        super().__init__("nothing to roll back: the base model is active and no earlier version remains")
 
 
 class InvalidAdapter(RegistryError):

@@ -114,8 +114,13 @@ class Publishing:
         """Check the request, then run the protocol above."""
         src_dir = Path(src_dir)
         new = NewVersion.checked(
-            src_dir, base_model=base_model, parent=parent, metrics=metrics, lineage=lineage,
-            status=status, rejected_reason=rejected_reason,
+            src_dir,
+            base_model=base_model,
+            parent=parent,
+            metrics=metrics,
+            lineage=lineage,
+            status=status,
+            rejected_reason=rejected_reason,
         )
         if parent is not None:
             self.get(parent)  # UnknownVersion: lineage must point at a real version
@@ -124,9 +129,7 @@ class Publishing:
         return self.get(version)
 
 
-def _publish_files(
-    files: store.AdapterFiles, catalog: Catalog, src_dir: Path, new: NewVersion
-) -> str:
+def _publish_files(files: store.AdapterFiles, catalog: Catalog, src_dir: Path, new: NewVersion) -> str:
     with files.publish_lock():
         _sweep_locked(files, catalog)
         version = catalog.reserve()

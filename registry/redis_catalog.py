@@ -67,6 +67,4 @@ class RedisCatalog:
     def _finish(self, version: str, state: str, meta: str, reason: str) -> bool:
         k = self._keys
         with self._registry._redis():
-            return bool(self._finish_script(
-                keys=[k.state, k.meta, k.rejected], args=[version, state, meta, reason]
-            ))
+            return bool(self._finish_script(keys=[k.state, k.meta, k.rejected], args=[version, state, meta, reason]))

@@ -42,13 +42,9 @@ class ChangeListener:
     def wait(self, timeout_s: float) -> None:
         with self._cond:
             if self._thread is None and not self._stop.is_set():
-                self._thread = threading.Thread(
-                    target=self._run, name=f"registry-changes:{self._channel}", daemon=True
-                )
+                self._thread = threading.Thread(target=self._run, name=f"registry-changes:{self._channel}", daemon=True)
                 self._thread.start()
-            self._cond.wait_for(
-                lambda: self._generation != self._seen or self._stop.is_set(), timeout_s
-            )
+            self._cond.wait_for(lambda: self._generation != self._seen or self._stop.is_set(), timeout_s)
             self._seen = self._generation
 
     def close(self) -> None:
@@ -76,17 +72,20 @@ class ChangeListener:
                     if message["type"] == "subscribe" and down_since is not None:
                         logger.info(
                             "change notifications from %s are back after %.1f s",
-                            self._where, time.monotonic() - down_since,
+                            self._where,
+                            time.monotonic() - down_since,
                         )
                         down_since = None
                     self._wake()
-            except Exception as e:  # noqa: BLE001 - whatever broke, keep trying: waiters still poll
+            except Exception as e:
                 if down_since is None:
                     down_since = time.monotonic()
                     log = logger.warning if isinstance(e, redis.RedisError) else logger.exception
                     log(
-                        "lost change notifications from %s (%s); polling only, resubscribing "
-                        "every %.1f s", self._where, e, RESUBSCRIBE_S,
+                        "lost change notifications from %s (%s); polling only, resubscribing every %.1f s",
+                        self._where,
+                        e,
+                        RESUBSCRIBE_S,
                     )
                 self._stop.wait(RESUBSCRIBE_S)
             finally:

@@ -49,16 +49,12 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
+
 class RedisRegistry(Transitions, VersionReads, publishing.Publishing):
     """The Redis Registry backend; safe across processes, hosts and threads."""
 
     def __init__(
-        self,
-        url: str,
-        adapter_root: Path,
-        *,
-        socket_timeout_s: float = 3.0,
-        connect_timeout_s: float = 2.0,
+        self, url: str, adapter_root: Path, *, socket_timeout_s: float = 3.0, connect_timeout_s: float = 2.0
     ) -> None:
         client_url, self.prefix, self.where = parse_url(url)
         self.adapter_root = Path(adapter_root)
@@ -82,10 +78,7 @@ class RedisRegistry(Transitions, VersionReads, publishing.Publishing):
         except BaseException:
             self.close()
             raise
-        logger.info(
-            "registry opened at %s, prefix %r (adapters in %s)", self.where, self.prefix,
-            self.adapter_root,
-        )
+        logger.info("registry opened at %s, prefix %r (adapters in %s)", self.where, self.prefix, self.adapter_root)
 
     # ---- connection plumbing -------------------------------------------------------------
 
@@ -142,8 +135,16 @@ class RedisRegistry(Transitions, VersionReads, publishing.Publishing):
             found = pipe.execute()
         states, metas, reasons, flags = found if version is None else ({version: value} for value in found)
         visible = sorted((v for v, s in states.items() if s in VISIBLE), key=lambda v: int(v[1:]))
-        return [VersionRecord(version=v, state=states[v], **json.loads(metas[v]), rejected_reason=reasons.get(v),
-                              flags=json.loads(flags[v]) if flags.get(v) else []) for v in visible]
+        return [
+            VersionRecord(
+                version=v,
+                state=states[v],
+                **json.loads(metas[v]),
+                rejected_reason=reasons.get(v),
+                flags=json.loads(flags[v]) if flags.get(v) else [],
+            )
+            for v in visible
+        ]
 
     # ---- the active pointer -----------------------------------------------------------------
 
@@ -223,8 +224,10 @@ class RedisTx:
         return text and HistoryEntry(**json.loads(text))
 
     def reject(self, version: str, reason: str) -> None:
-        self.writes += [lambda: self.pipe.hset(self.k.state, version, "rejected"),
-                        lambda: self.pipe.hset(self.k.rejected, version, reason)]
+        self.writes += [
+            lambda: self.pipe.hset(self.k.state, version, "rejected"),
+            lambda: self.pipe.hset(self.k.rejected, version, reason),
+        ]
 
     def set_flags(self, version: str, flags: list[dict[str, Any]]) -> None:
         self.writes.append(lambda: self.pipe.hset(self.k.flags, version, json.dumps(flags)))
@@ -232,16 +235,19 @@ class RedisTx:
     def set_canary(self, canary: Canary | None) -> None:
         self.writes.append(lambda: self.pipe.hset(self.k.pointer, "canary", canary.dumps() if canary else ""))
 
-    def append(self, entry: HistoryEntry, *, active: str | None, canary: Canary | None,
-               stack: list[str | None] | None = None) -> None:
+    def append(
+        self, entry: HistoryEntry, *, active: str | None, canary: Canary | None, stack: list[str | None] | None = None
+    ) -> None:
         def write() -> None:
             k, text = self.k, json.dumps(entry.to_json())
             if stack is not None:
                 self.pipe.delete(k.stack)
                 if stack:
                     self.pipe.rpush(k.stack, *(v or "" for v in stack))
-            self.pipe.hset(k.pointer, mapping={"counter": entry.seq, "active": active or "",
-                                               "canary": canary.dumps() if canary else ""})
+            self.pipe.hset(
+                k.pointer,
+                mapping={"counter": entry.seq, "active": active or "", "canary": canary.dumps() if canary else ""},
+            )
             self.pipe.rpush(k.history, text)
             if entry.action == "erasure":  # a repeat of the request returns this entry
                 self.pipe.hset(k.erasures, entry.evidence["request_id"], text)

@@ -29,9 +29,7 @@ def push_on_activate(stack: Sequence[str | None], previous: str | None, new: str
 
 
 def pop_for_rollback(
-    stack: Sequence[str | None],
-    active: str | None,
-    is_rejected: Callable[[str], bool],
+    stack: Sequence[str | None], active: str | None, is_rejected: Callable[[str], bool]
 ) -> tuple[str | None, Stack]:
     """(target, new stack) of a plain rollback; NothingToRollBack when the base is active and
     no servable earlier version remains."""

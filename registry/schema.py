@@ -73,7 +73,6 @@ INSERT OR IGNORE INTO pointer (id, counter, active) VALUES (1, 0, NULL);
 """.replace("{history}", _HISTORY.format(name="history"))
 
 
-
 def _migrations(found: int) -> list[str]:
     """The statements taking layout `found` to this one. SQLite cannot change a CHECK constraint
     in place, so the history (whose actions grew at 2, 3 and 4) is copied into a new table."""
@@ -109,8 +108,13 @@ def connect(db_path: Path, busy_timeout_s: float) -> sqlite3.Connection:
     with unavailable_on_error(db_path):
         conn = sqlite.connect(db_path, synchronous="FULL", busy_timeout_s=busy_timeout_s)
         try:
-            sqlite.ensure_schema(conn, [t for t in _TABLES.split(";") if t.strip()], SCHEMA_VERSION,
-                                 f"registry {db_path}", migrations=_migrations)
+            sqlite.ensure_schema(
+                conn,
+                [t for t in _TABLES.split(";") if t.strip()],
+                SCHEMA_VERSION,
+                f"registry {db_path}",
+                migrations=_migrations,
+            )
         except sqlite.NewerLayout as e:
             conn.close()
             raise RegistryError(str(e)) from e

@@ -22,9 +22,7 @@ class SqliteCatalog:
 
     def reserve(self) -> str:
         with self._registry._write() as c:
-            seq = c.execute(
-                "INSERT INTO versions (state, created_at) VALUES ('pending', ?)", (time.time(),)
-            ).lastrowid
+            seq = c.execute("INSERT INTO versions (state, created_at) VALUES ('pending', ?)", (time.time(),)).lastrowid
             version = f"v{seq:04d}"
             c.execute("UPDATE versions SET version = ? WHERE seq = ?", (version, seq))
         return version
@@ -35,19 +33,30 @@ class SqliteCatalog:
                 "UPDATE versions SET state = ?, parent = ?, created_at = ?, base_model = ?,"
                 " sha256 = ?, files = ?, metrics = ?, lineage = ?, rejected_reason = ?"
                 " WHERE version = ? AND state = 'pending'",
-                (new.status, new.parent, time.time(), new.base_model, files[store.WEIGHTS_FILE],
-                 json.dumps(files), new.metrics_json, new.lineage_json, new.rejected_reason,
-                 version),
+                (
+                    new.status,
+                    new.parent,
+                    time.time(),
+                    new.base_model,
+                    files[store.WEIGHTS_FILE],
+                    json.dumps(files),
+                    new.metrics_json,
+                    new.lineage_json,
+                    new.rejected_reason,
+                    version,
+                ),
             ).rowcount
             if updated != 1:
                 raise RegistryError(f"{version} is no longer pending; its publish cannot finish")
 
     def abandon(self, version: str) -> bool:
         with self._registry._write() as c:
-            return c.execute(
-                "UPDATE versions SET state = 'abandoned' WHERE version = ? AND state = 'pending'",
-                (version,),
-            ).rowcount == 1
+            return (
+                c.execute(
+                    "UPDATE versions SET state = 'abandoned' WHERE version = ? AND state = 'pending'", (version,)
+                ).rowcount
+                == 1
+            )
 
     def pending(self) -> list[str]:
         rows = self._registry._read("SELECT version FROM versions WHERE state = 'pending'")

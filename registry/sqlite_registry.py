@@ -37,12 +37,11 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
+
 class SqliteRegistry(Transitions, VersionReads, publishing.Publishing):
     """The embedded Registry backend; safe across processes and threads."""
 
-    def __init__(
-        self, db_path: Path, adapter_root: Path | None = None, *, busy_timeout_s: float = 30.0
-    ) -> None:
+    def __init__(self, db_path: Path, adapter_root: Path | None = None, *, busy_timeout_s: float = 30.0) -> None:
         self.db_path = Path(db_path)
         self.adapter_root = Path(adapter_root) if adapter_root else self.db_path.parent / "versions"
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,14 +98,30 @@ class SqliteRegistry(Transitions, VersionReads, publishing.Publishing):
         where, args = ("version = ? AND ", (version,)) if version is not None else ("", ())
         rows = self._read(
             "SELECT version, state, parent, created_at, base_model, sha256, files, metrics, lineage,"
-            f" rejected_reason FROM versions WHERE {where}state IN (?, ?) ORDER BY seq", (*args, *_VISIBLE))
+            f" rejected_reason FROM versions WHERE {where}state IN (?, ?) ORDER BY seq",
+            (*args, *_VISIBLE),
+        )
         flags: dict[str, list[dict[str, Any]]] = {}
         for name, erasure, at, reason in self._read(
-                f"SELECT version, erasure, at, reason FROM flags WHERE {where}1 ORDER BY at", args):
+            f"SELECT version, erasure, at, reason FROM flags WHERE {where}1 ORDER BY at", args
+        ):
             flags.setdefault(name, []).append({"erasure": erasure, "at": at, "reason": reason})
-        return [VersionRecord(name, state, parent, created_at, base_model, sha256, json.loads(files),
-                              json.loads(metrics), json.loads(lineage), reason, flags.get(name, []))
-                for name, state, parent, created_at, base_model, sha256, files, metrics, lineage, reason in rows]
+        return [
+            VersionRecord(
+                name,
+                state,
+                parent,
+                created_at,
+                base_model,
+                sha256,
+                json.loads(files),
+                json.loads(metrics),
+                json.loads(lineage),
+                reason,
+                flags.get(name, []),
+            )
+            for name, state, parent, created_at, base_model, sha256, files, metrics, lineage, reason in rows
+        ]
 
     # ---- the active pointer -----------------------------------------------------------------
 
@@ -123,8 +138,7 @@ class SqliteRegistry(Transitions, VersionReads, publishing.Publishing):
 
     def history(self) -> list[HistoryEntry]:
         rows = self._read(
-            "SELECT seq, at, action, version, previous, actor, reason, evidence FROM history"
-            " ORDER BY seq"
+            "SELECT seq, at, action, version, previous, actor, reason, evidence FROM history ORDER BY seq"
         )
         return [HistoryEntry(*row[:7], json.loads(row[7]) if row[7] else None) for row in rows]
 
@@ -187,33 +201,45 @@ class SqliteTx:
     def erasure(self, request_id: str) -> HistoryEntry | None:
         row = self.c.execute(
             "SELECT seq, at, action, version, previous, actor, reason, evidence FROM history"
-            " WHERE action = 'erasure' AND json_extract(evidence, '$.request_id') = ?", (request_id,)).fetchone()
+            " WHERE action = 'erasure' AND json_extract(evidence, '$.request_id') = ?",
+            (request_id,),
+        ).fetchone()
         return row and HistoryEntry(*row[:7], json.loads(row[7]))
 
     def reject(self, version: str, reason: str) -> None:
-        self.writes.append(lambda: self.c.execute(
-            "UPDATE versions SET state = 'rejected', rejected_reason = ? WHERE version = ?", (reason, version)))
+        self.writes.append(
+            lambda: self.c.execute(
+                "UPDATE versions SET state = 'rejected', rejected_reason = ? WHERE version = ?", (reason, version)
+            )
+        )
 
     def set_flags(self, version: str, flags: list[dict[str, Any]]) -> None:
-        self.writes.append(lambda: self.c.executemany(
-            "INSERT OR IGNORE INTO flags (version, erasure, at, reason) VALUES (?, ?, ?, ?)",
-            [(version, f["erasure"], f["at"], f["reason"]) for f in flags]))
+        self.writes.append(
+            lambda: self.c.executemany(
+                "INSERT OR IGNORE INTO flags (version, erasure, at, reason) VALUES (?, ?, ?, ?)",
+                [(version, f["erasure"], f["at"], f["reason"]) for f in flags],
+            )
+        )
 
     def set_canary(self, canary: Canary | None) -> None:
-        self.writes.append(lambda: self.c.execute(
-            "UPDATE pointer SET canary = ? WHERE id = 1", (canary and canary.dumps(),)))
+        self.writes.append(
+            lambda: self.c.execute("UPDATE pointer SET canary = ? WHERE id = 1", (canary and canary.dumps(),))
+        )
 
-    def append(self, entry: HistoryEntry, *, active: str | None, canary: Canary | None,
-               stack: list[str | None] | None = None) -> None:
+    def append(
+        self, entry: HistoryEntry, *, active: str | None, canary: Canary | None, stack: list[str | None] | None = None
+    ) -> None:
         def write() -> None:
             evidence = None if entry.evidence is None else json.dumps(entry.evidence)
             self.c.execute(
                 "INSERT INTO history (seq, at, action, version, previous, actor, reason, evidence)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (entry.seq, entry.at, entry.action, entry.version, entry.previous, entry.actor, entry.reason,
-                 evidence))
-            self.c.execute("UPDATE pointer SET counter = ?, active = ?, canary = ? WHERE id = 1",
-                           (entry.seq, active, canary and canary.dumps()))
+                (entry.seq, entry.at, entry.action, entry.version, entry.previous, entry.actor, entry.reason, evidence),
+            )
+            self.c.execute(
+                "UPDATE pointer SET counter = ?, active = ?, canary = ? WHERE id = 1",
+                (entry.seq, active, canary and canary.dumps()),
+            )
             if stack is not None:
                 self.c.execute("DELETE FROM rollback_stack")
                 self.c.executemany("INSERT INTO rollback_stack (pos, version) VALUES (?, ?)", list(enumerate(stack)))

@@ -176,6 +176,4 @@ class AdapterFiles:
             except OSError as e:
                 raise VerificationError(version, f"{rel} is unreadable: {e}") from e
             if actual != expected:
-                raise VerificationError(
-                    version, f"{rel} has sha256 {actual}, expected {expected}: the file changed"
-                )
+                raise VerificationError(version, f"{rel} has sha256 {actual}, expected {expected}: the file changed")

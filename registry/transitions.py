@@ -71,8 +71,9 @@ class Tx(Protocol):
         """Queue: the canary changes with no history entry and no counter bump."""
         ...
 
-    def append(self, entry: HistoryEntry, *, active: str | None, canary: Canary | None,
-               stack: list[str | None] | None = None) -> None:
+    def append(
+        self, entry: HistoryEntry, *, active: str | None, canary: Canary | None, stack: list[str | None] | None = None
+    ) -> None:
         """Queue: the history entry; the pointer becomes (entry.seq, active, canary); the stack
         is replaced when given; replicas are told."""
         ...
@@ -92,8 +93,9 @@ class Transitions:
         def operation(tx: Tx) -> HistoryEntry:
             _check_servable(tx, version)
             _, previous, _ = tx.pointer()
-            return _move(tx, "activate", version, stack_rules.push_on_activate(tx.stack(), previous, version),
-                         actor, reason)
+            return _move(
+                tx, "activate", version, stack_rules.push_on_activate(tx.stack(), previous, version), actor, reason
+            )
 
         entry: HistoryEntry = self._transaction(operation)
         logger.info("%s activated %s (was %s)", actor, version or "base", entry.previous or "base")
@@ -105,8 +107,12 @@ class Transitions:
         def operation(tx: Tx) -> HistoryEntry:
             _, previous, _ = tx.pointer()
             target, stack = stack_rules.plan_rollback(
-                tx.stack(), previous, to, is_rejected=lambda v: tx.state(v) != "ready",
-                check_servable=lambda v: _check_servable(tx, v))
+                tx.stack(),
+                previous,
+                to,
+                is_rejected=lambda v: tx.state(v) != "ready",
+                check_servable=lambda v: _check_servable(tx, v),
+            )
             return _move(tx, "rollback", target, stack, actor, reason)
 
         entry: HistoryEntry = self._transaction(operation)
@@ -139,8 +145,9 @@ class Transitions:
 
     # ---- the canary (rules: registry.canary). `version` names the candidate the caller means.
 
-    def start_canary(self, version: str, share: float, *, actor: str, reason: str = "",
-                     evidence: dict[str, Any] | None = None) -> HistoryEntry:
+    def start_canary(
+        self, version: str, share: float, *, actor: str, reason: str = "", evidence: dict[str, Any] | None = None
+    ) -> HistoryEntry:
         def operation(tx: Tx) -> HistoryEntry:
             _check_servable(tx, version)
             _, active, running = tx.pointer()
@@ -151,8 +158,9 @@ class Transitions:
         logger.info("%s started a canary of %s for %.0f%% of users", actor, version, 100 * share)
         return entry
 
-    def advance_canary(self, version: str, to: str, *, actor: str, reason: str = "",
-                       evidence: dict[str, Any] | None = None) -> HistoryEntry:
+    def advance_canary(
+        self, version: str, to: str, *, actor: str, reason: str = "", evidence: dict[str, Any] | None = None
+    ) -> HistoryEntry:
         def operation(tx: Tx) -> HistoryEntry:
             _check_servable(tx, to)
             _, _, running = tx.pointer()
@@ -163,8 +171,9 @@ class Transitions:
         logger.info("%s advanced the canary from %s to %s", actor, version, to)
         return entry
 
-    def promote_canary(self, version: str, *, actor: str, reason: str = "",
-                       evidence: dict[str, Any] | None = None) -> HistoryEntry:
+    def promote_canary(
+        self, version: str, *, actor: str, reason: str = "", evidence: dict[str, Any] | None = None
+    ) -> HistoryEntry:
         def operation(tx: Tx) -> HistoryEntry:
             # The state before the pointer: on Redis these reads are not one snapshot (EXEC checks
             # that later), and in this order a rollback landing between them reads as "no canary".
@@ -178,8 +187,9 @@ class Transitions:
         logger.info("%s promoted canary %s (was %s)", actor, version, entry.previous or "base")
         return entry
 
-    def rollback_canary(self, version: str, *, actor: str, reason: str = "",
-                        evidence: dict[str, Any] | None = None) -> HistoryEntry:
+    def rollback_canary(
+        self, version: str, *, actor: str, reason: str = "", evidence: dict[str, Any] | None = None
+    ) -> HistoryEntry:
         def operation(tx: Tx) -> HistoryEntry:
             _, _, running = tx.pointer()
             canary_rules.require(running, version)
@@ -213,8 +223,15 @@ class Transitions:
 
     # ---- erasure (rules: registry.erasure) ----
 
-    def record_erasure(self, request_id: str, versions: list[str], *, actor: str, reason: str = "",
-                       evidence: dict[str, Any] | None = None) -> HistoryEntry:
+    def record_erasure(
+        self,
+        request_id: str,
+        versions: list[str],
+        *,
+        actor: str,
+        reason: str = "",
+        evidence: dict[str, Any] | None = None,
+    ) -> HistoryEntry:
         flagged = sorted(set(versions))
 
         def operation(tx: Tx) -> HistoryEntry:
@@ -245,16 +262,31 @@ def _check_servable(tx: Tx, version: str | None) -> None:
         raise VersionRejected(version, tx.rejected_reason(version))
 
 
-def _entry(tx: Tx, action: HistoryAction, version: str | None, previous: str | None, actor: str,
-           reason: str, evidence: dict[str, Any] | None) -> HistoryEntry:
+def _entry(
+    tx: Tx,
+    action: HistoryAction,
+    version: str | None,
+    previous: str | None,
+    actor: str,
+    reason: str,
+    evidence: dict[str, Any] | None,
+) -> HistoryEntry:
     counter, _, _ = tx.pointer()
     text = canary_rules.evidence_json(evidence)
-    return HistoryEntry(counter + 1, time.time(), action, version, previous, actor, reason,
-                        json.loads(text) if text else None)
+    return HistoryEntry(
+        counter + 1, time.time(), action, version, previous, actor, reason, json.loads(text) if text else None
+    )
 
 
-def _move(tx: Tx, action: HistoryAction, version: str | None, stack: list[str | None], actor: str,
-          reason: str, evidence: dict[str, Any] | None = None) -> HistoryEntry:
+def _move(
+    tx: Tx,
+    action: HistoryAction,
+    version: str | None,
+    stack: list[str | None],
+    actor: str,
+    reason: str,
+    evidence: dict[str, Any] | None = None,
+) -> HistoryEntry:
     """The pointer moves to `version` (the canary follows: registry.canary.after_move)."""
     _, previous, running = tx.pointer()
     entry = _entry(tx, action, version, previous, actor, reason, evidence)
@@ -262,8 +294,15 @@ def _move(tx: Tx, action: HistoryAction, version: str | None, stack: list[str | 
     return entry
 
 
-def _note(tx: Tx, action: HistoryAction, candidate: str, canary: Canary | None, actor: str, reason: str,
-          evidence: dict[str, Any] | None = None) -> HistoryEntry:
+def _note(
+    tx: Tx,
+    action: HistoryAction,
+    candidate: str,
+    canary: Canary | None,
+    actor: str,
+    reason: str,
+    evidence: dict[str, Any] | None = None,
+) -> HistoryEntry:
     """A canary step that leaves the pointer where it is."""
     _, active, _ = tx.pointer()
     entry = _entry(tx, action, candidate, active, actor, reason, evidence)

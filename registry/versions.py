@@ -15,8 +15,14 @@ from registry.store import AdapterFiles
 
 VersionStatus = Literal["ready", "rejected"]
 HistoryAction = Literal[
-    "activate", "rollback",
-    "canary_start", "canary_advance", "canary_promote", "canary_rollback", "canary_pause", "canary_resume",
+    "activate",
+    "rollback",
+    "canary_start",
+    "canary_advance",
+    "canary_promote",
+    "canary_rollback",
+    "canary_pause",
+    "canary_resume",
     "erasure",
 ]
 HISTORY_ACTIONS: tuple[str, ...] = get_args(HistoryAction)
@@ -171,7 +177,16 @@ class VersionReads:
         return records[0]
 
     def _info(self, r: VersionRecord) -> VersionInfo:
-        return VersionInfo(version=r.version, status=r.state, parent=r.parent, created_at=r.created_at,
-                           base_model=r.base_model, sha256=r.sha256, path=self._files.path(r.version),
-                           metrics=r.metrics, lineage=r.lineage, rejected_reason=r.rejected_reason,
-                           flags=tuple(r.flags))
+        return VersionInfo(
+            version=r.version,
+            status=r.state,
+            parent=r.parent,
+            created_at=r.created_at,
+            base_model=r.base_model,
+            sha256=r.sha256,
+            path=self._files.path(r.version),
+            metrics=r.metrics,
+            lineage=r.lineage,
+            rejected_reason=r.rejected_reason,
+            flags=tuple(r.flags),
+        )

@@ -7,21 +7,21 @@ import contextlib
 import logging
 
 from fastapi import FastAPI
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from foundation.models import ensure_demo_model, load_model, set_torch_threads
 from ingest.bus import Bus, open_bus
 from ingest.events import Topics
-from serve.ledger import open_ledger
-from serve.ledger_backlog import BackloggedLedger
 from ingest.spool import Spool
 from ingest.spooled_bus import SpooledBus
-from foundation.models import ensure_demo_model, load_model, set_torch_threads
 from registry import open_registry
 from serve import errors
 from serve.deps import ServeState
 from serve.engine import Engine
 from serve.hotswap import HotSwap
+from serve.ledger import open_ledger
+from serve.ledger_backlog import BackloggedLedger
 from serve.metrics import ServeMetrics
 from serve.routes import admin, audit, chat, feedback, health, page, users
 from serve.settings import ServeSettings
@@ -69,8 +69,15 @@ def _build_state(settings: ServeSettings) -> ServeState:
     registry = open_registry(settings.registry_url, settings.adapter_dir)
     metrics.set_active(None, settings.base_model_id)
     engine = Engine(loaded, max_batch=settings.max_batch)
-    hotswap = HotSwap(engine, registry, metrics, base_model=settings.base_model_id, max_rank=settings.max_lora_rank,
-                      poll_s=settings.registry_poll_s, replica=settings.replica)
+    hotswap = HotSwap(
+        engine,
+        registry,
+        metrics,
+        base_model=settings.base_model_id,
+        max_rank=settings.max_lora_rank,
+        poll_s=settings.registry_poll_s,
+        replica=settings.replica,
+    )
     ledger = BackloggedLedger(open_ledger(settings.resolved_ledger_url(), ttl_s=settings.ledger_ttl_s))
     metrics.watch_ledger(lambda: ledger.backlog)
     # Last, so that no later failure leaves the spool's lock and forwarder thread behind.

@@ -33,7 +33,7 @@ class RunningBatch:
         self.mask = F.pad(self.mask, (0, 1), value=1)
         return self.mask
 
-    def merge(self, other: "RunningBatch") -> None:
+    def merge(self, other: RunningBatch) -> None:
         """Append `other`'s rows, left-padding whichever is shorter."""
         t_self, t_other = self.mask.shape[1], other.mask.shape[1]
         length = max(t_self, t_other)
@@ -72,6 +72,6 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), length), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, length - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, length - len(p):] = 1
+        ids[i, length - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, length - len(p) :] = 1
     return ids.to(device), mask.to(device)

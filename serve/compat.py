@@ -36,17 +36,13 @@ def check_adapter(
     """
     path = Path(path)
     reasons = _check_config(path / CONFIG_FILE, base_model, allowed_target_modules, max_rank)
-    reasons += _check_weights(
-        path / WEIGHTS_FILE, allowed_target_modules, max_rank, expected_shapes
-    )
+    reasons += _check_weights(path / WEIGHTS_FILE, allowed_target_modules, max_rank, expected_shapes)
     if reasons:
         logger.info("adapter %s is not compatible: %s", path, "; ".join(reasons))
     return reasons
 
 
-def _check_config(
-    config_path: Path, base_model: str, allowed: set[str], max_rank: int
-) -> list[str]:
+def _check_config(config_path: Path, base_model: str, allowed: set[str], max_rank: int) -> list[str]:
     if not config_path.is_file():
         return [f"{CONFIG_FILE} is missing"]
     try:
@@ -60,10 +56,7 @@ def _check_config(
     if config.get("peft_type") != "LORA":
         reasons.append(f"peft_type is {config.get('peft_type')!r}, only 'LORA' can be served")
     if config.get("base_model_name_or_path") != base_model:
-        reasons.append(
-            f"trained on base model {config.get('base_model_name_or_path')!r}, "
-            f"but {base_model!r} is served"
-        )
+        reasons.append(f"trained on base model {config.get('base_model_name_or_path')!r}, but {base_model!r} is served")
     reasons += _check_ranks(config, max_rank)
     targets = config.get("target_modules")
     if isinstance(targets, str):
@@ -72,9 +65,7 @@ def _check_config(
     elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
         foreign = sorted(set(targets) - allowed)
         if foreign:
-            reasons.append(
-                f"target modules {foreign} are not among the allowed {sorted(allowed)}"
-            )
+            reasons.append(f"target modules {foreign} are not among the allowed {sorted(allowed)}")
     else:
         reasons.append(f"target_modules {targets!r} is neither a list of names nor a pattern")
     if config.get("modules_to_save"):
@@ -93,15 +84,11 @@ def _check_ranks(config: dict[str, Any], max_rank: int) -> list[str]:
     pattern = config.get("rank_pattern") or {}
     if isinstance(pattern, dict):
         ranks.update({f"rank_pattern[{k!r}]": v for k, v in pattern.items() if isinstance(v, int)})
-    return [f"{name}={value} exceeds the maximum rank {max_rank}" for name, value in ranks.items()
-            if value > max_rank]
+    return [f"{name}={value} exceeds the maximum rank {max_rank}" for name, value in ranks.items() if value > max_rank]
 
 
 def _check_weights(
-    weights_path: Path,
-    allowed: set[str],
-    max_rank: int,
-    expected_shapes: dict[str, tuple[int, ...]] | None,
+    weights_path: Path, allowed: set[str], max_rank: int, expected_shapes: dict[str, tuple[int, ...]] | None
 ) -> list[str]:
     if not weights_path.is_file():
         return [f"{WEIGHTS_FILE} is missing"]
@@ -115,7 +102,7 @@ def _check_weights(
     foreign: set[str] = set()
     try:
         with safe_open(str(weights_path), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - safetensors' handle is not a dict
                 tensor = f.get_tensor(name)
                 module = _lora_module(name)
                 if module is None:
@@ -129,7 +116,7 @@ def _check_weights(
                 if expected_shapes is not None:
                     reasons += _shape_reason(name, tuple(tensor.shape), expected_shapes)
     except Exception as e:  # safetensors raises its own error types for corrupt files
-        return reasons + [f"{WEIGHTS_FILE} cannot be read: {e}"]
+        return [*reasons, f"{WEIGHTS_FILE} cannot be read: {e}"]
     if not_lora:
         reasons.append(f"tensors that are not LoRA weights: {_names(not_lora)}")
     if foreign:
@@ -165,9 +152,7 @@ def _lora_rank(name: str, shape: Any) -> int:
     return 0
 
 
-def _shape_reason(
-    name: str, shape: tuple[int, ...], expected: dict[str, tuple[int, ...]]
-) -> list[str]:
+def _shape_reason(name: str, shape: tuple[int, ...], expected: dict[str, tuple[int, ...]]) -> list[str]:
     if name not in expected:
         return [f"tensor {name} does not exist in the served model"]
     if tuple(expected[name]) != shape:

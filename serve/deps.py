@@ -8,15 +8,15 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from foundation.models import LoadedModel
 from ingest.bus import Bus
 from ingest.events import Topics
-from serve.ledger import ResponseLedger
 from ingest.spooled_bus import SpooledBus
-from foundation.models import LoadedModel
 from registry import Registry
 from serve.engine import Engine
 from serve.errors import Forbidden, Unauthorized
 from serve.hotswap import HotSwap
+from serve.ledger import ResponseLedger
 from serve.metrics import ServeMetrics
 from serve.settings import ServeSettings
 

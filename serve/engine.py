@@ -18,9 +18,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -296,7 +296,9 @@ class Engine:
             self._refs[seq.request.adapter] -= 1
 
     def _forward(self, versions, ids, mask, positions, cache) -> torch.Tensor:
-        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        kwargs = dict(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+        )
         if not self._loaded:
             return self.model(**kwargs).logits
         distinct = set(versions)

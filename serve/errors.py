@@ -15,7 +15,6 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ingest.bus import BusUnavailable
-from serve.ledger import LedgerUnavailable, NotResponseOwnerError, UnknownResponseError
 from ingest.spool import SpoolFull
 from registry import (
     CanaryRunning,
@@ -26,6 +25,7 @@ from registry import (
     VerificationError,
     VersionRejected,
 )
+from serve.ledger import LedgerUnavailable, NotResponseOwnerError, UnknownResponseError
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +87,19 @@ def unavailable(exc: Exception, fallback: str) -> Unavailable:
     return Unavailable(fallback)
 
 
-def error_body(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
-               headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status, headers=headers)
+def error_body(
+    status: int,
+    message: str,
+    type_: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}},
+        status_code=status,
+        headers=headers,
+    )
 
 
 def _field(loc: tuple) -> str:
@@ -141,8 +150,13 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(CanaryRunning)
     async def _canary_running(request: Request, exc: CanaryRunning):
-        return error_body(409, f"a canary of {exc.version} runs already; promote or roll it back first",
-                          "conflict_error", "version", "canary_running")
+        return error_body(
+            409,
+            f"a canary of {exc.version} runs already; promote or roll it back first",
+            "conflict_error",
+            "version",
+            "canary_running",
+        )
 
     @app.exception_handler(InvalidCanary)
     async def _invalid_canary(request: Request, exc: InvalidCanary):
@@ -161,7 +175,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(UnknownResponseError)
     async def _unknown_response(request: Request, exc: UnknownResponseError):
-        return error_body(404, f"no response {str(exc)!r} (unknown, or too old to rate)", "not_found_error", "response_id")
+        return error_body(
+            404, f"no response {str(exc)!r} (unknown, or too old to rate)", "not_found_error", "response_id"
+        )
 
     @app.exception_handler(NotResponseOwnerError)
     async def _not_owner(request: Request, exc: NotResponseOwnerError):

@@ -2,12 +2,12 @@
 
 The pointer is the truth; it is read every `registry_poll_s` (one cheap query), and at once
 when the registry signals a change (`wait_for_change`: Redis pub/sub; a missed signal only
-costs one poll period). When it moves, the new version is verified (checksum, then compatibility with the loaded base model)
-off the event loop, loaded on the engine thread under its immutable name, and only then do new
-requests use it. Requests already running keep the version they were pinned to; the previous
-version stays loaded for an instant rollback; older ones are unloaded once no request holds
-them. A version that fails verification is marked rejected with its reason, and the pointer is
-rolled back by the registry.
+costs one poll period). When it moves, the new version is verified (checksum, then
+compatibility with the loaded base model) off the event loop, loaded on the engine thread under
+its immutable name, and only then do new requests use it. Requests already running keep the
+version they were pinned to; the previous version stays loaded for an instant rollback; older
+ones are unloaded once no request holds them. A version that fails verification is marked
+rejected with its reason, and the pointer is rolled back by the registry.
 
 The canary (registry.canary) is followed the same way: every canary step bumps the pointer's
 counter, its candidate is verified and loaded like an active version, and only then are the
@@ -39,8 +39,17 @@ def _module_names(model: torch.nn.Module) -> set[str]:
 
 
 class HotSwap:
-    def __init__(self, engine: Engine, registry: Registry, metrics: ServeMetrics, *, base_model: str,
-                 max_rank: int, poll_s: float, replica: str):
+    def __init__(
+        self,
+        engine: Engine,
+        registry: Registry,
+        metrics: ServeMetrics,
+        *,
+        base_model: str,
+        max_rank: int,
+        poll_s: float,
+        replica: str,
+    ):
         self.engine, self.registry, self.metrics = engine, registry, metrics
         self.base_model, self.max_rank, self.poll_s, self.replica = base_model, max_rank, poll_s, replica
         self.serving: str | None = None  # what new requests get
@@ -115,8 +124,12 @@ class HotSwap:
             self.registry.verify_files(version)
         except VerificationError as exc:
             return [exc.reason]
-        return check_adapter(self.registry.adapter_path(version), base_model=self.base_model,
-                             allowed_target_modules=self._targets, max_rank=self.max_rank)
+        return check_adapter(
+            self.registry.adapter_path(version),
+            base_model=self.base_model,
+            allowed_target_modules=self._targets,
+            max_rank=self.max_rank,
+        )
 
     async def _load(self, version: str) -> bool:
         if version in self.engine.loaded_versions:

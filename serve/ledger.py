@@ -81,8 +81,12 @@ class VersionTally:
 
     def to_json(self) -> dict[str, int | float | None]:
         rated = self.desirable + self.undesirable
-        return {"responses": self.responses, "desirable": self.desirable, "undesirable": self.undesirable,
-                "desirable_rate": self.desirable / rated if rated else None}
+        return {
+            "responses": self.responses,
+            "desirable": self.desirable,
+            "undesirable": self.undesirable,
+            "desirable_rate": self.desirable / rated if rated else None,
+        }
 
 
 class UnknownResponseError(LookupError):
@@ -153,9 +157,7 @@ class SqliteLedger:
         self._last_purge = float("-inf")
         # NORMAL, not FULL: a commit survives a process crash; only power loss may drop the last
         # few entries, which just makes those responses unratable. The bus holds the truth.
-        self._conn: sqlite3.Connection | None = connect(
-            self.path, synchronous="NORMAL", busy_timeout_s=busy_timeout_s
-        )
+        self._conn: sqlite3.Connection | None = connect(self.path, synchronous="NORMAL", busy_timeout_s=busy_timeout_s)
         ensure_schema(self._conn, _SCHEMA, _LAYOUT_VERSION, "ledger")
 
     def _connection(self) -> sqlite3.Connection:
@@ -233,9 +235,14 @@ class SqliteLedger:
 
     def tally(self, version: str | None) -> VersionTally:
         with self._lock:
-            row = self._connection().execute(
-                "SELECT responses, desirable, undesirable FROM tallies WHERE version = ?",
-                (_BASE if version is None else version,)).fetchone()
+            row = (
+                self._connection()
+                .execute(
+                    "SELECT responses, desirable, undesirable FROM tallies WHERE version = ?",
+                    (_BASE if version is None else version,),
+                )
+                .fetchone()
+            )
         return VersionTally() if row is None else VersionTally(*row)
 
     def forget_user(self, user: str) -> int:
@@ -263,9 +270,11 @@ class SqliteLedger:
 def _count(conn: sqlite3.Connection, version: str | None, column: str, delta: int) -> None:
     # `column` is one of ours (responses or a label), never caller text.
     # Never below 0: a vote recorded before this file had tallies (layout 1) may be changed later.
-    conn.execute(f"INSERT INTO tallies (version, {column}) VALUES (?, MAX(0, ?))"
-                 f" ON CONFLICT (version) DO UPDATE SET {column} = MAX(0, {column} + ?)",
-                 (_BASE if version is None else version, delta, delta))
+    conn.execute(
+        f"INSERT INTO tallies (version, {column}) VALUES (?, MAX(0, ?))"
+        f" ON CONFLICT (version) DO UPDATE SET {column} = MAX(0, {column} + ?)",
+        (_BASE if version is None else version, delta, delta),
+    )
 
 
 def open_ledger(url: str, *, ttl_s: float = DEFAULT_TTL_S) -> ResponseLedger:

@@ -33,35 +33,55 @@ class ServeMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.request_seconds = Histogram(
-            "kto_request_duration_seconds", "Chat completion duration, end to end.", ["stream"],
-            buckets=LATENCY_BUCKETS, registry=r)
+            "kto_request_duration_seconds",
+            "Chat completion duration, end to end.",
+            ["stream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.ttft_seconds = Histogram(
-            "kto_time_to_first_token_seconds", "Time from request to its first generated token.",
-            buckets=LATENCY_BUCKETS, registry=r)
+            "kto_time_to_first_token_seconds",
+            "Time from request to its first generated token.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.inter_token_seconds = Histogram(
-            "kto_inter_token_latency_seconds", "Mean time between tokens of one completion.",
-            buckets=LATENCY_BUCKETS, registry=r)
+            "kto_inter_token_latency_seconds",
+            "Mean time between tokens of one completion.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter("kto_prompt_tokens_total", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("kto_generation_tokens_total", "Tokens generated.", registry=r)
         self.running = Gauge("kto_requests_running", "Sequences in the decoding batch.", registry=r)
         self.waiting = Gauge("kto_requests_waiting", "Requests waiting for a batch slot.", registry=r)
-        self.responses = Counter(
-            "kto_responses_total", "Chat completions by outcome.", ["status"], registry=r)
+        self.responses = Counter("kto_responses_total", "Chat completions by outcome.", ["status"], registry=r)
         self.feedback = Counter(
-            "kto_feedback_total", "Ratings recorded, by label and the version that was rated.",
-            ["label", "version"], registry=r)
+            "kto_feedback_total",
+            "Ratings recorded, by label and the version that was rated.",
+            ["label", "version"],
+            registry=r,
+        )
         self.active_version = Info("kto_active_version", "The adapter version serving new requests.", registry=r)
         self.swaps = Counter("kto_adapter_swaps_total", "Adapter versions made active here.", registry=r)
         self.swap_failures = Counter(
-            "kto_adapter_swap_failures_total", "Versions refused at load, by reason.", ["reason"], registry=r)
+            "kto_adapter_swap_failures_total", "Versions refused at load, by reason.", ["reason"], registry=r
+        )
         self.swap_seconds = Histogram(
-            "kto_adapter_swap_duration_seconds", "Pointer change seen to new version serving.",
-            buckets=LATENCY_BUCKETS, registry=r)
+            "kto_adapter_swap_duration_seconds",
+            "Pointer change seen to new version serving.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.adapter_load_seconds = Histogram(
-            "kto_adapter_load_duration_seconds", "Time to load one adapter's weights.",
-            buckets=LATENCY_BUCKETS, registry=r)
+            "kto_adapter_load_duration_seconds",
+            "Time to load one adapter's weights.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.rollbacks = Counter(
-            "kto_adapter_rollbacks_total", "Rollbacks requested through this replica's admin API.", registry=r)
+            "kto_adapter_rollbacks_total", "Rollbacks requested through this replica's admin API.", registry=r
+        )
         for stream in ("true", "false"):
             self.request_seconds.labels(stream=stream)
         for status in RESPONSE_STATUSES:
@@ -95,8 +115,11 @@ class ServeMetrics:
 
     def watch_ledger(self, backlog: Callable[[], int]) -> None:
         """Export how many responses wait for an unreachable ledger (serve.ledger_backlog)."""
-        Gauge("kto_ledger_backlog", "Responses not yet recorded in the ledger (it is unreachable).",
-              registry=self.registry).set_function(backlog)
+        Gauge(
+            "kto_ledger_backlog",
+            "Responses not yet recorded in the ledger (it is unreachable).",
+            registry=self.registry,
+        ).set_function(backlog)
 
     def watch_spool(self, status: Callable[[], SpoolStatus]) -> None:
         """Export the event spool's state (only servers that spool, i.e. on Kafka, have these)."""
@@ -113,9 +136,11 @@ class _SpoolCollector(Collector):
         s = self.status()
         yield GaugeMetricFamily("kto_spool_depth", "Events in the local spool waiting for the bus.", value=s.depth)
         yield GaugeMetricFamily("kto_spool_max_events", "Most events the spool may hold.", value=s.max_events)
-        yield GaugeMetricFamily("kto_spool_oldest_age_seconds", "How long the oldest spooled event has waited.",
-                                value=s.oldest_age_s)
+        yield GaugeMetricFamily(
+            "kto_spool_oldest_age_seconds", "How long the oldest spooled event has waited.", value=s.oldest_age_s
+        )
         yield CounterMetricFamily("kto_spool_sent", "Spooled events the bus acknowledged.", value=s.sent)
         yield CounterMetricFamily("kto_spool_rejected", "Events refused because the spool was full.", value=s.rejected)
-        yield GaugeMetricFamily("kto_bus_up", "1 if the last send to the bus or health check reached it.",
-                                value=1.0 if s.bus_up else 0.0)
+        yield GaugeMetricFamily(
+            "kto_bus_up", "1 if the last send to the bus or health check reached it.", value=1.0 if s.bus_up else 0.0
+        )

@@ -30,6 +30,7 @@ import logging
 import time
 from typing import Any
 
+from foundation.urls import redis_url
 from serve.ledger import (
     DEFAULT_TTL_S,
     LABELS,
@@ -39,7 +40,6 @@ from serve.ledger import (
     UnknownResponseError,
     VersionTally,
 )
-from foundation.urls import redis_url
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +80,7 @@ class RedisLedger:
     """The shared ledger on a Redis server; see the module docstring. Thread-safe (a connection pool)."""
 
     def __init__(
-        self,
-        url: str,
-        *,
-        ttl_s: float = DEFAULT_TTL_S,
-        key_prefix: str | None = None,
-        timeout_s: float = 2.0,
+        self, url: str, *, ttl_s: float = DEFAULT_TTL_S, key_prefix: str | None = None, timeout_s: float = 2.0
     ) -> None:
         """``ttl_s``: seconds after which a response can no longer be rated (Redis expires it).
         ``key_prefix``: prepended to every key, so that the ledger shares a Redis with others
@@ -134,16 +129,21 @@ class RedisLedger:
         for name, value in (("user", user), ("version", version)):
             if value is not None:
                 fields += [name, value]
-        self._call("record a response", self._record, keys=[self._key(response_id), self._tallies],
-                   args=[self._ttl_ms, repr(time.time()), version or "", *fields])
+        self._call(
+            "record a response",
+            self._record,
+            keys=[self._key(response_id), self._tallies],
+            args=[self._ttl_ms, repr(time.time()), version or "", *fields],
+        )
 
     def lookup(self, response_id: str) -> LedgerEntry | None:
         """The live entry for ``response_id``, or None."""
         found = self._call("look up a response", self._redis.hgetall, self._key(response_id))
         if not found:
             return None
-        return LedgerEntry(response_id, found.get("user"), found.get("version"), found.get("label"),
-                           found.get("event_id"))
+        return LedgerEntry(
+            response_id, found.get("user"), found.get("version"), found.get("label"), found.get("event_id")
+        )
 
     def set_vote(self, response_id: str, user: str, label: str, event_id: str) -> str | None:
         """Atomically record ``user``'s vote; return the previous label (None for a first vote)."""
@@ -151,8 +151,9 @@ class RedisLedger:
             raise ValueError(f"label must be one of {LABELS}, got {label!r}")
         if not user or not event_id:
             raise ValueError("user and event_id must not be empty")
-        reply = self._call("record a vote", self._set_vote, keys=[self._key(response_id), self._tallies],
-                           args=[user, label, event_id])
+        reply = self._call(
+            "record a vote", self._set_vote, keys=[self._key(response_id), self._tallies], args=[user, label, event_id]
+        )
         if reply[0] == "unknown":
             raise UnknownResponseError(response_id)
         if reply[0] == "not_owner":  # an anonymous response (no user field) is nobody's to rate
@@ -170,8 +171,11 @@ class RedisLedger:
 
         def forget() -> int:
             forgotten = 0
-            keys = (k for k in self._redis.scan_iter(match=_glob_escape(self.key_prefix) + "*", count=1000)
-                    if k != self._tallies)
+            keys = (
+                k
+                for k in self._redis.scan_iter(match=_glob_escape(self.key_prefix) + "*", count=1000)
+                if k != self._tallies
+            )
             while batch := [k for _, k in zip(range(500), keys)]:
                 pipe = self._redis.pipeline(transaction=False)
                 for key in batch:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 
-from foundation.settings import CommonSettings
 from foundation import urls
+from foundation.settings import CommonSettings
 from foundation.urls import redis_url
 
 

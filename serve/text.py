@@ -43,12 +43,12 @@ class TextTracker:
     def _advance(self, *, final: bool) -> bool:
         """Append the window's new text to self.text; False if there is none yet."""
         decode, tokens = self.tokenizer.decode, self._tokens
-        done = decode(tokens[self._prefix:self._read], skip_special_tokens=True)
-        window = decode(tokens[self._prefix:self._end], skip_special_tokens=True)
+        done = decode(tokens[self._prefix : self._read], skip_special_tokens=True)
+        window = decode(tokens[self._prefix : self._end], skip_special_tokens=True)
         if len(window) <= len(done) or (window.endswith("\ufffd") and not final):
             return False  # no text yet, or a character still being spelled out byte by byte
         before = len(self.text)
-        self.text += window[len(done):]
+        self.text += window[len(done) :]
         self._prefix, self._read = self._read, self._end
         # A stop string can only end in the new text: search from where it could start.
         start = max(0, before - self.holdback)
@@ -60,6 +60,6 @@ class TextTracker:
     def _take(self, upto: int) -> str:
         if upto <= self.sent:
             return ""
-        delta = self.text[self.sent:upto]
+        delta = self.text[self.sent : upto]
         self.sent = upto
         return delta

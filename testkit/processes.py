@@ -29,16 +29,31 @@ TAIL_CHARS = 3000
 """How much of a log's end a failure shows."""
 
 
-def spawn(argv: list[str], log: Path, *, env: Mapping[str, str] | None = None,
-          cwd: Path | None = None) -> subprocess.Popen:
+def spawn(
+    argv: list[str], log: Path, *, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen:
     """`argv` in its own process group (a new session), stdout and stderr appended to `log`."""
     with log.open("ab") as out:
-        return subprocess.Popen(argv, env=None if env is None else dict(env), cwd=cwd, start_new_session=True,
-                                stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            argv,
+            env=None if env is None else dict(env),
+            cwd=cwd,
+            start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
-def start(command: str, env: Mapping[str, str], log: Path, *, log_level: str = "warning",
-          args: tuple[str, ...] = (), inherit_env: bool = True, cwd: Path | None = None) -> subprocess.Popen:
+def start(
+    command: str,
+    env: Mapping[str, str],
+    log: Path,
+    *,
+    log_level: str = "warning",
+    args: tuple[str, ...] = (),
+    inherit_env: bool = True,
+    cwd: Path | None = None,
+) -> subprocess.Popen:
     """`kto-loop <command> --log-level <log_level> [args]` by `spawn`. `env` is added to this
     process's environment (inherit_env=False: `env` is the whole environment)."""
     argv = [sys.executable, "-m", "kto_loop.cli", command, "--log-level", log_level, *args]
@@ -84,10 +99,12 @@ def log_on_failure(log: Path | None) -> Iterator[None]:
         raise
 
 
-def wait_ready(process: subprocess.Popen, url: str, log: Path, *, timeout_s: float = READY_TIMEOUT_S,
-               path: str = "/readyz") -> None:
+def wait_ready(
+    process: subprocess.Popen, url: str, log: Path, *, timeout_s: float = READY_TIMEOUT_S, path: str = "/readyz"
+) -> None:
     """Until `url + path` answers 200 (a server's /readyz, the learner's /healthz); fails, with the
     end of `log`, if the process exits first or `timeout_s` seconds pass."""
+
     def answers() -> bool:
         assert_running(process)
         try:

@@ -16,8 +16,9 @@ SHOWN_CHARS = 500
 """The most characters of the last value seen that a failure shows."""
 
 
-def wait_for(condition: Callable[[], T], *, what: str, timeout_s: float = TIMEOUT_S,
-             interval_s: float = INTERVAL_S) -> T:
+def wait_for(
+    condition: Callable[[], T], *, what: str, timeout_s: float = TIMEOUT_S, interval_s: float = INTERVAL_S
+) -> T:
     """Call `condition` every `interval_s` seconds until it returns something truthy; return that.
 
     After `timeout_s` seconds fails with an AssertionError naming `what` and, when it says more

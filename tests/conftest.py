@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-from tests.tiny import TINY_MODEL_ID
+from tests.tiny import TINY_MODEL_ID  # noqa: E402 - after the environment it reads is set
 
 STOCHASTIC_KEYWORDS = ("failure_rate", "why")
 
@@ -21,8 +21,9 @@ STOCHASTIC_KEYWORDS = ("failure_rate", "why")
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        'stochastic(failure_rate, why): random by nature, fails now and then though nothing is wrong; '
-        'both keywords required: failure_rate="about 1 in N" (or "not measured"), why="…"')
+        "stochastic(failure_rate, why): random by nature, fails now and then though nothing is wrong; "
+        'both keywords required: failure_rate="about 1 in N" (or "not measured"), why="…"',
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -34,8 +35,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if mark.args or set(mark.kwargs) != set(STOCHASTIC_KEYWORDS) or len(given) != len(STOCHASTIC_KEYWORDS):
                 wrong.append(f"{item.nodeid}: {mark}")
     if wrong:
-        raise pytest.UsageError("@pytest.mark.stochastic needs exactly the keywords failure_rate and why, "
-                                "each a non-empty string:\n" + "\n".join(wrong))
+        raise pytest.UsageError(
+            "@pytest.mark.stochastic needs exactly the keywords failure_rate and why, "
+            "each a non-empty string:\n" + "\n".join(wrong)
+        )
 
 
 @pytest.fixture(scope="session")

@@ -41,9 +41,7 @@ def adapter_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
     """Build (once per argument set) a PEFT adapter directory and return a fresh copy of it."""
     cache: dict[tuple, Path] = {}
 
-    def make(
-        *, r: int = 4, targets: tuple[str, ...] = TARGETS, hidden: int = 32, seed: int = 0
-    ) -> Path:
+    def make(*, r: int = 4, targets: tuple[str, ...] = TARGETS, hidden: int = 32, seed: int = 0) -> Path:
         key = (r, targets, hidden, seed)
         if key not in cache:
             built = tmp_path_factory.mktemp("adapter-built")

@@ -45,7 +45,8 @@ def check_metrics(exposition: str) -> None:
     """`promtool check metrics`: the exposition parses and passes its lint (names, units, help)."""
     done = promtool("check", "metrics", stdin=exposition)
     assert done.returncode == 0 and not done.stdout.strip() and not done.stderr.strip(), (
-        f"promtool check metrics (exit {done.returncode}):\n{done.stdout}{done.stderr}")
+        f"promtool check metrics (exit {done.returncode}):\n{done.stdout}{done.stderr}"
+    )
 
 
 class PrometheusServer:
@@ -62,8 +63,15 @@ class PrometheusServer:
 
     def __enter__(self) -> PrometheusServer:
         self.process = spawn(
-            [binaries()[0], f"--config.file={self.config_path}", f"--storage.tsdb.path={self.state_dir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"], self.log)
+            [
+                binaries()[0],
+                f"--config.file={self.config_path}",
+                f"--storage.tsdb.path={self.state_dir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            self.log,
+        )
         self.wait(self._ready, what="Prometheus ready", timeout_s=60)
         return self
 
@@ -97,6 +105,7 @@ class PrometheusServer:
 
     def wait(self, condition, *, what: str, timeout_s: float = 60) -> None:
         """`wait_for` `condition`, failing at once if Prometheus exits; a failure shows its log's end."""
+
         def met() -> object:
             if self.process is not None:
                 assert_running(self.process)

@@ -129,8 +129,9 @@ class PrivateKafka:
     def start(self, fresh: bool = False) -> None:
         for attempt in range(3):
             try:
-                self._svc.start_kafka(self.state_dir, self._libs, self.port, self._controller_port, self._java,
-                                      fresh=fresh)
+                self._svc.start_kafka(
+                    self.state_dir, self._libs, self.port, self._controller_port, self._java, fresh=fresh
+                )
                 return
             except SystemExit as exc:
                 self.stop(kill=True)

@@ -22,11 +22,18 @@ def test_invalid_setting_is_a_clear_error(monkeypatch, capsys):
 def test_adapters_commands(monkeypatch, capsys, tmp_path, tiny_model_dir, make_adapter):
     from serve.settings import ServeSettings
 
-    settings = ServeSettings(data_dir=tmp_path, model=str(tiny_model_dir), model_id=TINY_MODEL_ID,
-                             admin_token=ADMIN_TOKEN, registry_poll_s=0.05)
+    settings = ServeSettings(
+        data_dir=tmp_path,
+        model=str(tiny_model_dir),
+        model_id=TINY_MODEL_ID,
+        admin_token=ADMIN_TOKEN,
+        registry_poll_s=0.05,
+    )
     with BackgroundServer(settings) as server:
         registry = server.state.registry
-        v1 = registry.publish(make_adapter(1), base_model=TINY_MODEL_ID, parent=None, metrics={"loss": 0.3}, lineage={}).version
+        v1 = registry.publish(
+            make_adapter(1), base_model=TINY_MODEL_ID, parent=None, metrics={"loss": 0.3}, lineage={}
+        ).version
         v2 = registry.publish(make_adapter(2), base_model=TINY_MODEL_ID, parent=v1, metrics={}, lineage={}).version
         monkeypatch.setenv("KTO_ADMIN_TOKEN", ADMIN_TOKEN)
         port = ["--port", str(server.port)]
@@ -95,8 +102,13 @@ def test_up_keeps_the_servers_port_from_its_learner():
 def test_adapters_canary_commands(monkeypatch, capsys, tmp_path, tiny_model_dir, make_adapter):
     from serve.settings import ServeSettings
 
-    settings = ServeSettings(data_dir=tmp_path, model=str(tiny_model_dir), model_id=TINY_MODEL_ID,
-                             admin_token=ADMIN_TOKEN, registry_poll_s=0.05)
+    settings = ServeSettings(
+        data_dir=tmp_path,
+        model=str(tiny_model_dir),
+        model_id=TINY_MODEL_ID,
+        admin_token=ADMIN_TOKEN,
+        registry_poll_s=0.05,
+    )
     with BackgroundServer(settings) as server:
         registry = server.state.registry
         v1 = registry.publish(make_adapter(1), base_model=TINY_MODEL_ID, parent=None, metrics={}, lineage={}).version
@@ -110,9 +122,17 @@ def test_adapters_canary_commands(monkeypatch, capsys, tmp_path, tiny_model_dir,
         assert main(["adapters", "canary", "start", v2, "--share", "0.3", "--reason", "try", *port]) == 0
         out = capsys.readouterr().out
         assert f"canary: {v2} for 30% of users against {v1}" in out and "canary_start" in out
-        registry.report_canary(v2, {"decision": "continue", "candidate": {"n": 10, "desirable": 2, "rate": 0.2},
-                                    "baseline": {"n": 30, "desirable": 15, "rate": 0.5}, "interval": [-0.9, 0.4],
-                                    "alpha": 0.05, "margin": 0.05})
+        registry.report_canary(
+            v2,
+            {
+                "decision": "continue",
+                "candidate": {"n": 10, "desirable": 2, "rate": 0.2},
+                "baseline": {"n": 30, "desirable": 15, "rate": 0.5},
+                "interval": [-0.9, 0.4],
+                "alpha": 0.05,
+                "margin": 0.05,
+            },
+        )
         assert main(["adapters", "canary", "pause", *port]) == 0
         assert "(PAUSED)" in capsys.readouterr().out
         assert main(["adapters", "canary", "show", *port]) == 0

@@ -21,14 +21,17 @@ def test_a_stochastic_mark_with_both_keywords_is_accepted():
     pytest_collection_modifyitems(None, items)
 
 
-@pytest.mark.parametrize("mark", [
-    pytest.mark.stochastic,
-    pytest.mark.stochastic(failure_rate="about 1 in 50"),
-    pytest.mark.stochastic(why="random users"),
-    pytest.mark.stochastic(failure_rate="", why="random users"),
-    pytest.mark.stochastic("about 1 in 50", why="random users"),
-    pytest.mark.stochastic(failure_rate="about 1 in 50", why="random users", seed=3),
-])
+@pytest.mark.parametrize(
+    "mark",
+    [
+        pytest.mark.stochastic,
+        pytest.mark.stochastic(failure_rate="about 1 in 50"),
+        pytest.mark.stochastic(why="random users"),
+        pytest.mark.stochastic(failure_rate="", why="random users"),
+        pytest.mark.stochastic("about 1 in 50", why="random users"),
+        pytest.mark.stochastic(failure_rate="about 1 in 50", why="random users", seed=3),
+    ],
+)
 def test_a_stochastic_mark_without_both_keywords_fails_collection(mark):
     with pytest.raises(pytest.UsageError, match="failure_rate and why"):
         pytest_collection_modifyitems(None, [Item(pytest.mark.slow), Item(mark)])

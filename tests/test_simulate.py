@@ -13,8 +13,8 @@ from kto_loop.simulate import Raters, Rule, Simulation, Turn, parse_rule, simula
 from testkit.background_server import BackgroundServer
 from tests.tiny import TINY_MODEL_ID
 
-
 # ---- rules and raters (pure) -----------------------------------------------------------------
+
 
 def test_rules_parse_and_judge():
     vowel = parse_rule("prefix:aeiou")
@@ -47,36 +47,53 @@ def test_raters_need_every_rule_and_flip_and_skip_as_asked():
 
 # ---- the curve's events ----------------------------------------------------------------------
 
+
 def _rated(at: float, index: int, version: str = "base") -> Turn:
     return Turn(index, at, "u", version, "a", True, True, rated_at=at)
 
 
 def test_events_tell_promotions_rollbacks_advances_and_activations_apart():
     result = Simulation(turns=[_rated(float(t), i) for i, t in enumerate(range(1, 11))])
-    result.serving = [(0.5, "base", None), (1.5, "base", "v1"), (2.5, "base", "v2"), (3.5, "v2", None),
-                      (4.5, "v2", "v3"), (5.5, "v2", None), (6.5, "v4", None), (7.5, "v4", "v5"),
-                      (8.5, "v5", "v6")]
+    result.serving = [
+        (0.5, "base", None),
+        (1.5, "base", "v1"),
+        (2.5, "base", "v2"),
+        (3.5, "v2", None),
+        (4.5, "v2", "v3"),
+        (5.5, "v2", None),
+        (6.5, "v4", None),
+        (7.5, "v4", "v5"),
+        (8.5, "v5", "v6"),
+    ]
     assert events(result) == [
-        Event(1, "canary", "v1"), Event(2, "advance", "v2"), Event(3, "promote", "v2"), Event(4, "canary", "v3"),
-        Event(5, "rollback", "v3"), Event(6, "active", "v4"), Event(7, "canary", "v5"),
-        Event(8, "promote", "v5"), Event(8, "canary", "v6")]  # promoted and the next one started between polls
+        Event(1, "canary", "v1"),
+        Event(2, "advance", "v2"),
+        Event(3, "promote", "v2"),
+        Event(4, "canary", "v3"),
+        Event(5, "rollback", "v3"),
+        Event(6, "active", "v4"),
+        Event(7, "canary", "v5"),
+        Event(8, "promote", "v5"),
+        Event(8, "canary", "v6"),
+    ]  # promoted and the next one started between polls
 
 
 def test_rolling_counts_every_answer_and_ratings_on_x():
-    turns = [Turn(i, float(i), "u", "v", "x", liked=i % 2 == 0, desirable=None if i % 3 == 2 else True)
-             for i in range(6)]
+    turns = [
+        Turn(i, float(i), "u", "v", "x", liked=i % 2 == 0, desirable=None if i % 3 == 2 else True) for i in range(6)
+    ]
     xs, ys = rolling(Simulation(turns=turns), window=2)
     assert xs == [1, 2, 2, 3, 4, 4] and ys == [1.0, 0.5, 0.5, 0.5, 0.5, 0.5]
 
 
 # ---- against a live server -------------------------------------------------------------------
 
+
 @pytest.fixture
 def server(tmp_path, tiny_model_dir):
     from serve.settings import ServeSettings
 
-    settings = ServeSettings(data_dir=tmp_path, model=str(tiny_model_dir), model_id=TINY_MODEL_ID,
-                             registry_poll_s=0.05)
+    settings = ServeSettings(data_dir=tmp_path, model=str(tiny_model_dir), model_id=TINY_MODEL_ID, registry_poll_s=0.05)
     with BackgroundServer(settings) as running:
         yield running
 
@@ -103,9 +120,33 @@ def test_answers_only_rates_nothing(server):
 
 def test_the_command_is_quiet_and_saves_its_curve(server, tmp_path, capsys, caplog):
     plot = tmp_path / "curve.png"
-    code = main(["simulate", "--port", str(server.port), "--ratings", "20", "--users", "2", "--think-time", "0", "--max-tokens", "2",
-                 "--rule", "prefix:a", "--rule", "shorter-than:30", "--flip", "0.1", "--seed", "3",
-                 "--plot", str(plot), "--log-level", "info"])
+    code = main(
+        [
+            "simulate",
+            "--port",
+            str(server.port),
+            "--ratings",
+            "20",
+            "--users",
+            "2",
+            "--think-time",
+            "0",
+            "--max-tokens",
+            "2",
+            "--rule",
+            "prefix:a",
+            "--rule",
+            "shorter-than:30",
+            "--flip",
+            "0.1",
+            "--seed",
+            "3",
+            "--plot",
+            str(plot),
+            "--log-level",
+            "info",
+        ]
+    )
     assert code == 0 and plot.stat().st_size > 1000
     out = capsys.readouterr().out
     assert f"{TINY_MODEL_ID}" in out and "liked: first" in out and f"learning curve: {plot}" in out

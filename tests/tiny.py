@@ -28,8 +28,9 @@ def spawn_scripts(script: Path) -> Iterator[Callable[..., subprocess.Popen[str]]
     children: list[subprocess.Popen[str]] = []
 
     def spawn(*args: object) -> subprocess.Popen[str]:
-        child = subprocess.Popen([sys.executable, str(script), *map(str, args)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, str(script), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         children.append(child)
         return child
 

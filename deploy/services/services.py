@@ -43,7 +43,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # a script: its sibling module, however it is run
-from debian_packages import ensure_chromium, ensure_prometheus, ensure_redis_server  # noqa: E402,F401 (tests use all three)
+from debian_packages import ensure_chromium, ensure_prometheus, ensure_redis_server  # noqa: F401 (tests use all three)
 
 logger = logging.getLogger(__name__)
 
@@ -217,22 +217,39 @@ def start_kafka(state: Path, libs: Path, port: int, controller_port: int, java: 
     props = kdir / "server.properties"
     log4j = kdir / "log4j2.properties"
     classpath = f"{libs}/*"
-    jvm = [java, "-Xms256m", "-Xmx512m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
-           "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={log4j}"]
+    jvm = [
+        java,
+        "-Xms256m",
+        "-Xmx512m",
+        "-XX:+UseSerialGC",
+        "-XX:TieredStopAtLevel=1",
+        "-XX:+ExitOnOutOfMemoryError",
+        "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={log4j}",
+    ]
     if fresh or not props.is_file():
         shutil.rmtree(kdir, ignore_errors=True)
         (kdir / "data").mkdir(parents=True)
         props.write_text(kafka_properties(kdir / "data", port, controller_port))
         log4j.write_text(LOG4J2.format(log=kdir / "kafka.log"))
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        fmt = subprocess.run([*jvm, "-cp", classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
-                              "-c", str(props)], capture_output=True, text=True, timeout=120)
+        fmt = subprocess.run(
+            [*jvm, "-cp", classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if fmt.returncode != 0:
             raise SystemExit(f"formatting Kafka storage failed:\n{fmt.stdout}{fmt.stderr}")
     with open(kdir / "kafka.out", "wb") as out:
         # A session of its own: Ctrl-C in the terminal that ran `make services` leaves it running.
-        proc = subprocess.Popen([*jvm, "-cp", classpath, "kafka.Kafka", str(props)], stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [*jvm, "-cp", classpath, "kafka.Kafka", str(props)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     (kdir / "kafka.pid").write_text(f"{proc.pid}\n")
     deadline = time.monotonic() + READY_DEADLINE_S
     while not kafka_metadata_ok(port):
@@ -240,8 +257,10 @@ def start_kafka(state: Path, libs: Path, port: int, controller_port: int, java: 
             if proc.poll() is None:
                 proc.kill()
             why = f"exited with {proc.returncode}" if proc.returncode is not None else "was not ready in time"
-            raise SystemExit(f"the Kafka broker {why}\n--- {kdir / 'kafka.out'}\n{_tail(kdir / 'kafka.out')}"
-                             f"\n--- {kdir / 'kafka.log'}\n{_tail(kdir / 'kafka.log')}")
+            raise SystemExit(
+                f"the Kafka broker {why}\n--- {kdir / 'kafka.out'}\n{_tail(kdir / 'kafka.out')}"
+                f"\n--- {kdir / 'kafka.log'}\n{_tail(kdir / 'kafka.log')}"
+            )
         time.sleep(0.25)
 
 
@@ -253,10 +272,31 @@ def start_redis(state: Path, port: int, binary: str, *, fresh: bool = True, pers
         shutil.rmtree(rdir, ignore_errors=True)
     rdir.mkdir(parents=True, exist_ok=True)
     # Throw-away and fast by default: no snapshots, no append-only file.
-    subprocess.run([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                    "--appendonly", "yes" if persistent else "no", "--appendfsync", "always",
-                    "--daemonize", "yes", "--dir", str(rdir), "--pidfile", str(rdir / "redis.pid"),
-                    "--logfile", str(rdir / "redis.log")], check=True, stdin=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if persistent else "no",
+            "--appendfsync",
+            "always",
+            "--daemonize",
+            "yes",
+            "--dir",
+            str(rdir),
+            "--pidfile",
+            str(rdir / "redis.pid"),
+            "--logfile",
+            str(rdir / "redis.log"),
+        ],
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 20.0
     while not redis_ping(port):
         if time.monotonic() > deadline:
@@ -265,8 +305,11 @@ def start_redis(state: Path, port: int, binary: str, *, fresh: bool = True, pers
 
 
 def running(state: Path) -> bool:
-    return bool(_ours(state / "kafka" / "kafka.pid", "kafka.Kafka")
-                and _ours(state / "redis" / "redis.pid", "redis-server") and (state / "env").is_file())
+    return bool(
+        _ours(state / "kafka" / "kafka.pid", "kafka.Kafka")
+        and _ours(state / "redis" / "redis.pid", "redis-server")
+        and (state / "env").is_file()
+    )
 
 
 def start(state: Path, cache: Path, owner_pid: int | None) -> str:
@@ -299,9 +342,21 @@ def start(state: Path, cache: Path, owner_pid: int | None) -> str:
     env = f"KTO_BUS_URL=kafka://127.0.0.1:{kafka_port}\nKTO_REGISTRY_URL=redis://127.0.0.1:{redis_port}/0\n"
     (state / "env").write_text(env)
     if owner_pid:
-        subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_watch", "--state-dir", str(state),
-                          "--owner-pid", str(owner_pid)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=open(state / "watch.log", "ab"), start_new_session=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "_watch",
+                "--state-dir",
+                str(state),
+                "--owner-pid",
+                str(owner_pid),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(state / "watch.log", "ab"),  # noqa: SIM115 - the detached watcher owns it
+            start_new_session=True,
+        )
     logger.info("services up in %.1f s (state in %s)", time.monotonic() - began, state)
     return env
 

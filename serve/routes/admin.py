@@ -27,8 +27,12 @@ router = APIRouter(prefix="/v1/adapters", tags=["admin"])
 async def list_adapters(state: State, actor: Admin) -> dict:
     versions = await run_in_threadpool(state.registry.list_versions)
     active = await run_in_threadpool(state.registry.active)
-    return {"active": active, "serving": state.hotswap.serving, "base_model": state.settings.base_model_id,
-            "versions": [v.to_json() for v in versions]}
+    return {
+        "active": active,
+        "serving": state.hotswap.serving,
+        "base_model": state.settings.base_model_id,
+        "versions": [v.to_json() for v in versions],
+    }
 
 
 @router.get("/history")
@@ -43,15 +47,19 @@ async def show_canary(state: State, actor: Admin) -> dict:
     canary = await run_in_threadpool(state.registry.canary)
     entries = await run_in_threadpool(state.registry.history)
     last = next((e for e in reversed(entries) if e.action.startswith("canary_")), None)
-    return {"canary": canary and canary.to_json(), "active": await run_in_threadpool(state.registry.active),
-            "last": last and last.to_json()}
+    return {
+        "canary": canary and canary.to_json(),
+        "active": await run_in_threadpool(state.registry.active),
+        "last": last and last.to_json(),
+    }
 
 
 @router.post("/canary")
 async def start_canary(body: CanaryStartRequest, state: State, actor: Admin) -> dict:
     await _check(state, body.version)
     entry = await run_in_threadpool(
-        lambda: state.registry.start_canary(body.version, body.share, actor=actor, reason=body.reason))
+        lambda: state.registry.start_canary(body.version, body.share, actor=actor, reason=body.reason)
+    )
     return await _canary_settled(state, entry)
 
 
@@ -69,7 +77,8 @@ async def _decide(state: ServeState, actor: str, body: CanaryRequest, decide) ->
     """An operator's verdict on the running canary, recorded with the controller's latest evidence."""
     canary = await _running(state, body.version)
     entry = await run_in_threadpool(
-        lambda: decide(canary.version, actor=actor, reason=body.reason, evidence=canary.evidence))
+        lambda: decide(canary.version, actor=actor, reason=body.reason, evidence=canary.evidence)
+    )
     return await _canary_settled(state, entry)
 
 
@@ -86,7 +95,8 @@ async def resume_canary(state: State, actor: Admin, body: CanaryRequest | None =
 async def _pause(state: ServeState, actor: str, body: CanaryRequest, paused: bool) -> dict:
     canary = await _running(state, body.version)
     entry = await run_in_threadpool(
-        lambda: state.registry.pause_canary(canary.version, paused, actor=actor, reason=body.reason))
+        lambda: state.registry.pause_canary(canary.version, paused, actor=actor, reason=body.reason)
+    )
     return await _canary_settled(state, entry)
 
 
@@ -98,8 +108,12 @@ async def _running(state: ServeState, version: str | None):
 async def _canary_settled(state: ServeState, entry) -> dict:
     await state.hotswap.sync()  # route here now rather than at the next poll
     canary = await run_in_threadpool(state.registry.canary)
-    return {"active": await run_in_threadpool(state.registry.active), "serving": state.hotswap.serving,
-            "canary": canary and canary.to_json(), "entry": entry.to_json()}
+    return {
+        "active": await run_in_threadpool(state.registry.active),
+        "serving": state.hotswap.serving,
+        "canary": canary and canary.to_json(),
+        "entry": entry.to_json(),
+    }
 
 
 @router.post("/rollback")
@@ -151,5 +165,9 @@ async def version_page(version: str, state: State, actor: Admin) -> dict:
     versions = await run_in_threadpool(state.registry.list_versions)
     entries = await run_in_threadpool(state.registry.history)
     tally = await run_in_threadpool(state.ledger.tally, version)
-    return {**info.to_json(), "children": [v.version for v in versions if v.parent == version],
-            "history": [e.to_json() for e in entries if e.names(version)], "served": tally.to_json()}
+    return {
+        **info.to_json(),
+        "children": [v.version for v in versions if v.parent == version],
+        "history": [e.to_json() for e in entries if e.names(version)],
+        "served": tally.to_json(),
+    }

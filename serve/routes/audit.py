@@ -22,7 +22,16 @@ async def response_version(response_id: str, state: State, actor: Admin) -> dict
     """`version` None: the base model answered; `label` None: not rated (yet)."""
     entry = await run_in_threadpool(state.ledger.lookup, response_id)
     if entry is None:
-        raise NotFound(f"no response {response_id!r} in the ledger (never served here, or older than"
-                       f" its TTL of {state.settings.ledger_ttl_s:g} s)", param="response_id", code="unknown_response")
-    return {"response_id": entry.response_id, "version": entry.version,
-            "base_model": state.settings.base_model_id, "user": entry.user, "label": entry.label}
+        raise NotFound(
+            f"no response {response_id!r} in the ledger (never served here, or older than"
+            f" its TTL of {state.settings.ledger_ttl_s:g} s)",
+            param="response_id",
+            code="unknown_response",
+        )
+    return {
+        "response_id": entry.response_id,
+        "version": entry.version,
+        "base_model": state.settings.base_model_id,
+        "user": entry.user,
+        "label": entry.label,
+    }

@@ -16,14 +16,14 @@ import json
 import logging
 import time
 import uuid
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ingest.events import ChatMessage, ResponseEvent, SamplingParams, encode_event
 from foundation.models import render_prompt
+from ingest.events import ChatMessage, ResponseEvent, SamplingParams, encode_event
 from serve.deps import ServeState, State, UserId
 from serve.engine import Delta, Failed, Finished, GenerationRequest, Output
 from serve.errors import ApiError, BadRequest, NotFound, unavailable
@@ -37,8 +37,12 @@ router = APIRouter(tags=["chat"])
 async def list_models(state: State, user: UserId) -> dict:
     settings, canary = state.settings, state.hotswap.canary
     entries = [  # "serving": what this caller gets for the served name (a canary's candidate, maybe)
-        {"id": settings.served_model_name, "serving": state.hotswap.route(user) or settings.base_model_id,
-         "active": state.hotswap.serving or settings.base_model_id, "canary": canary and canary.version},
+        {
+            "id": settings.served_model_name,
+            "serving": state.hotswap.route(user) or settings.base_model_id,
+            "active": state.hotswap.serving or settings.base_model_id,
+            "canary": canary and canary.version,
+        },
         {"id": settings.base_model_id},
         *({"id": v, "parent": settings.base_model_id} for v in sorted(state.engine.loaded_versions)),
     ]
@@ -53,8 +57,11 @@ async def chat_completions(body: ChatCompletionRequest, state: State, user: User
     prompt_ids = render_prompt(state.loaded.tokenizer, messages)
     settings = state.settings
     if len(prompt_ids) > settings.max_prompt_tokens:
-        raise BadRequest(f"the prompt is {len(prompt_ids)} tokens; the limit is {settings.max_prompt_tokens}",
-                         param="messages", code="context_length_exceeded")
+        raise BadRequest(
+            f"the prompt is {len(prompt_ids)} tokens; the limit is {settings.max_prompt_tokens}",
+            param="messages",
+            code="context_length_exceeded",
+        )
     max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
     if max_tokens > settings.max_tokens_limit:
         raise BadRequest(f"max_tokens is {max_tokens}; the limit is {settings.max_tokens_limit}", param="max_tokens")
@@ -77,8 +84,9 @@ def resolve_model(state: ServeState, name: str | None, user: str | None = None) 
         return None
     if name in state.engine.loaded_versions:
         return name
-    raise NotFound(f"model {name!r} is not served here; GET /v1/models lists what is", param="model",
-                   code="model_not_found")
+    raise NotFound(
+        f"model {name!r} is not served here; GET /v1/models lists what is", param="model", code="model_not_found"
+    )
 
 
 class _Call:
@@ -102,9 +110,18 @@ class _Call:
         await self._record(done)
         self._observe(done, stream=False)
         return {
-            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                         "finish_reason": done.finish_reason, "logprobs": None}],
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": done.text},
+                    "finish_reason": done.finish_reason,
+                    "logprobs": None,
+                }
+            ],
             "usage": self._usage(done),
         }
 
@@ -132,9 +149,11 @@ class _Call:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Output] = asyncio.Queue()
         try:
-            handle = self.state.engine.submit(self.request, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+            handle = self.state.engine.submit(
+                self.request, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out)
+            )
         except KeyError:  # the pinned version was unloaded between resolving and submitting
-            raise NotFound(f"model {self.model!r} is no longer loaded", param="model", code="model_not_found")
+            raise NotFound(f"model {self.model!r} is no longer loaded", param="model", code="model_not_found") from None
         self.state.metrics.prompt_tokens.inc(len(self.request.prompt_ids))
         finished = False
         try:
@@ -155,12 +174,22 @@ class _Call:
     async def _record(self, done: Finished) -> None:
         """Write the response event, then the ledger entry, before answering."""
         event = ResponseEvent(
-            response_id=self.id, user=self.user, base_model=self.state.settings.base_model_id,
-            adapter_version=self.request.adapter, messages=[ChatMessage(**m) for m in self.messages],
-            prompt_token_ids=self.request.prompt_ids, completion=done.text, completion_token_ids=done.token_ids,
+            response_id=self.id,
+            user=self.user,
+            base_model=self.state.settings.base_model_id,
+            adapter_version=self.request.adapter,
+            messages=[ChatMessage(**m) for m in self.messages],
+            prompt_token_ids=self.request.prompt_ids,
+            completion=done.text,
+            completion_token_ids=done.token_ids,
             finish_reason=done.finish_reason,
-            sampling=SamplingParams(max_tokens=self.request.max_tokens, temperature=self.request.temperature,
-                                    top_p=self.request.top_p, stop=self.request.stop, seed=self.request.seed),
+            sampling=SamplingParams(
+                max_tokens=self.request.max_tokens,
+                temperature=self.request.temperature,
+                top_p=self.request.top_p,
+                stop=self.request.stop,
+                seed=self.request.seed,
+            ),
         )
         state = self.state
         try:
@@ -189,7 +218,12 @@ class _Call:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
 
     def _chunk(self, delta: dict, finish_reason: str | None = None) -> str:
-        return _sse({**self._head(), "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]})
+        return _sse(
+            {
+                **self._head(),
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+            }
+        )
 
 
 class _GenerationFailed(ApiError):

@@ -44,8 +44,9 @@ async def feedback(body: FeedbackRequest, state: State, user: UserId) -> Feedbac
         raise Forbidden("only the user who received a response may rate it", param="response_id")
     label = LABELS[body.label]
     if entry.label == label:
-        return FeedbackAccepted(id=entry.feedback_event_id, response_id=body.response_id, label=body.label,
-                                status="unchanged")
+        return FeedbackAccepted(
+            id=entry.feedback_event_id, response_id=body.response_id, label=body.label, status="unchanged"
+        )
     event = FeedbackEvent(response_id=body.response_id, user=user, label=label, comment=body.comment)
     await run_in_threadpool(state.bus.publish, state.topics.feedback, body.response_id, encode_event(event))
     previous = await run_in_threadpool(state.ledger.set_vote, body.response_id, user, label, event.event_id)

@@ -40,9 +40,13 @@ async def readyz(state: State) -> JSONResponse:
     body: dict = {"status": status, "checks": checks}
     if state.spool is not None:
         spool = state.spool.status()
-        body["spool"] = {"depth": spool.depth, "max_events": spool.max_events,
-                         "oldest_age_seconds": round(spool.oldest_age_s, 3), "bus_reachable": spool.bus_up,
-                         "last_error": spool.last_error}
+        body["spool"] = {
+            "depth": spool.depth,
+            "max_events": spool.max_events,
+            "oldest_age_seconds": round(spool.oldest_age_s, 3),
+            "bus_reachable": spool.bus_up,
+            "last_error": spool.last_error,
+        }
     return JSONResponse(body, status_code=200 if ready else 503)
 
 

@@ -18,23 +18,25 @@ from serve.errors import NotFound
 router = APIRouter(tags=["page"])
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
-ASSETS = {
-    "chat.js": "text/javascript; charset=utf-8",
-    "chat.css": "text/css; charset=utf-8",
-}
+ASSETS = {"chat.js": "text/javascript; charset=utf-8", "chat.css": "text/css; charset=utf-8"}
 # Scripts and styles only from this server, and no inline script: the page renders model output,
 # which must never run as code (it is inserted as text, and this is the second line of defence).
 # The icon is an empty data: URL, so browsers do not ask for a /favicon.ico that is not there.
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 # Revalidate on every load, so that a server upgrade never runs with an old script.
 NO_CACHE = {"Cache-Control": "no-cache"}
 
 
 @router.get("/", include_in_schema=False)
 async def page() -> FileResponse:
-    return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8",
-                        headers={**NO_CACHE, "Content-Security-Policy": CSP})
+    return FileResponse(
+        STATIC / "index.html",
+        media_type="text/html; charset=utf-8",
+        headers={**NO_CACHE, "Content-Security-Policy": CSP},
+    )
 
 
 @router.get("/static/{name}", include_in_schema=False)

@@ -15,8 +15,21 @@ from kto_loop.simulate import Turn
 
 def turns_from(liked: list[bool], rated: list[bool] | None = None, version: str = "base") -> list[Turn]:
     rated = rated or [True] * len(liked)
-    return [Turn(i, float(i), "u", version, "x", like, like if r else None, f"r{i}", f"f{i}" if r else None,
-                 float(i) if r else None) for i, (like, r) in enumerate(zip(liked, rated))]
+    return [
+        Turn(
+            i,
+            float(i),
+            "u",
+            version,
+            "x",
+            like,
+            like if r else None,
+            f"r{i}",
+            f"f{i}" if r else None,
+            float(i) if r else None,
+        )
+        for i, (like, r) in enumerate(zip(liked, rated))
+    ]
 
 
 def test_windows_are_counted_in_ratings_over_every_answer():
@@ -49,8 +62,13 @@ def test_ratings_until_and_holds():
 
 
 def version(name: str, parent: str | None, events: list[str], reason: str | None = None, codes=()) -> SimpleNamespace:
-    return SimpleNamespace(version=name, parent=parent, lineage={"feedback_event_ids": events}, rejected_reason=reason,
-                           metrics={"gate": {"codes": list(codes), "candidate": {"kl_per_token": 0.5}}})
+    return SimpleNamespace(
+        version=name,
+        parent=parent,
+        lineage={"feedback_event_ids": events},
+        rejected_reason=reason,
+        metrics={"gate": {"codes": list(codes), "candidate": {"kl_per_token": 0.5}}},
+    )
 
 
 def entry(action: str, actor: str = "canary-controller") -> SimpleNamespace:
@@ -58,12 +76,28 @@ def entry(action: str, actor: str = "canary-controller") -> SimpleNamespace:
 
 
 def test_version_counts_and_gate_log():
-    versions = [version("v1", None, []), version("v2", "v1", [], "gate: KL", ["kl"]),
-                version("v3", "v1", [], "canary rolled back by canary-controller")]
-    history = [entry("canary_start", "learner"), entry("canary_advance", "learner"), entry("canary_rollback"),
-               entry("canary_start", "learner"), entry("canary_promote"), entry("activate", "admin")]
-    assert lm.version_counts(versions, history) == {"published": 3, "gate_refused": 1, "canaries": 2, "advanced": 1,
-                                                   "promoted": 1, "rolled_back": 1, "activated": 0}
+    versions = [
+        version("v1", None, []),
+        version("v2", "v1", [], "gate: KL", ["kl"]),
+        version("v3", "v1", [], "canary rolled back by canary-controller"),
+    ]
+    history = [
+        entry("canary_start", "learner"),
+        entry("canary_advance", "learner"),
+        entry("canary_rollback"),
+        entry("canary_start", "learner"),
+        entry("canary_promote"),
+        entry("activate", "admin"),
+    ]
+    assert lm.version_counts(versions, history) == {
+        "published": 3,
+        "gate_refused": 1,
+        "canaries": 2,
+        "advanced": 1,
+        "promoted": 1,
+        "rolled_back": 1,
+        "activated": 0,
+    }
     assert lm.gate_log(versions) == {"refused_by_reason": {"kl": 1}, "kl_per_token": [0.5, 0.5, 0.5]}
 
 

@@ -33,6 +33,7 @@ SETTINGS_OF = {"serve": (ServeSettings,), "learn": (LearnerSettings,), "up": (Se
 
 # ---- reading the files ----
 
+
 def load_yaml(path: Path):
     return yaml.safe_load(path.read_text())
 
@@ -176,6 +177,7 @@ def assert_listens(doc: dict, host: str, port: int, what: str) -> None:
 
 # ---- the compose files ----
 
+
 def test_every_compose_file_is_covered():
     assert {p.name for p in DEPLOY.glob("docker-compose*.yml")} == {PRODUCTION.name, SINGLE.name, GPU.name}
 
@@ -226,7 +228,7 @@ def test_mounts_exist(compose):
     doc, base_dir = compose
     declared = set(doc.get("volumes") or {})
     for name, service in doc["services"].items():
-        for kind, source, target in mounts(service):
+        for kind, source, _target in mounts(service):
             if kind == "bind":
                 assert (base_dir / source).exists(), f"{name} mounts {source}, missing from the repository"
             else:
@@ -237,7 +239,7 @@ def test_healthy_conditions_wait_on_real_healthchecks(compose):
     doc, _ = compose
     for name, service in doc["services"].items():
         depends = service.get("depends_on") or {}
-        for target, spec in (depends.items() if isinstance(depends, dict) else []):
+        for target, spec in depends.items() if isinstance(depends, dict) else []:
             assert target in doc["services"], f"{name} depends on unknown {target}"
             if spec.get("condition") == "service_healthy":
                 check = doc["services"][target].get("healthcheck")
@@ -269,8 +271,9 @@ def test_learner_serves_metrics_where_it_is_scraped_and_health_checked(prod):
     check = learner.get("healthcheck") or {}
     assert not check.get("disable") and re.search(rf":{port}/healthz\b", " ".join(check.get("test", []))), check
     config = load_yaml(bind_source(DEPLOY, prod["services"]["prometheus"], "/etc/prometheus/prometheus.yml"))
-    targets = {t for job in config["scrape_configs"] for static in job.get("static_configs", [])
-               for t in static["targets"]}
+    targets = {
+        t for job in config["scrape_configs"] for static in job.get("static_configs", []) for t in static["targets"]
+    }
     assert f"{name}:{port}" in targets, f"Prometheus does not scrape {name}:{port}: {sorted(targets)}"
 
 
@@ -339,10 +342,12 @@ def test_gpu_override_reserves_a_gpu_for_the_learner_only():
 
 # ---- what the topology's config files point at ----
 
+
 def test_prometheus_scrapes_every_process_where_it_listens(prod):
     config = load_yaml(bind_source(DEPLOY, prod["services"]["prometheus"], "/etc/prometheus/prometheus.yml"))
-    targets = [t for job in config["scrape_configs"] for static in job.get("static_configs", [])
-               for t in static["targets"]]
+    targets = [
+        t for job in config["scrape_configs"] for static in job.get("static_configs", []) for t in static["targets"]
+    ]
     for target in targets:
         assert_listens(prod, *host_port(target), f"scrape target {target}")
     scraped = {host_port(t)[0] for t in targets}
@@ -369,8 +374,7 @@ def test_load_balancer_fronts_every_replica_streaming_friendly(prod):
 def test_grafana_provisioning_points_at_mounted_files(prod):
     grafana = prod["services"]["grafana"]
     provisioning = bind_source(DEPLOY, grafana, "/etc/grafana/provisioning")
-    datasources = [d for f in sorted((provisioning / "datasources").glob("*.yml"))
-                   for d in load_yaml(f)["datasources"]]
+    datasources = [d for f in sorted((provisioning / "datasources").glob("*.yml")) for d in load_yaml(f)["datasources"]]
     assert any(d["type"] == "prometheus" for d in datasources)
     for source in datasources:
         assert_listens(prod, *host_port(source["url"]), f"Grafana data source {source['name']}")
@@ -381,6 +385,7 @@ def test_grafana_provisioning_points_at_mounted_files(prod):
 
 
 # ---- the image ----
+
 
 def test_dockerfile_builds_cpu_or_cuda_as_non_root_with_a_healthcheck():
     instructions = dockerfile_instructions()

@@ -27,9 +27,15 @@ DASHBOARDS = DEPLOY / "grafana" / "dashboards"
 ALERT_TESTS = Path(__file__).with_name("alerts_test.yml")
 
 # The sample names each metric type exposes, by suffix (prometheus_client's text format).
-SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "info": ("_info",), "stateset": ("",),
-            "histogram": ("_bucket", "_sum", "_count", "_created"), "summary": ("", "_sum", "_count", "_created"),
-            "unknown": ("",)}
+SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "gauge": ("",),
+    "info": ("_info",),
+    "stateset": ("",),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "summary": ("", "_sum", "_count", "_created"),
+    "unknown": ("",),
+}
 
 
 def exported_names() -> set[str]:
@@ -69,11 +75,16 @@ def panels(dashboard: dict) -> list[dict]:
 
 def dashboard_exprs() -> list[tuple[str, str]]:
     """(where, expr) of every query in every provisioned dashboard."""
-    return [(f"{name}: {panel['title']}", target["expr"]) for name, board in dashboards().items()
-            for panel in panels(board) for target in panel.get("targets", [])]
+    return [
+        (f"{name}: {panel['title']}", target["expr"])
+        for name, board in dashboards().items()
+        for panel in panels(board)
+        for target in panel.get("targets", [])
+    ]
 
 
 # ---- Prometheus ----
+
 
 def test_alert_rules_pass_promtool():
     done = promtool("check", "rules", str(ALERTS))
@@ -84,8 +95,12 @@ def test_alerts_fire_on_their_conditions_and_only_then():
     """`promtool test rules`: each alert against series that should and should not fire it."""
     done = promtool("test", "rules", str(ALERT_TESTS))
     assert done.returncode == 0, done.stdout + done.stderr
-    tested = {case["alertname"] for test in load_yaml(ALERT_TESTS)["tests"] for case in test["alert_rule_test"]
-              if case.get("exp_alerts")}
+    tested = {
+        case["alertname"]
+        for test in load_yaml(ALERT_TESTS)["tests"]
+        for case in test["alert_rule_test"]
+        if case.get("exp_alerts")
+    }
     assert tested == {rule["alert"] for rule in alert_rules()}, "every alert has a case where it fires"
 
 
@@ -116,10 +131,12 @@ def test_alerts_name_scrape_jobs_that_exist():
 
 # ---- Grafana ----
 
+
 def test_dashboard_is_provisioned_on_the_provisioned_data_source():
     provisioning = DEPLOY / "grafana" / "provisioning"
-    uids = {source["uid"] for f in (provisioning / "datasources").glob("*.yml")
-            for source in load_yaml(f)["datasources"]}
+    uids = {
+        source["uid"] for f in (provisioning / "datasources").glob("*.yml") for source in load_yaml(f)["datasources"]
+    }
     boards = dashboards()
     assert "kto-loop.json" in boards
     assert len({board["uid"] for board in boards.values()}) == len(boards), "dashboard uids must differ"
@@ -134,14 +151,24 @@ def test_dashboard_is_provisioned_on_the_provisioned_data_source():
 
 def test_dashboard_covers_what_operators_watch():
     used = set().union(*(metric_names(expr) for _, expr in dashboard_exprs()))
-    for name in ("kto_feedback_total", "kto_request_duration_seconds_bucket", "kto_time_to_first_token_seconds_bucket",
-                 "kto_adapter_swaps_total", "kto_adapter_rollbacks_total", "kto_learner_canary_decisions_total",
-                 "kto_learner_loss", "kto_learner_z0", "kto_learner_reward", "kto_learner_consumer_lag_records",
-                 "kto_spool_depth"):
+    for name in (
+        "kto_feedback_total",
+        "kto_request_duration_seconds_bucket",
+        "kto_time_to_first_token_seconds_bucket",
+        "kto_adapter_swaps_total",
+        "kto_adapter_rollbacks_total",
+        "kto_learner_canary_decisions_total",
+        "kto_learner_loss",
+        "kto_learner_z0",
+        "kto_learner_reward",
+        "kto_learner_consumer_lag_records",
+        "kto_spool_depth",
+    ):
         assert name in used, f"the dashboard does not show {name}"
 
 
 # ---- both, against the code ----
+
 
 @pytest.mark.parametrize("source", ["dashboard", "alerts"])
 def test_every_metric_used_is_exported(source):

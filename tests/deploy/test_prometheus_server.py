@@ -22,8 +22,10 @@ from tests.learner.loop_processes import LEARNER_ENV, MODEL_ID, VOWELS, build_ch
 from tests.prometheus import PrometheusServer, binaries, finite
 
 RATINGS = 120
-DESIRABLE_RATE = ('sum by (version) (increase(kto_feedback_total{label="desirable"}[5m]))'
-                  ' / sum by (version) (increase(kto_feedback_total[5m]))')
+DESIRABLE_RATE = (
+    'sum by (version) (increase(kto_feedback_total{label="desirable"}[5m]))'
+    " / sum by (version) (increase(kto_feedback_total[5m]))"
+)
 # The same ratio from the counters themselves (since the server started): exact, to compare with.
 DESIRABLE_SHARE = 'sum by (version) (kto_feedback_total{label="desirable"}) / sum by (version) (kto_feedback_total)'
 
@@ -48,8 +50,16 @@ def test_promql_gives_the_desirable_rate_per_version_and_the_learners_loss(tmp_p
     # KTO_PORT is the server's: the learner, given the same environment, must listen on --port only.
     # New versions go live directly (no canary share): every version then serves everyone, so a
     # short run rates several of them.
-    env = {"KTO_MODEL": str(model), "KTO_MODEL_ID": MODEL_ID, "KTO_DATA_DIR": str(data), "KTO_PORT": str(serve_port),
-           "KTO_TORCH_THREADS": "1", **LEARNER_ENV, "KTO_MIN_NEW_LABELS": "24", "KTO_CANARY_SHARE": "0"}
+    env = {
+        "KTO_MODEL": str(model),
+        "KTO_MODEL_ID": MODEL_ID,
+        "KTO_DATA_DIR": str(data),
+        "KTO_PORT": str(serve_port),
+        "KTO_TORCH_THREADS": "1",
+        **LEARNER_ENV,
+        "KTO_MIN_NEW_LABELS": "24",
+        "KTO_CANARY_SHARE": "0",
+    }
     serve_url, learner_url = f"http://127.0.0.1:{serve_port}", f"http://127.0.0.1:{learner_port}"
     serve = start("serve", env, data / "serve.log")
     learner = start("learn", env, data / "learn.log", args=("--port", str(learner_port)))
@@ -68,13 +78,15 @@ def test_promql_gives_the_desirable_rate_per_version_and_the_learners_loss(tmp_p
         with PrometheusServer(config, tmp_path / "prometheus") as prom:
             # Both targets up, and the base version's zero-valued feedback series scraped before any rating.
             prom.wait(lambda: prom.value('sum(up{job=~"kto-serve|kto-learner"})') == 2, what="both targets up")
-            prom.wait(lambda: len(prom.query('kto_feedback_total{version="base"}')) == 2,
-                      what="the base's feedback series")
+            prom.wait(
+                lambda: len(prom.query('kto_feedback_total{version="base"}')) == 2, what="the base's feedback series"
+            )
 
             result = simulate(serve_url, ratings=RATINGS, users=4, prefixes=VOWELS, max_tokens=4)
             assert not result.errors, result.errors[:3]
-            prom.wait(lambda: (prom.value("sum(kto_learner_updates_total)") or 0) >= 1, what="a learner update",
-                      timeout_s=120)
+            prom.wait(
+                lambda: (prom.value("sum(kto_learner_updates_total)") or 0) >= 1, what="a learner update", timeout_s=120
+            )
             exposed = feedback_counts(serve_url)  # no more ratings come: these are final
             total = sum(n for _, n in exposed.values())
             assert total >= RATINGS  # a user may rate once more while the others stop
@@ -112,8 +124,12 @@ def test_promql_gives_the_desirable_rate_per_version_and_the_learners_loss(tmp_p
                 return {r["name"] for r in rules} == expected_rules and all(r["health"] != "unknown" for r in rules)
 
             prom.wait(rules_evaluated, what="every alert rule evaluated")
-            broken = [(r["name"], r.get("lastError")) for g in prom.api("rules")["groups"] for r in g["rules"]
-                      if r["health"] != "ok"]
+            broken = [
+                (r["name"], r.get("lastError"))
+                for g in prom.api("rules")["groups"]
+                for r in g["rules"]
+                if r["health"] != "ok"
+            ]
             assert not broken, broken
     finally:
         stop(learner)

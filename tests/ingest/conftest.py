@@ -8,7 +8,6 @@ fixture), with topic and group names of its own (``helpers.NamespacedBus``).
 from __future__ import annotations
 
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,11 +15,10 @@ from typing import Any
 
 import pytest
 
-from tests.ingest.helpers import NamespacedBus
-from tests.tiny import FakeClock, spawn_scripts
-
 from ingest.kafka_bus import KafkaBus
 from ingest.sqlite_bus import SqliteBus
+from tests.ingest.helpers import NamespacedBus
+from tests.tiny import FakeClock, spawn_scripts
 
 WORKERS = Path(__file__).with_name("workers.py")
 
@@ -51,7 +49,7 @@ def bus_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def backend(request: pytest.FixtureRequest) -> str:
-    """"sqlite" or "kafka": the embedded bus unless the module parametrizes it."""
+    """ "sqlite" or "kafka": the embedded bus unless the module parametrizes it."""
     return getattr(request, "param", "sqlite")
 
 

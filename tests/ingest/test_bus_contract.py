@@ -8,10 +8,9 @@ from typing import Any
 
 import pytest
 
+from ingest.bus import BusUnavailable
 from tests.ingest.conftest import both_backends
 from tests.ingest.helpers import read_all
-
-from ingest.bus import BusUnavailable
 
 pytestmark = both_backends
 

@@ -14,11 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.ingest.conftest import both_backends
-from tests.ingest.helpers import read_all as read_group
-
 from ingest.bus import Record
 from ingest.sqlite_bus import SqliteBus
+from tests.ingest.conftest import both_backends
+from tests.ingest.helpers import read_all as read_group
 
 Spawn = Callable[..., "subprocess.Popen[str]"]
 

@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 
+from ingest.bus import BusUnavailable
 from tests.ingest.conftest import both_backends
 from tests.ingest.helpers import batches, drain, fill, nums, quiet, take, values
-
-from ingest.bus import BusUnavailable
 
 pytestmark = both_backends
 
@@ -113,7 +112,11 @@ def test_consumer_reads_several_topics(bus: Any) -> None:
     consumer = bus.consumer("g", ["responses", "feedback", "not-yet"])
     got = take(consumer, 5)
     assert sorted((r.topic, r.offset) for r in got) == [
-        ("feedback", 0), ("feedback", 1), ("responses", 0), ("responses", 1), ("responses", 2)
+        ("feedback", 0),
+        ("feedback", 1),
+        ("responses", 0),
+        ("responses", 1),
+        ("responses", 2),
     ]
     fill(bus, "not-yet", 1)  # created after subscribing: picked up by a later poll
     assert [(r.topic, r.value) for r in take(consumer, 1)] == [("not-yet", b"0")]

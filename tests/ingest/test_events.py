@@ -164,8 +164,9 @@ def test_decode_names_the_missing_field() -> None:
 def test_decode_names_the_invalid_field() -> None:
     assert "label" in _reason(_mutated(make_feedback(), label="meh"))
     assert "user" in _reason(_mutated(make_feedback(), user=None))
-    assert "created_at" in _reason(b'{"type":"feedback","schema_version":1,"response_id":"r","user":"u",'
-                                   b'"label":"desirable","created_at":NaN}')
+    assert "created_at" in _reason(
+        b'{"type":"feedback","schema_version":1,"response_id":"r","user":"u","label":"desirable","created_at":NaN}'
+    )
 
 
 def test_decode_names_nested_fields() -> None:
@@ -185,8 +186,12 @@ def test_topics_default_and_custom_prefix() -> None:
     assert topics.feedback == "kto.feedback"
     assert topics.dead_letters == "kto.dead-letters"
     assert topics.all == ["kto.responses", "kto.feedback", "kto.dead-letters", "kto.erasures"]
-    assert Topics("staging").all == ["staging.responses", "staging.feedback", "staging.dead-letters",
-                                     "staging.erasures"]
+    assert Topics("staging").all == [
+        "staging.responses",
+        "staging.feedback",
+        "staging.dead-letters",
+        "staging.erasures",
+    ]
 
 
 @pytest.mark.parametrize("prefix", ["", "has space", "slash/y", "x" * 240])

@@ -14,13 +14,12 @@ from typing import Any
 
 import pytest
 
-from tests.ingest.conftest import kafka_only
-from tests.ingest.helpers import WAIT_S, fill, nums, take, values
-
 from ingest.bus import BusUnavailable, open_bus
 from ingest.events import FeedbackEvent, ResponseEvent, SamplingParams, Topics, decode_event, encode_event
 from ingest.kafka_bus import KafkaBus, bootstrap_servers
 from testkit.ports import free_port
+from tests.ingest.conftest import kafka_only
+from tests.ingest.helpers import WAIT_S, fill, nums, take, values
 
 Spawn = Callable[..., Any]  # conftest spawn_worker: a Popen
 
@@ -64,9 +63,18 @@ def test_a_plain_kafka_consumer_reads_what_the_bus_published(services: Any) -> N
     topics = Topics(f"reader-{uuid.uuid4().hex[:8]}")
     sampling = SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0)
     responses = [
-        ResponseEvent(response_id=f"resp-{i}", user="u", base_model="m", adapter_version=None, messages=[],
-                      prompt_token_ids=[1, 2], completion=f"answer {i}", completion_token_ids=[3, i], finish_reason="stop",
-                      sampling=sampling)
+        ResponseEvent(
+            response_id=f"resp-{i}",
+            user="u",
+            base_model="m",
+            adapter_version=None,
+            messages=[],
+            prompt_token_ids=[1, 2],
+            completion=f"answer {i}",
+            completion_token_ids=[3, i],
+            finish_reason="stop",
+            sampling=sampling,
+        )
         for i in range(6)
     ]
     votes = [FeedbackEvent(response_id=r.response_id, user="u", label="desirable") for r in responses]
@@ -75,8 +83,12 @@ def test_a_plain_kafka_consumer_reads_what_the_bus_published(services: Any) -> N
         sent = [bus.publish(topics.responses, e.response_id, encode_event(e)) for e in responses]
         sent += [bus.publish(topics.feedback, e.response_id, encode_event(e)) for e in votes]
 
-    reader = KafkaConsumer(bootstrap_servers=services.kafka_servers, auto_offset_reset="earliest",
-                           enable_auto_commit=False, consumer_timeout_ms=1000)
+    reader = KafkaConsumer(
+        bootstrap_servers=services.kafka_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=1000,
+    )
     reader.assign([TopicPartition(t, p) for t in (topics.responses, topics.feedback) for p in range(3)])
     got = {}
     deadline = time.monotonic() + WAIT_S
@@ -94,8 +106,10 @@ def test_a_plain_kafka_consumer_reads_what_the_bus_published(services: Any) -> N
         assert raw.value == record.value and raw.timestamp / 1000 == record.timestamp
         # A response and its feedback land on the same partition number.
         assert partition_of.setdefault(event.response_id, raw.partition) == raw.partition
-    by_topic = {t: sorted((decode_event(r.value) for r in got.values() if r.topic == t), key=lambda e: e.response_id)
-                for t in (topics.responses, topics.feedback)}
+    by_topic = {
+        t: sorted((decode_event(r.value) for r in got.values() if r.topic == t), key=lambda e: e.response_id)
+        for t in (topics.responses, topics.feedback)
+    }
     assert by_topic == {topics.responses: responses, topics.feedback: votes}
 
 
@@ -146,14 +160,12 @@ def test_one_owner_per_partition_and_no_duplicates_once_committed(bus: Any, serv
 
 
 @kafka_only
-def test_a_killed_member_is_replaced_from_its_last_commit(
-    bus: Any, bus_url: str, spawn_worker: Spawn
-) -> None:
+def test_a_killed_member_is_replaced_from_its_last_commit(bus: Any, bus_url: str, spawn_worker: Spawn) -> None:
     fill(bus, "t", 10)
     victim = spawn_worker("member", bus_url, bus.real("g"), bus.real("t"), 4)
     assert victim.stdout is not None and victim.stderr is not None
     line = victim.stdout.readline()
-    assert line.strip() == "committed 4", victim.stderr.read() if not line else line
+    assert line.strip() == "committed 4", line or victim.stderr.read()
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=10)
     killed_at = time.monotonic()

@@ -180,7 +180,7 @@ def test_a_send_that_fails_half_way_is_resent_and_duplicates_keep_the_order(
 def test_the_bound_refuses_whole_batches_and_frees_as_records_leave(tmp_path: Path) -> None:
     with Spool(tmp_path / "spool.sqlite3", max_events=3) as spool:
         assert spool.append("a", [("k", b"0"), ("k", b"1")]) == [1, 2]
-        with pytest.raises(SpoolFull, match="2 events are waiting for the bus.*limit is 3"):
+        with pytest.raises(SpoolFull, match=r"2 events are waiting for the bus.*limit is 3"):
             spool.append("a", [("k", b"2"), ("k", b"3")])  # all or none
         spool.check_room(1)
         spool.append("a", [("k", b"2")])
@@ -226,9 +226,7 @@ def test_a_full_spool_refuses_publishes_and_says_so(make_spooled: Callable, flak
     assert flaky.values("a") == nums(0, 1)
 
 
-def test_unsent_records_stay_in_the_file_and_go_first_after_a_restart(
-    make_spooled: Callable, flaky: FlakyBus
-) -> None:
+def test_unsent_records_stay_in_the_file_and_go_first_after_a_restart(make_spooled: Callable, flaky: FlakyBus) -> None:
     flaky.down = True
     first = make_spooled()
     first.publish_many("a", [("k", v) for v in nums(0, 1, 2)])
@@ -268,8 +266,12 @@ def queue_behind(spool: Spool, pool: ThreadPoolExecutor, appends: list[list[tupl
     futures = []
     for items in appends:
         futures.append(pool.submit(spool.append, "a", items))
-        wait_for(lambda: len(spool._appends._queue) == len(futures), what="the append queued", timeout_s=WAIT_S,
-                 interval_s=0.01)
+        wait_for(
+            lambda: len(spool._appends._queue) == len(futures),
+            what="the append queued",
+            timeout_s=WAIT_S,
+            interval_s=0.01,
+        )
     return futures
 
 
@@ -278,8 +280,10 @@ def test_concurrent_appends_are_each_stored_once_and_in_each_threads_order(tmp_p
 
         def appender(thread: int) -> list[list[int]]:
             # Appends of 1 to 3 records, like a request that publishes one event or several.
-            return [spool.append("a", [(f"k{thread}", f"{thread}-{i}-{j}".encode()) for j in range(i % 3 + 1)])
-                    for i in range(60)]
+            return [
+                spool.append("a", [(f"k{thread}", f"{thread}-{i}-{j}".encode()) for j in range(i % 3 + 1)])
+                for i in range(60)
+            ]
 
         with ThreadPoolExecutor(16) as pool:
             acknowledged = list(pool.map(appender, range(16)))
@@ -289,7 +293,8 @@ def test_concurrent_appends_are_each_stored_once_and_in_each_threads_order(tmp_p
         for thread, seqs_per_append in enumerate(acknowledged):
             # The seqs an append returned hold its records, in its order, one append after the other.
             assert [stored[seq] for seqs in seqs_per_append for seq in seqs] == [
-                f"{thread}-{i}-{j}" for i in range(60) for j in range(i % 3 + 1)]
+                f"{thread}-{i}-{j}" for i in range(60) for j in range(i % 3 + 1)
+            ]
             flat = [seq for seqs in seqs_per_append for seq in seqs]
             assert flat == sorted(flat)
             assert all(seqs == list(range(seqs[0], seqs[0] + len(seqs))) for seqs in seqs_per_append)  # contiguous
@@ -324,7 +329,7 @@ def test_a_failed_group_commit_fails_only_the_appends_of_that_group(
         inserts.release.set()
         assert first.result(WAIT_S) == [1]
         for future in doomed:
-            with pytest.raises(BusUnavailable, match="cannot write to the spool.*disk I/O error"):
+            with pytest.raises(BusUnavailable, match=r"cannot write to the spool.*disk I/O error"):
                 future.result(WAIT_S)
         assert spool.depth == 1  # nothing of the failed group is stored, or counted
         assert spool.append("a", [("k", b"after")]) == [2]  # and the next append is fine
@@ -337,20 +342,20 @@ def test_the_bound_is_judged_append_by_append_within_a_group(tmp_path: Path, mon
         first = pool.submit(spool.append, "a", [("k", b"0")])
         assert inserts.holding.wait(WAIT_S)
         # As if one after another: 2 fit (3 held), the next 2 would make 5 and are refused whole, 1 fits.
-        fits, refused, last = queue_behind(spool, pool, [[("k", b"1"), ("k", b"2")], [("k", b"x"), ("k", b"y")],
-                                                         [("k", b"3")]])
+        fits, refused, last = queue_behind(
+            spool, pool, [[("k", b"1"), ("k", b"2")], [("k", b"x"), ("k", b"y")], [("k", b"3")]]
+        )
         inserts.release.set()
         assert first.result(WAIT_S) == [1]
         assert fits.result(WAIT_S) == [2, 3] and last.result(WAIT_S) == [4]
-        with pytest.raises(SpoolFull, match="3 events are waiting for the bus.*limit is 4"):
+        with pytest.raises(SpoolFull, match=r"3 events are waiting for the bus.*limit is 4"):
             refused.result(WAIT_S)
         assert [s.value for s in spool.peek(10)] == nums(0, 1, 2, 3) and spool.depth == 4
 
 
 def test_one_process_at_a_time(tmp_path: Path) -> None:
-    with Spool(tmp_path / "spool.sqlite3"):
-        with pytest.raises(SpoolLocked, match="in use by another process"):
-            Spool(tmp_path / "spool.sqlite3")
+    with Spool(tmp_path / "spool.sqlite3"), pytest.raises(SpoolLocked, match="in use by another process"):
+        Spool(tmp_path / "spool.sqlite3")
     Spool(tmp_path / "spool.sqlite3").close()  # free again once closed
 
 

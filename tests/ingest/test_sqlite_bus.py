@@ -100,8 +100,12 @@ def test_concurrent_publishes_share_commits_and_keep_each_call_whole_and_in_orde
     with SqliteBus(bus_path) as bus:
 
         def publisher(thread: int) -> list[list[Record]]:
-            return [bus.publish_batch([("a" if j % 2 else "b", f"k{thread}", f"{thread}-{i}-{j}".encode())
-                                       for j in range(i % 3 + 1)]) for i in range(40)]
+            return [
+                bus.publish_batch(
+                    [("a" if j % 2 else "b", f"k{thread}", f"{thread}-{i}-{j}".encode()) for j in range(i % 3 + 1)]
+                )
+                for i in range(40)
+            ]
 
         with ThreadPoolExecutor(12) as pool:
             acknowledged = list(pool.map(publisher, range(12)))
@@ -141,8 +145,12 @@ def test_a_failed_group_commit_fails_only_the_publishes_of_that_group(bus_path: 
         doomed = []
         for value in (b"x", b"y"):
             doomed.append(pool.submit(bus.publish_many, "t", [("k", value), ("k", value)]))
-            wait_for(lambda: len(bus._publishes._queue) >= len(doomed), what=f"{len(doomed)} publishes queued",
-                     timeout_s=10, interval_s=0.001)
+            wait_for(
+                lambda: len(bus._publishes._queue) >= len(doomed),
+                what=f"{len(doomed)} publishes queued",
+                timeout_s=10,
+                interval_s=0.001,
+            )
         release.set()
         assert first.result(10).offset == 0
         for future in doomed:

@@ -10,12 +10,11 @@ from typing import Any
 
 import pytest
 
-from tests.ingest.helpers import fill, nums, values
-
+from ingest import sqlite_consumer
 from ingest.bus import Record
 from ingest.sqlite_bus import SqliteBus
-from ingest import sqlite_consumer
 from ingest.sqlite_consumer import SqliteConsumer
+from tests.ingest.helpers import fill, nums, values
 
 
 def drain(consumer: SqliteConsumer, max_records: int = 500) -> list[Record]:

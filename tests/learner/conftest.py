@@ -13,16 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny import TINY_MODEL_ID, FakeClock, spawn_scripts
-
 from ingest.bus import Record
-from ingest.events import (
-    AnyEvent, ErasureEvent, FeedbackEvent, ResponseEvent, SamplingParams, Topics, encode_event)
+from ingest.events import AnyEvent, ErasureEvent, FeedbackEvent, ResponseEvent, SamplingParams, Topics, encode_event
 from ingest.sqlite_bus import SqliteBus
 from learner.buffer import ReplayBuffer
 from learner.consumer import EventJoiner
 from learner.join import ApplyResult, Polled
 from registry import SqliteRegistry
+from tests.tiny import TINY_MODEL_ID, FakeClock, spawn_scripts
 
 JOIN_WORKER = Path(__file__).with_name("join_worker.py")
 
@@ -41,31 +39,56 @@ class EventStream:
         self._created += 1.0
         return self._created
 
-    def response(self, response_id: str, *, user: str | None = "alice", prompt: list[int] | None = None,
-                 completion: list[int] | None = None, adapter_version: str | None = "v1",
-                 publish: bool = True) -> ResponseEvent:
+    def response(
+        self,
+        response_id: str,
+        *,
+        user: str | None = "alice",
+        prompt: list[int] | None = None,
+        completion: list[int] | None = None,
+        adapter_version: str | None = "v1",
+        publish: bool = True,
+    ) -> ResponseEvent:
         event = ResponseEvent(
-            response_id=response_id, user=user, created_at=self._tick(), base_model="tiny",
-            adapter_version=adapter_version, messages=[{"role": "user", "content": "hi"}],
-            prompt_token_ids=[1, 2, 3] if prompt is None else prompt, completion="…",
-            completion_token_ids=[7, 8] if completion is None else completion, finish_reason="stop",
+            response_id=response_id,
+            user=user,
+            created_at=self._tick(),
+            base_model="tiny",
+            adapter_version=adapter_version,
+            messages=[{"role": "user", "content": "hi"}],
+            prompt_token_ids=[1, 2, 3] if prompt is None else prompt,
+            completion="…",
+            completion_token_ids=[7, 8] if completion is None else completion,
+            finish_reason="stop",
             sampling=SamplingParams(max_tokens=16, temperature=1.0, top_p=1.0),
         )
         if publish:
             self.publish(event)
         return event
 
-    def feedback(self, response_id: str, label: str = "desirable", *, user: str = "alice",
-                 created_at: float | None = None, publish: bool = True) -> FeedbackEvent:
-        event = FeedbackEvent(response_id=response_id, user=user, label=label,
-                              created_at=self._tick() if created_at is None else created_at)
+    def feedback(
+        self,
+        response_id: str,
+        label: str = "desirable",
+        *,
+        user: str = "alice",
+        created_at: float | None = None,
+        publish: bool = True,
+    ) -> FeedbackEvent:
+        event = FeedbackEvent(
+            response_id=response_id,
+            user=user,
+            label=label,
+            created_at=self._tick() if created_at is None else created_at,
+        )
         if publish:
             self.publish(event)
         return event
 
     def erasure(self, user: str = "alice", *, created_at: float | None = None, publish: bool = True) -> ErasureEvent:
-        event = ErasureEvent(user=user, actor="admin", reason="asked to",
-                             created_at=self._tick() if created_at is None else created_at)
+        event = ErasureEvent(
+            user=user, actor="admin", reason="asked to", created_at=self._tick() if created_at is None else created_at
+        )
         if publish:
             self.publish(event)
         return event
@@ -185,6 +208,8 @@ def registry(tmp_path):
 @pytest.fixture
 def publish(registry, make_adapter):
     def publish(parent: str | None = None) -> str:
-        return registry.publish(make_adapter(1), base_model=TINY_MODEL_ID, parent=parent, metrics={},
-                                lineage={}).version
+        return registry.publish(
+            make_adapter(1), base_model=TINY_MODEL_ID, parent=parent, metrics={}, lineage={}
+        ).version
+
     return publish

@@ -31,20 +31,32 @@ VOWELS = ("a", "e", "i", "o", "u")
 MODEL_ID = "tiny-chars"
 # The learner's cadence and step size for a model this small (the defaults suit real ones).
 # Versions go live at once: these runs measure learning (the canary has test_canary_e2e.py).
-LEARNER_ENV = {"KTO_LEARNING_RATE": "1e-2", "KTO_MIN_NEW_LABELS": "32", "KTO_STEPS_PER_UPDATE": "8",
-               "KTO_MICRO_BATCH": "16", "KTO_MAX_WAIT_S": "5", "KTO_CANARY_SHARE": "0"}
+LEARNER_ENV = {
+    "KTO_LEARNING_RATE": "1e-2",
+    "KTO_MIN_NEW_LABELS": "32",
+    "KTO_STEPS_PER_UPDATE": "8",
+    "KTO_MICRO_BATCH": "16",
+    "KTO_MAX_WAIT_S": "5",
+    "KTO_CANARY_SHARE": "0",
+}
 
 
 def build_char_model(path: Path) -> Path:
     # init_std 0.15: with transformers' default 0.02 a 32-wide model's logits stay within about
     # ±1 and even supervised training cannot lift P(vowel first) past 0.17 (measured).
-    return build_tiny_model(path, alphabet=ALPHABET, hidden_size=32, num_layers=2, num_heads=2, seed=1,
-                            init_std=0.15)
+    return build_tiny_model(path, alphabet=ALPHABET, hidden_size=32, num_layers=2, num_heads=2, seed=1, init_std=0.15)
 
 
-def simulate_learning(urls: list[str], *, prefixes: tuple[str, ...], ratings: int = 600, base: int = 60,
-                      learner: subprocess.Popen | None = None, log: Path | None = None,
-                      timeout_s: float = 180) -> Simulation:
+def simulate_learning(
+    urls: list[str],
+    *,
+    prefixes: tuple[str, ...],
+    ratings: int = 600,
+    base: int = 60,
+    learner: subprocess.Popen | None = None,
+    log: Path | None = None,
+    timeout_s: float = 180,
+) -> Simulation:
     """`ratings` counted ratings: `base` on the base model first, then, once the learner has a
     version serving, the rest. Ratings made while waiting keep the learner fed but are not
     counted: over HTTP, hundreds of ratings of a tiny model take seconds, so unpaced they could all
@@ -81,5 +93,7 @@ def assert_learned(result: Simulation, base_id: str) -> None:
     rise = d1 / n1 - d0 / n0
     p = two_proportion_p(d0, n0, d1, n1)
     print(f"base {d0}/{n0} = {d0 / n0:.2f} -> last 150: {d1}/{n1} = {d1 / n1:.2f}, rise {rise:.2f}, p = {p:.2g}")
-    assert rise >= 0.2 and p < 0.01, (f"base {d0}/{n0}, last {d1}/{n1}, rise {rise:.2f}, p {p:.4f}",
-                                       result.rate_by_version())
+    assert rise >= 0.2 and p < 0.01, (
+        f"base {d0}/{n0}, last {d1}/{n1}, rise {rise:.2f}, p {p:.4f}",
+        result.rate_by_version(),
+    )

@@ -15,9 +15,13 @@ Stream = Any  # conftest's EventStream
 
 def label(buffer: ReplayBuffer, stream: Stream, response_id: str, desirable: bool = True, **kw: Any) -> None:
     """A response and its rating, applied as one batch."""
-    buffer.apply(stream.polled(stream.response(response_id, publish=False, **kw),
-                               stream.feedback(response_id, "desirable" if desirable else "undesirable",
-                                               publish=False)), now=0.0)
+    buffer.apply(
+        stream.polled(
+            stream.response(response_id, publish=False, **kw),
+            stream.feedback(response_id, "desirable" if desirable else "undesirable", publish=False),
+        ),
+        now=0.0,
+    )
 
 
 def reference_all(buffer: ReplayBuffer) -> None:
@@ -113,13 +117,18 @@ def test_fresh_and_max_seq_follow_the_watermark(buffer: ReplayBuffer, stream: St
 def test_the_index_is_light_and_load_fetches_the_picked_examples(buffer: ReplayBuffer, stream: Stream) -> None:
     for i in range(6):
         user = f"u{i % 2}"
-        buffer.apply(stream.polled(stream.response(f"r{i}", user=user, completion=[i], publish=False),
-                                   stream.feedback(f"r{i}", "desirable" if i % 2 == 0 else "undesirable", user=user,
-                                                   publish=False)), now=0.0)
+        buffer.apply(
+            stream.polled(
+                stream.response(f"r{i}", user=user, completion=[i], publish=False),
+                stream.feedback(f"r{i}", "desirable" if i % 2 == 0 else "undesirable", user=user, publish=False),
+            ),
+            now=0.0,
+        )
     buffer.set_reference([(f"r{i}", -1.0, -2.0) for i in range(1, 6)])  # r0 stays unreferenced
     index = buffer.index()
     assert [(r.response_id, r.user, r.desirable) for r in index] == [
-        (f"r{i}", f"u{i % 2}", i % 2 == 0) for i in range(1, 6)]
+        (f"r{i}", f"u{i % 2}", i % 2 == 0) for i in range(1, 6)
+    ]
     assert [r.seq for r in index] == [buffer.get(r.response_id).seq for r in index]
     loaded = buffer.load(["r4", "r2", "nope", "r4"])
     assert [(e.response_id, e.completion_ids) for e in loaded] == [("r4", [4]), ("r2", [2])]
@@ -130,13 +139,18 @@ def test_mark_trained_and_counts(buffer: ReplayBuffer, stream: Stream) -> None:
     label(buffer, stream, "a", desirable=True)
     label(buffer, stream, "b", desirable=False)
     label(buffer, stream, "c", desirable=False)
-    buffer.apply(stream.polled(stream.response("unrated", publish=False), stream.feedback("x", publish=False)),
-                 now=1.0)
+    buffer.apply(stream.polled(stream.response("unrated", publish=False), stream.feedback("x", publish=False)), now=1.0)
     reference_all(buffer)
     buffer.mark_trained(["a", "a", "b"])
     assert [buffer.get(r).times_trained for r in "abc"] == [2, 1, 0]
-    assert buffer.counts() == {"desirable": 1, "undesirable": 2, "pending": 1, "unreferenced": 0,
-                               "unrated_responses": 1, "dead_letters_queued": 0}
+    assert buffer.counts() == {
+        "desirable": 1,
+        "undesirable": 2,
+        "pending": 1,
+        "unreferenced": 0,
+        "unrated_responses": 1,
+        "dead_letters_queued": 0,
+    }
 
 
 def test_expired_feedback_moves_to_the_outbox_in_one_step(buffer_path: Path, stream: Stream) -> None:
@@ -189,8 +203,9 @@ def test_the_buffer_survives_reopening_and_never_reuses_a_seq(buffer_path: Path,
 
 def test_unrated_responses_are_dropped_after_the_retention(buffer_path: Path, stream: Stream) -> None:
     with ReplayBuffer(buffer_path, retention_s=1000.0) as buffer:
-        buffer.apply(stream.polled(stream.response("rated", publish=False),
-                                   stream.response("unrated", publish=False)), now=0.0)
+        buffer.apply(
+            stream.polled(stream.response("rated", publish=False), stream.response("unrated", publish=False)), now=0.0
+        )
         buffer.apply(stream.polled(stream.feedback("rated", publish=False)), now=500.0)
         buffer.apply([], now=2000.0)
         assert buffer.counts()["unrated_responses"] == 0

@@ -24,6 +24,7 @@ RHO = tuned_rho(200, ALPHA / 2)
 
 # ---- the statistic on hand-made counts ------------------------------------------------------
 
+
 def test_radius_shrinks_and_rho_is_tuned_where_asked():
     radii = [radius(n, 0.025, RHO) for n in (1, 10, 100, 1000, 10_000)]
     assert radii == sorted(radii, reverse=True) and radius(0, 0.025, RHO) == math.inf
@@ -57,9 +58,19 @@ def test_compare_decides_on_the_interval_of_the_difference():
 
 # ---- error rate and power, by simulation -----------------------------------------------------
 
-def simulate(p_candidate: float | list[float], p_baseline: float, share: float, *, streams: int, ratings: int,
-             seed: int, per_version: int = 10**9, margin: float = 0.05,
-             min_ratings: int = 100) -> tuple[np.ndarray, np.ndarray]:
+
+def simulate(
+    p_candidate: float | list[float],
+    p_baseline: float,
+    share: float,
+    *,
+    streams: int,
+    ratings: int,
+    seed: int,
+    per_version: int = 10**9,
+    margin: float = 0.05,
+    min_ratings: int = 100,
+) -> tuple[np.ndarray, np.ndarray]:
     """Streams of ratings, each going to the candidate with probability `share`, the test
     checked after EVERY rating. With a list, the canary advances: candidate k (0-based) has mean
     p_candidate[k] and serves `per_version` candidate ratings (the last one, the rest). Returns,
@@ -68,8 +79,10 @@ def simulate(p_candidate: float | list[float], p_baseline: float, share: float, 
     schedule = np.atleast_1d(np.asarray(p_candidate, dtype=float))
     rng = np.random.default_rng(seed)
     r_base = np.array([np.inf] + [radius(n, ALPHA / 2, RHO) for n in range(1, ratings + 1)])
-    r_suffix = [np.array([np.inf] + [radius(n, suffix_error(ALPHA, j), RHO) for n in range(1, ratings + 1)])
-                for j in range(1, len(schedule) + 1)]
+    r_suffix = [
+        np.array([np.inf] + [radius(n, suffix_error(ALPHA, j), RHO) for n in range(1, ratings + 1)])
+        for j in range(1, len(schedule) + 1)
+    ]
     first_rollback, first_promote = [], []
     for _ in range(0, streams, 250):  # in chunks: 250 x ratings arrays stay small
         to_c = rng.random((250, ratings)) < share
@@ -87,11 +100,21 @@ def simulate(p_candidate: float | list[float], p_baseline: float, share: float, 
         for decided, out in ((rollback, first_rollback), (promote, first_promote)):
             out.extend(np.where(decided.any(1), decided.argmax(1) + 1, 0))
         for s, t in ((0, ratings // 3), (1, ratings - 1), (2, 40)):  # spot checks against compare()
-            lineage = [Arm(int((to_c[s, :t + 1] & (version[s, :t + 1] == k)).sum()),
-                           int((x[s, :t + 1] & to_c[s, :t + 1] & (version[s, :t + 1] == k)).sum()))
-                       for k in range(len(schedule))]
-            verdict = compare(lineage, Arm(int(n_b[s, t]), int(d_b[s, t])), alpha=ALPHA, margin=margin,
-                              min_ratings=min_ratings, rho=RHO)
+            lineage = [
+                Arm(
+                    int((to_c[s, : t + 1] & (version[s, : t + 1] == k)).sum()),
+                    int((x[s, : t + 1] & to_c[s, : t + 1] & (version[s, : t + 1] == k)).sum()),
+                )
+                for k in range(len(schedule))
+            ]
+            verdict = compare(
+                lineage,
+                Arm(int(n_b[s, t]), int(d_b[s, t])),
+                alpha=ALPHA,
+                margin=margin,
+                min_ratings=min_ratings,
+                rho=RHO,
+            )
             assert (verdict.decision == "rollback") == rollback[s, t]
             assert (verdict.decision == "promote") == (promote[s, t] and not rollback[s, t])
     return np.array(first_rollback[:streams]), np.array(first_promote[:streams])
@@ -133,8 +156,10 @@ def test_a_clearly_worse_candidate_is_rolled_back_within_1000_ratings():
     rollbacks, promotions = simulate(0.2, 0.5, 0.2, streams=1000, ratings=1000, seed=3)
     within = (rollbacks > 0).mean()
     decided = rollbacks[rollbacks > 0]
-    print(f"0.20 vs 0.50, share 0.2: rolled back within 1000 ratings in {within:.3f} of runs; "
-          f"median {np.median(decided):.0f}, 95th percentile {np.percentile(decided, 95):.0f}")
+    print(
+        f"0.20 vs 0.50, share 0.2: rolled back within 1000 ratings in {within:.3f} of runs; "
+        f"median {np.median(decided):.0f}, 95th percentile {np.percentile(decided, 95):.0f}"
+    )
     assert within >= 0.95 and not (promotions > 0).any()
 
 
@@ -145,11 +170,12 @@ def test_a_poisoned_candidate_after_a_good_lineage_is_rolled_back_on_its_own_rat
     lineage was promoted first (min_ratings set out of reach here, so it is not)."""
     schedule = [0.7] * 8 + [0.1]
     ratings = 320 * 2 + 300 * 2  # share 0.5: about 320 good candidate ratings, then 300 poisoned
-    rollbacks, _ = simulate(schedule, 0.5, 0.5, streams=500, ratings=ratings, seed=6, per_version=40,
-                            min_ratings=10**6)
+    rollbacks, _ = simulate(schedule, 0.5, 0.5, streams=500, ratings=ratings, seed=6, per_version=40, min_ratings=10**6)
     own = np.array([max(0, r / 2 - 320) for r in rollbacks if r > 0])  # about: share x ratings - the good ones
-    print(f"poisoned after a good lineage: rolled back in {(rollbacks > 0).mean():.3f} of runs, "
-          f"after about {np.median(own):.0f} (median) / {np.percentile(own, 90):.0f} (p90) of its own ratings")
+    print(
+        f"poisoned after a good lineage: rolled back in {(rollbacks > 0).mean():.3f} of runs, "
+        f"after about {np.median(own):.0f} (median) / {np.percentile(own, 90):.0f} (p90) of its own ratings"
+    )
     assert (rollbacks > 0).mean() >= 0.95
 
 
@@ -160,10 +186,12 @@ def test_a_clearly_better_candidate_is_promoted():
 
 # ---- the controller on a real registry and buffer --------------------------------------------
 
+
 @pytest.fixture
 def settings(tmp_path) -> LearnerSettings:
-    return LearnerSettings(data_dir=tmp_path, model_id=TINY_MODEL_ID, canary_share=0.5,
-                           canary_min_ratings=20, canary_margin=0.2)
+    return LearnerSettings(
+        data_dir=tmp_path, model_id=TINY_MODEL_ID, canary_share=0.5, canary_min_ratings=20, canary_margin=0.2
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -173,10 +201,18 @@ def look_every_time(monkeypatch):
 
 def served(version: str | None, user: str) -> ResponseEvent:
     """A response of `version`, served now."""
-    return ResponseEvent(response_id=f"r-{uuid.uuid4().hex}", user=user, base_model=TINY_MODEL_ID,
-                         adapter_version=version, messages=[{"role": "user", "content": "hi"}],
-                         prompt_token_ids=[1, 2], completion="…", completion_token_ids=[3], finish_reason="stop",
-                         sampling=SamplingParams(max_tokens=4, temperature=1.0, top_p=1.0))
+    return ResponseEvent(
+        response_id=f"r-{uuid.uuid4().hex}",
+        user=user,
+        base_model=TINY_MODEL_ID,
+        adapter_version=version,
+        messages=[{"role": "user", "content": "hi"}],
+        prompt_token_ids=[1, 2],
+        completion="…",
+        completion_token_ids=[3],
+        finish_reason="stop",
+        sampling=SamplingParams(max_tokens=4, temperature=1.0, top_p=1.0),
+    )
 
 
 def rate(buffer: ReplayBuffer, stream, version: str | None, n: int, desirable: int) -> None:

@@ -45,8 +45,9 @@ pytestmark = [
     pytest.mark.stochastic(
         failure_rate="about 1 in 100 at most (from simulation, not counted over real runs)",
         why="the burst's version is worse by a random amount: about 1 run in 7 it is not clearly worse and the "
-            "scenario is set up again, at most 4 times (all 4: about 1 in 2,400); a clearly worse one (a drop of "
-            "0.15) is rolled back within BOUND_RATINGS in about 99% of simulated runs"),
+        "scenario is set up again, at most 4 times (all 4: about 1 in 2,400); a clearly worse one (a drop of "
+        "0.15) is rolled back within BOUND_RATINGS in about 99% of simulated runs",
+    ),
 ]
 
 INVERTED = VOWELS  # the bad burst likes what honest users dislike
@@ -77,13 +78,16 @@ PHASE_TIMEOUT_S = 400
 
 def watch(until, stop_event: threading.Event, timeout_s: float) -> threading.Thread:
     """Set `stop_event` once `until()` is true (or after timeout_s), polling on a thread."""
+
     def run() -> None:
         try:
-            wait_for(lambda: stop_event.is_set() or until(), what="the phase's end", timeout_s=timeout_s,
-                     interval_s=0.2)
+            wait_for(
+                lambda: stop_event.is_set() or until(), what="the phase's end", timeout_s=timeout_s, interval_s=0.2
+            )
         except AssertionError:
             pass  # timeout_s passed: that ends the phase too
         stop_event.set()
+
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
@@ -125,10 +129,18 @@ def run_scenario(tmp_path: Path, model: Path) -> Scenario:
     data_dir = tmp_path / "data"
     data_dir.mkdir(parents=True)
     port = free_port()
-    env = {"KTO_MODEL": str(model), "KTO_MODEL_ID": MODEL_ID, "KTO_DATA_DIR": str(data_dir), "KTO_PORT": str(port),
-           **LEARNER_ENV, "KTO_CANARY_SHARE": str(SHARE),
-           # one strong update on the burst, so that the version it makes is clearly worse
-           "KTO_MIN_NEW_LABELS": "128", "KTO_STEPS_PER_UPDATE": "96", "KTO_LEARNING_RATE": "2e-2"}
+    env = {
+        "KTO_MODEL": str(model),
+        "KTO_MODEL_ID": MODEL_ID,
+        "KTO_DATA_DIR": str(data_dir),
+        "KTO_PORT": str(port),
+        **LEARNER_ENV,
+        "KTO_CANARY_SHARE": str(SHARE),
+        # one strong update on the burst, so that the version it makes is clearly worse
+        "KTO_MIN_NEW_LABELS": "128",
+        "KTO_STEPS_PER_UPDATE": "96",
+        "KTO_LEARNING_RATE": "2e-2",
+    }
     # the learner no longer trains: it only runs the canary controller
     judging = {**env, "KTO_MIN_NEW_LABELS": "1000000000", "KTO_MAX_WAIT_S": "1000000000"}
     log = data_dir / "up.log"
@@ -174,7 +186,7 @@ def canary_steps(history: list, candidate: str) -> tuple[list[str], object | Non
     entry that ended it (None: still running). Every step is the learner's, but the end."""
     start = next(i for i, e in enumerate(history) if e.action == "canary_start" and e.version == candidate)
     lineage, ending = [candidate], None
-    for e in history[start + 1:]:
+    for e in history[start + 1 :]:
         if e.action == "canary_advance":
             assert e.actor == "learner"
             lineage.append(e.version)
@@ -189,8 +201,10 @@ def test_a_worse_version_is_rolled_back_by_its_canary(tmp_path: Path):
     for attempt in range(1, ATTEMPTS + 1):
         run = run_scenario(tmp_path / f"attempt-{attempt}", model)
         bad, honest, history, versions, candidate = run.bad, run.honest, run.history, run.versions, run.candidate
-        phases = (f"attempt {attempt}: bad phase: {len(bad.ratings)} ratings, (n, desirable rate) by version "
-                  f"{bad.rate_by_version()}; honest phase: {len(honest.ratings)} ratings, {honest.rate_by_version()}")
+        phases = (
+            f"attempt {attempt}: bad phase: {len(bad.ratings)} ratings, (n, desirable rate) by version "
+            f"{bad.rate_by_version()}; honest phase: {len(honest.ratings)} ratings, {honest.rate_by_version()}"
+        )
         print(phases)
         drop = run.honest_drop()
         if drop <= -NOT_WORSE:
@@ -208,7 +222,10 @@ def test_a_worse_version_is_rolled_back_by_its_canary(tmp_path: Path):
     # ---- rolled back by the controller, with its evidence, within the bound, by nobody else ----
     lineage, rollback = canary_steps(history, candidate)
     assert rollback is not None and (rollback.action, rollback.actor) == ("canary_rollback", "canary-controller"), (
-        phases, [e.to_json() for e in history], run.log_tail)
+        phases,
+        [e.to_json() for e in history],
+        run.log_tail,
+    )
     evidence = rollback.evidence
     print("lineage:", lineage, "evidence:", evidence)
     counted = evidence["candidate"]["n"] + evidence["baseline"]["n"]

@@ -146,8 +146,10 @@ def test_malformed_events_are_dead_lettered_and_consumption_goes_on(
     assert base64.b64decode(letters[(topics.responses, 0)]["value"]) == b"\xff\xfe not json"
     assert letters[(topics.responses, 1)]["reason"] == "schema_version 2 is newer than this reader's 1"
     assert letters[(topics.responses, 2)]["reason"] == "response empty has no completion token ids"
-    assert "the response was rejected (response empty has no completion token ids)" in letters[
-        (topics.feedback, 0)]["reason"]
+    assert (
+        "the response was rejected (response empty has no completion token ids)"
+        in letters[(topics.feedback, 0)]["reason"]
+    )
     assert letters[(topics.feedback, 2)]["reason"] == f"feedback {blank.event_id} has an unusable user id '  '"
     assert buffer.get("r1").desirable is True
 
@@ -202,8 +204,7 @@ def test_a_crash_between_buffer_commit_and_offset_commit_changes_nothing_on_rest
 
 
 def test_dead_letters_queued_before_a_failed_publish_go_out_once_after_restart(
-    buffer_path: Path, event_bus: SqliteBus, stream: Stream, make_joiner: MakeJoiner,
-    monkeypatch: pytest.MonkeyPatch,
+    buffer_path: Path, event_bus: SqliteBus, stream: Stream, make_joiner: MakeJoiner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stream.publish_raw(stream.topics.responses, b"[]")
     stream.response("r1")
@@ -239,7 +240,7 @@ def test_a_failed_apply_reads_the_batch_again(
 
 
 def test_sigkill_mid_stream_then_a_fresh_joiner_counts_every_rating_once(
-    tmp_path: Path, event_bus: SqliteBus, stream: Stream, spawn_join_worker: Callable[..., subprocess.Popen[str]],
+    tmp_path: Path, event_bus: SqliteBus, stream: Stream, spawn_join_worker: Callable[..., subprocess.Popen[str]]
 ) -> None:
     n = 240
     rng = random.Random(7)
@@ -277,6 +278,7 @@ def test_sigkill_mid_stream_then_a_fresh_joiner_counts_every_rating_once(
         lag = joiner.lag()
         assert 0 < lag < end, "the kill should have landed mid-stream"
         buffer = joiner._buffer
+
         # The dead worker's partitions come free when its lease (1 s) runs out.
         def caught_up() -> bool:
             if joiner.lag() == 0:

@@ -16,8 +16,13 @@ Stream = Any  # conftest's EventStream
 
 
 def rated(buffer: ReplayBuffer, stream: Stream, response_id: str, user: str, **kw: Any) -> None:
-    buffer.apply(stream.polled(stream.response(response_id, user=user, publish=False, **kw),
-                               stream.feedback(response_id, user=user, publish=False)), now=0.0)
+    buffer.apply(
+        stream.polled(
+            stream.response(response_id, user=user, publish=False, **kw),
+            stream.feedback(response_id, user=user, publish=False),
+        ),
+        now=0.0,
+    )
 
 
 def rows(buffer: ReplayBuffer, sql: str) -> list[tuple]:
@@ -80,8 +85,9 @@ def test_other_users_pairs_no_longer_use_an_erased_completion(buffer: ReplayBuff
     assert [e.response_id for e in buffer.fresh(watermark)] == ["b1", "c1"]
 
 
-def test_the_versions_trained_on_the_user_are_flagged_once_reported(buffer: ReplayBuffer, stream: Stream, registry,
-                                                                     publish):
+def test_the_versions_trained_on_the_user_are_flagged_once_reported(
+    buffer: ReplayBuffer, stream: Stream, registry, publish
+):
     label(buffer, stream, "a1")
     rated(buffer, stream, "b1", "bob")
     v1, v2, v3 = (publish() for _ in range(3))
@@ -97,7 +103,10 @@ def test_the_versions_trained_on_the_user_are_flagged_once_reported(buffer: Repl
     assert registry.get(v2).flags == () and registry.get(v3).flags[0]["erasure"] == event.event_id
     entry = registry.history()[-1]
     assert (entry.action, entry.evidence["request_id"], entry.evidence["flagged_versions"]) == (
-        "erasure", event.event_id, [v1, v3])
+        "erasure",
+        event.event_id,
+        [v1, v3],
+    )
     assert entry.evidence["removed"]["examples"] == 1 and "alice" not in str(entry.to_json())
     assert rows(buffer, "SELECT response_id, version FROM trained ORDER BY version") == [("b1", v1), ("b1", v2)]
 

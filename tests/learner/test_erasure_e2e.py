@@ -23,11 +23,17 @@ def rate_some(client: httpx.Client, user: str, n: int) -> list[str]:
     """`n` answers to `user`, each rated; the feedback event ids."""
     ids = []
     for i in range(n):
-        reply = client.post("/v1/chat/completions", headers={"X-User-Id": user},
-                            json={"messages": [{"role": "user", "content": f"say {i}"}], "max_tokens": 4})
+        reply = client.post(
+            "/v1/chat/completions",
+            headers={"X-User-Id": user},
+            json={"messages": [{"role": "user", "content": f"say {i}"}], "max_tokens": 4},
+        )
         reply.raise_for_status()
-        vote = client.post("/v1/feedback", headers={"X-User-Id": user},
-                           json={"response_id": reply.json()["id"], "label": "up" if i % 2 else "down"})
+        vote = client.post(
+            "/v1/feedback",
+            headers={"X-User-Id": user},
+            json={"response_id": reply.json()["id"], "label": "up" if i % 2 else "down"},
+        )
         assert vote.status_code == 202, vote.text
         ids.append(vote.json()["id"])
     return ids
@@ -36,8 +42,14 @@ def rate_some(client: httpx.Client, user: str, n: int) -> list[str]:
 def test_an_erased_users_data_leaves_the_learner_and_flags_its_versions(tmp_path):
     data_dir, port = tmp_path / "data", free_port()
     data_dir.mkdir()
-    env = {"KTO_MODEL": str(build_char_model(tmp_path / "model")), "KTO_MODEL_ID": MODEL_ID,
-           "KTO_DATA_DIR": str(data_dir), "KTO_PORT": str(port), "KTO_ADMIN_TOKEN": "erasure-test", **LEARNER_ENV}
+    env = {
+        "KTO_MODEL": str(build_char_model(tmp_path / "model")),
+        "KTO_MODEL_ID": MODEL_ID,
+        "KTO_DATA_DIR": str(data_dir),
+        "KTO_PORT": str(port),
+        "KTO_ADMIN_TOKEN": "erasure-test",
+        **LEARNER_ENV,
+    }
     log = data_dir / "up.log"
     process = start("up", env, log)
     try:
@@ -46,18 +58,33 @@ def test_an_erased_users_data_leaves_the_learner_and_flags_its_versions(tmp_path
         with httpx.Client(base_url=url, timeout=30) as client:
             erins = set(rate_some(client, "erin", 12))
             rate_some(client, "frank", 24)  # enough labels for an update (KTO_MIN_NEW_LABELS 32)
-            versions = wait_for(lambda: [
-                v["version"] for v in client.get("/v1/adapters", headers=ADMIN).json()["versions"]
-                if erins & set(v["lineage"].get("feedback_event_ids", []))],
-                what="a version trained on erin's ratings", timeout_s=WAIT_S, interval_s=0.5)
+            versions = wait_for(
+                lambda: [
+                    v["version"]
+                    for v in client.get("/v1/adapters", headers=ADMIN).json()["versions"]
+                    if erins & set(v["lineage"].get("feedback_event_ids", []))
+                ],
+                what="a version trained on erin's ratings",
+                timeout_s=WAIT_S,
+                interval_s=0.5,
+            )
 
             erased = client.delete("/v1/users/erin", params={"reason": "ticket 7"}, headers=ADMIN)
             assert erased.status_code == 202, erased.text
             request_id = erased.json()["request_id"]
-            entry = wait_for(lambda: next(
-                (h for h in client.get("/v1/adapters/history", headers=ADMIN).json()["history"]
-                 if h["action"] == "erasure" and h["evidence"]["request_id"] == request_id), None),
-                what="the erasure in the history", timeout_s=WAIT_S, interval_s=0.5)
+            entry = wait_for(
+                lambda: next(
+                    (
+                        h
+                        for h in client.get("/v1/adapters/history", headers=ADMIN).json()["history"]
+                        if h["action"] == "erasure" and h["evidence"]["request_id"] == request_id
+                    ),
+                    None,
+                ),
+                what="the erasure in the history",
+                timeout_s=WAIT_S,
+                interval_s=0.5,
+            )
             assert set(versions) <= set(entry["evidence"]["flagged_versions"])
             assert entry["evidence"]["removed"]["examples"] == 12 and entry["reason"] == "ticket 7"
             page = client.get(f"/v1/adapters/{versions[0]}", headers=ADMIN).json()

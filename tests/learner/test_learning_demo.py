@@ -27,7 +27,8 @@ pytestmark = [
     pytest.mark.stochastic(
         failure_rate="not measured",
         why="simulated users and the learner's updates are random; in the learning benchmark (task "
-            "first-char-0.3, row defaults) 5 of 5 seeds passed +0.2 by 450-650 ratings, and this asserts at 1,000"),
+        "first-char-0.3, row defaults) 5 of 5 seeds passed +0.2 by 450-650 ratings, and this asserts at 1,000",
+    ),
 ]
 
 RULE = parse_rule("prefix:HLT")
@@ -58,8 +59,10 @@ def test_the_default_loop_lifts_what_users_see(tmp_path):
     d1, n1 = sum(t.liked for t in last), len(last)
     lift, p = d1 / n1 - d0 / n0, two_proportion_p(d0, n0, d1, n1)
     actions = [(e.action, e.actor) for e in history]
-    print(f"base {d0}/{n0} = {d0 / n0:.2f} -> last {WINDOW} answers {d1}/{n1} = {d1 / n1:.2f}: lift {lift:+.2f}, "
-          f"p {p:.2g}; history {actions}")
+    print(
+        f"base {d0}/{n0} = {d0 / n0:.2f} -> last {WINDOW} answers {d1}/{n1} = {d1 / n1:.2f}: lift {lift:+.2f}, "
+        f"p {p:.2g}; history {actions}"
+    )
     assert lift >= 0.2 and p < 0.01, (lift, p, actions, log_tail(log))
     # it got there the product's way: canaries the learner started, promoted by the controller
     assert ("canary_promote", "canary-controller") in actions

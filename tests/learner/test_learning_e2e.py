@@ -8,12 +8,19 @@ import pytest
 from testkit.ports import free_port
 from testkit.processes import start, stop, wait_ready
 from tests.learner.loop_processes import (
-    LEARNER_ENV, MODEL_ID, VOWELS, assert_learned, build_char_model, simulate_learning)
+    LEARNER_ENV,
+    MODEL_ID,
+    VOWELS,
+    assert_learned,
+    build_char_model,
+    simulate_learning,
+)
 
 pytestmark = pytest.mark.stochastic(
     failure_rate="not measured",
     why="whether 600 simulated thumbs lift the desirable rate by 0.2 at p < 0.01 depends on the sampled answers "
-        "and on which ratings land in which update; no failure rate has been recorded")
+    "and on which ratings land in which update; no failure rate has been recorded",
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +30,13 @@ def char_model_dir(tmp_path_factory):
 
 def start_loop(model_dir, data_dir):
     port = free_port()
-    env = {"KTO_MODEL": str(model_dir), "KTO_MODEL_ID": MODEL_ID, "KTO_DATA_DIR": str(data_dir),
-           "KTO_PORT": str(port), **LEARNER_ENV}
+    env = {
+        "KTO_MODEL": str(model_dir),
+        "KTO_MODEL_ID": MODEL_ID,
+        "KTO_DATA_DIR": str(data_dir),
+        "KTO_PORT": str(port),
+        **LEARNER_ENV,
+    }
     data_dir.mkdir(parents=True)
     log = data_dir / "up.log"
     process = start("up", env, log)

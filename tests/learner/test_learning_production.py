@@ -20,14 +20,23 @@ from ingest.events import Topics, decode_event
 from testkit.ports import free_port
 from testkit.processes import describe, log_tail, start, stop, wait_ready
 from tests.learner.loop_processes import (
-    LEARNER_ENV, MODEL_ID, VOWELS, assert_learned, build_char_model, simulate_learning)
+    LEARNER_ENV,
+    MODEL_ID,
+    VOWELS,
+    assert_learned,
+    build_char_model,
+    simulate_learning,
+)
 
 pytestmark = [
-    pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow,
+    pytest.mark.kafka,
+    pytest.mark.redis,
+    pytest.mark.slow,
     pytest.mark.stochastic(
         failure_rate="not measured",
         why="whether 600 simulated thumbs lift the desirable rate by 0.2 at p < 0.01 depends on the sampled "
-            "answers and on which ratings land in which update (one recorded run: 0.13 -> 0.91, p 5e-28)"),
+        "answers and on which ratings land in which update (one recorded run: 0.13 -> 0.91, p 5e-28)",
+    ),
 ]
 
 PARTITIONS = 2
@@ -61,10 +70,15 @@ def test_two_replicas_and_a_learner_over_kafka_and_redis_learn_the_rule(services
     name = f"prod-{uuid.uuid4().hex[:8]}"
     topics = Topics(name)
     shared = {
-        "KTO_MODEL": str(model), "KTO_MODEL_ID": MODEL_ID, "KTO_BUS_URL": services.bus_url,
-        "KTO_REGISTRY_URL": f"{services.registry_url}?prefix={name}:registry:", "KTO_TOPIC_PREFIX": name,
-        "KTO_TOPIC_PARTITIONS": str(PARTITIONS), "KTO_ADAPTER_DIR": str(tmp_path / "shared-adapters"),
-        "KTO_TORCH_THREADS": "1", "KTO_REGISTRY_POLL_S": "1",
+        "KTO_MODEL": str(model),
+        "KTO_MODEL_ID": MODEL_ID,
+        "KTO_BUS_URL": services.bus_url,
+        "KTO_REGISTRY_URL": f"{services.registry_url}?prefix={name}:registry:",
+        "KTO_TOPIC_PREFIX": name,
+        "KTO_TOPIC_PARTITIONS": str(PARTITIONS),
+        "KTO_ADAPTER_DIR": str(tmp_path / "shared-adapters"),
+        "KTO_TORCH_THREADS": "1",
+        "KTO_REGISTRY_POLL_S": "1",
     }
     processes, urls = [], []
     try:

@@ -11,9 +11,9 @@ import uuid
 
 import pytest
 
+from foundation.models import render_prompt
 from ingest.bus import open_bus
 from ingest.events import FeedbackEvent, ResponseEvent, SamplingParams, Topics, encode_event
-from foundation.models import render_prompt
 from learner.buffer import ReplayBuffer
 from learner.settings import LearnerSettings
 from registry import BASE, open_registry
@@ -36,10 +36,18 @@ def publish_ratings(settings: LearnerSettings, tokenizer, n: int, seed: int) -> 
     for _ in range(n):
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         completion = [rng.randrange(10, len(tokenizer)) for _ in range(rng.randint(1, 6))]
-        response = ResponseEvent(response_id=rid, user="u", base_model=TINY_MODEL_ID, adapter_version=None,
-                                 messages=[{"role": "user", "content": "hello"}], prompt_token_ids=prompt,
-                                 completion="", completion_token_ids=completion, finish_reason="length",
-                                 sampling=SamplingParams(max_tokens=6, temperature=1.0, top_p=1.0))
+        response = ResponseEvent(
+            response_id=rid,
+            user="u",
+            base_model=TINY_MODEL_ID,
+            adapter_version=None,
+            messages=[{"role": "user", "content": "hello"}],
+            prompt_token_ids=prompt,
+            completion="",
+            completion_token_ids=completion,
+            finish_reason="length",
+            sampling=SamplingParams(max_tokens=6, temperature=1.0, top_p=1.0),
+        )
         label = "desirable" if completion[0] % 2 == 0 else "undesirable"
         feedback = FeedbackEvent(response_id=rid, user="u", label=label)
         bus.publish(topics.responses, rid, encode_event(response))
@@ -51,10 +59,19 @@ def publish_ratings(settings: LearnerSettings, tokenizer, n: int, seed: int) -> 
 
 @pytest.fixture
 def learner_settings(tmp_path, tiny_model_dir) -> LearnerSettings:
-    return LearnerSettings(data_dir=tmp_path, model=str(tiny_model_dir), model_id=TINY_MODEL_ID,
-                           min_new_labels=16, micro_batch=8, steps_per_update=4, max_wait_s=0.5,
-                           min_labels_on_timer=4, poll_timeout_s=0.1, learning_rate=1e-2,
-                           canary_share=0.0)  # versions go live at once (canaries: test_canary.py)
+    return LearnerSettings(
+        data_dir=tmp_path,
+        model=str(tiny_model_dir),
+        model_id=TINY_MODEL_ID,
+        min_new_labels=16,
+        micro_batch=8,
+        steps_per_update=4,
+        max_wait_s=0.5,
+        min_labels_on_timer=4,
+        poll_timeout_s=0.1,
+        learning_rate=1e-2,
+        canary_share=0.0,
+    )  # versions go live at once (canaries: test_canary.py)
 
 
 def test_publishes_with_lineage_and_builds_on_the_active_version(learner_settings, tiny_model):
@@ -79,9 +96,15 @@ def test_publishes_with_lineage_and_builds_on_the_active_version(learner_setting
         # the operator rolls back to the base: the next version must start from the base again
         registry.rollback(to=BASE, actor="operator", reason="test")
         publish_ratings(learner_settings, tiny_model.tokenizer, 20, seed=2)
-        later = wait_for(lambda: [v for v in registry.list_versions() if v.created_at > first.created_at
-                                  and v.lineage["parent"] is None and v.status == "ready"],
-                         what="a version on the base", timeout_s=WAIT_S)
+        later = wait_for(
+            lambda: [
+                v
+                for v in registry.list_versions()
+                if v.created_at > first.created_at and v.lineage["parent"] is None and v.status == "ready"
+            ],
+            what="a version on the base",
+            timeout_s=WAIT_S,
+        )
         assert later[0].parent is None
     finally:
         stop.set()
@@ -114,12 +137,19 @@ def test_a_first_version_with_no_held_out_labels_still_has_its_kl_checked(learne
 def test_sigkill_mid_update_loses_nothing_and_counts_nothing_twice(learner_settings, tiny_model):
     n = 48
     publish_ratings(learner_settings, tiny_model.tokenizer, n, seed=3)
-    env = {"KTO_DATA_DIR": str(learner_settings.data_dir), "KTO_MODEL": learner_settings.model,
-           "KTO_MODEL_ID": TINY_MODEL_ID, "KTO_MIN_NEW_LABELS": str(n - 8), "KTO_MICRO_BATCH": "8",
-           "KTO_STEPS_PER_UPDATE": "100000", "KTO_POLL_TIMEOUT_S": "0.1"}
+    env = {
+        "KTO_DATA_DIR": str(learner_settings.data_dir),
+        "KTO_MODEL": learner_settings.model,
+        "KTO_MODEL_ID": TINY_MODEL_ID,
+        "KTO_MIN_NEW_LABELS": str(n - 8),
+        "KTO_MICRO_BATCH": "8",
+        "KTO_STEPS_PER_UPDATE": "100000",
+        "KTO_POLL_TIMEOUT_S": "0.1",
+    }
     log = learner_settings.data_dir / "learn.log"
     learner = processes.start("learn", env, log, log_level="info")
     try:
+
         def updating() -> bool:  # "update starting" is logged as the first optimizer step begins
             processes.assert_running(learner)
             return "update starting" in log.read_text()
@@ -142,8 +172,7 @@ def test_sigkill_mid_update_loses_nothing_and_counts_nothing_twice(learner_setti
     thread = threading.Thread(target=main, args=(restarted, stop), daemon=True)
     thread.start()
     try:
-        version = wait_for(lambda: registry.list_versions(), what="the version after restart",
-                           timeout_s=WAIT_S)[0]
+        version = wait_for(lambda: registry.list_versions(), what="the version after restart", timeout_s=WAIT_S)[0]
     finally:
         stop.set()
         thread.join(timeout=60)

@@ -76,8 +76,12 @@ def test_kl_is_clamped_at_zero_and_carries_no_gradient():
 def test_one_class_batches_and_batch_of_one_are_finite(label, size):
     policy = torch.linspace(-5, -1, size).requires_grad_()
     loss, losses, kl = kto_loss(
-        policy, torch.full((size,), -3.0), torch.full((size,), -2.0), torch.full((size,), -2.5),
-        torch.full((size,), label), undesirable_weight=1.33,
+        policy,
+        torch.full((size,), -3.0),
+        torch.full((size,), -2.0),
+        torch.full((size,), -2.5),
+        torch.full((size,), label),
+        undesirable_weight=1.33,
     )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(losses).all() and torch.isfinite(kl)
@@ -132,9 +136,16 @@ def trl_trainer(tiny_model_dir, tmp_path_factory):
         key = (beta, desirable_weight, undesirable_weight)
         if key not in made:
             args = KTOConfig(
-                output_dir=str(tmp_path_factory.mktemp("kto")), bf16=False, use_cpu=True, report_to=[],
-                beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
-                per_device_train_batch_size=4, precompute_ref_log_probs=True, disable_tqdm=True,
+                output_dir=str(tmp_path_factory.mktemp("kto")),
+                bf16=False,
+                use_cpu=True,
+                report_to=[],
+                beta=beta,
+                desirable_weight=desirable_weight,
+                undesirable_weight=undesirable_weight,
+                per_device_train_batch_size=4,
+                precompute_ref_log_probs=True,
+                disable_tqdm=True,
             )
             made[key] = KTOTrainer(
                 model=AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
@@ -169,9 +180,15 @@ def trl_loss(trainer, policy, ref, kl_policy, kl_ref, desirable):
     ids = torch.zeros(size, 2, dtype=torch.long)
     completion_mask = torch.tensor([[0, 1]] * size)
     batch = {
-        "input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": completion_mask,
-        "KL_input_ids": ids + 1, "KL_attention_mask": torch.ones_like(ids), "KL_completion_mask": completion_mask,
-        "label": desirable, "ref_logps": ref, "ref_KL_logps": kl_ref,
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "completion_mask": completion_mask,
+        "KL_input_ids": ids + 1,
+        "KL_attention_mask": torch.ones_like(ids),
+        "KL_completion_mask": completion_mask,
+        "label": desirable,
+        "ref_logps": ref,
+        "ref_KL_logps": kl_ref,
     }
     for metrics in trainer._metrics.values():
         metrics.clear()
@@ -214,7 +231,7 @@ def test_matches_trl_kto_trainer(case, trl_trainer):
     expected_loss, expected_kl = trl_loss(trainer, trl_policy, ref, kl_policy, kl_ref, desirable)
 
     ours_policy = policy.clone().requires_grad_()
-    loss, losses, kl = kto_loss(ours_policy, ref, kl_policy, kl_ref, desirable, **config)
+    loss, _losses, kl = kto_loss(ours_policy, ref, kl_policy, kl_ref, desirable, **config)
     loss.backward()
 
     assert (kl.item() == 0.0) == (case == "z0-clamped")  # the case tests what it says
@@ -269,11 +286,13 @@ def random_batch(dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     logits = (3 * torch.randn(3, 8, 11, generator=gen)).to(dtype)
     labels = torch.randint(0, 11, (3, 8), generator=gen)
-    loss_mask = torch.tensor([
-        [0, 0, 0, 0, 1, 1, 1, 1],  # pad, pad, prompt, prompt, completion × 4
-        [0, 0, 1, 1, 1, 0, 0, 0],  # prompt × 2, completion × 3, pad × 3
-        [0, 0, 0, 0, 0, 0, 0, 0],
-    ])
+    loss_mask = torch.tensor(
+        [
+            [0, 0, 0, 0, 1, 1, 1, 1],  # pad, pad, prompt, prompt, completion × 4
+            [0, 0, 1, 1, 1, 0, 0, 0],  # prompt × 2, completion × 3, pad × 3
+            [0, 0, 0, 0, 0, 0, 0, 0],
+        ]
+    )
     labels = labels.masked_fill(loss_mask == 0, -100)  # masked labels must never be read
     return logits, labels, loss_mask
 

@@ -20,13 +20,24 @@ from tests.learner.test_loop import WAIT_S, publish_ratings
 from tests.prometheus import check_metrics
 from tests.tiny import TINY_MODEL_ID
 
-SUMMARY = {"steps": 4, "examples": 32, "tokens": 300, "seconds": 0.5, "loss": 0.45, "z0": 0.02,
-           "reward_desirable": 0.3, "reward_undesirable": None}
+SUMMARY = {
+    "steps": 4,
+    "examples": 32,
+    "tokens": 300,
+    "seconds": 0.5,
+    "loss": 0.45,
+    "z0": 0.02,
+    "reward_desirable": 0.3,
+    "reward_undesirable": None,
+}
 
 
 def values(text: str) -> dict[tuple[str, tuple], float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
 def exposition(metrics: LearnerMetrics) -> dict[tuple[str, tuple], float]:
@@ -45,8 +56,9 @@ def test_before_any_update_loss_is_nan_and_known_labels_are_zero():
 
 def test_a_published_update_records_steps_loss_rewards_and_freshness():
     metrics = LearnerMetrics()
-    metrics.observe_update(SUMMARY, passed=True, reason_codes=[], seconds=2.0, fresh_labeled_at=[90.0, 95.0, 101.0],
-                           published_at=100.0)
+    metrics.observe_update(
+        SUMMARY, passed=True, reason_codes=[], seconds=2.0, fresh_labeled_at=[90.0, 95.0, 101.0], published_at=100.0
+    )
     got = exposition(metrics)
     assert got[("kto_learner_updates_total", (("outcome", "published"),))] == 1
     assert got[("kto_learner_steps_total", ())] == 4
@@ -62,8 +74,9 @@ def test_a_published_update_records_steps_loss_rewards_and_freshness():
 
 def test_a_rejected_update_counts_its_gate_failures_and_no_freshness():
     metrics = LearnerMetrics()
-    metrics.observe_update(SUMMARY, passed=False, reason_codes=["kl", "accuracy"], seconds=1.0,
-                           fresh_labeled_at=[90.0], published_at=100.0)
+    metrics.observe_update(
+        SUMMARY, passed=False, reason_codes=["kl", "accuracy"], seconds=1.0, fresh_labeled_at=[90.0], published_at=100.0
+    )
     got = exposition(metrics)
     assert got[("kto_learner_updates_total", (("outcome", "rejected"),))] == 1
     assert got[("kto_learner_updates_total", (("outcome", "published"),))] == 0
@@ -126,10 +139,19 @@ def test_endpoint_serves_metrics_and_health_and_nothing_else():
 def test_a_running_learner_exposes_its_update_over_http(tmp_path, tiny_model_dir, tiny_model):
     from learner.loop import main
 
-    settings = LearnerSettings(data_dir=tmp_path, model=str(tiny_model_dir), model_id=TINY_MODEL_ID,
-                               min_new_labels=16, micro_batch=8, steps_per_update=4, max_wait_s=0.5,
-                               min_labels_on_timer=4, poll_timeout_s=0.1, learning_rate=1e-2,
-                               metrics_port=free_port())
+    settings = LearnerSettings(
+        data_dir=tmp_path,
+        model=str(tiny_model_dir),
+        model_id=TINY_MODEL_ID,
+        min_new_labels=16,
+        micro_batch=8,
+        steps_per_update=4,
+        max_wait_s=0.5,
+        min_labels_on_timer=4,
+        poll_timeout_s=0.1,
+        learning_rate=1e-2,
+        metrics_port=free_port(),
+    )
     url = f"http://127.0.0.1:{settings.metrics_port}"
     publish_ratings(settings, tiny_model.tokenizer, 40, seed=1)
     stop = threading.Event()
@@ -152,11 +174,13 @@ def test_a_running_learner_exposes_its_update_over_http(tmp_path, tiny_model_dir
         assert math.isfinite(got[("kto_learner_loss", ())]) and got[("kto_learner_loss", ())] > 0
         assert math.isfinite(got[("kto_learner_z0", ())])
         assert got[("kto_learner_feedback_to_publish_seconds_count", ())] >= 1
-        examples = sum(got[("kto_learner_buffer_examples", (("label", label),))]
-                       for label in ("desirable", "undesirable"))
+        examples = sum(
+            got[("kto_learner_buffer_examples", (("label", label),))] for label in ("desirable", "undesirable")
+        )
         assert examples == 40
-        wait_for(lambda: scrape()[("kto_learner_consumer_lag_records", ())] == 0, what="the lag to reach 0",
-                 timeout_s=WAIT_S)
+        wait_for(
+            lambda: scrape()[("kto_learner_consumer_lag_records", ())] == 0, what="the lag to reach 0", timeout_s=WAIT_S
+        )
         assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
         check_metrics(httpx.get(f"{url}/metrics").text)
     finally:

@@ -37,6 +37,7 @@ def test_few_fresh_labels_still_run_the_planned_steps_with_replay():
 
 # ---- per-user caps (LearnerSettings.max_user_share) ----
 
+
 def rated(i: int, user: str, desirable: bool = False) -> Example:
     return Example(f"{user}-r{i}", user, [1, 2], [3], desirable, f"{user}-e{i}", 0.0, None, i, 0.0, None, 0.0, 0)
 
@@ -52,8 +53,9 @@ def test_a_flood_from_one_user_is_capped_to_its_share_of_each_update():
     old = [rated(5000 + i, "flooder") for i in range(200)] + [rated(6000 + i, f"u{i % 20}") for i in range(40)]
     fresh, pool, trained_flood = flood + others, old, set()
     for update in range(5):
-        batches = plan_batches(fresh, pool, steps=8, size=16, replay_fraction=0.5, rng=random.Random(update),
-                               max_user_share=0.1)
+        batches = plan_batches(
+            fresh, pool, steps=8, size=16, replay_fraction=0.5, rng=random.Random(update), max_user_share=0.1
+        )
         users, distinct = per_user(batches)
         assert 0 < users["flooder"] <= 0.1 * max(distinct, 8 * 16)
         assert max(n for u, n in users.items() if u != "flooder") <= users["flooder"]
@@ -63,13 +65,14 @@ def test_a_flood_from_one_user_is_capped_to_its_share_of_each_update():
         trained_flood |= {e.response_id for e in flood if e.response_id in trained}
         fresh = [e for e in fresh if e.response_id not in trained]  # the deferred ones come back
     assert len(trained_flood) >= 5 * 10  # oldest first: the flood drains, a bounded slice per update
-    assert [e.response_id for e in flood[:len(trained_flood)]] == sorted(trained_flood, key=lambda r: int(r.split("r")[-1]))
+    assert [e.response_id for e in flood[: len(trained_flood)]] == sorted(
+        trained_flood, key=lambda r: int(r.split("r")[-1])
+    )
 
 
 def test_a_flood_alone_still_trains_a_bounded_slice_per_update():
     flood = [rated(i, "flooder") for i in range(1000)]
-    batches = plan_batches(flood, [], steps=8, size=16, replay_fraction=0.5, rng=random.Random(0),
-                           max_user_share=0.1)
+    batches = plan_batches(flood, [], steps=8, size=16, replay_fraction=0.5, rng=random.Random(0), max_user_share=0.1)
     users, _ = per_user(batches)
     assert len(batches) == 8 and all(len(b) >= 2 for b in batches)
     assert users["flooder"] == int(0.1 * 8 * 16)  # 12 of 1000: progress, bounded
@@ -80,8 +83,9 @@ def test_the_cap_off_plans_exactly_as_before():
     others = [rated(1000 + i, f"u{i % 20}") for i in range(100)]
     pool = [rated(5000 + i, "flooder") for i in range(50)]
     plain = plan_batches(flood + others, pool, steps=8, size=16, replay_fraction=0.5, rng=random.Random(3))
-    off = plan_batches(flood + others, pool, steps=8, size=16, replay_fraction=0.5, rng=random.Random(3),
-                       max_user_share=1.0)
+    off = plan_batches(
+        flood + others, pool, steps=8, size=16, replay_fraction=0.5, rng=random.Random(3), max_user_share=1.0
+    )
     assert [[e.response_id for e in b] for b in off] == [[e.response_id for e in b] for b in plain]
     assert per_user(off)[0]["flooder"] >= 1000  # the whole flood in one update, as before
 

@@ -28,13 +28,7 @@ def main() -> None:
         publishing._checkpoint = stall
     reg = open_registry(url, None if adapter_root == "-" else Path(adapter_root))
     for i in range(int(count)):
-        reg.publish(
-            Path(adapter_dir),
-            base_model=base_model,
-            parent=None,
-            metrics={"tag": tag, "i": i},
-            lineage={},
-        )
+        reg.publish(Path(adapter_dir), base_model=base_model, parent=None, metrics={"tag": tag, "i": i}, lineage={})
     reg.close()
 
 

@@ -33,6 +33,7 @@ def _timed(call, *args, **kwargs) -> float:
 
 def _wait_in_thread(reg, timeout_s: float) -> tuple[threading.Thread, list[float]]:
     woke: list[float] = []
+
     def wait() -> None:
         reg.wait_for_change(timeout_s)
         woke.append(time.monotonic())
@@ -79,7 +80,7 @@ def test_unreachable_redis_is_unavailable_at_once(tmp_path):
     from testkit.ports import free_port
 
     started = time.monotonic()
-    with pytest.raises(RegistryUnavailable, match="127.0.0.1"):
+    with pytest.raises(RegistryUnavailable, match=r"127\.0\.0\.1"):
         open_registry(f"redis://127.0.0.1:{free_port()}/0", tmp_path / "adapters")
     assert time.monotonic() - started < FAST_S
 
@@ -91,8 +92,9 @@ def test_redis_restart(tmp_path, adapter_dir, base_model):
     other = None
     try:
         v1, v2 = (
-            reg.publish(adapter_dir, base_model=base_model, parent=None, metrics={"i": i},
-                        lineage={"events": [f"e{i}"]}).version
+            reg.publish(
+                adapter_dir, base_model=base_model, parent=None, metrics={"i": i}, lineage={"events": [f"e{i}"]}
+            ).version
             for i in (1, 2)
         )
         reg.activate(v1, actor="op")
@@ -101,12 +103,15 @@ def test_redis_restart(tmp_path, adapter_dir, base_model):
 
         server.stop()
         calls = {
-            "pointer": reg.pointer, "ping": reg.ping, "list_versions": reg.list_versions,
-            "get": lambda: reg.get(v1), "history": reg.history,
+            "pointer": reg.pointer,
+            "ping": reg.ping,
+            "list_versions": reg.list_versions,
+            "get": lambda: reg.get(v1),
+            "history": reg.history,
             "activate": lambda: reg.activate(v2, actor="op"),
-            "rollback": lambda: reg.rollback(actor="op"), "reject": lambda: reg.reject(v2, "x"),
-            "publish": lambda: reg.publish(adapter_dir, base_model=base_model, parent=None,
-                                           metrics={}, lineage={}),
+            "rollback": lambda: reg.rollback(actor="op"),
+            "reject": lambda: reg.reject(v2, "x"),
+            "publish": lambda: reg.publish(adapter_dir, base_model=base_model, parent=None, metrics={}, lineage={}),
         }
         for name, call in calls.items():
             started = time.monotonic()
@@ -132,8 +137,7 @@ def test_redis_restart(tmp_path, adapter_dir, base_model):
         # Nothing half-made was left by the publish that failed while Redis was down.
         info = reg.publish(adapter_dir, base_model=base_model, parent=v2, metrics={}, lineage={})
         assert info.version == "v0003"
-        assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == [
-            "v0001", "v0002", "v0003"]
+        assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["v0001", "v0002", "v0003"]
     finally:
         for r in (reg, other):
             if r is not None:
@@ -148,8 +152,7 @@ def test_lost_metadata_never_clobbers_existing_files(services, tmp_path, adapter
     first = open_registry(f"{services.registry_url}?prefix=first:{key}:", root)
     second = open_registry(f"{services.registry_url}?prefix=second:{key}:", root)
     try:
-        info = first.publish(adapter_dir, base_model=base_model, parent=None, metrics={},
-                             lineage={})
+        info = first.publish(adapter_dir, base_model=base_model, parent=None, metrics={}, lineage={})
         with pytest.raises(RegistryError, match="already exists"):
             second.publish(adapter_dir, base_model=base_model, parent=None, metrics={}, lineage={})
         first.verify_files(info.version)  # untouched

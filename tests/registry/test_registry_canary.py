@@ -10,8 +10,6 @@ import threading
 
 import pytest
 
-from registry.redis_keys import SCHEMA_VERSION
-
 from registry import (
     BASE,
     CanaryRunning,
@@ -23,9 +21,14 @@ from registry import (
     in_canary,
     open_registry,
 )
+from registry.redis_keys import SCHEMA_VERSION
 
-EVIDENCE = {"candidate": {"n": 40, "desirable": 4}, "baseline": {"n": 60, "desirable": 30},
-            "interval": [-0.62, -0.18], "alpha": 0.05}
+EVIDENCE = {
+    "candidate": {"n": 40, "desirable": 4},
+    "baseline": {"n": 60, "desirable": 30},
+    "interval": [-0.62, -0.18],
+    "alpha": 0.05,
+}
 
 
 def _trail(reg) -> list[tuple[str, str | None, str | None]]:
@@ -33,6 +36,7 @@ def _trail(reg) -> list[tuple[str, str | None, str | None]]:
 
 
 # ---- the routing hash (pure) ----------------------------------------------------------------
+
 
 def test_in_canary_is_sticky_nested_and_about_the_share():
     users = [f"user-{i}" for i in range(4000)]
@@ -47,6 +51,7 @@ def test_in_canary_is_sticky_nested_and_about_the_share():
 
 # ---- start ----------------------------------------------------------------------------------
 
+
 def test_start_records_state_history_and_bumps_the_counter(reg, publish):
     v1, v2 = publish(), publish()
     reg.activate(v1, actor="op")
@@ -54,11 +59,22 @@ def test_start_records_state_history_and_bumps_the_counter(reg, publish):
     assert reg.canary() is None
     entry = reg.start_canary(v2, 0.25, actor="learner", reason="new version", evidence={"k": 1})
     assert (entry.action, entry.version, entry.previous, entry.actor, entry.reason, entry.evidence) == (
-        "canary_start", v2, v1, "learner", "new version", {"k": 1})
+        "canary_start",
+        v2,
+        v1,
+        "learner",
+        "new version",
+        {"k": 1},
+    )
     assert reg.pointer() == (counter + 1, v1)  # the pointer stays; the counter tells pollers
     canary = reg.canary()
     assert (canary.version, canary.share, canary.baseline, canary.paused, canary.actor) == (
-        v2, 0.25, v1, False, "learner")
+        v2,
+        0.25,
+        v1,
+        False,
+        "learner",
+    )
     assert canary.since == canary.started_at == pytest.approx(entry.at, abs=1.0)
     assert canary.evidence is None
     assert reg.history()[-1] == entry
@@ -98,6 +114,7 @@ def test_a_canary_against_the_base_model(reg, publish):
 
 # ---- advance: the canary follows its candidate's lineage ------------------------------------
 
+
 def test_advance_moves_the_candidate_on_keeping_users_and_evidence(reg, open_reg, publish):
     v1 = publish()
     v2 = publish(parent=v1)
@@ -107,11 +124,20 @@ def test_advance_moves_the_candidate_on_keeping_users_and_evidence(reg, open_reg
     started, counter = reg.canary(), reg.pointer()[0]
     entry = reg.advance_canary(v1, v2, actor="learner", reason="trained from v0001", evidence={"k": 2})
     assert (entry.action, entry.version, entry.previous, entry.actor, entry.evidence) == (
-        "canary_advance", v2, None, "learner", {"k": 2})
+        "canary_advance",
+        v2,
+        None,
+        "learner",
+        {"k": 2},
+    )
     moved = reg.canary()
     assert (moved.version, moved.versions, moved.cohort) == (v2, (v1, v2), v1)
     assert (moved.since, moved.started_at, moved.baseline, moved.share) == (
-        started.since, started.started_at, started.baseline, started.share)  # the same test goes on
+        started.since,
+        started.started_at,
+        started.baseline,
+        started.share,
+    )  # the same test goes on
     assert reg.pointer() == (counter + 1, None)  # serving replicas notice it
     reg.advance_canary(v2, v3, actor="learner")
     assert open_reg().canary().versions == (v1, v2, v3)  # what another process reads
@@ -163,6 +189,7 @@ def test_rolling_back_an_advanced_canary_rejects_its_candidate(reg, publish):
 
 # ---- promote and roll back ------------------------------------------------------------------
 
+
 def test_promote_activates_through_the_stack_rules(reg, publish):
     v1, v2 = publish(), publish()
     reg.activate(v1, actor="op")
@@ -170,14 +197,17 @@ def test_promote_activates_through_the_stack_rules(reg, publish):
     with pytest.raises(NoCanary):
         reg.promote_canary(v1, actor="op")  # not the candidate: a decision about another canary
     entry = reg.promote_canary(v2, actor="canary-controller", reason="not worse", evidence=EVIDENCE)
-    assert (entry.action, entry.previous, entry.version, entry.evidence) == (
-        "canary_promote", v1, v2, EVIDENCE)
+    assert (entry.action, entry.previous, entry.version, entry.evidence) == ("canary_promote", v1, v2, EVIDENCE)
     assert reg.active() == v2 and reg.canary() is None
     with pytest.raises(NoCanary):
         reg.promote_canary(v2, actor="op")
     assert reg.rollback(actor="op").version == v1  # promotion pushed v1, like an activation
-    assert _trail(reg) == [("activate", None, v1), ("canary_start", v1, v2),
-                           ("canary_promote", v1, v2), ("rollback", v2, v1)]
+    assert _trail(reg) == [
+        ("activate", None, v1),
+        ("canary_start", v1, v2),
+        ("canary_promote", v1, v2),
+        ("rollback", v2, v1),
+    ]
 
 
 def test_rollback_rejects_the_candidate_forever(reg, publish):
@@ -188,8 +218,7 @@ def test_rollback_rejects_the_candidate_forever(reg, publish):
     reg.start_canary(v2, 0.3, actor="op")  # a canary of an old version
     counter = reg.pointer()[0]
     entry = reg.rollback_canary(v2, actor="canary-controller", reason="worse", evidence=EVIDENCE)
-    assert (entry.action, entry.previous, entry.version, entry.evidence) == (
-        "canary_rollback", v1, v2, EVIDENCE)
+    assert (entry.action, entry.previous, entry.version, entry.evidence) == ("canary_rollback", v1, v2, EVIDENCE)
     assert reg.pointer() == (counter + 1, v1) and reg.canary() is None
     info = reg.get(v2)
     assert info.status == "rejected" and "canary-controller" in info.rejected_reason
@@ -232,10 +261,13 @@ def test_promote_and_rollback_race_one_wins(reg, open_reg, publish):
     assert (reg.active() == v1) == (won == "promoted")
     assert (reg.get(v1).status == "rejected") == (won == "rolled back")
     assert [e.action for e in reg.history()] == [
-        "canary_start", "canary_promote" if won == "promoted" else "canary_rollback"]
+        "canary_start",
+        "canary_promote" if won == "promoted" else "canary_rollback",
+    ]
 
 
 # ---- pause, resume, report ------------------------------------------------------------------
+
 
 def test_pause_and_resume(reg, publish):
     v1 = publish()
@@ -271,6 +303,7 @@ def test_evidence_must_be_json(reg, publish):
 
 # ---- pointer moves and rejections during a canary -------------------------------------------
 
+
 def test_activating_another_version_moves_the_baseline(reg, publish):
     v1, v2, v3 = publish(), publish(), publish()
     reg.activate(v1, actor="op")
@@ -302,8 +335,7 @@ def test_rejecting_the_candidate_rolls_the_canary_back(reg, publish):
     reg.start_canary(v2, 0.2, actor="learner")
     reg.reject(v2, "checksum mismatch", actor="serve:a")
     last = reg.history()[-1]
-    assert (last.action, last.previous, last.version, last.actor) == (
-        "canary_rollback", v1, v2, "serve:a")
+    assert (last.action, last.previous, last.version, last.actor) == ("canary_rollback", v1, v2, "serve:a")
     assert "checksum mismatch" in last.reason
     assert reg.canary() is None and reg.active() == v1
 
@@ -361,7 +393,9 @@ def test_a_layout_1_sqlite_registry_is_migrated(tmp_path, make_adapter, base_mod
     reg = open_registry(f"sqlite:///{db}")
     try:
         assert [(e.seq, e.action, e.version, e.reason, e.evidence) for e in reg.history()] == [
-            (1, "activate", "v0009", "old", None), (2, "rollback", None, "", None)]
+            (1, "activate", "v0009", "old", None),
+            (2, "rollback", None, "", None),
+        ]
         assert reg.pointer() == (2, None) and reg.canary() is None
         v1 = reg.publish(make_adapter(), base_model=base_model, parent=None, metrics={}, lineage={}).version
         entry = reg.start_canary(v1, 0.2, actor="op", evidence={"n": 1})
@@ -380,9 +414,20 @@ def test_a_layout_1_redis_registry_reads_and_upgrades(services, tmp_path):
     try:
         client.set(prefix + "schema", 1)
         client.hset(prefix + "pointer", mapping={"counter": 1, "active": ""})
-        client.rpush(prefix + "history", json.dumps({
-            "seq": 1, "at": 1.0, "action": "activate", "version": None, "previous": None,
-            "actor": "op", "reason": "old"}))
+        client.rpush(
+            prefix + "history",
+            json.dumps(
+                {
+                    "seq": 1,
+                    "at": 1.0,
+                    "action": "activate",
+                    "version": None,
+                    "previous": None,
+                    "actor": "op",
+                    "reason": "old",
+                }
+            ),
+        )
         reg = open_registry(url, tmp_path / "adapters")
         try:
             [entry] = reg.history()

@@ -23,8 +23,13 @@ def test_an_erasure_flags_the_versions_and_is_in_the_history(reg, make_adapter, 
     reg.activate(v2, actor="op")
     counter = reg.pointer()[0]
 
-    entry = reg.record_erasure("req-1", [v2, v1, v2], actor="learner", reason="user data erased on request",
-                               evidence={"removed": {"examples": 3}})
+    entry = reg.record_erasure(
+        "req-1",
+        [v2, v1, v2],
+        actor="learner",
+        reason="user data erased on request",
+        evidence={"removed": {"examples": 3}},
+    )
     assert (entry.action, entry.version, entry.previous, entry.actor) == ("erasure", None, None, "learner")
     assert entry.evidence == {"removed": {"examples": 3}, "request_id": "req-1", "flagged_versions": [v1, v2]}
     assert reg.history()[-1] == entry
@@ -62,8 +67,12 @@ def test_concurrent_erasures_keep_every_flag(open_reg, make_adapter, base_model)
     first = open_reg()
     v1 = _publish(first, make_adapter, base_model)
     clients = [open_reg() for _ in range(4)]
-    threads = [threading.Thread(target=lambda c=c, i=i: [c.record_erasure(f"req-{i}-{j}", [v1], actor="learner")
-                                                      for j in range(5)]) for i, c in enumerate(clients)]
+    threads = [
+        threading.Thread(
+            target=lambda c=c, i=i: [c.record_erasure(f"req-{i}-{j}", [v1], actor="learner") for j in range(5)]
+        )
+        for i, c in enumerate(clients)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -84,7 +93,8 @@ def test_a_layout_2_sqlite_registry_is_migrated(tmp_path, make_adapter, base_mod
             "CREATE TABLE history (seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, action TEXT NOT NULL"
             " CHECK (action IN ('activate', 'rollback', 'canary_start')), version TEXT, previous TEXT,"
             " actor TEXT NOT NULL, reason TEXT NOT NULL, evidence TEXT);"
-            "INSERT INTO history SELECT * FROM history_old; DROP TABLE history_old; PRAGMA user_version = 2;")
+            "INSERT INTO history SELECT * FROM history_old; DROP TABLE history_old; PRAGMA user_version = 2;"
+        )
     conn.close()
     reg = open_registry(f"sqlite:///{db}")
     try:

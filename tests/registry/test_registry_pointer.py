@@ -27,9 +27,7 @@ def test_starts_on_the_base(reg):
 def test_activate_records_history_and_bumps_counter(reg, publish):
     v1, v2 = publish(), publish()
     e1 = reg.activate(v1, actor="alice", reason="first")
-    assert (e1.action, e1.version, e1.previous, e1.actor, e1.reason) == (
-        "activate", v1, None, "alice", "first"
-    )
+    assert (e1.action, e1.version, e1.previous, e1.actor, e1.reason) == ("activate", v1, None, "alice", "first")
     counter1, active = reg.pointer()
     assert active == v1 and counter1 > 0
     e2 = reg.activate(v2, actor="bob")
@@ -61,9 +59,7 @@ def test_stack_rollback_never_ping_pongs(reg, publish):
     assert reg.active() is None
     with pytest.raises(NothingToRollBack):
         reg.rollback(actor="op")
-    assert _trail(reg) == [
-        ("activate", None, v1), ("activate", v1, v2), ("rollback", v2, v1), ("rollback", v1, None),
-    ]
+    assert _trail(reg) == [("activate", None, v1), ("activate", v1, v2), ("rollback", v2, v1), ("rollback", v1, None)]
 
 
 def test_stack_rollback_after_reactivating_an_old_version(reg, publish):
@@ -123,9 +119,7 @@ def test_rejecting_the_active_version_rolls_back_once(reg, publish):
     assert reg.get(v2).status == "rejected"
     assert reg.get(v2).rejected_reason == "NaN weights"
     last = reg.history()[-1]
-    assert (last.action, last.previous, last.version, last.actor) == (
-        "rollback", v2, v1, "replica-a"
-    )
+    assert (last.action, last.previous, last.version, last.actor) == ("rollback", v2, v1, "replica-a")
     assert len(reg.history()) == 3
 
 

@@ -16,22 +16,17 @@ from testkit.waiting import wait_for
 WORKER = Path(__file__).with_name("_publish_worker.py")
 
 
-def _worker(url: str, root: Path | None, adapter_dir: Path, base_model: str, count: int, tag: str,
-            *stall: str):
+def _worker(url: str, root: Path | None, adapter_dir: Path, base_model: str, count: int, tag: str, *stall: str):
     return subprocess.Popen(
-        [sys.executable, str(WORKER), url, str(root or "-"), str(adapter_dir), base_model,
-         str(count), tag, *stall],
+        [sys.executable, str(WORKER), url, str(root or "-"), str(adapter_dir), base_model, str(count), tag, *stall],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
 
 
-def test_two_processes_publish_concurrently(registry_url, adapter_root, open_reg, adapter_dir,
-                                            base_model):
-    procs = [
-        _worker(registry_url, adapter_root, adapter_dir, base_model, 8, tag) for tag in ("a", "b")
-    ]
+def test_two_processes_publish_concurrently(registry_url, adapter_root, open_reg, adapter_dir, base_model):
+    procs = [_worker(registry_url, adapter_root, adapter_dir, base_model, 8, tag) for tag in ("a", "b")]
     for proc in procs:
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out
@@ -46,6 +41,7 @@ def test_two_processes_publish_concurrently(registry_url, adapter_root, open_reg
 
 def _wait_for(marker: Path, proc: subprocess.Popen, deadline_s: float = 120.0) -> None:
     """Until the worker touched `marker` (it then stalls there); killed if the wait fails."""
+
     def reached() -> bool:
         if marker.exists():
             return True
@@ -64,9 +60,7 @@ def test_publish_killed_midway_leaves_no_version(
     stage, registry_url, adapter_root, open_reg, adapter_dir, base_model, tmp_path
 ):
     marker = tmp_path / "reached"
-    proc = _worker(
-        registry_url, adapter_root, adapter_dir, base_model, 1, "killed", stage, str(marker)
-    )
+    proc = _worker(registry_url, adapter_root, adapter_dir, base_model, 1, "killed", stage, str(marker))
     _wait_for(marker, proc)
 
     # While the publish hangs, readers see nothing of it and opening does not disturb it.

@@ -28,11 +28,7 @@ WEIGHTS = "adapter_model.safetensors"
 
 def test_publish_get_and_list(reg, adapter_dir, base_model):
     info = reg.publish(
-        adapter_dir,
-        base_model=base_model,
-        parent=None,
-        metrics={"loss": 0.5},
-        lineage={"events": ["e1", "e2"]},
+        adapter_dir, base_model=base_model, parent=None, metrics={"loss": 0.5}, lineage={"events": ["e1", "e2"]}
     )
     assert info.version == "v0001"
     assert info.status == "ready" and info.rejected_reason is None
@@ -44,14 +40,20 @@ def test_publish_get_and_list(reg, adapter_dir, base_model):
     assert (info.path / "adapter_config.json").is_file()
     assert reg.get("v0001") == info
 
-    child = reg.publish(
-        adapter_dir, base_model=base_model, parent="v0001", metrics={}, lineage={}
-    )
+    child = reg.publish(adapter_dir, base_model=base_model, parent="v0001", metrics={}, lineage={})
     assert child.version == "v0002" and child.parent == "v0001"
     assert [v.version for v in reg.list_versions()] == ["v0001", "v0002"]
     assert set(info.to_json()) == {
-        "version", "status", "parent", "created_at", "base_model", "sha256", "metrics",
-        "lineage", "rejected_reason", "flags",
+        "version",
+        "status",
+        "parent",
+        "created_at",
+        "base_model",
+        "sha256",
+        "metrics",
+        "lineage",
+        "rejected_reason",
+        "flags",
     }
     json.dumps(child.to_json())  # the admin API serializes it as is
 
@@ -107,8 +109,9 @@ def test_publish_refuses_bad_config_and_status(reg, publish, adapter_dir):
 
 
 def test_publish_rejected_version_and_non_finite_metrics(reg, publish):
-    v = publish(status="rejected", rejected_reason="gate: loss is NaN",
-                metrics={"loss": math.nan, "kl": [1.0, math.inf]})
+    v = publish(
+        status="rejected", rejected_reason="gate: loss is NaN", metrics={"loss": math.nan, "kl": [1.0, math.inf]}
+    )
     info = reg.get(v)
     assert info.status == "rejected" and info.rejected_reason == "gate: loss is NaN"
     assert info.metrics == {"loss": None, "kl": [1.0, None]}
@@ -239,15 +242,12 @@ def test_staging_debris_swept_on_open(open_reg, reg, publish):
     assert publish() == "v0001"
 
 
-
 @pytest.mark.parametrize("backend_class", [SqliteRegistry, RedisRegistry])
 def test_backends_match_the_protocol(backend_class):
     members = [name for name in vars(Registry) if not name.startswith("_")]
     assert "publish" in members and "pointer" in members and "wait_for_change" in members
     for name in members:
-        assert inspect.signature(getattr(backend_class, name)) == inspect.signature(
-            getattr(Registry, name)
-        ), name
+        assert inspect.signature(getattr(backend_class, name)) == inspect.signature(getattr(Registry, name)), name
 
 
 def test_damaged_database_is_unavailable(tmp_path):

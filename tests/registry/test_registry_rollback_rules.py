@@ -5,12 +5,7 @@ from __future__ import annotations
 import pytest
 
 from registry.errors import NothingToRollBack
-from registry.rollback import (
-    MAX_DEPTH,
-    pop_for_rollback,
-    push_on_activate,
-    truncate_for_rollback_to,
-)
+from registry.rollback import MAX_DEPTH, pop_for_rollback, push_on_activate, truncate_for_rollback_to
 
 
 def never(_: str) -> bool:

@@ -17,8 +17,14 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 @pytest.fixture
 def settings(tmp_path, tiny_model_dir) -> ServeSettings:
-    return ServeSettings(data_dir=tmp_path / "data", model=str(tiny_model_dir), model_id=TINY_MODEL_ID,
-                         admin_token=ADMIN_TOKEN, registry_poll_s=0.05, default_max_tokens=8)
+    return ServeSettings(
+        data_dir=tmp_path / "data",
+        model=str(tiny_model_dir),
+        model_id=TINY_MODEL_ID,
+        admin_token=ADMIN_TOKEN,
+        registry_poll_s=0.05,
+        default_max_tokens=8,
+    )
 
 
 @pytest.fixture

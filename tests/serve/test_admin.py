@@ -14,8 +14,9 @@ HELLO = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "t
 
 
 def publish(state, adapter_dir, parent=None, **metrics):
-    return state.registry.publish(adapter_dir, base_model=TINY_MODEL_ID, parent=parent, metrics=metrics,
-                                  lineage={"events": ["e1", "e2"]})
+    return state.registry.publish(
+        adapter_dir, base_model=TINY_MODEL_ID, parent=parent, metrics=metrics, lineage={"events": ["e1", "e2"]}
+    )
 
 
 def test_admin_needs_the_token(client):
@@ -37,8 +38,13 @@ def test_list_activate_rollback_history(client, state, make_adapter):
     v2 = publish(state, make_adapter(2), parent=v1).version
     listing = client.get("/v1/adapters", headers=ADMIN).json()
     assert listing["active"] is None
-    assert [(v["version"], v["parent"], v["status"]) for v in listing["versions"]] == [(v1, None, "ready"), (v2, v1, "ready")]
-    assert listing["versions"][0]["metrics"] == {"loss": 0.5} and listing["versions"][0]["lineage"] == {"events": ["e1", "e2"]}
+    assert [(v["version"], v["parent"], v["status"]) for v in listing["versions"]] == [
+        (v1, None, "ready"),
+        (v2, v1, "ready"),
+    ]
+    assert listing["versions"][0]["metrics"] == {"loss": 0.5} and listing["versions"][0]["lineage"] == {
+        "events": ["e1", "e2"]
+    }
 
     reply = client.post(f"/v1/adapters/{v1}/activate", json={"reason": "try it"}, headers=ADMIN)
     assert reply.status_code == 200 and reply.json()["serving"] == v1
@@ -56,7 +62,12 @@ def test_list_activate_rollback_history(client, state, make_adapter):
 
     history = client.get("/v1/adapters/history", headers=ADMIN).json()["history"]
     assert [(h["action"], h["version"]) for h in history] == [
-        ("activate", v1), ("activate", v2), ("rollback", v1), ("rollback", None), ("rollback", v2)]
+        ("activate", v1),
+        ("activate", v2),
+        ("rollback", v1),
+        ("rollback", None),
+        ("rollback", v2),
+    ]
     assert history[0]["reason"] == "try it" and history[0]["actor"] == "admin" and history[0]["at"] > 0
 
 
@@ -96,8 +107,12 @@ def test_new_version_picked_up_without_admin_call(client, state, make_adapter):
     """A version activated straight in the registry (as the learner does) is served within a second."""
     v1 = publish(state, make_adapter(1)).version
     state.registry.activate(v1, actor="learner", reason="auto")
-    wait_for(lambda: client.post("/v1/chat/completions", json=HELLO).json()["model"] == v1,
-             what="the new version served", timeout_s=5, interval_s=0.02)
+    wait_for(
+        lambda: client.post("/v1/chat/completions", json=HELLO).json()["model"] == v1,
+        what="the new version served",
+        timeout_s=5,
+        interval_s=0.02,
+    )
 
 
 @pytest.mark.parametrize("path", ["/v1/adapters/v1/activate", "/v1/adapters/rollback"])
@@ -117,13 +132,20 @@ def test_audit_tells_which_version_answered_and_how_it_was_rated(client, state, 
     client.post(f"/v1/adapters/{v1}/activate", headers=ADMIN)
     reply = client.post("/v1/chat/completions", json=HELLO, headers=ALICE).json()
     assert reply["model"] == v1
-    assert client.post("/v1/feedback", json={"response_id": reply["id"], "label": "down"},
-                       headers=ALICE).status_code == 202
+    assert (
+        client.post("/v1/feedback", json={"response_id": reply["id"], "label": "down"}, headers=ALICE).status_code
+        == 202
+    )
 
     audit = client.get(f"/v1/responses/{reply['id']}/version", headers=ADMIN)
     assert audit.status_code == 200
-    assert audit.json() == {"response_id": reply["id"], "version": v1, "base_model": TINY_MODEL_ID,
-                            "user": "alice", "label": "undesirable"}
+    assert audit.json() == {
+        "response_id": reply["id"],
+        "version": v1,
+        "base_model": TINY_MODEL_ID,
+        "user": "alice",
+        "label": "undesirable",
+    }
     before = client.get(f"/v1/responses/{base_id}/version", headers=ADMIN).json()
     assert before["version"] is None and before["label"] is None  # the base model, not rated
 
@@ -148,6 +170,7 @@ def test_audit_answers_503_while_the_ledger_is_unreachable(client, state, monkey
 
     def away(response_id):
         raise LedgerUnavailable("redis is down")
+
     monkeypatch.setattr(state.ledger, "lookup", away)
     reply = client.get("/v1/responses/x/version", headers=ADMIN)
     assert reply.status_code == 503 and reply.json()["error"]["code"] == "ledger_unavailable"
@@ -162,7 +185,9 @@ def test_a_version_page_shows_its_lineage_children_and_history(client, state, ma
     assert (page["version"], page["parent"], page["children"]) == (v1, None, [v2])
     assert page["metrics"] == {"loss": 0.5} and page["lineage"] == {"events": ["e1", "e2"]}
     assert [(h["action"], h["version"], h["previous"], h["reason"]) for h in page["history"]] == [
-        ("activate", v1, None, "try it"), ("activate", v2, v1, "")]
+        ("activate", v1, None, "try it"),
+        ("activate", v2, v1, ""),
+    ]
     assert client.get(f"/v1/adapters/{v2}", headers=ADMIN).json()["children"] == []
     missing = client.get("/v1/adapters/v9999", headers=ADMIN)
     assert missing.status_code == 404 and "v9999" in missing.json()["error"]["message"]

@@ -16,8 +16,11 @@ USERS = [f"user-{i}" for i in range(24)]
 def chat(client, who: str | None = None, **extra) -> str:
     """The `model` that answered a chat of `who` (the X-User-Id header; None: anonymous)."""
     headers = {"X-User-Id": who} if who else {}
-    reply = client.post("/v1/chat/completions", headers=headers,
-                        json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **extra})
+    reply = client.post(
+        "/v1/chat/completions",
+        headers=headers,
+        json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **extra},
+    )
     assert reply.status_code == 200, reply.text
     return reply.json()["model"]
 
@@ -56,7 +59,7 @@ def test_a_canary_serves_its_share_of_users_sticky_and_never_the_anonymous(clien
 
 
 def test_pause_resume_promote(client, versions):
-    v1, v2, inside, outside = versions
+    v1, v2, inside, _outside = versions
     client.post("/v1/adapters/canary", json={"version": v2, "share": 0.5}, headers=ADMIN)
     assert client.post("/v1/adapters/canary/pause", json={"reason": "hold"}, headers=ADMIN).status_code == 200
     assert {chat(client, u) for u in USERS} == {v1}  # nobody goes to a paused candidate
@@ -67,14 +70,18 @@ def test_pause_resume_promote(client, versions):
     assert {chat(client, u) for u in USERS} == {v2}
     history = client.get("/v1/adapters/history", headers=ADMIN).json()["history"]
     assert [(h["action"], h["version"], h["actor"]) for h in history] == [
-        ("activate", v1, "admin"), ("canary_start", v2, "admin"), ("canary_pause", v2, "admin"),
-        ("canary_resume", v2, "admin"), ("canary_promote", v2, "admin")]
+        ("activate", v1, "admin"),
+        ("canary_start", v2, "admin"),
+        ("canary_pause", v2, "admin"),
+        ("canary_resume", v2, "admin"),
+        ("canary_promote", v2, "admin"),
+    ]
     back = client.post("/v1/adapters/rollback", headers=ADMIN).json()
     assert back["active"] == v1  # a promotion is undone like an activation
 
 
 def test_rollback_rejects_the_candidate_and_its_users_return(client, versions):
-    v1, v2, inside, outside = versions
+    v1, v2, inside, _outside = versions
     client.post("/v1/adapters/canary", json={"version": v2, "share": 0.5}, headers=ADMIN)
     assert chat(client, inside[0]) == v2
     reply = client.post("/v1/adapters/canary/rollback", json={"reason": "bad answers"}, headers=ADMIN)
@@ -88,7 +95,7 @@ def test_rollback_rejects_the_candidate_and_its_users_return(client, versions):
 
 
 def test_canary_errors(client, state, versions, make_adapter):
-    v1, v2, inside, outside = versions
+    v1, v2, _inside, _outside = versions
     assert client.post("/v1/adapters/canary", json={"version": v2, "share": 0.5}).status_code == 401
     for bad in ({"version": v2, "share": 0}, {"version": v2, "share": 1.5}, {"version": v2}):
         assert client.post("/v1/adapters/canary", json=bad, headers=ADMIN).status_code == 422
@@ -123,8 +130,10 @@ def test_a_canary_started_elsewhere_is_followed(client, state, versions, make_ad
 
     broken = publish(state, make_adapter(5, base_model="another-model"))
     state.registry.start_canary(broken, 1.0, actor="learner")  # the registry cannot check the base model
-    last = wait_for(lambda: (h := state.registry.history()[-1]).action == "canary_rollback" and h,
-                    what="the replica to refuse the candidate")
+    last = wait_for(
+        lambda: (h := state.registry.history()[-1]).action == "canary_rollback" and h,
+        what="the replica to refuse the candidate",
+    )
     assert last.version == broken and last.actor.startswith("serve:")
     assert state.registry.canary() is None and state.registry.get(broken).status == "rejected"
     assert {chat(client, u) for u in USERS} == {v1}
@@ -133,7 +142,7 @@ def test_a_canary_started_elsewhere_is_followed(client, state, versions, make_ad
 def test_an_advancing_canary_keeps_its_users_and_serves_the_newest_candidate(client, state, versions, make_adapter):
     """The learner moves its canary on to a version trained from the candidate: the same users
     get the new one, the others stay on the active version, and /v1/models shows it."""
-    v1, v2, inside, outside = versions
+    v1, v2, inside, _outside = versions
     state.registry.start_canary(v2, 0.5, actor="learner")
     wait_for(lambda: state.hotswap.canary is not None, what="the replica to follow the canary")
     v3 = publish(state, make_adapter(6), parent=v2)

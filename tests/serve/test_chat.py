@@ -22,7 +22,7 @@ def read_topic(state, topic: str) -> list:
 
 
 def sse_events(text: str) -> list:
-    lines = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    lines = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
     return [json.loads(line) for line in lines[:-1]]
 
@@ -92,7 +92,11 @@ def test_models_lists_alias_and_base(client):
         ({**HELLO, "seed": 2**70}, 422, "seed"),
         ({**HELLO, "stream_options": {"include_usage": "maybe"}}, 422, "stream_options.include_usage"),
         ({"messages": [{"role": "user", "content": "word " * 5000}]}, 400, "messages"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 422, "messages.0.content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            422,
+            "messages.0.content",
+        ),
     ],
 )
 def test_bad_requests_are_4xx_naming_the_field(client, body, status, param):
@@ -118,8 +122,10 @@ def test_odd_but_valid_inputs_are_answered(client):
         reply = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 4, "stop": "\n"})
         assert reply.status_code == 200, (messages, reply.text)
     # JSON escapes for a surrogate pair and for a lone surrogate, as raw bytes
-    for raw in (rb'{"messages":[{"role":"user","content":"\ud83d\ude00"}],"max_tokens":3}',
-                rb'{"messages":[{"role":"user","content":"\ud800 lone"}],"max_tokens":3}'):
+    for raw in (
+        rb'{"messages":[{"role":"user","content":"\ud83d\ude00"}],"max_tokens":3}',
+        rb'{"messages":[{"role":"user","content":"\ud800 lone"}],"max_tokens":3}',
+    ):
         reply = client.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
         assert reply.status_code < 500, reply.text
 

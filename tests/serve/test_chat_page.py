@@ -3,7 +3,8 @@
 What a user does, through what a user sees: type and press Enter, watch the answer stream in,
 press 👎 then 👍 (buttons found by their accessible names), and the feedback events are on the
 bus, for that response and that browser's user. Errors (a refused prompt, a refused rating, an
-answer failing mid-stream, no network) show in the page. With ``KTO_SCREENSHOT=PATH`` (``make screenshot``), the conversation is saved there.
+answer failing mid-stream, no network) show in the page. With ``KTO_SCREENSHOT=PATH`` (``make screenshot``), the
+conversation is saved there.
 """
 
 from __future__ import annotations
@@ -37,8 +38,13 @@ def server(tmp_path_factory, tiny_model_dir):
     # For the picture, the demo model (about 20 s to build): it babbles words, where the random
     # tiny model's tokens are often bytes that are not valid UTF-8 on their own.
     model = {} if SCREENSHOT else {"model": str(tiny_model_dir), "model_id": TINY_MODEL_ID}
-    settings = ServeSettings(data_dir=tmp_path_factory.mktemp("page") / "data", **model,
-                             default_max_tokens=ANSWER_TOKENS, max_prompt_tokens=300, torch_threads=1)
+    settings = ServeSettings(
+        data_dir=tmp_path_factory.mktemp("page") / "data",
+        **model,
+        default_max_tokens=ANSWER_TOKENS,
+        max_prompt_tokens=300,
+        torch_threads=1,
+    )
     with BackgroundServer(settings) as server:
         embeddings = server.state.loaded.model.get_input_embeddings()
         embeddings.register_forward_pre_hook(lambda *_: time.sleep(STEP_S))  # once per decoding step
@@ -94,10 +100,12 @@ def test_a_user_chats_streams_and_rates_in_the_browser(page, server):
 
     response_id = details(answer)["response id"]
     assert response_id.startswith("chatcmpl-") and details(answer)["version"] == server.state.settings.base_model_id
-    asked = wait_for(lambda: events(server, ResponseEvent, response_id), what="the response event",
-                     timeout_s=WAIT_S)
+    asked = wait_for(lambda: events(server, ResponseEvent, response_id), what="the response event", timeout_s=WAIT_S)
     assert [(m.role, m.content) for m in asked[0].messages] == [
-        ("user", "Hello there"), ("assistant", bubble_text(page, first)), ("user", "Tell me more")]
+        ("user", "Hello there"),
+        ("assistant", bubble_text(page, first)),
+        ("user", "Tell me more"),
+    ]
     assert asked[0].user == user
 
     down, up = vote_buttons(answer)
@@ -105,15 +113,15 @@ def test_a_user_chats_streams_and_rates_in_the_browser(page, server):
     down.click()
     wait_for(lambda: down.get_attribute("aria-pressed") == "true", what="👎 shown as chosen", timeout_s=WAIT_S)
     assert up.get_attribute("aria-pressed") == "false"
-    rated = wait_for(lambda: events(server, FeedbackEvent, response_id), what="the 👎 feedback event",
-                     timeout_s=WAIT_S)
+    rated = wait_for(lambda: events(server, FeedbackEvent, response_id), what="the 👎 feedback event", timeout_s=WAIT_S)
     assert [(e.label, e.user) for e in rated] == [("undesirable", user)]
 
     up.click()  # changing the vote is recorded too
     wait_for(lambda: up.get_attribute("aria-pressed") == "true", what="👍 shown as chosen", timeout_s=WAIT_S)
     assert down.get_attribute("aria-pressed") == "false"
-    rated = wait_for(lambda: events(server, FeedbackEvent, response_id, at_least=2), what="the 👍 feedback event",
-                     timeout_s=WAIT_S)
+    rated = wait_for(
+        lambda: events(server, FeedbackEvent, response_id, at_least=2), what="the 👍 feedback event", timeout_s=WAIT_S
+    )
     assert [(e.label, e.user) for e in rated] == [("undesirable", user), ("desirable", user)]
     assert not answer.find_element(By.CSS_SELECTOR, "[role=alert]").is_displayed()
 
@@ -134,7 +142,7 @@ def test_errors_are_shown_in_the_conversation(page, server, monkeypatch):
     # A rating from another user is refused (403): the page says so next to the answer.
     user = page.execute_script("return localStorage.getItem('kto-loop-user')")
     page.execute_script("localStorage.setItem('kto-loop-user', arguments[0])", f"someone-else-{uuid.uuid4()}")
-    down, up = vote_buttons(answer)
+    _down, up = vote_buttons(answer)
     up.click()
     alert = answer.find_element(By.CSS_SELECTOR, "[role=alert]")
     wait_for(alert.is_displayed, what="the rating's error", timeout_s=WAIT_S)
@@ -207,7 +215,9 @@ def finished_answer(page, n: int):
         answer = answers[n - 1]
         errors = [e.text for e in answer.find_elements(By.CSS_SELECTOR, "[role=alert]") if e.is_displayed()]
         assert not errors, errors
-        return answer if answer.get_attribute("aria-busy") == "false" and vote_buttons(answer)[0].is_displayed() else False
+        return (
+            answer if answer.get_attribute("aria-busy") == "false" and vote_buttons(answer)[0].is_displayed() else False
+        )
 
     return WebDriverWait(page, WAIT_S, poll_frequency=0.1).until(done, f"answer {n} never finished")
 
@@ -246,8 +256,10 @@ def vote_buttons(answer):
     """(👎, 👍), found by their accessible labels."""
     from selenium.webdriver.common.by import By
 
-    return (answer.find_element(By.CSS_SELECTOR, "button[aria-label='thumbs down']"),
-            answer.find_element(By.CSS_SELECTOR, "button[aria-label='thumbs up']"))
+    return (
+        answer.find_element(By.CSS_SELECTOR, "button[aria-label='thumbs down']"),
+        answer.find_element(By.CSS_SELECTOR, "button[aria-label='thumbs up']"),
+    )
 
 
 def details(answer) -> dict[str, str]:
@@ -267,9 +279,11 @@ def events(server, kind, response_id: str, at_least: int = 1) -> list:
     try:
         found = []
         while records := consumer.poll(timeout_s=0.2):
-            found += [e for e in map(decode_event, (r.value for r in records))
-                      if isinstance(e, kind) and e.response_id == response_id]
+            found += [
+                e
+                for e in map(decode_event, (r.value for r in records))
+                if isinstance(e, kind) and e.response_id == response_id
+            ]
     finally:
         consumer.close()
     return found if len(found) >= at_least else []
-

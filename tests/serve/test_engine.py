@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
 
 from serve.engine import Delta, Engine, Failed, Finished, GenerationRequest
 
@@ -20,6 +19,7 @@ def run_all(engine: Engine, requests: list[GenerationRequest], timeout: float = 
             outputs[i].append(out)
             if not isinstance(out, Delta):
                 done[i].set()
+
         return emit
 
     for i, request in enumerate(requests):
@@ -63,12 +63,18 @@ def test_rows_pinned_to_different_adapters(engine, tiny_model, make_adapter):
     engine.load_adapter("v1", make_adapter(1)).result()
     engine.load_adapter("v2", make_adapter(2)).result()
     versions = [None, "v1", "v2", "v1"]
-    requests = [GenerationRequest(prompt(tiny_model, t), max_tokens=8, temperature=0, adapter=v) for t, v in zip(TEXTS, versions)]
+    requests = [
+        GenerationRequest(prompt(tiny_model, t), max_tokens=8, temperature=0, adapter=v)
+        for t, v in zip(TEXTS, versions)
+    ]
     solo = [final(run_all(engine, [r])[0]).token_ids for r in requests]
     mixed = [final(o).token_ids for o in run_all(engine, requests)]
     assert mixed == solo
     # the adapters really change the answer, or this test would prove nothing
-    same_prompt = [GenerationRequest(prompt(tiny_model, TEXTS[0]), max_tokens=8, temperature=0, adapter=v) for v in (None, "v1", "v2")]
+    same_prompt = [
+        GenerationRequest(prompt(tiny_model, TEXTS[0]), max_tokens=8, temperature=0, adapter=v)
+        for v in (None, "v1", "v2")
+    ]
     answers = [final(run_all(engine, [r])[0]).token_ids for r in same_prompt]
     assert len({tuple(a) for a in answers}) == 3
 
@@ -91,10 +97,16 @@ def test_seed_makes_sampling_repeatable(engine, tiny_model):
 
 
 def test_stop_string_ends_the_answer(engine, tiny_model):
-    free = final(run_all(engine, [GenerationRequest(prompt(tiny_model, "Hi"), max_tokens=20, temperature=1.0, seed=1)])[0])
+    free = final(
+        run_all(engine, [GenerationRequest(prompt(tiny_model, "Hi"), max_tokens=20, temperature=1.0, seed=1)])[0]
+    )
     assert len(free.text) > 3
     stop = free.text[2:4]
-    cut = final(run_all(engine, [GenerationRequest(prompt(tiny_model, "Hi"), max_tokens=20, temperature=1.0, seed=1, stop=[stop])])[0])
+    cut = final(
+        run_all(
+            engine, [GenerationRequest(prompt(tiny_model, "Hi"), max_tokens=20, temperature=1.0, seed=1, stop=[stop])]
+        )[0]
+    )
     assert cut.finish_reason == "stop"
     assert cut.text == free.text[: free.text.find(stop)]
 

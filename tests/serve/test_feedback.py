@@ -47,7 +47,9 @@ def test_vote_is_durable_then_repeat_is_noop_then_change_replaces(client, state)
 
 def test_openwebui_header_is_an_identity_too(client):
     rid = answer(client, {"X-OpenWebUI-User-Id": "carol"})
-    reply = client.post("/v1/feedback", json={"response_id": rid, "label": "down"}, headers={"X-OpenWebUI-User-Id": "carol"})
+    reply = client.post(
+        "/v1/feedback", json={"response_id": rid, "label": "down"}, headers={"X-OpenWebUI-User-Id": "carol"}
+    )
     assert reply.status_code == 202
 
 
@@ -98,12 +100,22 @@ def test_feedback_metric_counts_label_and_version(client):
 def test_a_rating_may_reach_another_replica_and_racing_votes_lose_nothing(settings, services, tmp_path):
     # Two replicas: their own data dirs, one bus file, one ledger on Redis (as the registry's would be).
     bus_url = f"sqlite:///{tmp_path / 'shared-bus.sqlite3'}"
-    replicas = [settings.model_copy(update={"data_dir": tmp_path / name, "bus_url": bus_url,
-                                            "ledger_url": services.registry_url}) for name in ("a", "b")]
+    replicas = [
+        settings.model_copy(
+            update={"data_dir": tmp_path / name, "bus_url": bus_url, "ledger_url": services.registry_url}
+        )
+        for name in ("a", "b")
+    ]
     with TestClient(create_app(replicas[0])) as a, TestClient(create_app(replicas[1])) as b:
         rid = answer(a)
-        assert b.post("/v1/feedback", json={"response_id": rid, "label": "up"}, headers=ALICE).json()["status"] == "recorded"
-        assert a.post("/v1/feedback", json={"response_id": rid, "label": "up"}, headers=ALICE).json()["status"] == "unchanged"
+        assert (
+            b.post("/v1/feedback", json={"response_id": rid, "label": "up"}, headers=ALICE).json()["status"]
+            == "recorded"
+        )
+        assert (
+            a.post("/v1/feedback", json={"response_id": rid, "label": "up"}, headers=ALICE).json()["status"]
+            == "unchanged"
+        )
         assert b.post("/v1/feedback", json={"response_id": rid, "label": "up"}, headers=BOB).status_code == 403
 
         # Opposite votes on one response at once, one per replica: the ledger serialises them.

@@ -59,8 +59,11 @@ def test_chat_and_feedback_work_while_kafka_is_unreachable(settings: ServeSettin
         assert vote.status_code == 202 and vote.json()["status"] == "recorded"
         assert metric(client, "kto_spool_depth") == 2  # the response and the rating, durable, waiting
         assert metric(client, "kto_spool_oldest_age_seconds") >= 0
-        wait_for(lambda: client.get("/readyz").json()["spool"]["bus_reachable"] is False, what="the outage noticed",
-                 timeout_s=WAIT_S)
+        wait_for(
+            lambda: client.get("/readyz").json()["spool"]["bus_reachable"] is False,
+            what="the outage noticed",
+            timeout_s=WAIT_S,
+        )
         ready = client.get("/readyz")
         # Still ready: chat works. The body says where the events are.
         assert ready.status_code == 200 and ready.json()["checks"]["bus"] is True
@@ -118,8 +121,9 @@ class Rater(threading.Thread):
                     self.failures.append(f"chat {chat.status_code}: {chat.text}")
                     continue
                 rid = chat.json()["id"]
-                vote = http.post("/v1/feedback", headers=headers,
-                                 json={"response_id": rid, "label": "up" if i % 2 else "down"})
+                vote = http.post(
+                    "/v1/feedback", headers=headers, json={"response_id": rid, "label": "up" if i % 2 else "down"}
+                )
                 if vote.status_code == 202:
                     self.acked[rid] = vote.json()["id"]
                 else:
@@ -128,8 +132,7 @@ class Rater(threading.Thread):
 
     def wait_for_more(self, n: int) -> None:
         target = len(self.acked) + n
-        wait_for(lambda: len(self.acked) >= target or not self.is_alive(), what=f"{n} more ratings",
-                 timeout_s=WAIT_S)
+        wait_for(lambda: len(self.acked) >= target or not self.is_alive(), what=f"{n} more ratings", timeout_s=WAIT_S)
         assert self.is_alive() and not self.failures, self.failures
 
 
@@ -160,8 +163,11 @@ def test_a_broker_restart_mid_stream_loses_and_duplicates_no_acknowledged_rating
 
         # The learner's side: join everything on the broker into a replay buffer.
         bus = KafkaBus.from_url(kafka.url, session_timeout_s=3.0, heartbeat_interval_s=0.5)
-        with ReplayBuffer(tmp_path / "buffer.sqlite3") as buffer, \
-                EventJoiner(bus, Topics(settings.topic_prefix), buffer, group_id=f"g-{uuid.uuid4().hex}") as joiner:
+        with (
+            ReplayBuffer(tmp_path / "buffer.sqlite3") as buffer,
+            EventJoiner(bus, Topics(settings.topic_prefix), buffer, group_id=f"g-{uuid.uuid4().hex}") as joiner,
+        ):
+
             def caught_up() -> bool:
                 joiner.poll_once(timeout_s=0.5)
                 return all(buffer.get(rid) is not None for rid in acked) and joiner.lag() == 0

@@ -47,8 +47,11 @@ def traffic(client) -> None:
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
 def test_every_listed_metric_is_exported_with_its_type(client, state):
@@ -86,8 +89,9 @@ def test_known_label_values_start_at_zero(client):
 
 
 def test_activating_a_version_starts_its_feedback_series(client, state, make_adapter):
-    version = state.registry.publish(make_adapter(1), base_model=TINY_MODEL_ID, parent=None, metrics={},
-                                     lineage={}).version
+    version = state.registry.publish(
+        make_adapter(1), base_model=TINY_MODEL_ID, parent=None, metrics={}, lineage={}
+    ).version
     assert client.post(f"/v1/adapters/{version}/activate", headers=ADMIN).status_code == 200
     values = samples(client.get("/metrics").text)
     assert values[("kto_feedback_total", (("label", "desirable"), ("version", version)))] == 0

@@ -13,8 +13,9 @@ def oai(live_server):
 
 
 def test_openai_client_plain(oai, live_server):
-    completion = oai.chat.completions.create(model="kto-loop", messages=[{"role": "user", "content": "Hello"}],
-                                             max_tokens=5, temperature=0)
+    completion = oai.chat.completions.create(
+        model="kto-loop", messages=[{"role": "user", "content": "Hello"}], max_tokens=5, temperature=0
+    )
     assert completion.id.startswith("chatcmpl-")
     assert completion.usage.completion_tokens >= 1
     assert completion.choices[0].finish_reason in {"stop", "length"}
@@ -22,14 +23,22 @@ def test_openai_client_plain(oai, live_server):
     assert completion.model in models
 
     # the id it returned is the one to rate
-    reply = httpx.post(f"{live_server.url}/v1/feedback", json={"response_id": completion.id, "label": "up"},
-                       headers={"X-User-Id": "dana"})
+    reply = httpx.post(
+        f"{live_server.url}/v1/feedback",
+        json={"response_id": completion.id, "label": "up"},
+        headers={"X-User-Id": "dana"},
+    )
     assert reply.status_code == 202
 
 
 def test_openai_client_streaming(oai):
-    stream = oai.chat.completions.create(model="kto-loop", messages=[{"role": "user", "content": "Hello"}],
-                                         max_tokens=6, stream=True, stream_options={"include_usage": True})
+    stream = oai.chat.completions.create(
+        model="kto-loop",
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert len({c.id for c in chunks}) == 1
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1

@@ -35,9 +35,15 @@ HELLO = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "t
 def _settings(tmp_path: Path, tiny_model_dir: Path, name: str, registry_url: str) -> ServeSettings:
     # Each replica has its own data_dir (its bus); registry, adapter files and ledger are shared.
     return ServeSettings(
-        data_dir=tmp_path / name, model=str(tiny_model_dir), model_id=TINY_MODEL_ID,
-        admin_token=ADMIN_TOKEN, default_max_tokens=8, replica=name, registry_poll_s=POLL_S,
-        registry_url=registry_url, adapter_dir=tmp_path / "shared-adapters",
+        data_dir=tmp_path / name,
+        model=str(tiny_model_dir),
+        model_id=TINY_MODEL_ID,
+        admin_token=ADMIN_TOKEN,
+        default_max_tokens=8,
+        replica=name,
+        registry_poll_s=POLL_S,
+        registry_url=registry_url,
+        adapter_dir=tmp_path / "shared-adapters",
     )
 
 
@@ -56,14 +62,14 @@ def _seconds_to_converge(replicas: list[BackgroundServer], expected: str, since:
         return not pending
 
     names = [r.state.settings.replica for r in replicas]
-    wait_for(converged, what=f"{names} serving {expected}", timeout_s=since + 15.0 - time.monotonic(),
-             interval_s=0.02)
+    wait_for(converged, what=f"{names} serving {expected}", timeout_s=since + 15.0 - time.monotonic(), interval_s=0.02)
     return time.monotonic() - since
 
 
 def _publish(server: BackgroundServer, adapter_dir: Path) -> str:
-    return server.state.registry.publish(adapter_dir, base_model=TINY_MODEL_ID, parent=None,
-                                         metrics={}, lineage={}).version
+    return server.state.registry.publish(
+        adapter_dir, base_model=TINY_MODEL_ID, parent=None, metrics={}, lineage={}
+    ).version
 
 
 def _chat(server: BackgroundServer) -> dict:
@@ -77,15 +83,17 @@ def _chat_model(server: BackgroundServer) -> str:
 
 
 def _rate(server: BackgroundServer, response_id: str) -> httpx.Response:
-    return httpx.post(f"{server.url}/v1/feedback", json={"response_id": response_id, "label": "up"}, headers=USER,
-                      timeout=30)
+    return httpx.post(
+        f"{server.url}/v1/feedback", json={"response_id": response_id, "label": "up"}, headers=USER, timeout=30
+    )
 
 
-def test_two_replicas_converge_on_activate_and_rollback(services, tmp_path, tiny_model_dir,
-                                                        make_adapter):
+def test_two_replicas_converge_on_activate_and_rollback(services, tmp_path, tiny_model_dir, make_adapter):
     url = f"{services.registry_url}?prefix=replicas:{uuid.uuid4().hex}:"
-    with (BackgroundServer(_settings(tmp_path, tiny_model_dir, "replica-a", url)) as a,
-          BackgroundServer(_settings(tmp_path, tiny_model_dir, "replica-b", url)) as b):
+    with (
+        BackgroundServer(_settings(tmp_path, tiny_model_dir, "replica-a", url)) as a,
+        BackgroundServer(_settings(tmp_path, tiny_model_dir, "replica-b", url)) as b,
+    ):
         v1, v2 = _publish(a, make_adapter(1)), _publish(b, make_adapter(2))
         took = {}
         for step, (replica, path, expected) in {
@@ -103,8 +111,11 @@ def test_two_replicas_converge_on_activate_and_rollback(services, tmp_path, tiny
         assert _rate(b, answered_by_a).status_code == 202  # the ledger is shared
         history = httpx.get(f"{b.url}/v1/adapters/history", headers=ADMIN, timeout=10).json()
         assert [(h["action"], h["version"], h["actor"]) for h in history["history"]] == [
-            ("activate", v1, "admin"), ("activate", v2, "admin"),
-            ("rollback", v1, "admin"), ("rollback", None, "admin")]
+            ("activate", v1, "admin"),
+            ("activate", v2, "admin"),
+            ("rollback", v1, "admin"),
+            ("rollback", None, "admin"),
+        ]
 
 
 def test_replica_keeps_serving_through_a_redis_restart(tmp_path, tiny_model_dir, make_adapter):
@@ -134,8 +145,11 @@ def test_replica_keeps_serving_through_a_redis_restart(tmp_path, tiny_model_dir,
             assert took <= 3.0, f"reconverged only after {took:.1f} s"
             assert _chat_model(a) == v2
             # 503 until the ledger backlog is written
-            rated = wait_for(lambda: (r := _rate(a, during[0]["id"])).status_code != 503 and r,
-                             what="answers from the outage to become ratable", timeout_s=10)
+            rated = wait_for(
+                lambda: (r := _rate(a, during[0]["id"])).status_code != 503 and r,
+                what="answers from the outage to become ratable",
+                timeout_s=10,
+            )
             assert rated.status_code == 202, rated.text
             assert all(_rate(a, answer["id"]).status_code == 202 for answer in during[1:])
             assert httpx.get(f"{a.url}/readyz", timeout=10).json()["checks"]["registry"] is True

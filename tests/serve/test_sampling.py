@@ -43,11 +43,14 @@ def test_a_seeded_row_does_not_depend_on_its_batch():
     assert seeded(logits, [(1.0, 1.0, None), (0.5, 0.8, None), (0.0, 1.0, None)]) == alone
 
 
-@pytest.mark.parametrize(("temperature", "top_p", "expected"), [
-    (1.0, 1.0, [0.5, 0.25, 0.15, 0.1]),
-    (0.5, 1.0, [0.25 / 0.355, 0.0625 / 0.355, 0.0225 / 0.355, 0.01 / 0.355]),  # p² renormalised
-    (1.0, 0.7, [2 / 3, 1 / 3, 0.0, 0.0]),  # the nucleus {0.5, 0.25}, renormalised
-])
+@pytest.mark.parametrize(
+    ("temperature", "top_p", "expected"),
+    [
+        (1.0, 1.0, [0.5, 0.25, 0.15, 0.1]),
+        (0.5, 1.0, [0.25 / 0.355, 0.0625 / 0.355, 0.0225 / 0.355, 0.01 / 0.355]),  # p² renormalised
+        (1.0, 0.7, [2 / 3, 1 / 3, 0.0, 0.0]),  # the nucleus {0.5, 0.25}, renormalised
+    ],
+)
 @pytest.mark.parametrize("seeded", [False, True])
 def test_draws_follow_the_tempered_truncated_distribution(temperature, top_p, expected, seeded):
     torch.manual_seed(1)

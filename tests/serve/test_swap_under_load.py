@@ -45,8 +45,10 @@ def stream_once(client: httpx.Client, url: str) -> tuple[float, float, str, bool
 
 def test_swap_under_load(live_server, make_adapter):
     registry = live_server.state.registry
-    versions = [registry.publish(make_adapter(100 + i), base_model=TINY_MODEL_ID, parent=None, metrics={}, lineage={}).version
-                for i in range(VERSIONS)]
+    versions = [
+        registry.publish(make_adapter(100 + i), base_model=TINY_MODEL_ID, parent=None, metrics={}, lineage={}).version
+        for i in range(VERSIONS)
+    ]
     results, failures = [], []
     stop = threading.Event()
 
@@ -71,8 +73,12 @@ def test_swap_under_load(live_server, make_adapter):
                 assert reply.status_code == 200, reply.text
                 windows.append((version, sent, time.monotonic()))
                 # let each version answer before the next swap
-                wait_for(lambda: failures or any(r[2] == version for r in list(results)),
-                         what=f"an answer from {version}", timeout_s=30, interval_s=0.02)
+                wait_for(
+                    lambda version=version: failures or any(r[2] == version for r in list(results)),
+                    what=f"an answer from {version}",
+                    timeout_s=30,
+                    interval_s=0.02,
+                )
         time.sleep(0.3)  # deliberate, no condition: the clients stream on a while after the last swap
     finally:  # the clients stop whatever happened: they are not daemon threads
         stop.set()
@@ -83,7 +89,9 @@ def test_swap_under_load(live_server, make_adapter):
     assert len(results) >= 2 * CLIENTS
     assert all(done for *_, done in results)
     active_from = {v: sent for v, sent, _ in windows}
-    active_until = {v: windows[i + 1][2] if i + 1 < len(windows) else float("inf") for i, (v, _, _) in enumerate(windows)}
+    active_until = {
+        v: windows[i + 1][2] if i + 1 < len(windows) else float("inf") for i, (v, _, _) in enumerate(windows)
+    }
     active_from[TINY_MODEL_ID], active_until[TINY_MODEL_ID] = float("-inf"), windows[0][2]
     served = set()
     for started, first, model, _ in results:

@@ -11,8 +11,15 @@ import pytest
 from foundation.models import build_tokenizer
 from serve.text import TextTracker
 
-CORPUS = "\n".join(["Grüß dich, wie geht's? 👋 Très bien, merci ! 東京は晴れです。", "the quick brown fox jumps",
-                    "over the lazy dog; résumé naïve café 🙂🙃", "hello world hello there general kenobi"] * 20)
+CORPUS = "\n".join(
+    [
+        "Grüß dich, wie geht's? 👋 Très bien, merci ! 東京は晴れです。",
+        "the quick brown fox jumps",
+        "over the lazy dog; résumé naïve café 🙂🙃",
+        "hello world hello there general kenobi",
+    ]
+    * 20
+)
 
 
 def metaspace_tokenizer():
@@ -22,11 +29,14 @@ def metaspace_tokenizer():
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     # Llama's decoder: ▁ back to spaces, byte tokens to bytes, and the first space dropped.
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     bytes_ = [f"<0x{b:02X}>" for b in range(256)]
-    tok.train_from_iterator(CORPUS.splitlines(), trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<eos>", *bytes_], show_progress=False))
+    tok.train_from_iterator(
+        CORPUS.splitlines(),
+        trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<eos>", *bytes_], show_progress=False),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
 
 
@@ -78,7 +88,7 @@ def test_a_stop_string_ends_the_text_where_it_starts(tokenizer):
         if len(whole) < 6:
             continue
         at = rng.randrange(1, len(whole) - 3)
-        stop = whole[at:at + rng.randint(1, 3)]
+        stop = whole[at : at + rng.randint(1, 3)]
         pieces, tracker, hit = stream(tokenizer, tokens, ["never there", stop])
         expected = whole[: whole.find(stop)]
         assert hit and "".join(pieces) == tracker.text == expected, (tokens, stop)

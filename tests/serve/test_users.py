@@ -42,8 +42,12 @@ def test_erasing_a_user_removes_their_ledger_entries_and_tells_the_learner(clien
     finally:
         consumer.close()
     assert isinstance(event, ErasureEvent)
-    assert (event.event_id, event.user, event.actor, event.reason) == (body["request_id"], "alice", "admin",
-                                                                      "request #12")
+    assert (event.event_id, event.user, event.actor, event.reason) == (
+        body["request_id"],
+        "alice",
+        "admin",
+        "request #12",
+    )
 
 
 def test_any_user_id_can_be_erased(client):

@@ -26,8 +26,9 @@ def test_a_kto_loop_command_that_exits_fails_the_readiness_wait_at_once_with_its
 
 def test_stop_kills_a_child_that_ignores_sigterm(tmp_path):
     log = tmp_path / "stubborn.log"
-    code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
-            "time.sleep(60)")
+    code = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    )
     process = spawn([sys.executable, "-c", code], log)
     try:
         wait_for(lambda: "ready" in log.read_text(), what="the child ignoring SIGTERM", timeout_s=30)

@@ -50,6 +50,6 @@ def test_an_exception_from_the_condition_fails_at_once():
         raise AssertionError("the child exited")
 
     started = time.monotonic()
-    with pytest.raises(AssertionError, match="^the child exited$"):
+    with pytest.raises(AssertionError, match=r"^the child exited$"):
         wait_for(died, what="the child ready", timeout_s=30)
     assert time.monotonic() - started < 1
