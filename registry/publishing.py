@@ -100,6 +100,9 @@ class Publishing:
     _files: store.AdapterFiles
     _catalog: Catalog
 
+    def get(self, version: str) -> VersionInfo:  # the backend's (registry.versions.VersionReads)
+        raise NotImplementedError
+
     def publish(
         self,
         src_dir: Path,

@@ -61,7 +61,7 @@ class RedisCatalog:
 
     def pending(self) -> list[str]:
         with self._registry._redis() as r:
-            states = r.hgetall(self._keys.state)
+            states: dict[str, str] = r.hgetall(self._keys.state)  # type: ignore[assignment]  # decode_responses
         return [version for version, state in states.items() if state == "pending"]
 
     def _finish(self, version: str, state: str, meta: str, reason: str) -> bool:

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -107,7 +107,9 @@ class RedisRegistry(Transitions, VersionReads, publishing.Publishing):
             return result
 
         with self._redis() as r:
-            return r.transaction(run, k.state, k.pointer, k.stack, k.erasures, value_from_callable=True)
+            # redis-py types the callable as returning None; with value_from_callable it returns run's value
+            result = r.transaction(run, k.state, k.pointer, k.stack, k.erasures, value_from_callable=True)  # type: ignore[arg-type]
+        return cast(_T, result)
 
     def _check_schema(self) -> None:
         with self._redis() as r:
@@ -153,12 +155,12 @@ class RedisRegistry(Transitions, VersionReads, publishing.Publishing):
 
     def pointer(self) -> tuple[int, str | None]:
         with self._redis() as r:
-            counter, active = r.hmget(self._keys.pointer, "counter", "active")
+            counter, active = _texts(r.hmget(self._keys.pointer, "counter", "active"))
         return int(counter or 0), active or None
 
     def canary(self) -> Canary | None:
         with self._redis() as r:
-            return Canary.loads(r.hget(self._keys.pointer, "canary"))
+            return Canary.loads(_text(r.hget(self._keys.pointer, "canary")))
 
     def wait_for_change(self, timeout_s: float) -> None:
         """Returns at a change notification, at timeout_s, or at once after close()."""
@@ -199,29 +201,29 @@ class RedisTx:
         self.writes: list[Callable[[], object]] = []
 
     def pointer(self) -> tuple[int, str | None, Canary | None]:
-        counter, active, canary = self.pipe.hmget(self.k.pointer, "counter", "active", "canary")
+        counter, active, canary = _texts(self.pipe.hmget(self.k.pointer, "counter", "active", "canary"))
         return int(counter or 0), active or None, Canary.loads(canary)
 
     def stack(self) -> list[str | None]:
-        return [v or None for v in self.pipe.lrange(self.k.stack, 0, -1)]
+        return [v or None for v in _texts(self.pipe.lrange(self.k.stack, 0, -1))]
 
     def state(self, version: str) -> str | None:
-        return self.pipe.hget(self.k.state, version)
+        return _text(self.pipe.hget(self.k.state, version))
 
     def rejected_reason(self, version: str) -> str | None:
-        return self.pipe.hget(self.k.rejected, version)
+        return _text(self.pipe.hget(self.k.rejected, version))
 
     def parent(self, version: str) -> str | None:
-        meta = self.pipe.hget(self.k.meta, version)
-        return meta and json.loads(meta)["parent"]
+        meta = _text(self.pipe.hget(self.k.meta, version))
+        return json.loads(meta)["parent"] if meta else None
 
     def flags(self, version: str) -> list[dict[str, Any]]:
-        text = self.pipe.hget(self.k.flags, version)
+        text = _text(self.pipe.hget(self.k.flags, version))
         return json.loads(text) if text else []
 
     def erasure(self, request_id: str) -> HistoryEntry | None:
-        text = self.pipe.hget(self.k.erasures, request_id)
-        return text and HistoryEntry(**json.loads(text))
+        text = _text(self.pipe.hget(self.k.erasures, request_id))
+        return HistoryEntry(**json.loads(text)) if text else None
 
     def reject(self, version: str, reason: str) -> None:
         self.writes += [
@@ -249,8 +251,18 @@ class RedisTx:
                 mapping={"counter": entry.seq, "active": active or "", "canary": canary.dumps() if canary else ""},
             )
             self.pipe.rpush(k.history, text)
-            if entry.action == "erasure":  # a repeat of the request returns this entry
+            if entry.action == "erasure" and entry.evidence:  # a repeat of the request returns this entry
                 self.pipe.hset(k.erasures, entry.evidence["request_id"], text)
             self.pipe.publish(k.changes, json.dumps({"counter": entry.seq, "active": active}))
 
         self.writes.append(write)
+
+
+# The client is made with decode_responses=True: replies are str (None for a missing key), though
+# redis-py's types say bytes | str.
+def _text(reply: Any) -> str | None:
+    return cast("str | None", reply)
+
+
+def _texts(reply: Any) -> list[str | None]:
+    return cast("list[str | None]", reply)

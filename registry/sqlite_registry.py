@@ -140,7 +140,7 @@ class SqliteRegistry(Transitions, VersionReads, publishing.Publishing):
         rows = self._read(
             "SELECT seq, at, action, version, previous, actor, reason, evidence FROM history ORDER BY seq"
         )
-        return [HistoryEntry(*row[:7], json.loads(row[7]) if row[7] else None) for row in rows]
+        return [_history_entry(row) for row in rows]
 
     # ---- the canary (registry.canary; its steps: registry.transitions) -------------------------
 
@@ -204,7 +204,7 @@ class SqliteTx:
             " WHERE action = 'erasure' AND json_extract(evidence, '$.request_id') = ?",
             (request_id,),
         ).fetchone()
-        return row and HistoryEntry(*row[:7], json.loads(row[7]))
+        return _history_entry(row) if row else None
 
     def reject(self, version: str, reason: str) -> None:
         self.writes.append(
@@ -245,3 +245,8 @@ class SqliteTx:
                 self.c.executemany("INSERT INTO rollback_stack (pos, version) VALUES (?, ?)", list(enumerate(stack)))
 
         self.writes.append(write)
+
+
+def _history_entry(row: tuple[Any, ...]) -> HistoryEntry:
+    seq, at, action, version, previous, actor, reason, evidence = row
+    return HistoryEntry(seq, at, action, version, previous, actor, reason, json.loads(evidence) if evidence else None)
