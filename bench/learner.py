@@ -1,62 +1,13 @@
 """Learner benchmarks: our KTO update path against TRL's KTOTrainer, and feedback → served latency.
 
-Run it with
-
     .venv/bin/python -m bench --only learner            # full: about 8 minutes on 2 CPU cores
     .venv/bin/python -m bench --only learner --quick    # smoke run: about 3-4 minutes
     .venv/bin/python -m bench --only learner --model PATH   # a local model instead of the random ones
 
-1. Throughput of one update. The same examples (prompt ≈ 64 + completion ≈ 64 tokens, cut from
-   the shipped corpus, alternating thumbs-up / thumbs-down), the same LoRA (rank 8, α 16, every
-   linear layer but the LM head, no dropout), the same micro-batch B, the same N optimizer steps
-   (one pass over N·B examples, in the same order, with the same mismatched KL partner: the
-   previous example of the micro-batch, which is TRL's rotation), AdamW at the same learning rate,
-   gradient clipping at 1.0, β 0.1:
-   - ours: `learner.update.run_update` on `Policy`, with the reference log-probs of every example
-     computed beforehand by `Policy.reference_logps` (as `learner.loop` does once, when an example
-     enters the buffer). "ours" times `run_update` alone (the design: the reference is amortised
-     over every replay of the example); "ours + ref" adds the one-time reference cost of the N·B
-     examples, i.e. what a single pass over fresh examples costs end to end;
-   - TRL 1.16: `KTOTrainer(..., peft_config=<the same LoraConfig>)` with
-     `precompute_ref_log_probs=False` (its default), so each step runs four forward passes
-     (policy with grad, policy KL without, reference on both) where ours runs two. Only the
-     `trainer.train()` call is timed, so TRL's own per-run overheads inside it (dataloader,
-     accelerate, scheduler, callbacks, metrics) are part of what is measured, as the set-up of
-     ours (policy, optimizer) is not. `gradient_checkpointing=False` (KTOConfig's default is True,
-     which would recompute activations: ours does not checkpoint, so that would be unfair to
-     TRL); `lr_scheduler_type="constant"` like ours.
-   Steady state (the median step after the first, from a timer per step on both sides) is reported
-   too, free of per-call set-up, and one more instrumented run of ours splits its step into
-   phases. Timing: one subprocess runs `repeats` rounds, ours and TRL alternating (fresh model,
-   LoRA and optimizer every run), so both sides see the same machine; medians are reported, with
-   the best run and the CPU that other processes used meanwhile. On CPU the workers use
-   `cpu_threads` torch threads (1; see `Plan`). Peak memory: a fresh subprocess per side, one run:
-   on CPU the peak RSS (`getrusage` maxrss) above the RSS right after the imports and the model
-   load, so it includes each side's set-up (TRL's dataset tokenisation, our reference pass) —
-   once with glibc's defaults and once with a fixed mmap threshold (see `compare_sides`); on CUDA
-   `torch.cuda.max_memory_allocated` above the loaded model. Models: the demo-sized random Llama
-   (hidden 128, 4 layers, vocabulary 512) and a larger one (hidden 512, 6 layers) so that Python
-   overhead does not dominate the ratio; `--model PATH` replaces both. Both sides train on the
-   very same token ids (checked) and their mean losses agree to about 1e-6.
-   Targets: ours ≥ 1.5× TRL examples/s, our peak memory ≤ TRL's.
-2. Feedback → published → served. `kto-loop up` (serve + learner as separate processes, the
-   default cadence of `LearnerSettings`: `min_new_labels` or `max_wait_s`) on the demo-sized model; simulated users chat
-   and rate at a steady rate (thumbs-up iff the answer starts with a vowel, as `kto-loop
-   simulate` does). For every rating sent in the measured window (after a warm-up that lasts
-   until the first version is published, so the learner is up), the 202's feedback event id is
-   looked up in the registry's lineage (`feedback_event_ids`): published = `created_at` of the
-   first version containing it − the time the rating was sent; served = the first chat response
-   whose `model` is such a version or a descendant of one − the time the rating was sent. Ratings
-   the learner holds out for its gate (10 % by a hash of response_id) never train a version and
-   are counted apart. Target: published p50 ≤ 20 s. In the full run part 2 is repeated with
-   `OMP_NUM_THREADS=1` for both processes of `kto-loop up` (a diagnostic: on 2 cores, serve and
-   learner each start one OpenMP thread per core by default).
-
-Targets are reported (PASS / MISS), never enforced.
-
 This module is the suite's entry (`run`), the plan and the throughput comparison's orchestration;
 bench/learner_sides.py runs one side (ours / TRL) in its own subprocess (`python -m
-bench.learner_sides --side ...`); bench/feedback_latency.py is part 2.
+bench.learner_sides --side ...`); bench/feedback_latency.py is part 2. What is measured and how:
+docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -5,51 +5,7 @@
     .venv/bin/python -m bench --only learning --tasks first-char-0.1 --rows defaults --seeds 2 \\
         --env KTO_BETA=0.3 --tag beta03                  # an extra row of one's own (its own JSON)
 
-Every run is `kto-loop up` on the demo model (`foundation.models.ensure_demo_model`, built once),
-a fresh data directory, and the shipped defaults (no KTO_* variable of this shell reaches it),
-plus what its row overrides. First the base rate: `base_answers` answers of the base model,
-judged by the task's rules and never rated (so never trained on). Then simulated users
-(`kto_loop.simulate`) chat through the HTTP API and rate by the task's rules until `ratings`
-ratings were made.
-
-Pace (a paced row): `users` users, each waiting `think_s` x U(0.5, 1.5) seconds between turns
-(reading the answer, rating it, typing the next message): about users / think_s = 7.5 turns a
-second in all, each user one turn every 4-12 s. The unpaced row sends turns back to back
-(`unpaced_users` users), as fast as the server answers.
-
-Tasks (what users like; base rates of the demo model in brackets, measured by each run):
-first-char-0.1 (answers starting with a lowercase vowel, ~0.09), first-char-0.3 (with H, L or T,
-~0.31), avoid-word (answers without the word "good", ~0.72: KTO's rule-based labeling), length
-(shorter than 20 characters, ~0.30), noisy (first-char-0.3 with 20% of labels flipped), 1:9
-(first-char-0.3, where a liked answer gets a thumb only one time in four, so labels arrive about
-1 desirable to 9 undesirable, as in the KTO paper's imbalance experiments).
-
-Rows: `defaults` (the product: canary on), `canary off` (KTO_CANARY_SHARE=0: every version that
-passes the gate goes live), `defaults, unpaced`, and `poisoned` (first-char-0.3 only: first a batch of
-400 ratings with every label inverted, of answers the base model gave, as from a broken label
-source; honest users start once the learner canaries what it trained on them; see
-bench.learning_run.poison).
-
-Columns. The rate users saw is the rules' verdict on every answer given, by whichever version
-(active or canary) gave it, flipped labels or not (bench.learning_metrics). Lift at N: the rate
-over the answers of ratings N-199..N minus the base rate, with a one-sided two-proportion
-z-test's p-value; `seeds ok`: seeds whose lift at 1,200 reached the task's target with p < 0.01.
-Ratings until +0.2: the first multiple of 50 where that window is 0.2 above the base rate. Holds:
-the last window against the best one. Versions: published, refused by the gate, canaries started
-(advanced), promoted, rolled back (by the canary controller), activated directly. Feedback ->
-served: seconds from a rating to the first answer, to anyone, by a version trained on it (or a
-descendant of one), over every rating but the last 30 s and the gate's held-out ones, pooled
-over seeds (never served counts as infinitely late). Offline: TRL's KTOTrainer on the same labels
-(bench.offline_kto), against the loop's active version, both scored alike; ratio of lifts.
-
-Targets (reported, never enforced): per task with the defaults, lift at 1,200 >= +0.20 (noisy and
-1:9: +0.15) with p < 0.01 on at least 4 of 5 seeds; no seed ends below its base rate; the poisoned
-versions served at most 300 honest ratings (median) before the canary rolled them back; feedback
--> served p50 <= 20 s with the defaults at this pace.
-
-Cost: each paced run takes about 3 minutes (1,200 ratings at 7.5 a second, start-up, the base
-sample); `concurrent` runs share the two cores at once, each `kto-loop up` taking its two
-processes, so the numbers are those of a busy box.
+The tasks, rows, columns and targets, and how each is measured: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,59 +1,12 @@
 """The canary: a new lineage serves a share of users, is compared with the active version on
 live ratings, looking at every one, and is promoted or rolled back.
 
-What runs. A version that passes the gate (under automatic activation) starts a canary when
-none runs. While it runs the learner keeps training from its candidate, and each new version
-that passes the gate *advances* the canary (registry.canary): the same users get the newest
-candidate, so what they rate reaches them within one update, and the evidence goes on. The
-canary therefore tests its *lineage* v_1, …, v_K as it served, not one frozen version.
-
-The test (`compare`, a pure function). Rating i of the candidate arm has a conditional mean μ_i
-that changes as the canary advances. Let S_n = Σ (x_i − μ_i) over the arm's n ratings: since each
-x_i ∈ [0, 1] is 1/2-sub-Gaussian given the past (Hoeffding's lemma), whatever μ_i is, the
-normal-mixture boundary of
-
-    S. R. Howard, A. Ramdas, J. McAuliffe, J. Sekhon (2021), "Time-uniform, nonparametric,
-    nonasymptotic confidence sequences", Annals of Statistics 49(2), §3 (normal mixture,
-    Proposition 5 of arXiv:1810.08240; after Robbins 1970):
-
-    with probability ≥ 1 − a, for all n ≥ 1 at once:  |S_n| < u(n/4),
-        u(v) = sqrt((v + ρ) · log((v + ρ) / (ρ · a²)))
-
-holds for time-varying means too, so p̂ ± u(n/4)/n is a confidence sequence for the arm's
-*average* mean (1/n) Σ μ_i: how good the lineage was, on average, for the users who got it.
-The baseline arm (the active version, fixed while the canary runs) gets the same interval.
-Intervals, all holding at every moment together with probability ≥ 1 − α (a union bound):
-
-    baseline                      error α/2
-    suffix j of the lineage       error (α/2) · 6 / (π² j²)   (ratings of v_j, …, v_K; j = 1
-                                  is the whole lineage; Σ_j 6/(π² j²) = 1)
-
-Each suffix bounds Δ_j = (its average) − p_baseline by [lo_j − hi_b, hi_j − lo_b]. Decisions,
-checked whenever the controller looks:
-
-    rollback   some suffix has upper bound < 0: from v_j on the lineage served worse than the
-               active version. A sudden bad version is judged on its own ratings (and its
-               descendants'), not diluted by the good ratings of the versions before it.
-    promote    the whole lineage has lower bound > −margin, and it and the baseline each have
-               min_ratings: the newest candidate becomes active.
-    continue   otherwise.
-
-Error rates, by the coverage above: P(roll back a lineage none of whose suffixes was worse) ≤ α,
-P(promote a lineage worse on average by more than the margin) ≤ α, however often one looks
-(measured by simulation in tests/learner/test_canary.py). ρ > 0 only shapes the boundary
-(tightest near `canary_tuned_for` ratings), never the error rate.
-
-Assumption: ratings are independent given the version that served them. Users are split by a
-hash, so heavy raters and user-level tastes add noise the bound does not model; with many users
-that averages out, with a handful it may not. What is promoted is the newest candidate, on the
-evidence of its lineage: the suffix checks keep a late, sudden drop from hiding behind earlier
-good ratings, and the gate has checked each version before it served anyone.
-
-The controller (`CanaryController`) runs in the learner's loop, which already consumes every
-response and rating: after each poll it reads the canary from the registry, counts each
-version's ratings in the replay buffer, and records a decision (with its evidence) through the
-registry, or reports the running evidence for operators. A canary an operator started is
-decided like the learner's own, but only the learner's canaries advance.
+While a canary runs the learner trains from its candidate, and each new version that passes the
+gate advances it (registry.canary), so the canary tests its lineage as it served. `compare`, a
+pure function, decides from confidence sequences (Howard et al. 2021) for the baseline and every
+suffix of the lineage: rollback when some suffix is worse, promotion when the whole lineage is
+not worse by more than the margin. `CanaryController` applies it in the learner's loop. The
+reasoning, the error rates and the assumptions: docs/canary.md.
 """
 
 from __future__ import annotations
