@@ -18,13 +18,14 @@ from bench import report
 from ingest.bus import Record
 from ingest.events import FeedbackEvent, ResponseEvent, SamplingParams
 from learner.buffer import ReplayBuffer
+from learner.join import Polled
 
 SIZES = (10_000, 50_000)
 QUICK_SIZES = (2_000, 10_000)
 
 
 def fill(buffer: ReplayBuffer, start: int, n: int, rng: random.Random) -> None:
-    batch = []
+    batch: list[Polled] = []
     for i in range(start, start + n):
         user = f"u{i % 300}"
         response = ResponseEvent(

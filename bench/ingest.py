@@ -67,8 +67,8 @@ QUICK = Plan(ratings=3_000, sustained_s=6.0)
 def run(options) -> Path:
     plan = QUICK if options.quick else FULL
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="kto-bench-ingest-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="kto-bench-ingest-") as tmp_dir:
+        tmp = Path(tmp_dir)
         with kafka_url(tmp / "services") as url:
             results["kafka"] = measure_bus(url, plan, tmp / "kafka")
         results["embedded"] = measure_bus(f"sqlite:///{tmp / 'embedded' / 'bus.sqlite3'}", plan, tmp / "embedded")
@@ -260,6 +260,7 @@ class Joiner:
         )
 
     def _line(self) -> dict[str, Any]:
+        assert self.process.stdout is not None  # stdout=PIPE
         line = self.process.stdout.readline()
         if not line:
             raise RuntimeError(f"the joiner process exited with {self.process.wait()}")

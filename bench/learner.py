@@ -85,8 +85,8 @@ def run(options) -> Path:
     plan = QUICK if options.quick else FULL
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "bfloat16 autocast (fp32 weights)" if device == "cuda" else "float32"
-    with tempfile.TemporaryDirectory(prefix="kto-bench-learner-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="kto-bench-learner-") as tmp_dir:
+        tmp = Path(tmp_dir)
         models = resolve_models(options, plan, tmp)
         throughput = [compare_sides(spec, path, plan, tmp) for spec, path in models]
         latency = [measure_latency(plan, models[0][1], tmp / "latency")]

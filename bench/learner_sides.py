@@ -301,16 +301,13 @@ def run_ours(loaded, texts, tokens, args) -> dict[str, Any]:
     batches = [examples[i : i + args.batch] for i in range(0, len(examples), args.batch)]
     optimizer = torch.optim.AdamW(policy.trainable().values(), lr=LEARNING_RATE, weight_decay=0.0)
     step_ends, step_rss = [], [maxrss_mib()]
-    original_step = optimizer.step
 
-    def timed_step(*a, **kw):  # a timestamp after each optimizer step, for the steady-state figure
-        out = original_step(*a, **kw)
+    def after_step(*_):  # a timestamp after each optimizer step, for the steady-state figure
         _sync(policy.device)
         step_ends.append(time.perf_counter())
         step_rss.append(maxrss_mib())
-        return out
 
-    optimizer.step = timed_step
+    optimizer.register_step_post_hook(after_step)
     _sync(policy.device)
     started = time.perf_counter()
     stats = run_update(
@@ -367,7 +364,7 @@ def breakdown_ours(loaded, tokens, args) -> dict[str, float]:
         return timed(name, original_logps)(pairs)
 
     policy.logps = logps
-    optimizer.step = timed("optimizer step (AdamW)", optimizer.step)
+    optimizer.step = timed("optimizer step (AdamW)", optimizer.step)  # type: ignore[method-assign]  # profiled in place
     clip = torch.nn.utils.clip_grad_norm_
     torch.nn.utils.clip_grad_norm_ = timed("grad clip", clip)
     try:
@@ -448,15 +445,18 @@ def run_trl(loaded, texts, tokens, args) -> dict[str, Any]:
             peft_config=peft_config,
             callbacks=[StepTimer()],
         )
-        same_ids = list(trainer.train_dataset["prompt_ids"]) == [p for p, _ in tokens] and list(
-            trainer.train_dataset["completion_ids"]
-        ) == [c for _, c in tokens]
+        prepared = trainer.train_dataset
+        assert isinstance(prepared, Dataset)  # what train_dataset= was, prepared
+        same_ids = list(prepared["prompt_ids"]) == [p for p, _ in tokens] and list(prepared["completion_ids"]) == [
+            c for _, c in tokens
+        ]
         started = time.perf_counter()
         output = trainer.train()
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         steps = [b - a for a, b in zip(step_ends, step_ends[1:])]
+        assert trainer.model is not None
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return {
         "seconds": seconds,

@@ -94,7 +94,7 @@ def measure(outcome: Outcome, offline: dict[str, Any] | None) -> dict[str, Any]:
     turns, base_turns = outcome.sim.turns, outcome.base.turns
     base = (sum(t.liked for t in base_turns), len(base_turns))
     fraction = LearnerSettings(_env_file=None).held_out_fraction
-    record = {
+    record: dict[str, Any] = {
         "task": outcome.task.name,
         "row": outcome.row.name,
         "seed": outcome.seed,
@@ -134,18 +134,12 @@ def run(options) -> Path:
     from foundation.models import ensure_demo_model
 
     plan = QUICK if options.quick else Plan()
-    plan = replace(
-        plan,
-        **{
-            k: v
-            for k, v in {
-                "tasks": tuple(options.tasks.split(",")) if getattr(options, "tasks", None) else None,
-                "rows": tuple(options.rows.split(",")) if getattr(options, "rows", None) else None,
-                "seeds": getattr(options, "seeds", None),
-            }.items()
-            if v is not None
-        },
-    )
+    overrides: dict[str, Any] = {
+        "tasks": tuple(options.tasks.split(",")) if getattr(options, "tasks", None) else None,
+        "rows": tuple(options.rows.split(",")) if getattr(options, "rows", None) else None,
+        "seeds": getattr(options, "seeds", None),
+    }
+    plan = replace(plan, **{k: v for k, v in overrides.items() if v is not None})
     extra_env = dict(e.split("=", 1) for e in getattr(options, "env", None) or [])
     todo = jobs(plan)
     logger.info(

@@ -62,7 +62,7 @@ def summarize(records: list[dict[str, Any]], tasks, plan) -> dict[str, Any]:
             }
         )
     poison = [r["poisoned"] for r in records if "poisoned" in r]
-    summary = {
+    summary: dict[str, Any] = {
         "cells": cells,
         "poisoned": {
             "seeds": len(poison),

@@ -202,7 +202,9 @@ def poisoned(outcome: Outcome) -> dict[str, Any]:
     many of their answers the honest users rated before the canary rolled them back."""
     from bench.learning_metrics import descendants
 
-    burst_ids = {t.feedback_id for t in outcome.burst.turns if t.feedback_id}
+    burst = outcome.burst
+    assert burst is not None  # measured for the poisoned row's runs, which have the burst
+    burst_ids = {t.feedback_id for t in burst.turns if t.feedback_id}
     trained = {v.version for v in outcome.versions if burst_ids & set(v.lineage.get("feedback_event_ids", []))}
     bad = descendants(outcome.versions, trained)
     honest_start = outcome.sim.turns[0].at if outcome.sim.turns else outcome.ended
@@ -221,11 +223,11 @@ def poisoned(outcome: Outcome) -> dict[str, Any]:
     others = [t for t in outcome.sim.turns if t.version not in bad and t.at <= until]
     return {
         "poisoned_versions": len(bad),
-        "served_poisoned_versions": len({t.version for t in outcome.burst.turns + outcome.sim.turns} & bad),
+        "served_poisoned_versions": len({t.version for t in burst.turns + outcome.sim.turns} & bad),
         "outcome": "rolled back"
         if first and first.action == "canary_rollback"
         else ("promoted" if first else "still running at the end"),
-        "burst_ratings_of_poisoned": served(outcome.burst.turns, 0.0),
+        "burst_ratings_of_poisoned": served(burst.turns, 0.0),
         "honest_ratings_of_poisoned": served(outcome.sim.turns, honest_start),
         "honest_rate_of_poisoned": sum(t.liked for t in honest_bad) / len(honest_bad) if honest_bad else None,
         "honest_rate_of_others": sum(t.liked for t in others) / len(others) if others else None,

@@ -58,10 +58,11 @@ def make_adapters(
         torch.manual_seed(seed + i)
         for module in model.modules():
             if isinstance(module, LoraLayer):
-                module.lora_A["default"].reset_parameters()
-                module.lora_B["default"].reset_parameters()
+                for linear in (module.lora_A["default"], module.lora_B["default"]):
+                    assert isinstance(linear, torch.nn.Linear)  # LoRA's A and B on a Linear target
+                    linear.reset_parameters()
         path = out_dir / f"adapter-{i:03d}"
-        model.save_pretrained(path)
+        model.save_pretrained(str(path))
         config_path = path / "adapter_config.json"
         adapter_config = json.loads(config_path.read_text())
         adapter_config["base_model_name_or_path"] = base_model

@@ -73,7 +73,7 @@ def train(model_dir: str, examples: list[dict], out_dir: Path, seed: int) -> tup
     """TRL's KTOTrainer with the learner's LoRA, β, learning rate and weights rule; the adapter."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
+    from peft import LoraConfig, PeftModel
     from trl import KTOConfig, KTOTrainer
 
     from foundation.models import load_model
@@ -124,7 +124,7 @@ def train(model_dir: str, examples: list[dict], out_dir: Path, seed: int) -> tup
     )
     peft_config = LoraConfig(
         r=defaults.lora_rank,
-        lora_alpha=defaults.lora_alpha,
+        lora_alpha=defaults.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; it only divides by r
         lora_dropout=0.0,
         target_modules=targets,
         task_type="CAUSAL_LM",
@@ -138,7 +138,9 @@ def train(model_dir: str, examples: list[dict], out_dir: Path, seed: int) -> tup
     )
     output = trainer.train()
     adapter = out_dir / "offline-adapter"
-    trainer.model.save_pretrained(str(adapter))
+    trained = trainer.model
+    assert isinstance(trained, PeftModel)  # peft_config= had the trainer wrap the model
+    trained.save_pretrained(str(adapter))
     return adapter, {
         "examples": len(examples),
         "desirable": n_d,
@@ -164,7 +166,9 @@ def score(
 
     raters = Raters(tuple(parse_rule(r) for r in rules))
     loaded = load_model(model_dir, device="cpu", dtype=torch.float32)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    # A PreTrainedModel or a PeftModel: transformers types generate() on neither.
+    model: Any = loaded.model
+    tokenizer = loaded.tokenizer
     if adapter is not None:
         from peft import PeftModel
 
@@ -192,8 +196,7 @@ def score(
                 eos_token_id=sorted(eos_token_ids(loaded)),
                 pad_token_id=tokenizer.pad_token_id,
             )
-        for row in out[:, width:].tolist():
-            text = tokenizer.decode(row, skip_special_tokens=True)
+        for text in tokenizer.batch_decode(out[:, width:].tolist(), skip_special_tokens=True):
             texts.append(text)
             liked += raters.likes(text)
     return {"answers": len(texts), "liked": liked, "rate": liked / len(texts), "sample": texts[:5]}

@@ -81,8 +81,8 @@ QUICK = Plan(warmup=2, runs=10, duration_s=4.0, stream_s=2.0, engine_s=2.0, roun
 def run(options) -> Path:
     """Build the model and adapters, start the server, run the three benchmarks, report."""
     plan = QUICK if options.quick else FULL
-    with tempfile.TemporaryDirectory(prefix="kto-bench-serving-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="kto-bench-serving-") as tmp_dir:
+        tmp = Path(tmp_dir)
         if options.model:
             model_path, model_id = Path(options.model), options.model_id or Path(options.model).name
         else:

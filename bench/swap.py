@@ -116,7 +116,7 @@ def _swap(server: LiveServer, client: httpx.Client, version: str) -> dict[str, A
         "version": version,
         "served": served,
         "probes": probes,
-        "activation_to_served_s": (reply.started + reply.seconds - t0) if served else None,
+        "activation_to_served_s": (reply.started + reply.seconds - t0) if served and reply else None,
         "activate_call_s": activated,
         "probe_request_s": reply.seconds if reply else None,
         "server_swap_s": server.metric("kto_adapter_swap_duration_seconds_sum") - swap_before,

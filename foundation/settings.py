@@ -27,10 +27,10 @@ class CommonSettings(BaseSettings):
     model_id: str | None = None
     """Name the base model is served and recorded under. Default: `model`, or `kto-loop-demo`."""
 
-    bus_url: str | None = None
+    bus_url: str = ""
     """Event bus: `sqlite:///path` (embedded, default `<data_dir>/bus.sqlite3`) or `kafka://host:port`."""
 
-    registry_url: str | None = None
+    registry_url: str = ""
     """Adapter registry: `sqlite:///path` (embedded, default `<data_dir>/registry/registry.sqlite3`)
     or `redis://host:port/db[?prefix=kto:registry:]` (keys under the prefix; see registry.redis_keys)."""
 
@@ -50,18 +50,24 @@ class CommonSettings(BaseSettings):
     are). More partitions spread a large Kafka deployment's events over brokers; one learner reads
     them all, and a response and its ratings share a partition (keyed by response_id)."""
 
-    @field_validator("model", "model_id", "bus_url", "registry_url", "adapter_dir", mode="before")
+    @field_validator("model", "model_id", "adapter_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
         # `KTO_MODEL=` (as compose files write an unset variable) means "not set", not "".
         return None if value == "" else value
 
+    @field_validator("bus_url", "registry_url", mode="before")
+    @classmethod
+    def _none_is_unset(cls, value):
+        # A URL's "not set" is "", filled from data_dir below, so a validated URL is always a str.
+        return "" if value is None else value
+
     @model_validator(mode="after")
     def _fill_defaults(self):
         self.data_dir = self.data_dir.expanduser().resolve()
-        if self.bus_url is None:
+        if not self.bus_url:
             self.bus_url = f"sqlite:///{self.data_dir / 'bus.sqlite3'}"
-        if self.registry_url is None:
+        if not self.registry_url:
             self.registry_url = f"sqlite:///{self.data_dir / 'registry' / 'registry.sqlite3'}"
         if self.adapter_dir is None and urls.names(self.registry_url) == "redis":
             self.adapter_dir = self.data_dir / "adapters"  # Redis holds no files

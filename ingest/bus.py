@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Self
 
 from foundation.urls import backend_of
 
@@ -56,6 +57,8 @@ def check_subscription(group_id: object, topics: object) -> None:
         raise ValueError("group_id must not be empty")
     if not topics:
         raise ValueError("a consumer needs at least one topic")
+    if not isinstance(topics, Iterable):
+        raise TypeError("topics must be a list of topic names")
     for topic in topics:
         check_topic_name(topic)
 
@@ -155,6 +158,12 @@ class Bus(Protocol):
 
     def close(self) -> None:
         """Release connections; records already published stay."""
+        ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None:
+        """``close()``."""
         ...
 
 

@@ -109,7 +109,7 @@ class KafkaSender:
     def _produce(
         self, topic: str, partition: int | None, key: str | None, value: bytes, report: Any, deadline: float
     ) -> None:
-        options = {} if partition is None else {"partition": partition}
+        options: dict[str, Any] = {} if partition is None else {"partition": partition}
         while True:
             try:
                 self._producer.produce(

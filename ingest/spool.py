@@ -172,7 +172,9 @@ class Spool:
         with self._lock:
             if self._conn is None:
                 return [BusUnavailable(f"the spool at {self.path} is closed") for _ in appends]
-            depth, rows, placed = self._depth, [], []  # placed: each append's rows, or why it was refused
+            depth = self._depth
+            rows: list[tuple[str, str | None, bytes, float]] = []
+            placed: list[range | SpoolFull] = []  # each append's rows, or why it was refused
             for now, records in appends:
                 if depth + len(records) > self.max_events:
                     placed.append(SpoolFull(depth, self.max_events))
@@ -180,8 +182,8 @@ class Spool:
                 placed.append(range(len(rows), len(rows) + len(records)))
                 rows += [(topic, key, value, now) for topic, key, value in records]
                 depth += len(records)
-            if not rows:
-                return placed  # type: ignore[return-value]
+            if not rows:  # every append was refused
+                return [p if isinstance(p, SpoolFull) else [] for p in placed]
             try:
                 if len(rows) <= _ROWS_PER_INSERT:
                     # One statement is its own transaction (autocommit): one call into SQLite, and
@@ -265,10 +267,12 @@ def _insert(conn: sqlite3.Connection, rows: list[tuple[str, str | None, bytes, f
     last = 0
     for start in range(0, len(rows), _ROWS_PER_INSERT):
         chunk = rows[start : start + _ROWS_PER_INSERT]
-        last = conn.execute(
+        cursor = conn.execute(
             "INSERT INTO spool (topic, key, value, spooled_at) VALUES " + ",".join(["(?, ?, ?, ?)"] * len(chunk)),
             [field for row in chunk for field in row],
-        ).lastrowid
+        )
+        assert cursor.lastrowid is not None  # an INSERT sets it
+        last = cursor.lastrowid
     return last
 
 

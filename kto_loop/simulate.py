@@ -144,13 +144,14 @@ class Simulation:
         counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for r in self.ratings:
             counts[r.version][0] += 1
-            counts[r.version][1] += r.desirable
+            if r.desirable:
+                counts[r.version][1] += 1
         return {v: (n, d / n) for v, (n, d) in counts.items()}
 
     def window(self, start: int, stop: int) -> tuple[int, int]:
         """(desirable, total) among ratings[start:stop] in arrival order."""
         part = self.ratings[start:stop]
-        return sum(r.desirable for r in part), len(part)
+        return sum(1 for r in part if r.desirable), len(part)
 
 
 def two_proportion_p(d1: int, n1: int, d2: int, n2: int) -> float:

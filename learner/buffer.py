@@ -202,7 +202,10 @@ class ReplayBuffer:
                 )
                 .fetchall()
             )
-        return [DeadLetter(*row[:6], bytes(row[6])) for row in rows]
+        return [
+            DeadLetter(id_, reason, topic, part, offset, key, bytes(raw))
+            for id_, reason, topic, part, offset, key, raw in rows
+        ]
 
     def dead_letters_sent(self, ids: Iterable[int]) -> None:
         """Forget dead letters once the bus has acknowledged them."""

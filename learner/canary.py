@@ -154,10 +154,11 @@ def compare(
 
 
 def _interval(arm: Arm, a: float, rho: float) -> tuple[float, float]:
-    if arm.n == 0:
+    rate = arm.rate
+    if rate is None:  # no ratings
         return 0.0, 1.0
     r = radius(arm.n, a, rho)
-    return max(0.0, arm.rate - r), min(1.0, arm.rate + r)
+    return max(0.0, rate - r), min(1.0, rate + r)
 
 
 class CanaryController:
@@ -262,6 +263,7 @@ class CanaryController:
         counts = f"{c.desirable}/{c.n} vs {b.desirable}/{b.n} desirable"
         try:
             if verdict.decision == "rollback":
+                assert verdict.worse_from is not None  # a rollback says since when the candidate is worse
                 since = versions[verdict.worse_from - 1]
                 reason = (
                     f"worse than {baseline or 'base'} since {since}: difference at most "

@@ -157,7 +157,10 @@ def to_report(conn: sqlite3.Connection) -> list[Erasure]:
         "SELECT request_id, user_hash, requested_at, actor, reason, removed, versions FROM erasures"
         " WHERE reported_at IS NULL ORDER BY requested_at"
     ).fetchall()
-    return [Erasure(*row[:5], json.loads(row[5]), json.loads(row[6])) for row in rows]
+    return [
+        Erasure(request_id, hashed, requested_at, actor, reason, json.loads(removed), json.loads(versions))
+        for request_id, hashed, requested_at, actor, reason, removed, versions in rows
+    ]
 
 
 def report(buffer, registry) -> int:

@@ -42,6 +42,12 @@ class Example:
     kl_partner_completion_ids: list[int] | None = None
     """The partner's completion token ids, for the mismatched pair (this prompt, that completion)."""
 
+    def kl_pair(self) -> tuple[list[int], list[int]]:
+        """The mismatched pair (this prompt, the partner's completion) that KTO's z0 is measured on."""
+        if self.kl_partner_completion_ids is None:
+            raise ValueError(f"example {self.response_id} has no KL partner yet")
+        return self.prompt_ids, self.kl_partner_completion_ids
+
 
 @dataclass(frozen=True, slots=True)
 class ExampleRef:
@@ -75,6 +81,13 @@ def example_from_row(row: tuple) -> Example:
         json.loads(row[2]),
         json.loads(row[3]),
         bool(row[4]),
-        *row[5:13],
+        row[5],
+        row[6],
+        row[7],
+        row[8],
+        row[9],
+        row[10],
+        row[11],
+        row[12],
         kl_partner_completion_ids=None if partner is None else json.loads(partner),
     )

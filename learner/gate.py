@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -43,7 +44,7 @@ class GateResult:
 
 @torch.no_grad()
 def evaluate(
-    policy: Policy, held_out: list[Example], *, kl_contexts: list[Example] = (), chunk: int = 16
+    policy: Policy, held_out: list[Example], *, kl_contexts: Sequence[Example] = (), chunk: int = 16
 ) -> Evaluation:
     """Implicit-reward accuracy on `held_out` (r > 0 predicts desirable; r == 0 counts half) and
     the mean token KL to the base on `kl_contexts` (none given: not measured)."""
@@ -74,7 +75,11 @@ def decide(candidate: Evaluation, parent: Evaluation, *, finite: bool, max_kl: f
         result.codes.append("kl")
     if candidate.n < MIN_HELD_OUT:
         result.notes.append(f"accuracy check skipped: {candidate.n} held-out labels < {MIN_HELD_OUT}")
-    elif candidate.accuracy < parent.accuracy - tolerance:
+    elif (
+        candidate.accuracy is not None
+        and parent.accuracy is not None
+        and candidate.accuracy < parent.accuracy - tolerance
+    ):
         result.reasons.append(
             f"held-out accuracy {candidate.accuracy:.3f} < parent {parent.accuracy:.3f} - {tolerance}"
         )

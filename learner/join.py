@@ -320,10 +320,10 @@ class _Join:
             (event.response_id,),
         ).fetchall()
         conn.execute("DELETE FROM pending WHERE response_id = ?", (event.response_id,))
-        for row in parked:
+        for event_id, response_id, user, desirable, created_at, topic, part, offset, key, raw in parked:
             result.resolved += 1
             # Oldest vote first, so the newest one ends up as the label, as if they had come in order.
-            self.vote(_Vote(*row[:3], bool(row[3]), *row[4:]))
+            self.vote(_Vote(event_id, response_id, user, bool(desirable), created_at, topic, part, offset, key, raw))
 
     def vote(self, vote: _Vote) -> None:
         conn, result = self.conn, self.result

@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -48,7 +49,14 @@ from registry import open_registry
 logger = logging.getLogger(__name__)
 
 
-def held_out(example: Example | ExampleRef, fraction: float) -> bool:
+class HasResponseId(Protocol):
+    """What the held-out split reads: an Example, an ExampleRef, or any stand-in with the id."""
+
+    @property
+    def response_id(self) -> str: ...
+
+
+def held_out(example: HasResponseId, fraction: float) -> bool:
     """A stable split by response_id: the same example is held out on every run."""
     digest = hashlib.sha256(example.response_id.encode()).digest()
     return int.from_bytes(digest[:4], "big") / 2**32 < fraction
@@ -148,12 +156,11 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
 
             # ---- 5. K steps of KTO on fresh labels mixed with replay ----
             n_d = sum(e.desirable for e in fresh + replay)
-            weights = (
-                (settings.desirable_weight, settings.undesirable_weight)
-                if settings.desirable_weight is not None
-                else paper_weights(n_d, len(fresh + replay) - n_d)
-            )
-            batches = plan_batches(
+            if settings.desirable_weight is not None and settings.undesirable_weight is not None:
+                weights = (settings.desirable_weight, settings.undesirable_weight)  # both or neither: settings
+            else:
+                weights = paper_weights(n_d, len(fresh + replay) - n_d)
+            planned = plan_batches(
                 fresh,
                 replay,
                 steps=settings.steps_per_update,
@@ -162,7 +169,7 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
                 rng=rng,
                 max_user_share=settings.max_user_share,
             )
-            batches = _loaded(buffer, batches)
+            batches = _loaded(buffer, planned)
             stats = run_update(
                 policy,
                 optimizer,
@@ -236,11 +243,11 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
         registry.close()
 
 
-def _loaded(buffer: ReplayBuffer, batches: list[list]) -> list[list[Example]]:
+def _loaded(buffer: ReplayBuffer, planned: list[list[Example | ExampleRef]]) -> list[list[Example]]:
     """The planned batches with each replayed ExampleRef loaded as its Example."""
     loaded = {
         e.response_id: e
-        for e in buffer.load({e.response_id for batch in batches for e in batch if isinstance(e, ExampleRef)})
+        for e in buffer.load({e.response_id for batch in planned for e in batch if isinstance(e, ExampleRef)})
     }
     batches = [
         [
@@ -248,7 +255,7 @@ def _loaded(buffer: ReplayBuffer, batches: list[list]) -> list[list[Example]]:
             for e in batch
             if isinstance(e, Example) or e.response_id in loaded
         ]
-        for batch in batches
+        for batch in planned
     ]
     return [batch for batch in batches if len(batch) >= 2]  # z0 needs a mismatched pair
 
@@ -259,7 +266,7 @@ def _fill_references(policy: Policy, buffer: ReplayBuffer, chunk: int = 32) -> N
         if not todo:
             return
         ref = policy.reference_logps([(e.prompt_ids, e.completion_ids) for e in todo])
-        kl_ref = policy.reference_logps([(e.prompt_ids, e.kl_partner_completion_ids) for e in todo])
+        kl_ref = policy.reference_logps([e.kl_pair() for e in todo])
         buffer.set_reference([(e.response_id, float(r), float(k)) for e, r, k in zip(todo, ref, kl_ref)])
 
 

@@ -58,14 +58,16 @@ class Policy:
             )
         config = LoraConfig(
             r=settings.lora_rank,
-            lora_alpha=settings.lora_alpha,
+            lora_alpha=settings.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; it only divides by r
             lora_dropout=0.0,
             target_modules=targets,
             task_type="CAUSAL_LM",
         )
         self.model = get_peft_model(loaded.model, config, adapter_name=ADAPTER)
         self.model.eval()  # dropout off, as TRL's disable_dropout does; gradients still flow
-        self.config = self.model.peft_config[ADAPTER]
+        lora_config = self.model.peft_config[ADAPTER]
+        assert isinstance(lora_config, LoraConfig)  # as given to get_peft_model above
+        self.config = lora_config
         self._initial = {k: v.detach().clone() for k, v in self.trainable().items()}
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
@@ -121,7 +123,7 @@ class Policy:
 
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
         if config.get("r") != self.config.r or set(config.get("target_modules") or []) != set(
-            self.config.target_modules
+            self.config.target_modules or []
         ):
             logger.warning(
                 "version at %s has another LoRA shape (r=%s); starting from a fresh adapter",
@@ -132,8 +134,9 @@ class Policy:
             return False
         state = load_file(str(adapter_dir / "adapter_model.safetensors"), device=str(self.device))
         result = set_peft_model_state_dict(self.model, state, adapter_name=ADAPTER)
-        if getattr(result, "unexpected_keys", None):
-            logger.warning("unexpected keys loading %s: %s", adapter_dir, result.unexpected_keys[:3])
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            logger.warning("unexpected keys loading %s: %s", adapter_dir, unexpected[:3])
         return True
 
     def finite(self) -> bool:

@@ -12,6 +12,7 @@ import logging
 import random
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -63,21 +64,22 @@ def user_limit(counts: list[int], *, share: float, nominal: int) -> int:
 
 
 def cap_users(
-    fresh: list[Example], replay_pool: list[Example | ExampleRef], *, share: float, nominal: int, rng: random.Random
+    fresh: list[Example], replay_pool: Sequence[Example | ExampleRef], *, share: float, nominal: int, rng: random.Random
 ) -> tuple[list[Example], list[Example | ExampleRef]]:
     """Fresh examples and replay pool cut so that no rating user has more than ``user_limit`` of
     them: each user's oldest fresh examples first (by seq, so deferred ones drain in order), then
     replay up to the same limit. The fresh examples cut are the caller's to defer."""
     limit = user_limit(list(Counter(e.user for e in fresh).values()), share=share, nominal=nominal)
-    kept, per_user = [], Counter()
+    kept: list[Example] = []
+    per_user: Counter[str | None] = Counter()
     for e in sorted(fresh, key=lambda e: e.seq):
         if per_user[e.user] < limit:
             kept.append(e)
             per_user[e.user] += 1
     by_user: dict[str | None, list[Example | ExampleRef]] = defaultdict(list)
-    for e in replay_pool:
-        by_user[e.user].append(e)
-    pool = []
+    for item in replay_pool:
+        by_user[item.user].append(item)
+    pool: list[Example | ExampleRef] = []
     for user, examples in by_user.items():
         room = max(0, limit - per_user[user])
         pool += examples if len(examples) <= room else rng.sample(examples, room)
@@ -86,7 +88,7 @@ def cap_users(
 
 def plan_batches(
     fresh: list[Example],
-    replay_pool: list[Example | ExampleRef],
+    replay_pool: Sequence[Example | ExampleRef],
     *,
     steps: int,
     size: int,
@@ -102,7 +104,7 @@ def plan_batches(
     it leaves out are not in any batch (the caller defers them to a later update)."""
     if max_user_share < 1:
         fresh, replay_pool = cap_users(fresh, replay_pool, share=max_user_share, nominal=steps * size, rng=rng)
-    batches = []
+    batches: list[list[Example | ExampleRef]] = []
     order = list(fresh)
     rng.shuffle(order)
     cursor = 0
@@ -111,7 +113,8 @@ def plan_batches(
         step += 1
         n_replay = min(len(replay_pool), int(size * replay_fraction)) if replay_pool else 0
         take = min(size - n_replay, len(order))  # distinct fresh examples in one batch
-        batch, seen = [], set()
+        batch: list[Example | ExampleRef] = []
+        seen: set[str] = set()
         while len(batch) < take:
             candidate = order[cursor % len(order)]
             cursor += 1
@@ -143,7 +146,7 @@ def run_update(
     for batch in batches:
         device = policy.device
         pairs = [(e.prompt_ids, e.completion_ids) for e in batch]
-        kl_pairs = [(e.prompt_ids, e.kl_partner_completion_ids) for e in batch]
+        kl_pairs = [e.kl_pair() for e in batch]
         ref = torch.tensor([e.ref_logp for e in batch], device=device)
         kl_ref = torch.tensor([e.kl_ref_logp for e in batch], device=device)
         desirable = torch.tensor([e.desirable for e in batch], device=device)

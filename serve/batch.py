@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import CacheLayerMixin
 
 
 class RunningBatch:
@@ -39,9 +40,11 @@ class RunningBatch:
         length = max(t_self, t_other)
         self._left_pad(length - t_self)
         other._left_pad(length - t_other)
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
-            mine.values = torch.cat([mine.values, theirs.values], dim=0)
+        for (mine, keys, values), (_, their_keys, their_values) in zip(
+            map(_kv, self.cache.layers), map(_kv, other.cache.layers)
+        ):
+            mine.keys = torch.cat([keys, their_keys], dim=0)
+            mine.values = torch.cat([values, their_values], dim=0)
         self.mask = torch.cat([self.mask, other.mask], dim=0)
 
     def keep(self, rows: list[int]) -> None:
@@ -53,17 +56,24 @@ class RunningBatch:
         start = int(real[0]) if len(real) else self.mask.shape[1]
         if start:
             self.mask = self.mask[:, start:]
-            for layer in self.cache.layers:
-                layer.keys = layer.keys[:, :, start:, :]
-                layer.values = layer.values[:, :, start:, :]
+            for layer, keys, values in map(_kv, self.cache.layers):
+                layer.keys = keys[:, :, start:, :]
+                layer.values = values[:, :, start:, :]
 
     def _left_pad(self, n: int) -> None:
         if n <= 0:
             return
         self.mask = F.pad(self.mask, (n, 0), value=0)
-        for layer in self.cache.layers:
-            layer.keys = F.pad(layer.keys, (0, 0, n, 0))
-            layer.values = F.pad(layer.values, (0, 0, n, 0))
+        for layer, keys, values in map(_kv, self.cache.layers):
+            layer.keys = F.pad(keys, (0, 0, n, 0))
+            layer.values = F.pad(values, (0, 0, n, 0))
+
+
+def _kv(layer: object) -> tuple[CacheLayerMixin, torch.Tensor, torch.Tensor]:
+    """A cache layer with its keys and values, which every layer of a decoder's cache holds after the prefill."""
+    if not isinstance(layer, CacheLayerMixin) or layer.keys is None or layer.values is None:
+        raise TypeError(f"continuous batching needs filled key/value cache layers, not {type(layer).__name__}")
+    return layer, layer.keys, layer.values
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -79,7 +80,7 @@ class Handle:
 @dataclass
 class _Sequence:
     request: GenerationRequest
-    emit: Callable[[Output], None]
+    emit: Callable[[Output], object]
     handle: Handle
     text: TextTracker
     generator: torch.Generator | None
@@ -90,7 +91,9 @@ class _Sequence:
 class Engine:
     def __init__(self, loaded: LoadedModel, *, max_batch: int = 16):
         self.loaded = loaded
-        self.model = loaded.model  # becomes a PeftModel when the first adapter arrives
+        # Becomes a PeftModel when the first adapter arrives; the two share no type that has
+        # both the plain forward and the adapter calls.
+        self.model: Any = loaded.model
         self.max_batch = max_batch
         self.eos_ids = eos_token_ids(loaded)
         self.pad_id = loaded.tokenizer.pad_token_id
@@ -134,7 +137,7 @@ class Engine:
     def running(self) -> int:
         return len(self._running)
 
-    def submit(self, request: GenerationRequest, emit: Callable[[Output], None]) -> Handle:
+    def submit(self, request: GenerationRequest, emit: Callable[[Output], object]) -> Handle:
         """Queue a request; `emit` is called from the engine thread with each output."""
         with self._refs_lock:  # pinned from now on: its version cannot be unloaded under it
             if request.adapter is not None and request.adapter not in self._loaded:
@@ -240,6 +243,8 @@ class Engine:
 
     def _decode(self) -> None:
         batch = self._batch
+        if batch is None:  # every waiting request was cancelled before its prefill: nothing runs
+            return
         last = torch.tensor([[s.tokens[-1]] for s in self._running], device=self.loaded.device)
         positions = batch.positions()
         mask = batch.extend()
@@ -273,6 +278,7 @@ class Engine:
         if len(keep) != len(self._running):
             self._running = [self._running[i] for i in keep]
             if keep:
+                assert self._batch is not None  # the rows just sampled are the batch's
                 self._batch.keep(keep)
             else:
                 self._batch = None

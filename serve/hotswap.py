@@ -99,7 +99,7 @@ class HotSwap:
                 self.metrics.track_version(canary.version)
             logger.info("canary: %s", f"{canary.version} for {canary.share:.0%} of users" if canary else "none")
         self.canary = canary
-        keep = {v for v in (self.serving, self.previous, canary and canary.version) if v is not None}
+        keep = {v for v in (self.serving, self.previous, canary.version if canary else None) if v is not None}
         await asyncio.wrap_future(self.engine.retain(keep))
         if swapped:
             self.metrics.swaps.inc()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 
 class ChatMessageIn(BaseModel):
@@ -37,6 +37,17 @@ def _utf8(text: str) -> str:
 Text = Annotated[str, AfterValidator(_utf8)]
 
 
+def _stop_list(value):
+    # OpenAI's `stop` is one string, a list of them, or null; it is kept as a list.
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else value
+
+
+# Accepted as OpenAI's `stop` (and so documented in the API schema), held as a list.
+Stops = Annotated[list[Text], BeforeValidator(_stop_list, json_schema_input_type=Text | list[Text] | None)]
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -51,7 +62,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: Text | list[Text] | None = Field(None, validate_default=True)
+    stop: Stops = Field(None, validate_default=True)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -60,13 +71,10 @@ class ChatCompletionRequest(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _stops(cls, value):
-        if value is None:
-            return []
-        stops = [value] if isinstance(value, str) else value
-        if len(stops) > 4:
+    def _stops(cls, value: list[str]) -> list[str]:
+        if len(value) > 4:
             raise ValueError("at most 4 stop sequences")
-        return [s for s in stops if s]
+        return [s for s in value if s]
 
 
 class FeedbackRequest(BaseModel):

@@ -79,7 +79,8 @@ def assert_running(process: subprocess.Popen) -> None:
 
 def describe(process: subprocess.Popen) -> str:
     """The command line, `kto-loop …` for a `start`ed one."""
-    argv = [str(a) for a in process.args]
+    args = process.args
+    argv = [str(a) for a in args] if isinstance(args, list | tuple) else [str(args)]
     return " ".join(["kto-loop", *argv[3:]] if argv[1:3] == ["-m", "kto_loop.cli"] else argv)
 
 

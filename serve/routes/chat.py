@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
@@ -36,7 +36,8 @@ router = APIRouter(tags=["chat"])
 @router.get("/v1/models")
 async def list_models(state: State, user: UserId) -> dict:
     settings, canary = state.settings, state.hotswap.canary
-    entries = [  # "serving": what this caller gets for the served name (a canary's candidate, maybe)
+    # "serving": what this caller gets for the served name (a canary's candidate, maybe)
+    entries: list[Mapping[str, object]] = [
         {
             "id": settings.served_model_name,
             "serving": state.hotswap.route(user) or settings.base_model_id,
@@ -107,6 +108,7 @@ class _Call:
                 raise _GenerationFailed(out.error)
             if isinstance(out, Finished):
                 done = out
+        assert done is not None  # the engine's last output is a Finished or a Failed
         await self._record(done)
         self._observe(done, stream=False)
         return {
