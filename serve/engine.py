@@ -32,7 +32,7 @@ from serve.text import TextTracker
 
 logger = logging.getLogger(__name__)
 
-BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
+_PEFT_NO_ADAPTER = "__base__"  # PEFT's reserved name for "no adapter" in a mixed batch (the base model is None here)
 
 
 @dataclass
@@ -314,7 +314,7 @@ class Engine:
         if len(distinct) == 1:
             self.model.set_adapter(versions[0])
             return self.model(**kwargs).logits
-        return self.model(**kwargs, adapter_names=[v or BASE for v in versions]).logits
+        return self.model(**kwargs, adapter_names=[v or _PEFT_NO_ADAPTER for v in versions]).logits
 
     def _new_cache(self):
         from transformers import DynamicCache
