@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from bench import report
-from foundation.models import _demo_corpus, build_tokenizer
+from foundation.models import demo_corpus, build_tokenizer
 from serve.text import TextTracker
 
 LENGTHS = (128, 512, 2048)
@@ -49,7 +49,7 @@ def run(options) -> Path:
     lengths = QUICK_LENGTHS if options.quick else LENGTHS
     with tempfile.TemporaryDirectory(prefix="kto-bench-text-") as tmp:
         tokenizer = build_tokenizer(Path(tmp))
-    corpus = tokenizer.encode(_demo_corpus(), add_special_tokens=False)
+    corpus = tokenizer.encode(demo_corpus(), add_special_tokens=False)
     rows, results = [], []
     for n in lengths:
         tokens = (corpus * (n // len(corpus) + 1))[:n]

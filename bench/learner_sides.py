@@ -37,9 +37,9 @@ def make_texts(tokenizer, n: int, prompt_tokens: int, completion_tokens: int) ->
     Cut on token boundaries of the corpus and decoded, so each tokenises back to about the
     requested lengths (the completion one token short: TRL appends EOS, and so does
     `tokenize_like_trl`)."""
-    from importlib import resources
+    from foundation.models import demo_corpus
 
-    corpus = resources.files("kto_loop").joinpath("data/corpus.txt").read_text(encoding="utf-8")
+    corpus = demo_corpus()
     ids = tokenizer(corpus)["input_ids"]
     need = prompt_tokens + completion_tokens
     while len(ids) < 2 * need:

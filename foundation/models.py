@@ -58,7 +58,8 @@ def default_device() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def _demo_corpus() -> str:
+def demo_corpus() -> str:
+    """The text shipped to teach the demo model (and to cut benchmark texts from)."""
     return resources.files("foundation").joinpath("data/corpus.txt").read_text(encoding="utf-8")
 
 
@@ -89,7 +90,7 @@ def build_tokenizer(path: Path, *, vocab_size: int = 512, corpus: str | None = N
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        text = corpus if corpus is not None else _demo_corpus()
+        text = corpus if corpus is not None else demo_corpus()
         tok.train_from_iterator(text.splitlines(), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -176,7 +177,7 @@ def _teach_the_corpus(path: Path, steps: int = 100) -> None:
     """
     loaded = load_model(path, device=torch.device("cpu"), dtype=torch.float32)
     tokenizer, model = loaded.tokenizer, loaded.model
-    lines = [line for line in _demo_corpus().splitlines() if line.strip()]
+    lines = [line for line in demo_corpus().splitlines() if line.strip()]
     rows = []
     for i, line in enumerate(lines):
         chat = [{"role": "user", "content": line}, {"role": "assistant", "content": lines[(i + 1) % len(lines)]}]
