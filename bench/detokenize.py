@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from bench import report
-from foundation.models import demo_corpus, build_tokenizer
+from foundation.models import build_tokenizer, demo_corpus
 from serve.text import TextTracker
 
 LENGTHS = (128, 512, 2048)
