@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 import torch
@@ -26,7 +28,16 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+class MarkedItem(Protocol):
+    """What the hook below reads of a collected item (test_markers.py passes stand-ins)."""
+
+    @property
+    def nodeid(self) -> str: ...
+
+    def iter_markers(self, name: str) -> Iterable[pytest.Mark]: ...
+
+
+def pytest_collection_modifyitems(config: pytest.Config | None, items: Sequence[MarkedItem]) -> None:
     """A `stochastic` mark must say how often the test fails by chance and why: collection fails otherwise."""
     wrong = []
     for item in items:

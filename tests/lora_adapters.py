@@ -34,7 +34,7 @@ def _build_adapter(out: Path, *, r: int, targets: tuple[str, ...], hidden: int, 
     )
     model.peft_config["default"].base_model_name_or_path = BASE_MODEL
     # save_embedding_layers=False: otherwise PEFT looks the base model up on the Hub.
-    model.save_pretrained(out, save_embedding_layers=False)
+    model.save_pretrained(str(out), save_embedding_layers=False)
 
 
 def adapter_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:

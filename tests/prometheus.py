@@ -11,6 +11,7 @@ import functools
 import math
 import subprocess
 from pathlib import Path
+from typing import TypeGuard
 
 import httpx
 import yaml
@@ -115,5 +116,5 @@ class PrometheusServer:
             wait_for(met, what=what, timeout_s=timeout_s, interval_s=0.25)
 
 
-def finite(value: float | None) -> bool:
+def finite(value: float | None) -> TypeGuard[float]:
     return value is not None and math.isfinite(value)

@@ -282,7 +282,9 @@ def test_backend_urls_name_services_that_listen_there(prod):
     for setting in ("KTO_BUS_URL", "KTO_REGISTRY_URL"):
         urls = {environment(s).get(setting) for s in kto.values()}
         assert len(urls) == 1 and None not in urls, f"{setting} differs between processes: {urls}"
-        host, port = host_port(urls.pop())
+        url = urls.pop()
+        assert url is not None  # as asserted above
+        host, port = host_port(url)
         assert_listens(prod, host, port, setting)
     bus_host, bus_port = host_port(environment(next(iter(kto.values())))["KTO_BUS_URL"])
     advertised = environment(prod["services"][bus_host])["KAFKA_ADVERTISED_LISTENERS"]
@@ -307,6 +309,7 @@ def test_replicas_share_one_ledger(prod):
     urls = {environment(s).get("KTO_LEDGER_URL") for s in replicas.values()}
     assert len(urls) == 1 and None not in urls, f"each replica would keep its own ledger: {urls}"
     url = urls.pop()
+    assert url is not None  # as asserted above
     if url.startswith("sqlite:///"):
         places = {mount_for(s, url.removeprefix("sqlite:///"))[:2] for s in replicas.values()}
         assert len(places) == 1 and next(iter(places))[0] == "volume", f"ledger file not on one shared volume: {places}"
@@ -321,7 +324,9 @@ def test_each_replica_spools_to_a_file_of_its_own_on_a_volume(prod):
     paths = {name: environment(s).get("KTO_SPOOL_PATH") for name, s in replicas.items()}
     assert None not in paths.values() and len(set(paths.values())) == len(paths), paths
     for name, service in replicas.items():
-        assert mount_for(service, paths[name])[0] == "volume", f"{name}: spool not on a volume"
+        path = paths[name]
+        assert path is not None  # as asserted above
+        assert mount_for(service, path)[0] == "volume", f"{name}: spool not on a volume"
 
 
 def test_admin_token_must_be_given(prod):

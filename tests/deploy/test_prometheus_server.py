@@ -92,7 +92,13 @@ def test_promql_gives_the_desirable_rate_per_version_and_the_learners_loss(tmp_p
             assert total >= RATINGS  # a user may rate once more while the others stop
             prom.wait(lambda: prom.value("sum(kto_feedback_total)") == total, what="the last ratings scraped")
             # increase() needs two samples of a series: a version first seen in that scrape needs one more.
-            prom.wait(lambda: prom.value("min(count_over_time(kto_feedback_total[5m]))") >= 2, what="a second sample")
+
+            def two_samples() -> bool:
+                samples = prom.value("min(count_over_time(kto_feedback_total[5m]))")
+                assert samples is not None  # the series exist: their sum was just scraped
+                return samples >= 2
+
+            prom.wait(two_samples, what="a second sample")
 
             # ---- the desirable rate per version ----
             rated = {version: d / n for version, (d, n) in exposed.items() if n}

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 import pytest
 
 from ingest.events import (
     SCHEMA_VERSION,
+    AnyEvent,
     ChatMessage,
     ErasureEvent,
     EventDecodeError,
@@ -23,7 +25,7 @@ from ingest.events import (
 
 
 def make_response(**overrides: object) -> ResponseEvent:
-    fields: dict[str, object] = dict(
+    fields: dict[str, Any] = dict(
         response_id="resp-1",
         user="u-42",
         base_model="tiny-llama",
@@ -40,7 +42,7 @@ def make_response(**overrides: object) -> ResponseEvent:
 
 
 def make_feedback(**overrides: object) -> FeedbackEvent:
-    fields: dict[str, object] = dict(response_id="resp-1", user="u-42", label="desirable")
+    fields: dict[str, Any] = dict(response_id="resp-1", user="u-42", label="desirable")
     fields.update(overrides)
     return FeedbackEvent(**fields)
 
@@ -71,6 +73,7 @@ def test_erasure_round_trip_and_its_user_is_required() -> None:
 def test_base_model_response_has_null_adapter_and_anonymous_user() -> None:
     event = make_response(adapter_version=None, user=None)
     decoded = decode_event(encode_event(event))
+    assert isinstance(decoded, ResponseEvent)
     assert decoded.adapter_version is None and decoded.user is None
 
 
@@ -104,7 +107,7 @@ def _reason(data: bytes) -> str:
     return info.value.reason
 
 
-def _mutated(event: ResponseEvent | FeedbackEvent, **changes: object) -> bytes:
+def _mutated(event: AnyEvent, **changes: object) -> bytes:
     obj = json.loads(encode_event(event))
     for key, value in changes.items():
         if value is ...:

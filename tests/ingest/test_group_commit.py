@@ -136,7 +136,11 @@ def test_many_threads_hammering_get_their_own_results_once_each_in_their_own_ord
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(caller, range(16)))
     assert results == [[f"done {(thread, i)}" for i in range(100)] for thread in range(16)]
-    committed = [item for group in recorder.groups for item in group]
+    committed: list[tuple[int, int]] = []
+    for group in recorder.groups:
+        for item in group:
+            assert isinstance(item, tuple)  # the (thread, i) pairs that the callers sent
+            committed.append(item)
     assert sorted(committed) == [(thread, i) for thread in range(16) for i in range(100)]  # each exactly once
     for thread in range(16):
         assert [i for t, i in committed if t == thread] == list(range(100))  # in each thread's order

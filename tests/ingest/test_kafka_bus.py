@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from ingest.bus import BusUnavailable, open_bus
-from ingest.events import FeedbackEvent, ResponseEvent, SamplingParams, Topics, decode_event, encode_event
+from ingest.events import AnyEvent, FeedbackEvent, ResponseEvent, SamplingParams, Topics, decode_event, encode_event
 from ingest.kafka_bus import KafkaBus, bootstrap_servers
 from testkit.ports import free_port
 from tests.ingest.conftest import kafka_only
@@ -90,7 +90,7 @@ def test_a_plain_kafka_consumer_reads_what_the_bus_published(services: Any) -> N
         consumer_timeout_ms=1000,
     )
     reader.assign([TopicPartition(t, p) for t in (topics.responses, topics.feedback) for p in range(3)])
-    got = {}
+    got: dict[tuple[str, int, int], Any] = {}  # kafka-python's ConsumerRecords
     deadline = time.monotonic() + WAIT_S
     while len(got) < len(sent) and time.monotonic() < deadline:
         for batch in reader.poll(timeout_ms=500).values():
@@ -102,12 +102,18 @@ def test_a_plain_kafka_consumer_reads_what_the_bus_published(services: Any) -> N
     for record in sent:
         raw = got[(record.topic, record.partition, record.offset)]
         event = decode_event(raw.value)
+        assert isinstance(event, (ResponseEvent, FeedbackEvent)) and record.key is not None
         assert raw.key == event.response_id.encode() == record.key.encode()
         assert raw.value == record.value and raw.timestamp / 1000 == record.timestamp
         # A response and its feedback land on the same partition number.
         assert partition_of.setdefault(event.response_id, raw.partition) == raw.partition
+
+    def response_id(event: AnyEvent) -> str:
+        assert isinstance(event, (ResponseEvent, FeedbackEvent))  # all that this test sent
+        return event.response_id
+
     by_topic = {
-        t: sorted((decode_event(r.value) for r in got.values() if r.topic == t), key=lambda e: e.response_id)
+        t: sorted((decode_event(r.value) for r in got.values() if r.topic == t), key=response_id)
         for t in (topics.responses, topics.feedback)
     }
     assert by_topic == {topics.responses: responses, topics.feedback: votes}

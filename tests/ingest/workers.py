@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from testkit.waiting import wait_for
@@ -38,9 +39,15 @@ def writer(url: str, topic: str, tag: str, count: str, batch: str, go_file: str)
     n, size = int(count), int(batch)
     i = 0
     while n == 0 or i < n:
-        items = [(f"{tag}-{j}", f"{tag}-{j}".encode()) for j in range(i, i + size if n == 0 else min(i + size, n))]
+        items: list[tuple[str | None, bytes]] = [
+            (f"{tag}-{j}", f"{tag}-{j}".encode()) for j in range(i, i + size if n == 0 else min(i + size, n))
+        ]
         records = bus.publish_many(topic, items) if size > 1 else [bus.publish(topic, *items[0])]
-        print("\n".join(f"{r.offset} {r.key.rsplit('-', 1)[1]}" for r in records), flush=True)
+        lines = []
+        for r in records:
+            assert r.key is not None  # every record was published with a key
+            lines.append(f"{r.offset} {r.key.rsplit('-', 1)[1]}")
+        print("\n".join(lines), flush=True)
         i += len(items)
         time.sleep(0.001)
     bus.close()
@@ -81,4 +88,5 @@ def member(url: str, group: str, topic: str, commit_at: str) -> None:
 
 
 if __name__ == "__main__":
-    {"writer": writer, "spooler": spooler, "member": member}[sys.argv[1]](*sys.argv[2:])
+    commands: dict[str, Callable[..., None]] = {"writer": writer, "spooler": spooler, "member": member}
+    commands[sys.argv[1]](*sys.argv[2:])

@@ -10,6 +10,7 @@ import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -122,7 +123,7 @@ class EventStream:
     def dead_letters(self) -> list[dict]:
         """Every envelope on the dead-letter topic, read by a throw-away group."""
         consumer = self.bus.consumer(f"check-{uuid.uuid4().hex}", [self.topics.dead_letters])
-        letters = []
+        letters: list[dict] = []
         while batch := consumer.poll(timeout_s=0):
             letters.extend(json.loads(r.value) for r in batch)
         consumer.close()
@@ -178,7 +179,7 @@ def make_joiner(event_bus: SqliteBus, topics: Topics, join_clock: FakeClock) -> 
     """make_joiner(buffer, pending_ttl_s=60, **kw) -> an EventJoiner on the test bus; closed at teardown."""
     made: list[EventJoiner] = []
 
-    def make(buffer: ReplayBuffer, pending_ttl_s: float = 60.0, **kw: object) -> EventJoiner:
+    def make(buffer: ReplayBuffer, pending_ttl_s: float = 60.0, **kw: Any) -> EventJoiner:
         joiner = EventJoiner(event_bus, topics, buffer, pending_ttl_s=pending_ttl_s, clock=join_clock, **kw)
         made.append(joiner)
         return joiner

@@ -88,7 +88,7 @@ def assert_learned(result: Simulation, base_id: str) -> None:
     base = [r for r in result.ratings if r.version == base_id]
     adapted = [r for r in result.ratings if r.version != base_id]
     assert len(base) >= 30 and adapted, result.rate_by_version()  # the served version changed, no restart
-    d0, n0 = sum(r.desirable for r in base), len(base)
+    d0, n0 = sum(bool(r.desirable) for r in base), len(base)  # rated: never None
     d1, n1 = result.window(len(result.ratings) - 150, len(result.ratings))
     rise = d1 / n1 - d0 / n0
     p = two_proportion_p(d0, n0, d1, n1)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from learner.buffer import ReplayBuffer
+from learner.example import Example
 
 Stream = Any  # conftest's EventStream
 
@@ -22,6 +23,13 @@ def label(buffer: ReplayBuffer, stream: Stream, response_id: str, desirable: boo
         ),
         now=0.0,
     )
+
+
+def stored(buffer: ReplayBuffer, response_id: str) -> Example:
+    """``buffer.get`` of an example that the test expects to be there."""
+    example = buffer.get(response_id)
+    assert example is not None, f"no example for {response_id}"
+    return example
 
 
 def reference_all(buffer: ReplayBuffer) -> None:
@@ -49,7 +57,7 @@ def test_feedback_before_its_response_is_parked_then_joined(buffer: ReplayBuffer
     result = buffer.apply(stream.polled(stream.response("r1", publish=False)), now=1.0)
     assert (result.resolved, result.new_examples) == (1, 1)
     assert buffer.counts()["pending"] == 0
-    assert buffer.get("r1").feedback_event_id == vote.event_id
+    assert stored(buffer, "r1").feedback_event_id == vote.event_id
 
 
 def test_parked_votes_resolve_in_time_order(buffer: ReplayBuffer, stream: Stream) -> None:
@@ -58,7 +66,7 @@ def test_parked_votes_resolve_in_time_order(buffer: ReplayBuffer, stream: Stream
     buffer.apply(stream.polled(newer, older), now=0.0)
     result = buffer.apply(stream.polled(stream.response("r1", publish=False)), now=1.0)
     assert (result.resolved, result.new_examples, result.relabeled) == (2, 1, 1)  # oldest first
-    assert buffer.get("r1").desirable is False
+    assert stored(buffer, "r1").desirable is False
 
 
 def test_a_repeated_event_counts_once(buffer: ReplayBuffer, stream: Stream) -> None:
@@ -73,7 +81,7 @@ def test_a_repeated_event_counts_once(buffer: ReplayBuffer, stream: Stream) -> N
 def test_the_kl_partner_is_the_previous_example(buffer: ReplayBuffer, stream: Stream) -> None:
     label(buffer, stream, "a", completion=[1])
     # Alone, the first example has no partner, so it cannot be referenced yet.
-    assert buffer.get("a").kl_partner is None and buffer.unreferenced(10) == []
+    assert stored(buffer, "a").kl_partner is None and buffer.unreferenced(10) == []
     label(buffer, stream, "b", completion=[2])
     label(buffer, stream, "c", completion=[3])
     partners = {e.response_id: (e.kl_partner, e.kl_partner_completion_ids) for e in buffer.unreferenced(10)}
@@ -86,15 +94,17 @@ def test_set_reference_round_trips_and_survives_a_relabel(buffer: ReplayBuffer, 
     label(buffer, stream, "b")
     assert buffer.set_reference([("a", -3.5, -7.25), ("gone", -1.0, -1.0)]) == 1
     a = buffer.get("a")
+    assert a is not None
     assert (a.ref_logp, a.kl_ref_logp) == (-3.5, -7.25)
     assert [e.response_id for e in buffer.unreferenced(10)] == ["b"]
     buffer.apply(stream.polled(stream.feedback("a", "undesirable", publish=False)), now=1.0)
     relabeled = buffer.get("a")
+    assert relabeled is not None
     assert relabeled.desirable is False and relabeled.seq > a.seq
     assert (relabeled.ref_logp, relabeled.kl_ref_logp) == (-3.5, -7.25)
     with pytest.raises(ValueError, match="finite"):
         buffer.set_reference([("b", math.nan, -1.0)])
-    assert buffer.get("b").ref_logp is None
+    assert stored(buffer, "b").ref_logp is None
 
 
 def test_fresh_and_max_seq_follow_the_watermark(buffer: ReplayBuffer, stream: Stream) -> None:
@@ -129,7 +139,7 @@ def test_the_index_is_light_and_load_fetches_the_picked_examples(buffer: ReplayB
     assert [(r.response_id, r.user, r.desirable) for r in index] == [
         (f"r{i}", f"u{i % 2}", i % 2 == 0) for i in range(1, 6)
     ]
-    assert [r.seq for r in index] == [buffer.get(r.response_id).seq for r in index]
+    assert [r.seq for r in index] == [stored(buffer, r.response_id).seq for r in index]
     loaded = buffer.load(["r4", "r2", "nope", "r4"])
     assert [(e.response_id, e.completion_ids) for e in loaded] == [("r4", [4]), ("r2", [2])]
     assert loaded == [e for e in buffer.referenced() if e.response_id in ("r4", "r2")][::-1]
@@ -142,7 +152,7 @@ def test_mark_trained_and_counts(buffer: ReplayBuffer, stream: Stream) -> None:
     buffer.apply(stream.polled(stream.response("unrated", publish=False), stream.feedback("x", publish=False)), now=1.0)
     reference_all(buffer)
     buffer.mark_trained(["a", "a", "b"])
-    assert [buffer.get(r).times_trained for r in "abc"] == [2, 1, 0]
+    assert [stored(buffer, r).times_trained for r in "abc"] == [2, 1, 0]
     assert buffer.counts() == {
         "desirable": 1,
         "undesirable": 2,
@@ -185,7 +195,7 @@ def test_feedback_on_a_rejected_response_is_dead_lettered(buffer: ReplayBuffer, 
     # Replayed from the dead letters once fixed, the response and then the vote count after all.
     fixed = buffer.apply(stream.polled(stream.response("r1", completion=[4], publish=False), vote), now=2.0)
     assert (fixed.responses, fixed.new_examples, fixed.duplicates) == (1, 1, 0)
-    assert buffer.get("r1").completion_ids == [4]
+    assert stored(buffer, "r1").completion_ids == [4]
 
 
 def test_the_buffer_survives_reopening_and_never_reuses_a_seq(buffer_path: Path, stream: Stream) -> None:
@@ -198,7 +208,7 @@ def test_the_buffer_survives_reopening_and_never_reuses_a_seq(buffer_path: Path,
         assert {e.response_id: e for e in buffer.unreferenced(10)} == before
         assert buffer.counts()["pending"] == 1
         label(buffer, stream, "c")
-        assert buffer.get("c").seq > max(e.seq for e in before.values())
+        assert stored(buffer, "c").seq > max(e.seq for e in before.values())
 
 
 def test_unrated_responses_are_dropped_after_the_retention(buffer_path: Path, stream: Stream) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,7 +40,7 @@ def test_radius_shrinks_and_rho_is_tuned_where_asked():
 
 
 def test_compare_decides_on_the_interval_of_the_difference():
-    kw = {"alpha": ALPHA, "margin": 0.05, "min_ratings": 100, "rho": RHO}
+    kw: dict[str, Any] = {"alpha": ALPHA, "margin": 0.05, "min_ratings": 100, "rho": RHO}
     worse = compare(Arm(200, 20), Arm(800, 400), **kw)  # 0.10 vs 0.50
     assert worse.decision == "rollback" and worse.upper < 0 and worse.lower < worse.upper
     better = compare(Arm(200, 180), Arm(800, 400), **kw)  # 0.90 vs 0.50
@@ -83,7 +84,8 @@ def simulate(
         np.array([np.inf] + [radius(n, suffix_error(ALPHA, j), RHO) for n in range(1, ratings + 1)])
         for j in range(1, len(schedule) + 1)
     ]
-    first_rollback, first_promote = [], []
+    first_rollback: list[int] = []
+    first_promote: list[int] = []
     for _ in range(0, streams, 250):  # in chunks: 250 x ratings arrays stay small
         to_c = rng.random((250, ratings)) < share
         version = np.minimum((np.cumsum(to_c, 1) - to_c) // per_version, len(schedule) - 1)
@@ -262,11 +264,13 @@ def test_a_worse_candidate_is_rolled_back_with_evidence(registry, buffer, stream
     controller.release(v2, v1, "gate passed")
     rate(buffer, stream, v2, 10, 1)
     rate(buffer, stream, v1, 10, 5)
-    assert controller.step().decision == "continue"  # 10 each cannot tell yet
+    verdict = controller.step()
+    assert verdict is not None and verdict.decision == "continue"  # 10 each cannot tell yet
     assert registry.canary().evidence["candidate"] == {"n": 10, "desirable": 1, "rate": 0.1}
     rate(buffer, stream, v2, 40, 2)
     rate(buffer, stream, v1, 40, 30)
-    assert controller.step().decision == "rollback"
+    verdict = controller.step()
+    assert verdict is not None and verdict.decision == "rollback"
     last = registry.history()[-1]
     assert (last.action, last.version, last.previous, last.actor) == ("canary_rollback", v2, v1, ACTOR)
     assert last.evidence["candidate"] == {"n": 50, "desirable": 3, "rate": 0.06}
@@ -287,7 +291,7 @@ def test_a_good_lineage_is_promoted_as_its_newest_candidate(registry, buffer, st
     rate(buffer, stream, v2, 30, 26)
     rate(buffer, stream, None, 60, 20)  # the base model is the baseline
     verdict = controller.step()
-    assert verdict.decision == "promote" and verdict.lineage == (Arm(30, 24), Arm(30, 26))
+    assert verdict is not None and verdict.decision == "promote" and verdict.lineage == (Arm(30, 24), Arm(30, 26))
     last = registry.history()[-1]
     assert (last.action, last.version, last.previous, last.actor) == ("canary_promote", v2, None, ACTOR)
     assert last.evidence["interval"][0] > -settings.canary_margin and last.evidence["versions"] == [v1, v2]
@@ -303,13 +307,16 @@ def test_a_sudden_drop_is_judged_on_its_own_ratings(registry, buffer, stream, se
     controller.release(v1, None, "gate passed")
     rate(buffer, stream, v1, 400, 300)
     rate(buffer, stream, None, 400, 200)
-    assert controller.step().decision == "continue"  # better, but min_ratings keeps it running
+    verdict = controller.step()
+    assert verdict is not None and verdict.decision == "continue"  # better, but min_ratings keeps it running
     controller.release(v2, v1, "gate passed")
     rate(buffer, stream, v2, 60, 3)
     rate(buffer, stream, None, 60, 30)
     verdict = controller.step()
-    assert verdict.decision == "rollback" and verdict.worse_from == 2
-    assert verdict.candidate.rate > verdict.baseline.rate  # the whole lineage alone would go on
+    assert verdict is not None and verdict.decision == "rollback" and verdict.worse_from == 2
+    candidate_rate, baseline_rate = verdict.candidate.rate, verdict.baseline.rate
+    assert candidate_rate is not None and baseline_rate is not None
+    assert candidate_rate > baseline_rate  # the whole lineage alone would go on
     last = registry.history()[-1]
     assert (last.action, last.version) == ("canary_rollback", v2) and f"since {v2}" in last.reason
     assert registry.get(v2).status == "rejected" and registry.active() is None
@@ -326,7 +333,8 @@ def test_paused_decides_nothing_and_manual_only_reports(registry, buffer, stream
     assert controller.step() is None and len(registry.history()) == entries
     registry.pause_canary(v1, False, actor="op")
     manual = CanaryController(registry, buffer, settings.model_copy(update={"activation": "manual"}))
-    assert manual.step().decision == "rollback"  # what the test says ...
+    verdict = manual.step()
+    assert verdict is not None and verdict.decision == "rollback"  # what the test says ...
     assert registry.canary().evidence["decision"] == "rollback"  # ... is reported, not done
     assert registry.history()[-1].action == "canary_resume" and registry.get(v1).status == "ready"
 
@@ -342,4 +350,5 @@ def test_responses_before_the_canary_and_changed_votes(registry, buffer, stream,
     up = FeedbackEvent(response_id=response.response_id, user="u", label="desirable", created_at=down.created_at + 1)
     buffer.apply(stream.polled(response, down, up))  # the vote changed: counted once, with the later label
     verdict = controller.step()
+    assert verdict is not None
     assert (verdict.candidate, verdict.baseline) == (Arm(1, 1), Arm(4, 4))

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from kto_loop.simulate import Simulation, simulate
-from registry import in_canary, open_registry
+from registry import HistoryEntry, in_canary, open_registry
 from testkit.ports import free_port
 from testkit.processes import log_tail, start, stop, wait_ready
 from testkit.waiting import wait_for
@@ -111,15 +111,15 @@ class Scenario:
     """The version the burst trained, the canary's first candidate."""
     bad: Simulation
     honest: Simulation
-    history: list
+    history: list[HistoryEntry]
     versions: list
     log_tail: str
 
     def honest_drop(self) -> float:
         """How much worse the canary's versions did than the base model with honest users."""
         lineage = set(canary_steps(self.history, self.candidate)[0])
-        ours = [t.desirable for t in self.honest.ratings if t.version in lineage]
-        base = [t.desirable for t in self.honest.ratings if t.version == MODEL_ID]
+        ours = [bool(t.desirable) for t in self.honest.ratings if t.version in lineage]  # rated: never None
+        base = [bool(t.desirable) for t in self.honest.ratings if t.version == MODEL_ID]
         if not ours or not base:
             return float("nan")  # compares as "not clearly worse"
         return sum(ours) / len(ours) - sum(base) / len(base)
@@ -181,11 +181,12 @@ def run_scenario(tmp_path: Path, model: Path) -> Scenario:
     return Scenario(candidate, bad, honest, history, versions, log_tail(log))
 
 
-def canary_steps(history: list, candidate: str) -> tuple[list[str], object | None]:
+def canary_steps(history: list[HistoryEntry], candidate: str) -> tuple[list[str | None], HistoryEntry | None]:
     """The versions of the canary that started with `candidate` (its lineage, in order) and the
     entry that ended it (None: still running). Every step is the learner's, but the end."""
     start = next(i for i, e in enumerate(history) if e.action == "canary_start" and e.version == candidate)
-    lineage, ending = [candidate], None
+    lineage: list[str | None] = [candidate]
+    ending: HistoryEntry | None = None
     for e in history[start + 1 :]:
         if e.action == "canary_advance":
             assert e.actor == "learner"
@@ -227,6 +228,7 @@ def test_a_worse_version_is_rolled_back_by_its_canary(tmp_path: Path):
         run.log_tail,
     )
     evidence = rollback.evidence
+    assert evidence is not None  # a canary's decision always carries its evidence
     print("lineage:", lineage, "evidence:", evidence)
     counted = evidence["candidate"]["n"] + evidence["baseline"]["n"]
     assert rollback.version == lineage[-1] and evidence["versions"] == lineage

@@ -18,6 +18,7 @@ from ingest.sqlite_bus import SqliteBus
 from learner.buffer import ReplayBuffer
 from learner.consumer import EventJoiner
 from testkit.waiting import wait_for
+from tests.learner.test_buffer import stored
 
 Stream = Any  # conftest's EventStream
 MakeJoiner = Callable[..., EventJoiner]
@@ -31,6 +32,7 @@ def test_response_then_feedback_gives_one_example_with_the_exact_tokens(
     result = stream.join_all(make_joiner(buffer))
     assert (result.records, result.new_examples, result.dead_lettered) == (2, 1, 0)
     example = buffer.get("r1")
+    assert example is not None
     assert (example.prompt_ids, example.completion_ids, example.desirable) == ([11, 0, 4095], [17, 2, 2, 9], True)
     assert example.feedback_event_id == vote.event_id
     assert stream.dead_letters() == []
@@ -46,7 +48,7 @@ def test_feedback_before_its_response_waits_for_it(
     stream.response("r1")
     result = stream.join_all(joiner)
     assert (result.resolved, result.new_examples) == (1, 1)
-    assert buffer.get("r1").desirable is False and buffer.counts()["pending"] == 0
+    assert stored(buffer, "r1").desirable is False and buffer.counts()["pending"] == 0
 
 
 def test_an_event_published_twice_counts_once(buffer: ReplayBuffer, stream: Stream, make_joiner: MakeJoiner) -> None:
@@ -65,9 +67,11 @@ def test_a_changed_vote_replaces_the_label(buffer: ReplayBuffer, stream: Stream,
     stream.feedback("r1", "desirable")
     stream.join_all(joiner)
     first = buffer.get("r1")
+    assert first is not None
     stream.feedback("r1", "undesirable")
     assert stream.join_all(joiner).relabeled == 1
     changed = buffer.get("r1")
+    assert changed is not None
     assert changed.desirable is False and changed.seq > first.seq
     counts = buffer.counts()
     assert (counts["desirable"], counts["undesirable"]) == (0, 1)  # still one example
@@ -80,10 +84,11 @@ def test_an_older_vote_arriving_late_does_not_override(
     stream.response("r1")
     newer = stream.feedback("r1", "undesirable", created_at=2_000.0)
     assert stream.join_all(joiner).new_examples == 1
-    seq = buffer.get("r1").seq
+    seq = stored(buffer, "r1").seq
     stream.feedback("r1", "desirable", created_at=1_000.0)
     assert stream.join_all(joiner).stale == 1
     example = buffer.get("r1")
+    assert example is not None
     assert example.seq == seq
     assert (example.desirable, example.feedback_event_id) == (False, newer.event_id)
 
@@ -107,7 +112,7 @@ def test_a_rating_whose_response_never_comes_is_dead_lettered_after_the_ttl(
     stream.response("lost")
     stream.publish_raw(stream.topics.feedback, letter["value"].encode(), key="lost")
     assert stream.join_all(joiner).new_examples == 1
-    assert buffer.get("lost").feedback_event_id == vote.event_id
+    assert stored(buffer, "lost").feedback_event_id == vote.event_id
 
 
 def test_no_rating_expires_while_its_response_is_still_in_the_backlog(
@@ -151,7 +156,7 @@ def test_malformed_events_are_dead_lettered_and_consumption_goes_on(
         in letters[(topics.feedback, 0)]["reason"]
     )
     assert letters[(topics.feedback, 2)]["reason"] == f"feedback {blank.event_id} has an unusable user id '  '"
-    assert buffer.get("r1").desirable is True
+    assert stored(buffer, "r1").desirable is True
 
 
 def test_feedback_from_another_user_is_dead_lettered(
@@ -263,10 +268,11 @@ def test_sigkill_mid_stream_then_a_fresh_joiner_counts_every_rating_once(
 
     buffer_path = tmp_path / "buffer.sqlite3"
     child = spawn_join_worker(event_bus.path, buffer_path, stream.topics.prefix, 4, 0.01)
-    assert child.stdout is not None
+    stdout = child.stdout
+    assert stdout is not None
 
     def a_quarter_joined() -> bool:  # the worker prints its example count after each poll
-        line = child.stdout.readline()
+        line = stdout.readline()
         assert line, f"the worker died: {child.stderr.read() if child.stderr else ''}"
         return int(line) >= n // 4
 

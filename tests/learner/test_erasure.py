@@ -10,7 +10,7 @@ from typing import Any
 from learner import erasure
 from learner.buffer import ReplayBuffer
 from learner.consumer import EventJoiner
-from tests.learner.test_buffer import label, reference_all
+from tests.learner.test_buffer import label, reference_all, stored
 
 Stream = Any  # conftest's EventStream
 
@@ -74,11 +74,11 @@ def test_other_users_pairs_no_longer_use_an_erased_completion(buffer: ReplayBuff
     rated(buffer, stream, "c1", "carol", completion=[3])
     reference_all(buffer)
     # The first example took the second as its partner; every later one takes the one before.
-    assert (buffer.get("b1").kl_partner, buffer.get("c1").kl_partner) == ("a1", "a1")
+    assert (stored(buffer, "b1").kl_partner, stored(buffer, "c1").kl_partner) == ("a1", "a1")
     watermark = buffer.max_seq()
 
     buffer.apply(stream.polled(stream.erasure("alice", publish=False)), now=0.0)
-    bob, carol = buffer.get("b1"), buffer.get("c1")
+    bob, carol = stored(buffer, "b1"), stored(buffer, "c1")
     assert (carol.kl_partner, carol.kl_partner_completion_ids, carol.ref_logp) == ("b1", [1], None)
     assert (bob.kl_partner, bob.kl_partner_completion_ids, bob.ref_logp) == ("c1", [3], None)
     reference_all(buffer)  # computed again for the new pairs, so they are fresh again

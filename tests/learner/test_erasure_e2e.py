@@ -85,6 +85,7 @@ def test_an_erased_users_data_leaves_the_learner_and_flags_its_versions(tmp_path
                 timeout_s=WAIT_S,
                 interval_s=0.5,
             )
+            assert entry is not None  # wait_for returns only what is truthy
             assert set(versions) <= set(entry["evidence"]["flagged_versions"])
             assert entry["evidence"]["removed"]["examples"] == 12 and entry["reason"] == "ticket 7"
             page = client.get(f"/v1/adapters/{versions[0]}", headers=ADMIN).json()

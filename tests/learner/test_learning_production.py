@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 import httpx
 import pytest
 
-from ingest.events import Topics, decode_event
+from ingest.events import FeedbackEvent, ResponseEvent, Topics, decode_event
 from testkit.ports import free_port
 from testkit.processes import describe, log_tail, start, stop, wait_ready
 from tests.learner.loop_processes import (
@@ -112,7 +113,11 @@ def test_two_replicas_and_a_learner_over_kafka_and_redis_learn_the_rule(services
 
     # Every rating is on Kafka with its response, both keyed by response_id, spread over the partitions.
     records = read_topics(services.kafka_servers, [topics.responses, topics.feedback], expected=2 * 600)
-    events = [(record, decode_event(record.value)) for record in records]
+    events: list[tuple[Any, ResponseEvent | FeedbackEvent]] = []  # (kafka-python's record, its event)
+    for record in records:
+        event = decode_event(record.value)
+        assert isinstance(event, (ResponseEvent, FeedbackEvent))  # read from those two topics
+        events.append((record, event))
     assert all(record.key == event.response_id.encode() for record, event in events)
     responses = {event.response_id: event for _, event in events if event.type == "response"}
     ratings = [event for _, event in events if event.type == "feedback"]

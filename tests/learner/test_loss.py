@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ def t(*values: float) -> torch.Tensor:
 
 
 # r = policy − ref = [1, −1, 0]; z0 = mean(kl_policy − kl_ref) = 0.5.
-HAND = dict(
+HAND: dict[str, Any] = dict(
     policy_logps=t(-1.0, -2.0, -3.0),
     ref_logps=t(-2.0, -1.0, -3.0),
     kl_policy_logps=t(-1.0, -1.0, -1.0),
@@ -61,6 +62,7 @@ def test_hand_computed_gradient():
 
     # d/dr of 1−σ(β(r−z0)) is −β σ'; of 1−σ(β(z0−r)) is +β σ'; the mean divides by 3
     expected = [-beta * dsig(1.0) / 3, beta * dsig(3.0) / 3, -beta * dsig(-1.0) / 3]
+    assert policy.grad is not None
     assert policy.grad.tolist() == pytest.approx(expected, abs=1e-6)
 
 
@@ -85,6 +87,7 @@ def test_one_class_batches_and_batch_of_one_are_finite(label, size):
     )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(losses).all() and torch.isfinite(kl)
+    assert policy.grad is not None
     assert torch.isfinite(policy.grad).all() and (policy.grad != 0).all()
 
 

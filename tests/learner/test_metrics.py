@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -106,16 +107,24 @@ def test_buffer_sizes_are_read_at_each_scrape_and_a_failing_buffer_exports_nothi
 
 def test_lag_is_measured_at_most_every_few_seconds():
     metrics = LearnerMetrics(lag_every_s=3600)
-    calls = []
-    metrics.refresh_lag(lambda: calls.append(1) or 7)
-    metrics.refresh_lag(lambda: calls.append(1) or 9)  # too soon: not called
+    calls: list[int] = []
+
+    def counted(value: int) -> Callable[[], int]:
+        def lag() -> int:
+            calls.append(1)
+            return value
+
+        return lag
+
+    metrics.refresh_lag(counted(7))
+    metrics.refresh_lag(counted(9))  # too soon: not called
     assert len(calls) == 1 and exposition(metrics)[("kto_learner_consumer_lag_records", ())] == 7
 
 
 def test_a_failed_lag_measurement_keeps_the_last_value():
     metrics = LearnerMetrics(lag_every_s=0)
     metrics.refresh_lag(lambda: 7)
-    metrics.refresh_lag(lambda: 1 / 0)
+    metrics.refresh_lag(lambda: 1 // 0)
     assert exposition(metrics)[("kto_learner_consumer_lag_records", ())] == 7
 
 
@@ -164,12 +173,13 @@ def test_a_running_learner_exposes_its_update_over_http(tmp_path, tiny_model_dir
         except httpx.HTTPError:  # not listening yet
             return None
 
-    def updated() -> dict | None:
+    def updated() -> dict[tuple[str, tuple], float] | None:
         got = scrape()
         return got if got and got[("kto_learner_updates_total", (("outcome", "published"),))] >= 1 else None
 
     try:
         got = wait_for(updated, what="a published update in the metrics", timeout_s=WAIT_S)
+        assert got is not None  # wait_for returns only what is truthy
         assert got[("kto_learner_steps_total", ())] >= settings.steps_per_update
         assert math.isfinite(got[("kto_learner_loss", ())]) and got[("kto_learner_loss", ())] > 0
         assert math.isfinite(got[("kto_learner_z0", ())])
@@ -178,9 +188,13 @@ def test_a_running_learner_exposes_its_update_over_http(tmp_path, tiny_model_dir
             got[("kto_learner_buffer_examples", (("label", label),))] for label in ("desirable", "undesirable")
         )
         assert examples == 40
-        wait_for(
-            lambda: scrape()[("kto_learner_consumer_lag_records", ())] == 0, what="the lag to reach 0", timeout_s=WAIT_S
-        )
+
+        def lag_is_zero() -> bool:
+            now = scrape()
+            assert now is not None  # listening since the update above
+            return now[("kto_learner_consumer_lag_records", ())] == 0
+
+        wait_for(lag_is_zero, what="the lag to reach 0", timeout_s=WAIT_S)
         assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
         check_metrics(httpx.get(f"{url}/metrics").text)
     finally:

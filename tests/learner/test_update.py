@@ -6,6 +6,7 @@ import random
 from collections import Counter
 
 from learner.buffer import Example
+from learner.example import ExampleRef
 from learner.update import plan_batches, user_limit
 
 
@@ -42,7 +43,7 @@ def rated(i: int, user: str, desirable: bool = False) -> Example:
     return Example(f"{user}-r{i}", user, [1, 2], [3], desirable, f"{user}-e{i}", 0.0, None, i, 0.0, None, 0.0, 0)
 
 
-def per_user(batches: list[list[Example]]) -> tuple[Counter, int]:
+def per_user(batches: list[list[Example | ExampleRef]]) -> tuple[Counter, int]:
     distinct = {e.response_id: e for b in batches for e in b}
     return Counter(e.user for e in distinct.values()), len(distinct)
 

@@ -18,10 +18,10 @@ from registry import open_registry
 def main() -> None:
     url, adapter_root, adapter_dir, base_model, count, tag = sys.argv[1:7]
     if len(sys.argv) > 7:
-        stage, marker = sys.argv[7], Path(sys.argv[8])
+        stall_at, marker = sys.argv[7], Path(sys.argv[8])
 
-        def stall(reached: str) -> None:
-            if reached == stage:
+        def stall(stage: str) -> None:
+            if stage == stall_at:
                 marker.touch()
                 time.sleep(600)  # the parent kills us here
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,7 +81,7 @@ def publish(reg: Registry, adapter_dir: Path) -> Callable[..., str]:
     """Publish the default adapter with small defaults; returns the new version's name."""
 
     def _publish(parent: str | None = None, **overrides) -> str:
-        kwargs = {"base_model": BASE_MODEL, "parent": parent, "metrics": {}, "lineage": {}}
+        kwargs: dict[str, Any] = {"base_model": BASE_MODEL, "parent": parent, "metrics": {}, "lineage": {}}
         kwargs.update(overrides)
         return reg.publish(adapter_dir, **kwargs).version
 

@@ -193,7 +193,9 @@ def test_concurrent_activations_and_rollbacks_from_several_clients(reg, open_reg
     assert errors == []
 
     # Replaying the history through the stack rules explains every entry...
-    history, stack, active = reg.history(), [], None
+    history = reg.history()
+    stack: list[str | None] = []
+    active: str | None = None
     for entry in history:
         assert entry.previous == active  # no lost update
         if entry.action == "activate":
@@ -227,7 +229,12 @@ def test_wait_for_change_is_bounded_and_ends_at_close(reg, open_reg):
         assert time.monotonic() - started < 2.0
     waiter = open_reg()
     finished = threading.Event()
-    thread = threading.Thread(target=lambda: (waiter.wait_for_change(60), finished.set()))
+
+    def wait() -> None:
+        waiter.wait_for_change(60)
+        finished.set()
+
+    thread = threading.Thread(target=wait)
     thread.start()
     waiter.close()  # whether the wait began before this or not, it ends at once
     assert finished.wait(5.0), "close() must end a wait in progress"

@@ -13,6 +13,7 @@ import os
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -37,7 +38,7 @@ SCREENSHOT = os.environ.get("KTO_SCREENSHOT")
 def server(tmp_path_factory, tiny_model_dir):
     # For the picture, the demo model (about 20 s to build): it babbles words, where the random
     # tiny model's tokens are often bytes that are not valid UTF-8 on their own.
-    model = {} if SCREENSHOT else {"model": str(tiny_model_dir), "model_id": TINY_MODEL_ID}
+    model: dict[str, Any] = {} if SCREENSHOT else {"model": str(tiny_model_dir), "model_id": TINY_MODEL_ID}
     settings = ServeSettings(
         data_dir=tmp_path_factory.mktemp("page") / "data",
         **model,

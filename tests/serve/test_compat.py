@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ def adapter_dir(make_adapter) -> Path:
 
 
 def _check(path: Path, base_model: str, **overrides) -> list[str]:
-    kwargs = {"base_model": base_model, "allowed_target_modules": ALLOWED, "max_rank": 8}
+    kwargs: dict[str, Any] = {"base_model": base_model, "allowed_target_modules": ALLOWED, "max_rank": 8}
     kwargs.update(overrides)
     return check_adapter(path, **kwargs)
 

@@ -25,7 +25,12 @@ def answer(client, headers=ALICE) -> str:
 def feedback_events(state) -> list[FeedbackEvent]:
     consumer = state.bus.consumer("test-feedback-reader", [state.topics.feedback])
     try:
-        return [decode_event(r.value) for r in consumer.poll(timeout_s=0.5)]
+        events: list[FeedbackEvent] = []
+        for r in consumer.poll(timeout_s=0.5):
+            event = decode_event(r.value)
+            assert isinstance(event, FeedbackEvent)  # read from the feedback topic
+            events.append(event)
+        return events
     finally:
         consumer.close()
 
@@ -106,7 +111,8 @@ def test_a_rating_may_reach_another_replica_and_racing_votes_lose_nothing(settin
         )
         for name in ("a", "b")
     ]
-    with TestClient(create_app(replicas[0])) as a, TestClient(create_app(replicas[1])) as b:
+    app_a = create_app(replicas[0])
+    with TestClient(app_a) as a, TestClient(create_app(replicas[1])) as b:
         rid = answer(a)
         assert (
             b.post("/v1/feedback", json={"response_id": rid, "label": "up"}, headers=ALICE).json()["status"]
@@ -135,7 +141,7 @@ def test_a_rating_may_reach_another_replica_and_racing_votes_lose_nothing(settin
             thread.start()
         for thread in threads:
             thread.join(timeout=120)
-        events = feedback_events(a.app.state.serve)
+        events = feedback_events(app_a.state.serve)
     for r in rids:
         assert sorted(statuses[r]) == ["changed", "recorded"]  # exactly one first vote, none lost
         assert len([e for e in events if e.response_id == r]) == 2  # both on the bus; the latest wins

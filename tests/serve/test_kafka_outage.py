@@ -73,7 +73,8 @@ def test_chat_and_feedback_work_while_kafka_is_unreachable(settings: ServeSettin
 
 
 def test_a_full_spool_refuses_feedback_and_chat_with_503(settings: ServeSettings) -> None:
-    with TestClient(create_app(on_kafka(settings, dead_kafka_url(), spool_max_events=3))) as client:
+    app = create_app(on_kafka(settings, dead_kafka_url(), spool_max_events=3))
+    with TestClient(app) as client:
         first, second = answer(client), answer(client)
         assert client.post("/v1/feedback", json={"response_id": first, "label": "up"}, headers=ALICE).status_code == 202
         refused = client.post("/v1/feedback", json={"response_id": second, "label": "down"}, headers=ALICE)
@@ -81,7 +82,7 @@ def test_a_full_spool_refuses_feedback_and_chat_with_503(settings: ServeSettings
         error = refused.json()["error"]
         assert error["code"] == "spool_full" and error["type"] == "service_unavailable"
         assert "spool is full" in error["message"] and "nothing was recorded" in error["message"]
-        assert client.app.state.serve.ledger.lookup(second).label is None  # the refused vote left no trace
+        assert app.state.serve.ledger.lookup(second).label is None  # the refused vote left no trace
         # Repeating a recorded vote writes nothing, so it is still answered.
         again = client.post("/v1/feedback", json={"response_id": first, "label": "up"}, headers=ALICE)
         assert again.status_code == 202 and again.json()["status"] == "unchanged"

@@ -186,7 +186,7 @@ def test_concurrent_votes_from_processes_serialise(
     for child in voters:
         out, err = child.communicate(timeout=60)
         assert child.returncode == 0, err
-        votes += [tuple(line.split()) for line in out.splitlines()]  # type: ignore[misc]
+        votes += [tuple(line.split()) for line in out.splitlines()]
     assert len(votes) == 120
 
     final = ledger_store.open().lookup("r1").label  # type: ignore[union-attr]

@@ -44,7 +44,12 @@ def test_responses_recorded_during_an_outage_become_ratable_after_it(outage):
         ledger.set_vote("r2", "ann", "desirable", "e1")
     outage.down = False
     wait_for(lambda: ledger.backlog == 0, what="the backlog written", timeout_s=5, interval_s=0.02)
-    assert [ledger.lookup(f"r{i}").version for i in range(4)] == [None, "v0001", "v0001", "v0001"]
+    versions: list[str | None] = []
+    for i in range(4):
+        entry = ledger.lookup(f"r{i}")
+        assert entry is not None
+        versions.append(entry.version)
+    assert versions == [None, "v0001", "v0001", "v0001"]
     assert ledger.set_vote("r2", "ann", "desirable", "e1") is None
     ledger.close()
 

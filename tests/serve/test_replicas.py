@@ -150,6 +150,7 @@ def test_replica_keeps_serving_through_a_redis_restart(tmp_path, tiny_model_dir,
                 what="answers from the outage to become ratable",
                 timeout_s=10,
             )
+            assert isinstance(rated, httpx.Response)  # wait_for returns only what is truthy
             assert rated.status_code == 202, rated.text
             assert all(_rate(a, answer["id"]).status_code == 202 for answer in during[1:])
             assert httpx.get(f"{a.url}/readyz", timeout=10).json()["checks"]["registry"] is True

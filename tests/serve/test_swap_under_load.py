@@ -22,10 +22,11 @@ CLIENTS = 8
 VERSIONS = 20
 
 
-def stream_once(client: httpx.Client, url: str) -> tuple[float, float, str, bool]:
+def stream_once(client: httpx.Client, url: str) -> tuple[float, float | None, str | None, bool]:
+    """(started, first chunk's time, its model, [DONE] seen); None, None when no chunk came."""
     started = time.monotonic()
-    first = None
-    model = None
+    first: float | None = None
+    model: str | None = None
     done = False
     body = {"messages": [{"role": "user", "content": "Tell me something"}], "max_tokens": 12, "stream": True}
     with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers={"X-User-Id": "load"}) as reply:
@@ -73,12 +74,11 @@ def test_swap_under_load(live_server, make_adapter):
                 assert reply.status_code == 200, reply.text
                 windows.append((version, sent, time.monotonic()))
                 # let each version answer before the next swap
-                wait_for(
-                    lambda version=version: failures or any(r[2] == version for r in list(results)),
-                    what=f"an answer from {version}",
-                    timeout_s=30,
-                    interval_s=0.02,
-                )
+
+                def answered(version: str = version) -> object:
+                    return failures or any(r[2] == version for r in list(results))
+
+                wait_for(answered, what=f"an answer from {version}", timeout_s=30, interval_s=0.02)
         time.sleep(0.3)  # deliberate, no condition: the clients stream on a while after the last swap
     finally:  # the clients stop whatever happened: they are not daemon threads
         stop.set()
@@ -95,7 +95,8 @@ def test_swap_under_load(live_server, make_adapter):
     active_from[TINY_MODEL_ID], active_until[TINY_MODEL_ID] = float("-inf"), windows[0][2]
     served = set()
     for started, first, model, _ in results:
-        assert model in active_from, model
+        assert model is not None and model in active_from, model
+        assert first is not None  # set with the model
         assert active_from[model] <= first and started <= active_until[model], (model, started, first)
         served.add(model)
     assert served >= set(versions)  # every version answered while the others were streaming
