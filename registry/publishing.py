@@ -94,13 +94,13 @@ def _checkpoint(stage: str) -> None:
 
 
 class Publishing:
-    """`Registry.publish`, mixed into each backend: it uses the backend's `_files`
-    (store.AdapterFiles), `_catalog` (a Catalog) and `get`."""
+    """`Registry.publish`: it uses the backend's `_files` (store.AdapterFiles), `_catalog` (a
+    Catalog) and `get` (registry.base.Registry)."""
 
     _files: store.AdapterFiles
     _catalog: Catalog
 
-    def get(self, version: str) -> VersionInfo:  # the backend's (registry.versions.VersionReads)
+    def get(self, version: str) -> VersionInfo:
         raise NotImplementedError
 
     def publish(
@@ -114,7 +114,8 @@ class Publishing:
         status: str = "ready",
         rejected_reason: str | None = None,
     ) -> VersionInfo:
-        """Check the request, then run the protocol above."""
+        """Copy a PEFT adapter directory in as a new immutable version, atomically: check the
+        request, then run the protocol above."""
         src_dir = Path(src_dir)
         new = NewVersion.checked(
             src_dir,

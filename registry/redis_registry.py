@@ -36,21 +36,21 @@ from redis.client import Pipeline
 from redis.retry import Retry
 
 from registry import publishing, store
+from registry.base import Registry
 from registry.canary import Canary
 from registry.errors import RegistryError, RegistryUnavailable
 from registry.publishing import VISIBLE
 from registry.redis_catalog import RedisCatalog
 from registry.redis_changes import ChangeListener
 from registry.redis_keys import SCHEMA_VERSION, RedisKeys, parse_url
-from registry.transitions import Transitions
-from registry.versions import HistoryEntry, VersionReads, VersionRecord
+from registry.versions import HistoryEntry, VersionRecord
 
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
 
-class RedisRegistry(Transitions, VersionReads, publishing.Publishing):
+class RedisRegistry(Registry):
     """The Redis Registry backend; safe across processes, hosts and threads."""
 
     def __init__(
@@ -150,9 +150,6 @@ class RedisRegistry(Transitions, VersionReads, publishing.Publishing):
 
     # ---- the active pointer -----------------------------------------------------------------
 
-    def active(self) -> str | None:
-        return self.pointer()[1]
-
     def pointer(self) -> tuple[int, str | None]:
         with self._redis() as r:
             counter, active = _texts(r.hmget(self._keys.pointer, "counter", "active"))
@@ -184,12 +181,6 @@ class RedisRegistry(Transitions, VersionReads, publishing.Publishing):
         self._closed.set()
         self._changes.close()
         self._client.close()
-
-    def __enter__(self) -> RedisRegistry:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class RedisTx:

@@ -26,19 +26,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from registry import publishing, schema, store
+from registry.base import Registry
 from registry.canary import Canary
 from registry.errors import RegistryError
 from registry.publishing import VISIBLE as _VISIBLE
 from registry.sqlite_catalog import SqliteCatalog
-from registry.transitions import Transitions
-from registry.versions import HistoryEntry, VersionReads, VersionRecord
+from registry.versions import HistoryEntry, VersionRecord
 
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
 
-class SqliteRegistry(Transitions, VersionReads, publishing.Publishing):
+class SqliteRegistry(Registry):
     """The embedded Registry backend; safe across processes and threads."""
 
     def __init__(self, db_path: Path, adapter_root: Path | None = None, *, busy_timeout_s: float = 30.0) -> None:
@@ -125,9 +125,6 @@ class SqliteRegistry(Transitions, VersionReads, publishing.Publishing):
 
     # ---- the active pointer -----------------------------------------------------------------
 
-    def active(self) -> str | None:
-        return self.pointer()[1]
-
     def pointer(self) -> tuple[int, str | None]:
         counter, active = self._read("SELECT counter, active FROM pointer WHERE id = 1")[0]
         return counter, active
@@ -158,12 +155,6 @@ class SqliteRegistry(Transitions, VersionReads, publishing.Publishing):
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
-
-    def __enter__(self) -> SqliteRegistry:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class SqliteTx:

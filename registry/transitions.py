@@ -80,14 +80,15 @@ class Tx(Protocol):
 
 
 class Transitions:
-    """The pointer, canary, rejection and erasure operations of `registry.base.Registry`, mixed
-    into each backend, which supplies `_transaction(operation) -> its result`."""
+    """The pointer, canary, rejection and erasure operations of `registry.base.Registry`; the
+    backend supplies `_transaction(operation) -> its result`."""
 
     _transaction: Callable[[Callable[[Tx], Any]], Any]
 
     def activate(self, version: str | None, *, actor: str, reason: str = "") -> HistoryEntry:
-        """Activating the version already active still records an entry (an audit of the
-        request) and bumps the counter, but pushes nothing on the rollback stack."""
+        """Point serving at `version` (None or BASE: the base model); UnknownVersion,
+        VersionRejected. Activating the version already active still records an entry (an audit
+        of the request) and bumps the counter, but pushes nothing on the rollback stack."""
         version = None if version == BASE else version
 
         def operation(tx: Tx) -> HistoryEntry:
@@ -102,7 +103,8 @@ class Transitions:
         return entry
 
     def rollback(self, to: str | None = None, *, actor: str, reason: str = "") -> HistoryEntry:
-        """Without `to`, the stack rule (registry.rollback); `to=BASE` rolls back to the base."""
+        """Return to an earlier version: `to` if given (BASE for the base), else the stack rule
+        (registry.rollback)."""
 
         def operation(tx: Tx) -> HistoryEntry:
             _, previous, _ = tx.pointer()
@@ -120,7 +122,8 @@ class Transitions:
         return entry
 
     def reject(self, version: str, reason: str, *, actor: str = "registry") -> None:
-        """Idempotent (the first reason stays). Rejecting the active version rolls back from it
+        """Mark a version rejected forever; idempotent (the first reason stays). Rejecting the
+        active version rolls back from it
         in the same transaction, so that every replica that finds it broken agrees on one step;
         rejecting the canary's candidate ends the canary as a rollback."""
 
@@ -143,11 +146,15 @@ class Transitions:
         if self._transaction(operation):
             logger.warning("rejected %s: %s", version, reason)
 
-    # ---- the canary (rules: registry.canary). `version` names the candidate the caller means.
+    # ---- the canary (rules: registry.canary). `version` names the candidate the caller means, so a
+    # decision about one canary never lands on the next: NoCanary if that is not what runs.
 
     def start_canary(
         self, version: str, share: float, *, actor: str, reason: str = "", evidence: dict[str, Any] | None = None
     ) -> HistoryEntry:
+        """Route `share` of the users to `version`; CanaryRunning, InvalidCanary (it is active),
+        UnknownVersion, VersionRejected, ValueError (share not in (0, 1])."""
+
         def operation(tx: Tx) -> HistoryEntry:
             _check_servable(tx, version)
             _, active, running = tx.pointer()
@@ -161,6 +168,10 @@ class Transitions:
     def advance_canary(
         self, version: str, to: str, *, actor: str, reason: str = "", evidence: dict[str, Any] | None = None
     ) -> HistoryEntry:
+        """Move the canary of `version` on to `to`, a version trained from it; same users, the
+        evidence goes on. NoCanary, InvalidCanary (not trained from it), UnknownVersion,
+        VersionRejected."""
+
         def operation(tx: Tx) -> HistoryEntry:
             _check_servable(tx, to)
             _, _, running = tx.pointer()
@@ -174,6 +185,8 @@ class Transitions:
     def promote_canary(
         self, version: str, *, actor: str, reason: str = "", evidence: dict[str, Any] | None = None
     ) -> HistoryEntry:
+        """Activate the candidate (the activate path: the stack rules hold); the canary ends."""
+
         def operation(tx: Tx) -> HistoryEntry:
             # The state before the pointer: on Redis these reads are not one snapshot (EXEC checks
             # that later), and in this order a rollback landing between them reads as "no canary".
@@ -190,6 +203,8 @@ class Transitions:
     def rollback_canary(
         self, version: str, *, actor: str, reason: str = "", evidence: dict[str, Any] | None = None
     ) -> HistoryEntry:
+        """Reject the candidate forever; the canary ends and the active version stays."""
+
         def operation(tx: Tx) -> HistoryEntry:
             _, _, running = tx.pointer()
             canary_rules.require(running, version)
@@ -202,6 +217,8 @@ class Transitions:
         return entry
 
     def pause_canary(self, version: str, paused: bool, *, actor: str, reason: str = "") -> HistoryEntry:
+        """Pause (route nobody to the candidate, decide nothing) or resume the canary."""
+
         def operation(tx: Tx) -> HistoryEntry:
             _, _, running = tx.pointer()
             changed = canary_rules.paused(canary_rules.require(running, version), paused)
@@ -212,6 +229,9 @@ class Transitions:
         return entry
 
     def report_canary(self, version: str, evidence: dict[str, Any]) -> bool:
+        """Keep the controller's latest evidence on the canary (no history entry, no counter
+        bump); False if no canary of `version` runs."""
+
         def operation(tx: Tx) -> bool:
             _, _, running = tx.pointer()
             if running is None or running.version != version:
@@ -232,6 +252,9 @@ class Transitions:
         reason: str = "",
         evidence: dict[str, Any] | None = None,
     ) -> HistoryEntry:
+        """A user's data was erased (request `request_id`): flag `versions`, those trained on it,
+        and append an `erasure` history entry; the pointer stays. Idempotent per request_id (a
+        repeat returns the first entry); UnknownVersion writes nothing."""
         flagged = sorted(set(versions))
 
         def operation(tx: Tx) -> HistoryEntry:

@@ -1,5 +1,5 @@
-"""The records the registry hands out (adapter versions, pointer history entries), and the reads
-of versions every backend shares (`VersionReads`)."""
+"""The records the registry hands out (adapter versions, pointer history entries) and keeps
+(`VersionRecord`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, get_args
-
-from registry.errors import UnknownVersion
-from registry.store import AdapterFiles
 
 VersionStatus = Literal["ready", "rejected"]
 HistoryAction = Literal[
@@ -146,47 +143,3 @@ class VersionRecord(NamedTuple):
     lineage: dict[str, Any]
     rejected_reason: str | None
     flags: list[dict[str, Any]]
-
-
-class VersionReads:
-    """`get`, `list_versions`, `adapter_path` and `verify_files` of registry.base.Registry, mixed
-    into each backend, which supplies `_files` and `_records`."""
-
-    _files: AdapterFiles
-
-    def _records(self, version: str | None) -> list[VersionRecord]:
-        """The visible versions, oldest first: only `version` when given (none if it is not)."""
-        raise NotImplementedError
-
-    def get(self, version: str) -> VersionInfo:
-        return self._info(self._record(version))
-
-    def list_versions(self) -> list[VersionInfo]:
-        return [self._info(record) for record in self._records(None)]
-
-    def adapter_path(self, version: str) -> Path:
-        return self.get(version).path
-
-    def verify_files(self, version: str) -> None:
-        self._files.verify(version, self._record(version).files)
-
-    def _record(self, version: str) -> VersionRecord:
-        records = self._records(version)
-        if not records:
-            raise UnknownVersion(version)
-        return records[0]
-
-    def _info(self, r: VersionRecord) -> VersionInfo:
-        return VersionInfo(
-            version=r.version,
-            status=r.state,
-            parent=r.parent,
-            created_at=r.created_at,
-            base_model=r.base_model,
-            sha256=r.sha256,
-            path=self._files.path(r.version),
-            metrics=r.metrics,
-            lineage=r.lineage,
-            rejected_reason=r.rejected_reason,
-            flags=tuple(r.flags),
-        )
