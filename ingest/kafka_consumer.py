@@ -16,6 +16,11 @@
 - A member that does not poll for ``max_poll_interval_s`` leaves the group; a member whose
   process died is dropped after ``session_timeout_s``. Rebalance listeners run on kafka-python's
   IO thread, so ours only log and apply pending seeks.
+- A poll that leaves this member's join of the group in flight waits for it to finish, however
+  short its ``timeout_s`` (at most the rebalance timeout, ``max_poll_interval_s``, within which
+  the broker always answers). kafka-python 3.0.12 drops a join that completes between two polls
+  and sends another, which starts the next rebalance: members that poll briefly and work in
+  between (the learner does) would rebalance for ever (seen in tests: one run in twelve).
 - ``seek`` on a partition not assigned yet takes effect when it is assigned.
 - Different groups read independently.
 """
@@ -31,6 +36,8 @@ from typing import Any
 from ingest.bus import BusUnavailable, Record, TopicPartition, check_topic_name
 
 logger = logging.getLogger(__name__)
+
+_JOIN_POLL_MS = 50
 
 
 @functools.cache
@@ -64,6 +71,7 @@ class KafkaGroupConsumer:
         self.group_id = group_id
         self.topics = list(dict.fromkeys(topics))
         self._timeout_ms = config["request_timeout_ms"]
+        self._rebalance_wait_ms = config["max_poll_interval_ms"] + config["request_timeout_ms"]
         self._lock = threading.Lock()  # the listener runs on kafka-python's IO thread
         self._pending_seeks: dict[TopicPartition, int] = {}
         try:
@@ -119,7 +127,8 @@ class KafkaGroupConsumer:
         """Records after this member's positions, in offset order per partition; ``[]`` after ``timeout_s``.
 
         Joining the group (and any rebalance) happens inside poll, so the first polls of a new
-        member may return nothing.
+        member may return nothing, and a poll during a rebalance may take longer than
+        ``timeout_s`` (see the module docstring). Drive one member from one thread.
         """
         from kafka.errors import KafkaError
 
@@ -128,6 +137,10 @@ class KafkaGroupConsumer:
         consumer = self._live()
         try:
             batches = consumer.poll(timeout_ms=int(max(timeout_s, 0.0) * 1000), max_records=max_records)
+            # Back to back, so that the join cannot complete between two polls (module docstring).
+            deadline = time.monotonic() + self._rebalance_wait_ms / 1000
+            while not batches and self._joining() and time.monotonic() < deadline:
+                batches = consumer.poll(timeout_ms=_JOIN_POLL_MS, max_records=max_records)
         except KafkaError as exc:
             raise BusUnavailable(f"cannot poll: {exc}") from exc
         return [
@@ -142,6 +155,11 @@ class KafkaGroupConsumer:
             for records in batches.values()
             for r in records
         ]
+
+    def _joining(self) -> bool:
+        # kafka-python has no public way to ask; its coordinator keeps the join it awaits here.
+        task = getattr(getattr(self._consumer, "_coordinator", None), "_join_task", None)
+        return task is not None and not task.is_done
 
     def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
         """Store the group's next offset per partition; ``None`` commits our current positions."""
