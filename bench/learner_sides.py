@@ -368,7 +368,7 @@ def breakdown_ours(loaded, tokens, args) -> dict[str, float]:
     clip = torch.nn.utils.clip_grad_norm_
     torch.nn.utils.clip_grad_norm_ = timed("grad clip", clip)
     try:
-        kwargs = dict(beta=BETA, desirable_weight=1.0, undesirable_weight=1.0, max_grad_norm=1.0)
+        kwargs: dict[str, Any] = dict(beta=BETA, desirable_weight=1.0, undesirable_weight=1.0, max_grad_norm=1.0)
         update.run_update(policy, optimizer, batches[:1], **kwargs)  # warm-up step, not counted
         counting["on"] = True
         started = time.perf_counter()

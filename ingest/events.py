@@ -91,10 +91,23 @@ class ResponseEvent(_EventModel):
     sampling: SamplingParams
 
 
-class FeedbackEvent(_EventModel):
-    """A thumbs-up (desirable) or thumbs-down (undesirable) on one response.
+SOURCE_KINDS = ("human", "implicit", "annotator", "rule", "judge")
+SOURCE_PATTERN = r"^(human|implicit|annotator|(rule|judge):[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
+"""Who labeled: a person's thumb (``human``), an implicit signal, an annotator, or a named rule or
+judge (``rule:no-refunds``). What each source weighs is the learner's policy (``KTO_SOURCE_WEIGHTS``)."""
 
-    A later event from the same user for the same response replaces the earlier one.
+
+def source_kind(source: str) -> str:
+    """``rule:no-refunds`` → ``rule``; ``human`` → ``human``."""
+    return source.split(":", 1)[0]
+
+
+class FeedbackEvent(_EventModel):
+    """A desirable or undesirable label on one response: a person's thumb, or a labeler's.
+
+    ``user`` is always the user the response was served to (whose answer it is), whatever the
+    source. A later event for the same response replaces the earlier one, except that a person's
+    label is never replaced by an automated one (``learner.join``).
     """
 
     type: Literal["feedback"] = "feedback"
@@ -106,6 +119,8 @@ class FeedbackEvent(_EventModel):
     created_at: float = Field(default_factory=time.time)
     """Unix seconds."""
     comment: str | None = None
+    source: str = Field("human", pattern=SOURCE_PATTERN)
+    """Events written before the field existed are ``human``."""
 
 
 class ErasureEvent(_EventModel):

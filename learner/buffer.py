@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_RETENTION_S = 7 * 24 * 3600.0
 _PRUNE_EVERY_S = 60.0
-_LAYOUT_VERSION = 2  # 2 adds the erasure tables (created on open)
+_LAYOUT_VERSION = 3  # 2 adds the erasure tables (created on open); 3 the labels' source
 _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS seen (event_id TEXT PRIMARY KEY, seen_at REAL NOT NULL) WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS seen_at ON seen (seen_at)",
@@ -74,7 +74,8 @@ _SCHEMA = [
         kl_partner TEXT,
         ref_logp REAL,
         kl_ref_logp REAL,
-        times_trained INTEGER NOT NULL DEFAULT 0)""",
+        times_trained INTEGER NOT NULL DEFAULT 0,
+        source TEXT NOT NULL DEFAULT 'human')""",
     "CREATE INDEX IF NOT EXISTS examples_unreferenced ON examples (position) WHERE ref_logp IS NULL",
     """CREATE TABLE IF NOT EXISTS pending (
         event_id TEXT PRIMARY KEY,
@@ -87,7 +88,8 @@ _SCHEMA = [
         part INTEGER NOT NULL,
         record_offset INTEGER NOT NULL,
         key TEXT,
-        raw BLOB NOT NULL)""",
+        raw BLOB NOT NULL,
+        source TEXT NOT NULL DEFAULT 'human')""",
     "CREATE INDEX IF NOT EXISTS pending_response ON pending (response_id)",
     "CREATE INDEX IF NOT EXISTS pending_parked_at ON pending (parked_at)",
     """CREATE TABLE IF NOT EXISTS outbox (
@@ -106,6 +108,13 @@ _SCHEMA = [
 ]
 
 
+def _migrations(found: int) -> list[str]:
+    """From layout `found`: the erasure tables are created on open; labels before 3 were people's."""
+    if found >= 3:
+        return []
+    return [f"ALTER TABLE {table} ADD COLUMN source TEXT NOT NULL DEFAULT 'human'" for table in ("examples", "pending")]
+
+
 class ReplayBuffer:
     """The buffer at ``path``; see the module docstring."""
 
@@ -122,7 +131,7 @@ class ReplayBuffer:
         # FULL: an offset is committed on the strength of this commit, so it must survive power loss.
         self._conn: sqlite3.Connection | None = connect(self.path, synchronous="FULL", busy_timeout_s=busy_timeout_s)
         try:
-            ensure_schema(self._conn, _SCHEMA, _LAYOUT_VERSION, "replay buffer")
+            ensure_schema(self._conn, _SCHEMA, _LAYOUT_VERSION, "replay buffer", migrations=_migrations)
         except BaseException:
             self._conn.close()
             raise
@@ -272,13 +281,13 @@ class ReplayBuffer:
             rows = (
                 self._connection()
                 .execute(
-                    "SELECT e.response_id, r.user, e.desirable, e.seq FROM examples e"
+                    "SELECT e.response_id, r.user, e.desirable, e.seq, e.source FROM examples e"
                     " JOIN responses r ON r.response_id = e.response_id WHERE e.ref_logp IS NOT NULL"
                     " ORDER BY e.position"
                 )
                 .fetchall()
             )
-        return [ExampleRef(i, user, bool(desirable), seq) for i, user, desirable, seq in rows]
+        return [ExampleRef(i, user, bool(desirable), seq, source) for i, user, desirable, seq, source in rows]
 
     def load(self, response_ids: Iterable[str]) -> list[Example]:
         """The examples of ``response_ids``, in that order; ids no longer in the buffer are left out."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 EXAMPLE_SQL = """
     SELECT e.response_id, r.user, r.prompt_ids, r.completion_ids, e.desirable, e.feedback_event_id,
            e.labeled_at, r.adapter_version, e.seq, e.ref_logp, e.kl_partner, e.kl_ref_logp, e.times_trained,
-           p.completion_ids
+           p.completion_ids, e.source
     FROM examples e JOIN responses r ON r.response_id = e.response_id
     LEFT JOIN responses p ON p.response_id = e.kl_partner"""
 
@@ -41,6 +41,8 @@ class Example:
     times_trained: int
     kl_partner_completion_ids: list[int] | None = None
     """The partner's completion token ids, for the mismatched pair (this prompt, that completion)."""
+    source: str = "human"
+    """Who set the current label (ingest.events.SOURCE_PATTERN)."""
 
     def kl_pair(self) -> tuple[list[int], list[int]]:
         """The mismatched pair (this prompt, the partner's completion) that KTO's z0 is measured on."""
@@ -57,6 +59,7 @@ class ExampleRef:
     user: str | None
     desirable: bool
     seq: int
+    source: str = "human"
 
 
 @dataclass(frozen=True)
@@ -90,4 +93,5 @@ def example_from_row(row: tuple) -> Example:
         row[11],
         row[12],
         kl_partner_completion_ids=None if partner is None else json.loads(partner),
+        source=row[14],
     )

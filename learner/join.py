@@ -9,6 +9,9 @@ The rules, record by record, in poll order:
 - a response is stored (unlabeled) and resolves any feedback parked for it;
 - a feedback whose response is stored becomes an example, or relabels it when its
   ``(created_at, event_id)`` is newer than the current label's; an older one changes nothing;
+- except that a person outranks a labeler: a ``human`` label replaces an automated one (rule,
+  judge, implicit, annotator) whatever their times, and an automated label never replaces a
+  person's (the person saw the answer; a rule only guesses at what they would think);
 - a feedback whose response is not stored yet is parked, with its raw bytes and bus position;
 - a feedback from another user than the response's (an anonymous response included), or on a
   response that was rejected, is dead-lettered;
@@ -139,6 +142,7 @@ class _Vote(NamedTuple):
     offset: int
     key: str | None
     raw: bytes
+    source: str
 
     @classmethod
     def of(cls, record: Record, event: FeedbackEvent) -> _Vote:
@@ -153,6 +157,7 @@ class _Vote(NamedTuple):
             record.offset,
             record.key,
             record.value,
+            event.source,
         )
 
 
@@ -315,27 +320,29 @@ class _Join:
             return
         self.parked.discard(event.response_id)
         parked = conn.execute(
-            "SELECT event_id, response_id, user, desirable, created_at, topic, part, record_offset, key, raw"
+            "SELECT event_id, response_id, user, desirable, created_at, topic, part, record_offset, key, raw, source"
             " FROM pending WHERE response_id = ? ORDER BY created_at, event_id",
             (event.response_id,),
         ).fetchall()
         conn.execute("DELETE FROM pending WHERE response_id = ?", (event.response_id,))
-        for event_id, response_id, user, desirable, created_at, topic, part, offset, key, raw in parked:
+        for event_id, response_id, user, desirable, created_at, topic, part, offset, key, raw, source in parked:
             result.resolved += 1
             # Oldest vote first, so the newest one ends up as the label, as if they had come in order.
-            self.vote(_Vote(event_id, response_id, user, bool(desirable), created_at, topic, part, offset, key, raw))
+            self.vote(
+                _Vote(event_id, response_id, user, bool(desirable), created_at, topic, part, offset, key, raw, source)
+            )
 
     def vote(self, vote: _Vote) -> None:
         conn, result = self.conn, self.result
         found = conn.execute(
-            "SELECT r.user, r.rejected, e.desirable, e.labeled_at, e.feedback_event_id"
+            "SELECT r.user, r.rejected, e.desirable, e.labeled_at, e.feedback_event_id, e.source"
             " FROM responses r LEFT JOIN examples e ON e.response_id = r.response_id WHERE r.response_id = ?",
             (vote.response_id,),
         ).fetchone()
         if found is None:
             conn.execute(
                 "INSERT OR IGNORE INTO pending (event_id, response_id, user, desirable, created_at, parked_at,"
-                " topic, part, record_offset, key, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " topic, part, record_offset, key, raw, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     vote.event_id,
                     vote.response_id,
@@ -348,12 +355,13 @@ class _Join:
                     vote.offset,
                     vote.key,
                     vote.raw,
+                    vote.source,
                 ),
             )
             self.parked.add(vote.response_id)
             result.parked += 1
             return
-        owner, rejected, desirable, labeled_at, event_id = found
+        owner, rejected, desirable, labeled_at, event_id, source = found
         reason = None
         if rejected is not None:
             reason = f"feedback {vote.event_id} on response {vote.response_id}: the response was rejected ({rejected})"
@@ -371,21 +379,24 @@ class _Join:
             self.insert_example(vote)
             result.new_examples += 1
             return
-        # The latest vote wins; event_id breaks ties so every replica and every replay agrees.
-        if (vote.created_at, vote.event_id) <= (labeled_at, event_id):
+        # A person outranks a labeler; within a rank the latest vote wins, event_id breaking ties
+        # so that every replica and every replay agrees.
+        rank, held = vote.source == "human", source == "human"
+        if rank < held or (rank == held and (vote.created_at, vote.event_id) <= (labeled_at, event_id)):
             result.stale += 1
             return
         if bool(desirable) == vote.desirable:
             # Newer but the same label: record which event holds it, but it is nothing new to train on.
             conn.execute(
-                "UPDATE examples SET feedback_event_id = ?, labeled_at = ? WHERE response_id = ?",
-                (vote.event_id, vote.created_at, vote.response_id),
+                "UPDATE examples SET feedback_event_id = ?, labeled_at = ?, source = ? WHERE response_id = ?",
+                (vote.event_id, vote.created_at, vote.source, vote.response_id),
             )
             result.stale += 1
             return
         conn.execute(
-            "UPDATE examples SET desirable = ?, feedback_event_id = ?, labeled_at = ?, seq = ? WHERE response_id = ?",
-            (vote.desirable, vote.event_id, vote.created_at, self.next("seq"), vote.response_id),
+            "UPDATE examples SET desirable = ?, feedback_event_id = ?, labeled_at = ?, seq = ?, source = ?"
+            " WHERE response_id = ?",
+            (vote.desirable, vote.event_id, vote.created_at, self.next("seq"), vote.source, vote.response_id),
         )
         result.relabeled += 1
 
@@ -395,8 +406,8 @@ class _Join:
         # example. The very first example has none, so it takes the second as soon as that arrives.
         previous = self.latest
         self.conn.execute(
-            "INSERT INTO examples (response_id, desirable, feedback_event_id, labeled_at, seq, position, kl_partner)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO examples (response_id, desirable, feedback_event_id, labeled_at, seq, position, kl_partner,"
+            " source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 vote.response_id,
                 vote.desirable,
@@ -405,6 +416,7 @@ class _Join:
                 self.next("seq"),
                 position,
                 None if previous is None else previous[0],
+                vote.source,
             ),
         )
         if previous is not None and previous[1] is None:  # only the first example ever lacks a partner

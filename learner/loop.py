@@ -24,6 +24,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Protocol
 
@@ -178,6 +179,7 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
                 desirable_weight=weights[0],
                 undesirable_weight=weights[1],
                 max_grad_norm=settings.max_grad_norm,
+                source_weight=settings.source_weight,
             )
 
             # ---- 6. the gate ----
@@ -190,6 +192,7 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
             # ---- 7. publish with lineage; canary (or activate) it when it passed ----
             trained = {e.response_id: e for batch in batches for e in batch}
             deferred = [e.response_id for e in fresh if e.response_id not in trained]
+            by_source = dict(sorted(Counter(e.source for e in trained.values()).items()))
             lineage = {
                 "parent": parent,
                 "feedback_event_ids": sorted(e.feedback_event_id for e in trained.values()),
@@ -200,11 +203,13 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
                     "desirable": sum(e.desirable for e in trained.values()),
                     "undesirable": sum(not e.desirable for e in trained.values()),
                 },
+                "labels_by_source": by_source,
                 "watermark": watermark,
                 "buffer": buffer.counts(),
                 "hyperparameters": {
                     "beta": settings.beta,
                     "weights": list(weights),
+                    "source_weights": settings.source_weights,
                     "lr": settings.learning_rate,
                     "steps": settings.steps_per_update,
                     "micro_batch": settings.micro_batch,
@@ -222,6 +227,7 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
                 seconds=time.monotonic() - last_update,
                 fresh_labeled_at=[e.labeled_at for e in trained.values() if e.seq > state.watermark],
                 published_at=time.time(),
+                labels_by_source=by_source,
             )
             buffer.mark_trained(list(trained), version)
             if gate.passed:

@@ -51,6 +51,7 @@ def kto_loss(
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    example_weights: torch.Tensor | None = None,
 ) -> KTOLoss:
     """KTO loss (paper eq. 7) on a mixed batch of desirable and undesirable examples.
 
@@ -64,6 +65,8 @@ def kto_loss(
         beta: β, the KL-penalty strength of the implied reward.
         desirable_weight: λ_D, multiplies the loss of each desirable example.
         undesirable_weight: λ_U, multiplies the loss of each undesirable example.
+        example_weights: [B] or None: each example's own multiplier on top of λ (the weight of
+            its label's source); None weighs every example 1.
 
     Returns:
         `KTOLoss(loss, losses, kl)`.
@@ -85,6 +88,7 @@ def kto_loss(
         ("kl_policy_logps", kl_policy_logps),
         ("kl_ref_logps", kl_ref_logps),
         ("desirable", desirable),
+        *([("example_weights", example_weights)] if example_weights is not None else []),
     ):
         if t.shape != shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
@@ -99,6 +103,8 @@ def kto_loss(
     chosen = desirable_weight * (1 - F.sigmoid(beta * (logratios - kl)))
     rejected = undesirable_weight * (1 - F.sigmoid(beta * (kl - logratios)))
     losses = torch.where(desirable, chosen, rejected)
+    if example_weights is not None:
+        losses = losses * example_weights.to(device=losses.device, dtype=losses.dtype)
     return KTOLoss(losses.mean(), losses, kl)
 
 

@@ -58,6 +58,12 @@ class LearnerMetrics:
             "Examples in the micro-batches of all steps (with repeats).",
             registry=r,
         )
+        self.labels_trained = Counter(
+            "kto_learner_labels_trained_total",
+            "Labeled examples that updates trained on (each once per update), by the source of the label.",
+            ["source"],
+            registry=r,
+        )
         self.loss = Gauge(
             "kto_learner_loss", "Mean KTO loss over the steps of the last update (NaN before one).", registry=r
         )
@@ -142,13 +148,17 @@ class LearnerMetrics:
         seconds: float,
         fresh_labeled_at: Iterable[float],
         published_at: float,
+        labels_by_source: dict[str, int] | None = None,
     ) -> None:
         """Record one finished update.
 
         ``summary``: ``UpdateStats.summary()``; ``seconds``: the update's wall time;
         ``fresh_labeled_at``: created_at (unix seconds) of the fresh ratings it trained on, counted
-        only when it ``passed`` (a rejected version reaches no one); ``published_at``: unix seconds.
+        only when it ``passed`` (a rejected version reaches no one); ``published_at``: unix seconds;
+        ``labels_by_source``: the examples it trained on, by the source of their label.
         """
+        for source, count in (labels_by_source or {}).items():
+            self.labels_trained.labels(source=source).inc(count)
         self.updates.labels(outcome="published" if passed else "rejected").inc()
         for code in reason_codes:
             self.gate_failures.labels(reason=code).inc()

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from foundation.settings import CommonSettings
+from ingest.events import SOURCE_KINDS, SOURCE_PATTERN, source_kind
+
+DEFAULT_SOURCE_WEIGHTS = {"human": 1.0, "rule": 1.0, "judge": 1.0}
+"""A rule or a judge labels what the operator asked for as surely as a thumb does; they are cheaper,
+not weaker, evidence of it. Lower one to let people's thumbs dominate where both label."""
 
 
 class LearnerSettings(CommonSettings):
@@ -34,6 +41,12 @@ class LearnerSettings(CommonSettings):
 
     undesirable_weight: float | None = Field(None, gt=0)
     """λ_U; unset follows the paper's rule from the live label ratio."""
+
+    source_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SOURCE_WEIGHTS))
+    """How much a label of each source counts: it multiplies λ_D or λ_U of that example. Keys are a
+    kind (`human`, `rule`, `judge`, `implicit`, `annotator`) or one source (`rule:no-refunds`, which
+    wins over its kind); a source named by neither weighs 1. As JSON in `KTO_SOURCE_WEIGHTS`,
+    e.g. `{"rule": 0.5}`; what is given replaces the defaults key by key."""
 
     steps_per_update: int = Field(8, ge=1)
     """Optimizer steps in one update (steps)."""
@@ -144,6 +157,23 @@ class LearnerSettings(CommonSettings):
     metrics_port: int | None = Field(None, ge=0, le=65535)
     """TCP port of the learner's `/metrics` and `/healthz` (`kto-loop learn --port`); unset serves
     none, 0 picks a free one. Not KTO_PORT: under `kto-loop up` the server beside it owns that."""
+
+    @field_validator("source_weights")
+    @classmethod
+    def _known_sources(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, weight in value.items():
+            if key not in SOURCE_KINDS and not re.match(SOURCE_PATTERN, key):
+                raise ValueError(
+                    f"source_weights: {key!r} is neither a kind {SOURCE_KINDS} nor a source like rule:<name>"
+                )
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ValueError(f"source_weights: {key!r} must weigh a finite number >= 0, not {weight}")
+        return {**DEFAULT_SOURCE_WEIGHTS, **value}
+
+    def source_weight(self, source: str) -> float:
+        """The weight of a label from `source` (see `source_weights`)."""
+        weights = self.source_weights
+        return weights.get(source, weights.get(source_kind(source), 1.0))
 
     @model_validator(mode="after")
     def _weights_together(self):

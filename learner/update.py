@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -139,6 +139,7 @@ def run_update(
     desirable_weight: float,
     undesirable_weight: float,
     max_grad_norm: float,
+    source_weight: Callable[[str], float] = lambda source: 1.0,
 ) -> UpdateStats:
     stats = UpdateStats()
     started = time.perf_counter()
@@ -150,6 +151,7 @@ def run_update(
         ref = torch.tensor([e.ref_logp for e in batch], device=device)
         kl_ref = torch.tensor([e.kl_ref_logp for e in batch], device=device)
         desirable = torch.tensor([e.desirable for e in batch], device=device)
+        weights = torch.tensor([source_weight(e.source) for e in batch], device=device)
 
         with torch.no_grad():  # z0 is detached in the loss: no graph needed (and first, so the
             kl_logps = policy.logps(kl_pairs)  # graph below never shares the heap with these logits)
@@ -163,6 +165,7 @@ def run_update(
             beta=beta,
             desirable_weight=desirable_weight,
             undesirable_weight=undesirable_weight,
+            example_weights=weights,
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

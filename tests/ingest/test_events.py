@@ -218,3 +218,21 @@ def test_dead_letter_keeps_binary_value_as_base64() -> None:
     envelope = json.loads(dead_letter("not UTF-8", "kto.responses", 2, 7, raw))
     assert envelope["value_encoding"] == "base64"
     assert base64.b64decode(envelope["value"]) == raw
+
+
+def test_a_feedback_names_its_source_and_older_events_are_a_persons() -> None:
+    assert make_feedback().source == "human"
+    for source in ("human", "implicit", "annotator", "rule:no-refunds", "judge:polite.v2"):
+        decoded = decode_event(encode_event(make_feedback(source=source)))
+        assert isinstance(decoded, FeedbackEvent) and decoded.source == source
+    written_before = json.loads(encode_event(make_feedback()))
+    del written_before["source"]
+    decoded = decode_event(json.dumps(written_before).encode())
+    assert isinstance(decoded, FeedbackEvent) and decoded.source == "human"
+
+
+@pytest.mark.parametrize("source", ["", "rule", "rule:", "robot", "judge: x", "rule:" + "x" * 65, "HUMAN"])
+def test_an_unknown_source_is_refused_by_name(source: str) -> None:
+    with pytest.raises(EventDecodeError) as info:
+        decode_event(_mutated(make_feedback(), source=source))
+    assert "source" in info.value.reason

@@ -74,6 +74,7 @@ class EventStream:
         *,
         user: str = "alice",
         created_at: float | None = None,
+        source: str = "human",
         publish: bool = True,
     ) -> FeedbackEvent:
         event = FeedbackEvent(
@@ -81,6 +82,7 @@ class EventStream:
             user=user,
             label=label,
             created_at=self._tick() if created_at is None else created_at,
+            source=source,
         )
         if publish:
             self.publish(event)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -220,3 +221,46 @@ def test_unrated_responses_are_dropped_after_the_retention(buffer_path: Path, st
         buffer.apply([], now=2000.0)
         assert buffer.counts()["unrated_responses"] == 0
         assert buffer.get("rated") is not None
+
+
+def test_a_persons_label_outranks_a_rules_whatever_their_times(buffer: ReplayBuffer, stream: Stream) -> None:
+    buffer.apply(stream.polled(stream.response("r1", publish=False)), now=0.0)
+    person = stream.feedback("r1", "desirable", created_at=10.0, publish=False)
+    later_rule = stream.feedback("r1", "undesirable", created_at=20.0, source="rule:no-x", publish=False)
+    buffer.apply(stream.polled(person, later_rule), now=1.0)
+    held = stored(buffer, "r1")
+    assert (held.desirable, held.source, held.feedback_event_id) == (True, "human", person.event_id)
+
+    earlier_rule = stream.feedback("r2", "undesirable", created_at=10.0, source="rule:no-x", publish=False)
+    later_person = stream.feedback("r2", "desirable", created_at=5.0, publish=False)  # an older clock
+    buffer.apply(stream.polled(stream.response("r2", publish=False), earlier_rule, later_person), now=2.0)
+    held = stored(buffer, "r2")
+    assert (held.desirable, held.source) == (True, "human")
+
+
+def test_between_labelers_the_latest_label_wins(buffer: ReplayBuffer, stream: Stream) -> None:
+    label(buffer, stream, "r0")  # a KL partner, so that r1 can be referenced
+    first = stream.feedback("r1", "undesirable", source="rule:a", publish=False)
+    second = stream.feedback("r1", "desirable", source="judge:b", publish=False)
+    # Parked before the response arrives: the source survives the wait.
+    buffer.apply(stream.polled(first, second), now=0.0)
+    buffer.apply(stream.polled(stream.response("r1", publish=False)), now=1.0)
+    held = stored(buffer, "r1")
+    assert (held.desirable, held.source) == (True, "judge:b")
+    reference_all(buffer)
+    assert [(r.response_id, r.source) for r in buffer.index()] == [("r0", "human"), ("r1", "judge:b")]
+
+
+def test_a_buffer_written_before_sources_reads_its_labels_as_peoples(buffer_path: Path, stream: Stream) -> None:
+    with ReplayBuffer(buffer_path) as buffer:
+        label(buffer, stream, "old")
+        buffer.apply(stream.polled(stream.feedback("parked", publish=False)), now=0.0)
+    conn = sqlite3.connect(buffer_path)  # back to layout 2, which had no source columns
+    conn.executescript(
+        "ALTER TABLE examples DROP COLUMN source; ALTER TABLE pending DROP COLUMN source; PRAGMA user_version = 2;"
+    )
+    conn.close()
+    with ReplayBuffer(buffer_path) as buffer:
+        assert stored(buffer, "old").source == "human"
+        buffer.apply(stream.polled(stream.response("parked", publish=False)), now=1.0)
+        assert stored(buffer, "parked").source == "human"

@@ -89,6 +89,7 @@ def test_publishes_with_lineage_and_builds_on_the_active_version(learner_setting
         assert set(lineage["feedback_event_ids"]) <= set(trained_ids) and lineage["feedback_event_ids"]
         assert lineage["labels"]["desirable"] + lineage["labels"]["undesirable"] == len(lineage["feedback_event_ids"])
         assert lineage["hyperparameters"]["beta"] == learner_settings.beta
+        assert lineage["labels_by_source"] == {"human": len(lineage["feedback_event_ids"])}
         assert first.metrics["steps"] >= 4 and first.metrics["gate"]["passed"] is True
         assert len(lineage["feedback_event_ids"]) == lineage["fresh_examples"]  # every fresh label trained
         wait_for(lambda: registry.active() == first.version, what="auto activation", timeout_s=WAIT_S)

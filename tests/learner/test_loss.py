@@ -212,7 +212,7 @@ def make_case(size, labels, seed, kl_shift):
 
 
 MIXED = [True, False, False, True, True, False]
-TRL_CASES = {
+TRL_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "mixed": (dict(size=6, labels=MIXED, seed=0, kl_shift=1.0), dict()),
     "mixed-beta-0.5": (dict(size=6, labels=MIXED, seed=1, kl_shift=1.0), dict(beta=0.5)),
     "z0-clamped": (dict(size=6, labels=MIXED, seed=2, kl_shift=-1.0), dict()),
@@ -377,3 +377,15 @@ def test_paper_weights_reject_bad_arguments():
         paper_weights(-1, 3)
     with pytest.raises(ValueError):
         paper_weights(1, 3, lo=2.0, hi=1.0)
+
+
+def test_example_weights_scale_each_examples_loss() -> None:
+    policy, ref, kl_policy, kl_ref, desirable = make_case(size=6, labels=MIXED, seed=3, kl_shift=1.0)
+    plain = kto_loss(policy, ref, kl_policy, kl_ref, desirable, desirable_weight=1.2)
+    weights = torch.tensor([1.0, 0.0, 0.5, 2.0, 1.0, 1.0])
+    weighted = kto_loss(policy, ref, kl_policy, kl_ref, desirable, desirable_weight=1.2, example_weights=weights)
+    assert torch.allclose(weighted.losses, plain.losses * weights)
+    assert torch.allclose(weighted.loss, (plain.losses * weights).mean())  # still a mean over B
+    assert weighted.kl == plain.kl  # z0 is the batch's, whatever the weights
+    with pytest.raises(ValueError, match="example_weights"):
+        kto_loss(policy, ref, kl_policy, kl_ref, desirable, example_weights=torch.ones(5))

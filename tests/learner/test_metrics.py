@@ -58,9 +58,17 @@ def test_before_any_update_loss_is_nan_and_known_labels_are_zero():
 def test_a_published_update_records_steps_loss_rewards_and_freshness():
     metrics = LearnerMetrics()
     metrics.observe_update(
-        SUMMARY, passed=True, reason_codes=[], seconds=2.0, fresh_labeled_at=[90.0, 95.0, 101.0], published_at=100.0
+        SUMMARY,
+        passed=True,
+        reason_codes=[],
+        seconds=2.0,
+        fresh_labeled_at=[90.0, 95.0, 101.0],
+        published_at=100.0,
+        labels_by_source={"human": 20, "rule:no-refunds": 12},
     )
     got = exposition(metrics)
+    assert got[("kto_learner_labels_trained_total", (("source", "human"),))] == 20
+    assert got[("kto_learner_labels_trained_total", (("source", "rule:no-refunds"),))] == 12
     assert got[("kto_learner_updates_total", (("outcome", "published"),))] == 1
     assert got[("kto_learner_steps_total", ())] == 4
     assert got[("kto_learner_examples_trained_total", ())] == 32

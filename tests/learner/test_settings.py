@@ -1,0 +1,35 @@
+"""The learner's settings: what KTO_* variables accept and refuse."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from learner.settings import DEFAULT_SOURCE_WEIGHTS, LearnerSettings
+
+
+def test_source_weights_from_the_environment_replace_defaults_key_by_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert LearnerSettings().source_weights == DEFAULT_SOURCE_WEIGHTS
+    monkeypatch.setenv("KTO_SOURCE_WEIGHTS", '{"rule": 0.5, "rule:no-refunds": 2, "annotator": 0}')
+    settings = LearnerSettings()
+    assert settings.source_weights == {**DEFAULT_SOURCE_WEIGHTS, "rule": 0.5, "rule:no-refunds": 2.0, "annotator": 0}
+    # One source's own weight, else its kind's, else 1.
+    assert settings.source_weight("rule:no-refunds") == 2.0
+    assert settings.source_weight("rule:other") == 0.5
+    assert settings.source_weight("human") == 1.0
+    assert settings.source_weight("annotator") == 0.0
+    assert settings.source_weight("implicit") == 1.0
+
+
+@pytest.mark.parametrize(
+    ("weights", "named"),
+    [
+        ({"robot": 1.0}, "robot"),
+        ({"rule:": 1.0}, "rule:"),
+        ({"judge": -1.0}, "judge"),
+        ({"human": float("nan")}, "human"),
+    ],
+)
+def test_a_bad_source_weight_is_refused_by_name(weights: dict[str, float], named: str) -> None:
+    with pytest.raises(ValidationError, match=f"source_weights: {named!r}"):
+        LearnerSettings(source_weights=weights)
