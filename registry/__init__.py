@@ -24,7 +24,7 @@ from registry.errors import (
     VersionRejected,
 )
 from registry.sqlite_registry import SqliteRegistry
-from registry.versions import BASE, HistoryEntry, VersionInfo
+from registry.versions import BASE, HistoryEntry, RuleSetVersion, VersionInfo
 
 __all__ = [
     "BASE",
@@ -38,6 +38,7 @@ __all__ = [
     "Registry",
     "RegistryError",
     "RegistryUnavailable",
+    "RuleSetVersion",
     "SqliteRegistry",
     "UnknownVersion",
     "VerificationError",

@@ -8,14 +8,20 @@ marked abstract.
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
 from registry.canary import Canary
 from registry.errors import UnknownVersion
 from registry.publishing import Publishing
 from registry.transitions import Transitions
-from registry.versions import HistoryEntry, VersionInfo, VersionRecord
+from registry.versions import HistoryEntry, RuleSetVersion, VersionInfo, VersionRecord
+
+logger = logging.getLogger(__name__)
 
 
 class Registry(Transitions, Publishing, ABC):
@@ -95,6 +101,32 @@ class Registry(Transitions, Publishing, ABC):
     @abstractmethod
     def canary(self) -> Canary | None:
         """The running canary (rules: registry.canary), None when none runs."""
+
+    # ---- the operator's rule set, versioned like adapters ----
+
+    def put_rules(self, rules: dict[str, Any], *, actor: str, reason: str = "") -> RuleSetVersion:
+        """Store `rules` (the whole set, validated by the caller) as the next version; it becomes
+        the current one. Versions count 1, 2, … and are never reused."""
+        stored = self._append_rule_set(json.dumps(rules), actor, reason, time.time())
+        logger.info("%s stored rule set version %d (%d rules)", actor, stored.version, len(rules.get("rules", [])))
+        return stored
+
+    def rules(self) -> RuleSetVersion | None:
+        """The current rule set; None before the first `put_rules`."""
+        sets = self._rule_sets(latest=True)
+        return sets[-1] if sets else None
+
+    def rule_history(self) -> list[RuleSetVersion]:
+        """Every version of the rule set, oldest first."""
+        return self._rule_sets(latest=False)
+
+    @abstractmethod
+    def _append_rule_set(self, rules_json: str, actor: str, reason: str, at: float) -> RuleSetVersion:
+        """Atomically allocate the next version and store the set under it."""
+
+    @abstractmethod
+    def _rule_sets(self, latest: bool) -> list[RuleSetVersion]:
+        """The stored sets, oldest first; only the newest when `latest`."""
 
     # ---- lifecycle ----
 

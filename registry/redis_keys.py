@@ -4,7 +4,7 @@ URL: `redis://[user:password@]host:port/db[?prefix=kto:registry:]` (`rediss://` 
 prefix (default `kto:registry:`) lets several registries share one database; every other query
 parameter goes to redis-py (e.g. `socket_timeout=5`). Keys, all under the prefix:
 
-    schema        "4": the layout of these keys (a newer layout is refused, not misread; 1 had
+    schema        "5": the layout of these keys (a newer layout is refused, not misread; 1 had
                   no canary and no evidence, 2 no erasures, 3 no canary `versions`; older ones
                   are upgraded in place on open: the new keys and fields start empty)
     next_version  INCR counter behind the names v0001, v0002, … (so never reused)
@@ -20,6 +20,8 @@ parameter goes to redis-py (e.g. `socket_timeout=5`). Keys, all under the prefix
     changes       the pub/sub channel: one message per pointer change
     flags         hash version → JSON list of its flags (registry.erasure)
     erasures      hash erasure request id → JSON of its history entry (a repeat returns it)
+    rule_sets     list of JSON rule-set versions (at, actor, reason, rules), oldest first: the
+                  version of an entry is its position counted from 1 (layout 5)
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 from foundation.urls import redis_url
 
 DEFAULT_PREFIX = "kto:registry:"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def parse_url(url: str) -> tuple[str, str, str]:
@@ -50,3 +52,4 @@ class RedisKeys:
         self.changes = prefix + "changes"
         self.flags = prefix + "flags"
         self.erasures = prefix + "erasures"
+        self.rule_sets = prefix + "rule_sets"

@@ -43,7 +43,7 @@ from registry.publishing import VISIBLE
 from registry.redis_catalog import RedisCatalog
 from registry.redis_changes import ChangeListener
 from registry.redis_keys import SCHEMA_VERSION, RedisKeys, parse_url
-from registry.versions import HistoryEntry, VersionRecord
+from registry.versions import HistoryEntry, RuleSetVersion, VersionRecord
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +168,24 @@ class RedisRegistry(Registry):
         with self._redis() as r:
             entries = r.lrange(self._keys.history, 0, -1)
         return [HistoryEntry(**json.loads(e)) for e in entries]
+
+    # ---- rule sets: a list of JSON entries; a version is its position, counted from 1 ----
+
+    def _append_rule_set(self, rules_json: str, actor: str, reason: str, at: float) -> RuleSetVersion:
+        entry = {"at": at, "actor": actor, "reason": reason, "rules": json.loads(rules_json)}
+        with self._redis() as r:
+            version = int(r.rpush(self._keys.rule_sets, json.dumps(entry)))
+        return RuleSetVersion(version=version, **entry)
+
+    def _rule_sets(self, latest: bool) -> list[RuleSetVersion]:
+        with self._redis() as r:
+            pipe = r.pipeline()  # MULTI/EXEC: the entries and the length they are counted from agree
+            pipe.lrange(self._keys.rule_sets, -1 if latest else 0, -1)
+            pipe.llen(self._keys.rule_sets)
+            found, length = pipe.execute()
+        entries = _texts(found)
+        first = int(length) - len(entries) + 1
+        return [RuleSetVersion(version=first + i, **json.loads(e or "{}")) for i, e in enumerate(entries)]
 
     # ---- lifecycle -------------------------------------------------------------------------
 

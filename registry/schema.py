@@ -6,7 +6,7 @@ holds the running canary too (JSON of registry.canary.Canary), so that both chan
 
 Layouts: 1 had no canary and no evidence; 2 adds `pointer.canary`, `history.evidence` and the
 canary actions; 3 adds the `flags` table and the erasure action (registry.erasure); 4 the
-canary_advance action. Opening an
+canary_advance action; 5 the `rule_sets` table. Opening an
 older file migrates it in place, in one transaction; a newer layout than this code's is refused
 rather than misread.
 """
@@ -22,7 +22,7 @@ from foundation import sqlite
 from registry.errors import RegistryError, RegistryUnavailable
 from registry.versions import HISTORY_ACTIONS
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _ACTIONS = ", ".join(f"'{action}'" for action in HISTORY_ACTIONS)
 _HISTORY = f"""
@@ -69,6 +69,13 @@ CREATE TABLE IF NOT EXISTS flags (
     reason TEXT NOT NULL,
     PRIMARY KEY (version, erasure)
 );
+CREATE TABLE IF NOT EXISTS rule_sets (
+    version INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    rules TEXT NOT NULL  -- JSON of the whole set
+);
 INSERT OR IGNORE INTO pointer (id, counter, active) VALUES (1, 0, NULL);
 """.replace("{history}", _HISTORY.format(name="history"))
 
@@ -76,7 +83,7 @@ INSERT OR IGNORE INTO pointer (id, counter, active) VALUES (1, 0, NULL);
 def _migrations(found: int) -> list[str]:
     """The statements taking layout `found` to this one. SQLite cannot change a CHECK constraint
     in place, so the history (whose actions grew at 2, 3 and 4) is copied into a new table."""
-    if found in (0, SCHEMA_VERSION):  # 0: a new file, created by _TABLES as it is now
+    if found == 0 or found >= 4:  # 0: a new file; 4→5 only added a table, created by _TABLES
         return []
     columns = "seq, at, action, version, previous, actor, reason" + (", evidence" if found >= 2 else "")
     return [

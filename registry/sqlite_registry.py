@@ -31,7 +31,7 @@ from registry.canary import Canary
 from registry.errors import RegistryError
 from registry.publishing import VISIBLE as _VISIBLE
 from registry.sqlite_catalog import SqliteCatalog
-from registry.versions import HistoryEntry, VersionRecord
+from registry.versions import HistoryEntry, RuleSetVersion, VersionRecord
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +143,21 @@ class SqliteRegistry(Registry):
 
     def canary(self) -> Canary | None:
         return Canary.loads(self._read("SELECT canary FROM pointer WHERE id = 1")[0][0])
+
+    # ---- rule sets ------------------------------------------------------------------------
+
+    def _append_rule_set(self, rules_json: str, actor: str, reason: str, at: float) -> RuleSetVersion:
+        with self._write() as c:
+            version = c.execute(
+                "INSERT INTO rule_sets (at, actor, reason, rules) VALUES (?, ?, ?, ?)", (at, actor, reason, rules_json)
+            ).lastrowid
+        assert version is not None
+        return RuleSetVersion(version, at, actor, reason, json.loads(rules_json))
+
+    def _rule_sets(self, latest: bool) -> list[RuleSetVersion]:
+        newest = " WHERE version = (SELECT MAX(version) FROM rule_sets)" if latest else ""
+        rows = self._read(f"SELECT version, at, actor, reason, rules FROM rule_sets{newest} ORDER BY version")
+        return [RuleSetVersion(v, at, actor, reason, json.loads(rules)) for v, at, actor, reason, rules in rows]
 
     # ---- lifecycle -------------------------------------------------------------------------
 

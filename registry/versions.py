@@ -103,6 +103,27 @@ class HistoryEntry:
         }
 
 
+@dataclass(frozen=True)
+class RuleSetVersion:
+    """One version of the operator's rule set (labelers.rules validates it; the registry keeps it)."""
+
+    version: int
+    at: float  # unix seconds
+    actor: str
+    reason: str
+    rules: dict[str, Any]
+    """The whole set, as `PUT /v1/rules` took it: {"rules": [...]}."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "at": self.at,
+            "actor": self.actor,
+            "reason": self.reason,
+            "rules": copy.deepcopy(self.rules),
+        }
+
+
 def metadata_json(value: dict[str, Any], what: str) -> str:
     """Strict JSON text of a metrics or lineage dict; ValueError if it cannot be one.
 
