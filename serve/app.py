@@ -23,7 +23,7 @@ from serve.hotswap import HotSwap
 from serve.ledger import open_ledger
 from serve.ledger_backlog import BackloggedLedger
 from serve.metrics import ServeMetrics
-from serve.routes import admin, audit, chat, feedback, health, page, users
+from serve.routes import admin, audit, chat, feedback, health, page, rules, users
 from serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app = FastAPI(title="kto-loop", version="0.1.0", lifespan=lifespan)
     errors.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    for module in (chat, feedback, admin, audit, health, page, users):
+    for module in (chat, feedback, admin, audit, health, page, users, rules):
         app.include_router(module.router)
     return app
 
