@@ -2,7 +2,8 @@
 
     kto-loop serve        the inference server (chat, feedback, admin, metrics)
     kto-loop learn        the KTO learner: events in, adapter versions out (--port: its /metrics)
-    kto-loop up           serve + learn on the embedded default: what `make run` starts
+    kto-loop label        the rule labeler: the operator's rules' labels on served answers
+    kto-loop up           serve + learn + label on the embedded default: what `make run` starts
     kto-loop simulate     users who chat and rate by rules, with a learning curve
     kto-loop adapters …   list | show VERSION | activate VERSION | rollback [VERSION] | history
                           | canary show | start VERSION | promote | rollback | pause | resume,
@@ -46,7 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[_common("serve /metrics and /healthz on this TCP port (default: none; KTO_METRICS_PORT)")],
         help="run the KTO learner",
     )
-    sub.add_parser("up", parents=[common], help="serve + learn on the embedded default (what `make run` starts)")
+    sub.add_parser(
+        "label",
+        parents=[_common("serve /metrics on this TCP port (default: none; KTO_METRICS_PORT)")],
+        help="label served answers by the operator's rules (KTO_RULES_PATH, PUT /v1/rules)",
+    )
+    sub.add_parser(
+        "up", parents=[common], help="serve + learn + label on the embedded default (what `make run` starts)"
+    )
     sim = sub.add_parser("simulate", parents=[common], help="simulated users who chat and rate by rules")
     sim.add_argument("--ratings", type=int, default=600, help="stop after this many ratings")
     sim.add_argument("--users", type=int, default=60, help="simulated users, each chatting in turn")
@@ -121,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict:
     # The learner's --port is its metrics endpoint's, a setting of its own (not the server's KTO_PORT).
-    port = "metrics_port" if args.command == "learn" else "port"
+    port = "metrics_port" if args.command in ("learn", "label") else "port"
     names = {"host": "host", "port": port, "data_dir": "data_dir", "model": "model"}
     return {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg, None) is not None}
 
@@ -129,11 +137,13 @@ def _overrides(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from labelers.labeler import LabelerSettings
     from learner.settings import LearnerSettings
     from serve.settings import ServeSettings
 
+    kind = {"learn": LearnerSettings, "label": LabelerSettings}.get(args.command, ServeSettings)
     try:
-        settings = (LearnerSettings if args.command == "learn" else ServeSettings)(**_overrides(args))
+        settings = kind(**_overrides(args))
     except ValidationError as exc:
         for error in exc.errors():
             where = ".".join(str(p) for p in error["loc"]) or "settings"
@@ -141,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "learn":
         return _learn(settings)
+    if args.command == "label":
+        return _label(settings)
     if args.command == "serve":
         return _serve(settings, args.log_level)
     if args.command == "up":
@@ -157,8 +169,21 @@ def _learn(settings) -> int:
     return 0
 
 
+def _label(settings) -> int:
+    from labelers.labeler import run_labeler
+    from labelers.rules import RulesFileError
+
+    try:
+        run_labeler(settings)
+    except RulesFileError as exc:
+        sys.stderr.write(f"kto-loop: {exc}\n")
+        return 2
+    return 0
+
+
 def _up(settings, argv: list[str], log_level: str) -> int:
-    """The learner as a child process (training must not steal the server's GIL), serve here.
+    """The learner and the labeler as child processes (training must not steal the server's GIL),
+    serve here.
 
     Unless KTO_TORCH_THREADS says otherwise, the cores are split between the two: each starting
     one torch thread per core made updates 40x slower on a busy 2-core machine (bench/learner.py).
@@ -175,21 +200,26 @@ def _up(settings, argv: list[str], log_level: str) -> int:
     if settings.model is None:
         ensure_demo_model(settings.data_dir)  # once, before two processes would both build it
     learner_args = _without_port([a if a != "up" else "learn" for a in argv])  # --port is the server's
+    labeler_args = [a if a != "learn" else "label" for a in learner_args]
     learner = subprocess.Popen([sys.executable, "-m", "kto_loop.cli", *learner_args], env=env)
+    labeler = subprocess.Popen([sys.executable, "-m", "kto_loop.cli", *labeler_args], env=env)
     logger.info(
-        "learner started (pid %d); chat in a browser at http://%s:%d/ (API under /v1)",
+        "learner (pid %d) and labeler (pid %d) started; chat in a browser at http://%s:%d/ (API under /v1)",
         learner.pid,
+        labeler.pid,
         settings.host,
         settings.port,
     )
     try:
         return _serve(settings, log_level)
     finally:
-        learner.terminate()
-        try:
-            learner.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            learner.kill()
+        for child in (labeler, learner):
+            child.terminate()
+        for child in (labeler, learner):
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
 
 
 def _without_port(argv: list[str]) -> list[str]:

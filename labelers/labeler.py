@@ -1,0 +1,195 @@
+"""The rule labeler: reads every served answer and writes the operator's rules' labels as feedback.
+
+`kto-loop label` runs it (and `kto-loop up` starts it beside the learner). It is one member of
+its own consumer group (`KTO_LABELER_GROUP`) on the responses topic, and its delivery rules are:
+
+- A polled batch is labeled, its labels are published (durable when `publish_many` returns),
+  and only then are the offsets committed: a crash in between re-delivers the batch, never loses it.
+- A label's event_id is a hash of the rule set's version, the rule's name and the response id, so
+  a re-delivered answer is labeled with the same event ids and the learner's join drops the
+  repeats: each answer is labeled once per rule-set version, whatever restarts or rebalances do.
+- Answers served to no known user (anonymous) are not labeled: a label is always on a user's
+  answer (`FeedbackEvent.user`), so that erasing the user erases it too.
+- The rule set is the registry's current one, re-read every `rules_poll_s`; a rules file
+  (`KTO_RULES_PATH`) is stored there as a new version at start-up when it differs, so that the
+  file and `PUT /v1/rules` name one set with one history.
+- Anything on the topic that is not a usable response is skipped (the learner dead-letters it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from pydantic import Field
+
+from foundation.settings import CommonSettings
+from ingest.bus import Bus, open_bus
+from ingest.events import EventDecodeError, FeedbackEvent, ResponseEvent, Topics, decode_event, encode_event
+from labelers.rules import RuleSet, load_rules
+from registry import Registry, RegistryError, open_registry
+
+logger = logging.getLogger(__name__)
+
+
+class LabelerSettings(CommonSettings):
+    rules_path: Path | None = None
+    """A TOML or YAML rules file (labelers.rules) stored as the current set at start-up; unset: the
+    set `PUT /v1/rules` stored, if any."""
+
+    labeler_group: str = Field("kto-labeler", min_length=1)
+    """The consumer group of the labelers (several processes share the answers between them)."""
+
+    labeler_batch: int = Field(500, ge=1)
+    """Most answers one poll hands the labeler: each batch is published, then committed (answers)."""
+
+    rules_poll_s: float = Field(2.0, gt=0)
+    """How often the current rule set is re-read from the registry (seconds)."""
+
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    """Prometheus metrics on this port (`/metrics`); unset: none."""
+
+
+class LabelerMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.responses = Counter("kto_labeler_responses_total", "Answers read from the responses topic.", registry=r)
+        self.labels = Counter(
+            "kto_labeler_labels_total", "Labels written, by rule source and label.", ["source", "label"], registry=r
+        )
+        self.skipped = Counter("kto_labeler_skipped_total", "Records not labeled, by reason.", ["reason"], registry=r)
+        self.lag = Gauge("kto_labeler_lag_records", "Answers on the responses topic not labeled yet.", registry=r)
+        self.rule_set = Gauge("kto_labeler_rule_set_version", "The rule set version in use (0: none).", registry=r)
+
+
+def label_event_id(rule_set_version: int, source: str, response_id: str) -> str:
+    """The same answer under the same rule set gets the same id, so a repeat is dropped downstream."""
+    return hashlib.sha256(f"{rule_set_version}\0{source}\0{response_id}".encode()).hexdigest()[:32]
+
+
+def labels_for(rule_set: RuleSet, version: int, response: ResponseEvent, now: float) -> list[FeedbackEvent]:
+    """The labels the rules give one answer (none for an anonymous one)."""
+    if response.user is None:
+        return []
+    labels = []
+    for rule in rule_set.rules:
+        if not rule.applies_to(response):
+            continue
+        label = rule.label_of(response.completion)
+        if label is not None:
+            labels.append(
+                FeedbackEvent(
+                    event_id=label_event_id(version, rule.source, response.response_id),
+                    response_id=response.response_id,
+                    user=response.user,
+                    label=label,
+                    created_at=now,
+                    source=rule.source,
+                )
+            )
+    return labels
+
+
+class Labeler:
+    """One labeler process's loop; see the module docstring."""
+
+    def __init__(self, settings: LabelerSettings, bus: Bus, registry: Registry, metrics: LabelerMetrics) -> None:
+        self.settings, self.bus, self.registry, self.metrics = settings, bus, registry, metrics
+        self.topics = Topics(settings.topic_prefix)
+        self.rule_set, self.version = RuleSet(), 0
+        self._read_at = float("-inf")
+
+    def seed_from_file(self) -> None:
+        """Store the rules file as the current set when it differs (RulesFileError if it is bad)."""
+        if self.settings.rules_path is None:
+            return
+        wanted = load_rules(self.settings.rules_path).model_dump(mode="json", exclude_none=True)
+        current = self.registry.rules()
+        if current is None or current.rules != wanted:
+            stored = self.registry.put_rules(wanted, actor="rules-file", reason=str(self.settings.rules_path))
+            logger.info("rules file %s stored as rule set version %d", self.settings.rules_path, stored.version)
+
+    def refresh_rules(self, now: float) -> None:
+        if now - self._read_at < self.settings.rules_poll_s:
+            return
+        self._read_at = now
+        try:
+            current = self.registry.rules()
+        except RegistryError as e:
+            logger.warning("cannot read the rule set (%s); labeling with version %d meanwhile", e, self.version)
+            return
+        version = current.version if current else 0
+        if version != self.version:
+            # Validated when stored; a set a newer release wrote may not parse here: keep the last one.
+            try:
+                self.rule_set = RuleSet.model_validate(current.rules) if current else RuleSet()
+            except ValueError as e:
+                logger.error(
+                    "rule set version %d cannot be used by this release (%s); keeping %d", version, e, self.version
+                )
+                return
+            self.version = version
+            self.metrics.rule_set.set(version)
+            logger.info(
+                "labeling with rule set version %d: %s", version, [r.name for r in self.rule_set.rules] or "none"
+            )
+
+    def run(self, stop: threading.Event) -> None:
+        consumer = self.bus.consumer(self.settings.labeler_group, [self.topics.responses])
+        try:
+            while not stop.is_set():
+                self.refresh_rules(time.monotonic())
+                records = consumer.poll(timeout_s=1.0, max_records=self.settings.labeler_batch)
+                if not records:
+                    continue
+                out: list[tuple[str | None, bytes]] = []
+                for record in records:
+                    self.metrics.responses.inc()
+                    try:
+                        event = decode_event(record.value)
+                    except EventDecodeError:
+                        self.metrics.skipped.labels(reason="undecodable").inc()
+                        continue
+                    if not isinstance(event, ResponseEvent):
+                        self.metrics.skipped.labels(reason="not_a_response").inc()
+                        continue
+                    if event.user is None:
+                        self.metrics.skipped.labels(reason="anonymous").inc()
+                        continue
+                    for label in labels_for(self.rule_set, self.version, event, time.time()):
+                        out.append((label.response_id, encode_event(label)))
+                        self.metrics.labels.labels(source=label.source, label=label.label).inc()
+                if out:
+                    self.bus.publish_many(self.topics.feedback, out)  # durable before the commit below
+                consumer.commit()
+                ends = self.bus.end_offsets([self.topics.responses])
+                self.metrics.lag.set(sum(max(0, end - (consumer.committed(t, p) or 0)) for (t, p), end in ends.items()))
+        finally:
+            consumer.close()
+
+
+def run_labeler(settings: LabelerSettings, stop: threading.Event | None = None) -> None:
+    """`kto-loop label`: open the bus and the registry, seed the rules file, label until stopped
+    (by `stop`, or else SIGINT/SIGTERM)."""
+    if stop is None:
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    metrics = LabelerMetrics()
+    if settings.metrics_port is not None:
+        start_http_server(settings.metrics_port, registry=metrics.registry)
+    bus = open_bus(settings.bus_url)
+    registry = open_registry(settings.registry_url, settings.adapter_dir)
+    try:
+        labeler = Labeler(settings, bus, registry, metrics)
+        labeler.seed_from_file()
+        logger.info("labeler up: group %s on %s", settings.labeler_group, labeler.topics.responses)
+        labeler.run(stop)
+    finally:
+        registry.close()
+        bus.close()
