@@ -14,6 +14,10 @@ its own consumer group (`KTO_LABELER_GROUP`) on the responses topic, and its del
   (`KTO_RULES_PATH`) is stored there as a new version at start-up when it differs, so that the
   file and `PUT /v1/rules` name one set with one history.
 - Anything on the topic that is not a usable response is skipped (the learner dead-letters it).
+- Judge rules are asked of the judge (`KTO_JUDGE_URL`, labelers.judge) for the whole batch before
+  it is published; a verdict the judge could not give in bounded time is skipped and counted, so a
+  judge outage delays labeling by at most its timeouts and never stops the rule labels. Without a
+  judge configured, judge rules are skipped (counted, and logged once per rule set).
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from foundation.settings import CommonSettings
 from ingest.bus import Bus, open_bus
 from ingest.events import EventDecodeError, FeedbackEvent, ResponseEvent, Topics, decode_event, encode_event
-from labelers.rules import RuleSet, load_rules
+from labelers.judge import Judge
+from labelers.rules import Label, Rule, RuleSet, load_rules
 from registry import Registry, RegistryError, open_registry
 
 logger = logging.getLogger(__name__)
@@ -54,6 +59,24 @@ class LabelerSettings(CommonSettings):
     metrics_port: int | None = Field(None, ge=0, le=65535)
     """Prometheus metrics on this port (`/metrics`); unset: none."""
 
+    judge_url: str | None = None
+    """An OpenAI-compatible API for judge rules, up to `/chat/completions` (e.g. `http://judge:8000/v1`)."""
+
+    judge_model: str | None = None
+    """The `model` asked; unset: the endpoint's default."""
+
+    judge_api_key: SecretStr | None = None
+    """Sent as `Authorization: Bearer …` when set."""
+
+    judge_timeout_s: float = Field(10.0, gt=0)
+    """Seconds one judge request may take (seconds)."""
+
+    judge_retries: int = Field(2, ge=0)
+    """Retries of a failed judge request (connection error, timeout, 429, 5xx), with backoff."""
+
+    judge_concurrency: int = Field(4, ge=1)
+    """Judge requests in flight at once."""
+
 
 class LabelerMetrics:
     def __init__(self) -> None:
@@ -65,6 +88,13 @@ class LabelerMetrics:
         self.skipped = Counter("kto_labeler_skipped_total", "Records not labeled, by reason.", ["reason"], registry=r)
         self.lag = Gauge("kto_labeler_lag_records", "Answers on the responses topic not labeled yet.", registry=r)
         self.rule_set = Gauge("kto_labeler_rule_set_version", "The rule set version in use (0: none).", registry=r)
+        self.verdicts = Counter(
+            "kto_labeler_judge_verdicts_total",
+            "Judge verdicts by rule source and outcome: label, abstain (no strict yes/no, or no label for it), "
+            "failed (no reply in bounded time), unconfigured (no KTO_JUDGE_URL).",
+            ["source", "outcome"],
+            registry=r,
+        )
 
 
 def label_event_id(rule_set_version: int, source: str, response_id: str) -> str:
@@ -72,37 +102,55 @@ def label_event_id(rule_set_version: int, source: str, response_id: str) -> str:
     return hashlib.sha256(f"{rule_set_version}\0{source}\0{response_id}".encode()).hexdigest()[:32]
 
 
+def label_event(version: int, rule: Rule, response: ResponseEvent, label: Label, now: float) -> FeedbackEvent:
+    assert response.user is not None  # anonymous answers are never labeled
+    return FeedbackEvent(
+        event_id=label_event_id(version, rule.source, response.response_id),
+        response_id=response.response_id,
+        user=response.user,
+        label=label,
+        created_at=now,
+        source=rule.source,
+    )
+
+
 def labels_for(rule_set: RuleSet, version: int, response: ResponseEvent, now: float) -> list[FeedbackEvent]:
-    """The labels the rules give one answer (none for an anonymous one)."""
+    """The labels the rules other than judge rules give one answer (none for an anonymous one)."""
     if response.user is None:
         return []
     labels = []
     for rule in rule_set.rules:
-        if not rule.applies_to(response):
+        if rule.kind == "judge" or not rule.applies_to(response):
             continue
         label = rule.label_of(response.completion)
         if label is not None:
-            labels.append(
-                FeedbackEvent(
-                    event_id=label_event_id(version, rule.source, response.response_id),
-                    response_id=response.response_id,
-                    user=response.user,
-                    label=label,
-                    created_at=now,
-                    source=rule.source,
-                )
-            )
+            labels.append(label_event(version, rule, response, label, now))
     return labels
+
+
+def judge_asks(rule_set: RuleSet, response: ResponseEvent) -> list[tuple[Rule, ResponseEvent]]:
+    """The judge rules that apply to one answer, as questions for the judge."""
+    if response.user is None:
+        return []
+    return [(rule, response) for rule in rule_set.rules if rule.kind == "judge" and rule.applies_to(response)]
 
 
 class Labeler:
     """One labeler process's loop; see the module docstring."""
 
-    def __init__(self, settings: LabelerSettings, bus: Bus, registry: Registry, metrics: LabelerMetrics) -> None:
-        self.settings, self.bus, self.registry, self.metrics = settings, bus, registry, metrics
+    def __init__(
+        self,
+        settings: LabelerSettings,
+        bus: Bus,
+        registry: Registry,
+        metrics: LabelerMetrics,
+        judge: Judge | None = None,
+    ) -> None:
+        self.settings, self.bus, self.registry, self.metrics, self.judge = settings, bus, registry, metrics, judge
         self.topics = Topics(settings.topic_prefix)
         self.rule_set, self.version = RuleSet(), 0
         self._read_at = float("-inf")
+        self._unjudged = -1  # the rule set version whose judge rules were reported unjudgeable
 
     def seed_from_file(self) -> None:
         """Store the rules file as the current set when it differs (RulesFileError if it is bad)."""
@@ -147,7 +195,8 @@ class Labeler:
                 records = consumer.poll(timeout_s=1.0, max_records=self.settings.labeler_batch)
                 if not records:
                     continue
-                out: list[tuple[str | None, bytes]] = []
+                labels: list[FeedbackEvent] = []
+                asks: list[tuple[Rule, ResponseEvent]] = []
                 for record in records:
                     self.metrics.responses.inc()
                     try:
@@ -161,16 +210,37 @@ class Labeler:
                     if event.user is None:
                         self.metrics.skipped.labels(reason="anonymous").inc()
                         continue
-                    for label in labels_for(self.rule_set, self.version, event, time.time()):
-                        out.append((label.response_id, encode_event(label)))
-                        self.metrics.labels.labels(source=label.source, label=label.label).inc()
-                if out:
-                    self.bus.publish_many(self.topics.feedback, out)  # durable before the commit below
+                    labels += labels_for(self.rule_set, self.version, event, time.time())
+                    asks += judge_asks(self.rule_set, event)
+                labels += self._judged(asks)
+                for label in labels:
+                    self.metrics.labels.labels(source=label.source, label=label.label).inc()
+                if labels:  # durable before the commit below
+                    self.bus.publish_many(self.topics.feedback, [(e.response_id, encode_event(e)) for e in labels])
                 consumer.commit()
                 ends = self.bus.end_offsets([self.topics.responses])
                 self.metrics.lag.set(sum(max(0, end - (consumer.committed(t, p) or 0)) for (t, p), end in ends.items()))
         finally:
             consumer.close()
+
+    def _judged(self, asks: list[tuple[Rule, ResponseEvent]]) -> list[FeedbackEvent]:
+        if not asks:
+            return []
+        if self.judge is None:
+            for rule, _ in asks:
+                self.metrics.verdicts.labels(source=rule.source, outcome="unconfigured").inc()
+            if self._unjudged != self.version:
+                self._unjudged = self.version
+                logger.error("rule set %d has judge rules but no judge (KTO_JUDGE_URL): skipping them", self.version)
+            return []
+        labels = []
+        for (rule, response), verdict in zip(asks, self.judge.verdicts(asks)):
+            self.metrics.verdicts.labels(source=rule.source, outcome=verdict.outcome).inc()
+            if verdict.outcome == "failed":
+                logger.warning("judge gave no verdict on %s for %s: %s", response.response_id, rule.name, verdict.error)
+            elif verdict.label is not None:
+                labels.append(label_event(self.version, rule, response, verdict.label, time.time()))
+        return labels
 
 
 def run_labeler(settings: LabelerSettings, stop: threading.Event | None = None) -> None:
@@ -185,11 +255,23 @@ def run_labeler(settings: LabelerSettings, stop: threading.Event | None = None) 
         start_http_server(settings.metrics_port, registry=metrics.registry)
     bus = open_bus(settings.bus_url)
     registry = open_registry(settings.registry_url, settings.adapter_dir)
+    judge = None
+    if settings.judge_url:
+        judge = Judge(
+            settings.judge_url,
+            settings.judge_model,
+            api_key=settings.judge_api_key.get_secret_value() if settings.judge_api_key else None,
+            timeout_s=settings.judge_timeout_s,
+            retries=settings.judge_retries,
+            concurrency=settings.judge_concurrency,
+        )
     try:
-        labeler = Labeler(settings, bus, registry, metrics)
+        labeler = Labeler(settings, bus, registry, metrics, judge)
         labeler.seed_from_file()
         logger.info("labeler up: group %s on %s", settings.labeler_group, labeler.topics.responses)
         labeler.run(stop)
     finally:
+        if judge is not None:
+            judge.close()
         registry.close()
         bus.close()

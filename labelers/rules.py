@@ -6,12 +6,14 @@ A rule looks at one served answer and labels it, or abstains:
   unless `whole_words` is false);
 - `regex`: `pattern` matches, run by RE2, whose time is linear in the answer whatever the
   pattern (patterns RE2 cannot run in linear time, such as backreferences, are refused);
-- `max_chars` / `min_chars`: the answer is longer / shorter than `chars` characters.
+- `max_chars` / `min_chars`: the answer is longer / shorter than `chars` characters;
+- `judge`: a judge model answers `question` yes (labelers.judge; the labeler's KTO_JUDGE_URL).
 
 On a match the answer is labeled `label`; otherwise `otherwise` (when set), else nothing. A rule
 applies only to answers in its `scope` (users, versions: "base" names the base model) and to a
 `sample_rate` share of them, picked by a hash of the response id, so that a re-delivered answer
-is sampled the same way. Labels are written as source `rule:<name>`; what they weigh in training
+is sampled the same way. Labels are written as source `rule:<name>` (`judge:<name>` for a judge
+rule); what they weigh in training
 is the learner's KTO_SOURCE_WEIGHTS (`{"rule:no-refunds": 2}`).
 """
 
@@ -43,7 +45,7 @@ class Scope(BaseModel):
     """Only answers of these adapter versions ("base": the base model); None: every version."""
 
 
-_NEEDS = {"contains": "phrases", "regex": "pattern", "max_chars": "chars", "min_chars": "chars"}
+_NEEDS = {"contains": "phrases", "regex": "pattern", "max_chars": "chars", "min_chars": "chars", "judge": "question"}
 """The field each kind of rule cannot do without."""
 
 
@@ -51,7 +53,7 @@ class Rule(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=RULE_NAME)
-    kind: Literal["contains", "regex", "max_chars", "min_chars"]
+    kind: Literal["contains", "regex", "max_chars", "min_chars", "judge"]
     label: Label
     """The label of an answer the rule matches."""
     otherwise: Label | None = None
@@ -63,6 +65,7 @@ class Rule(BaseModel):
     whole_words: bool = True
     pattern: str | None = Field(None, max_length=MAX_PATTERN_CHARS)
     chars: int | None = Field(None, ge=0)
+    question: str | None = Field(None, max_length=2000)
 
     @model_validator(mode="after")
     def _fields_of_its_kind(self) -> Rule:
@@ -87,7 +90,7 @@ class Rule(BaseModel):
 
     @property
     def source(self) -> str:
-        return f"rule:{self.name}"
+        return f"{'judge' if self.kind == 'judge' else 'rule'}:{self.name}"
 
     def applies_to(self, response: ResponseEvent) -> bool:
         """In scope and sampled (the same way for every delivery of the answer)."""
@@ -102,14 +105,16 @@ class Rule(BaseModel):
         return int.from_bytes(digest[:8], "big") / 2**64 < self.sample_rate
 
     def matches(self, text: str) -> bool:
-        """Whether the answer matches."""
+        """Whether the answer matches; a judge rule is asked of a model instead (labelers.judge)."""
         if self.kind == "contains":
             return self._phrases().search(text) is not None
         if self.kind == "regex":
             return self._regex().search(text) is not None
         if self.kind == "max_chars":
             return len(text) > (self.chars or 0)
-        return len(text) < (self.chars or 0)  # min_chars
+        if self.kind == "min_chars":
+            return len(text) < (self.chars or 0)
+        raise ValueError(f"rule {self.name} is a judge rule: labelers.judge asks it")
 
     def label_of(self, text: str) -> Label | None:
         return self.label if self.matches(text) else self.otherwise

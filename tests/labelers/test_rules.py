@@ -55,7 +55,7 @@ def test_a_match_takes_label_and_a_miss_otherwise_or_nothing() -> None:
     assert (plain.label_of("x"), plain.label_of("y")) == ("undesirable", None)
     both = rule(kind="contains", phrases=["x"], otherwise="desirable")
     assert (both.label_of("x"), both.label_of("y")) == ("undesirable", "desirable")
-    assert plain.source == "rule:r"
+    assert plain.source == "rule:r" and rule(kind="judge", question="Polite?").source == "judge:r"
 
 
 def test_a_pathological_pattern_runs_in_linear_time() -> None:
@@ -74,6 +74,7 @@ def test_a_pathological_pattern_runs_in_linear_time() -> None:
         ({"kind": "regex", "pattern": r"(a)\1"}, "RE2"),
         ({"kind": "regex", "pattern": "(unclosed"}, "RE2"),
         ({"kind": "max_chars"}, "needs chars"),
+        ({"kind": "judge"}, "needs question"),
         ({"kind": "contains", "phrases": ["x"], "sample_rate": 0}, "sample_rate"),
         ({"kind": "contains", "phrases": ["x"], "lable": "desirable"}, "lable"),
         ({"kind": "shouting", "phrases": ["x"]}, "kind"),
