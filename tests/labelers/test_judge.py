@@ -135,3 +135,67 @@ def test_a_judge_that_is_down_costs_its_labels_not_the_rules(judge_server: dict[
     assert {e.source for e in after} == {"rule:long"} and len(after) == 5  # the rules go on; the judge's wait
     failed = metrics.verdicts.labels(source="judge:fine", outcome="failed")._value.get()
     assert failed == 5  # one per answer asked while it was down, counted
+
+
+def test_chat_goes_on_when_the_judge_stops_mid_run(tmp_path: Path) -> None:
+    """`kto-loop up` with a judge rule and KTO_JUDGE_URL: judge labels while the judge serves; once
+    it is stopped, every chat is still answered and the rule labels go on."""
+    from kto_loop.simulate import simulate
+
+    root = tmp_path / "judge"
+    judge_port, port = free_port(), free_port()
+    judge_log, log = tmp_path / "judge.log", tmp_path / "up.log"
+    judge_env = {
+        "KTO_MODEL": str(build_judge_model(root / "model")),
+        "KTO_DATA_DIR": str(root),
+        "KTO_PORT": str(judge_port),
+    }
+    judge_process = start("serve", judge_env, judge_log)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "rules:\n  - {name: fine, kind: judge, question: is it fine, label: desirable, otherwise: undesirable}\n"
+        "  - {name: short, kind: min_chars, chars: 1000, label: undesirable}\n"
+    )
+    data_dir = tmp_path / "data"
+    env = {
+        "KTO_DATA_DIR": str(data_dir),
+        "KTO_PORT": str(port),
+        "KTO_RULES_PATH": str(rules),
+        "KTO_JUDGE_URL": f"http://127.0.0.1:{judge_port}/v1",
+        "KTO_JUDGE_TIMEOUT_S": "5",
+        "KTO_JUDGE_RETRIES": "1",
+        "KTO_MIN_NEW_LABELS": "1000000",  # the learner stays out of this test's way
+        "KTO_MAX_WAIT_S": "1000000",
+    }
+    from foundation.models import ensure_demo_model
+
+    ensure_demo_model(data_dir)
+    process = start("up", env, log, log_level="info")
+    url = f"http://127.0.0.1:{port}"
+    bus = None
+    try:
+        wait_ready(judge_process, f"http://127.0.0.1:{judge_port}", judge_log)
+        wait_ready(process, url, log, timeout_s=300)
+        bus = open_bus(f"sqlite:///{data_dir / 'bus.sqlite3'}")
+        reader = bus.consumer("check", [Topics("kto").feedback])
+        sources: list[str] = []
+
+        def labeled(source: str, count: int) -> bool:
+            sources.extend(decode_event(r.value).source for r in reader.poll(timeout_s=0.2))  # type: ignore[union-attr]
+            return sources.count(source) >= count
+
+        first = simulate(url, ratings=20, users=4, rate=False)
+        wait_for(lambda: labeled("judge:fine", 1), what="a judge label through `up`", timeout_s=120)
+        wait_for(lambda: labeled("rule:short", 20), what="the first answers' rule labels", timeout_s=120)
+        stop(judge_process)
+        judged = sources.count("judge:fine")
+        second = simulate(url, ratings=20, users=4, rate=False)
+        wait_for(lambda: labeled("rule:short", 40), what="rule labels with the judge down", timeout_s=180)
+        reader.close()
+    finally:
+        stop(process)
+        stop(judge_process)
+        if bus is not None:
+            bus.close()
+    assert not first.errors and not second.errors  # every chat answered, the judge up or down
+    assert sources.count("judge:fine") == judged  # nothing judged while it was down
