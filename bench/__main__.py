@@ -22,6 +22,7 @@ SUITES = {
     "serving": "bench.serving",
     "learner": "bench.learner",
     "ingest": "bench.ingest",
+    "labeler": "bench.labeler",
     "detokenize": "bench.detokenize",
     "buffer": "bench.buffer",
     "sampling": "bench.sampling",
