@@ -121,6 +121,9 @@ class FeedbackEvent(_EventModel):
     comment: str | None = None
     source: str = Field("human", pattern=SOURCE_PATTERN)
     """Events written before the field existed are ``human``."""
+    weight: float = Field(1.0, gt=0, le=100)
+    """How much this one label counts, as its labeler says (a rule's ``weight``); the learner
+    multiplies it by its source's weight (``KTO_SOURCE_WEIGHTS``). A person's thumb is 1."""
 
 
 class ErasureEvent(_EventModel):

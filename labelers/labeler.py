@@ -111,6 +111,7 @@ def label_event(version: int, rule: Rule, response: ResponseEvent, label: Label,
         label=label,
         created_at=now,
         source=rule.source,
+        weight=rule.weight,
     )
 
 

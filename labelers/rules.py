@@ -13,8 +13,8 @@ On a match the answer is labeled `label`; otherwise `otherwise` (when set), else
 applies only to answers in its `scope` (users, versions: "base" names the base model) and to a
 `sample_rate` share of them, picked by a hash of the response id, so that a re-delivered answer
 is sampled the same way. Labels are written as source `rule:<name>` (`judge:<name>` for a judge
-rule); what they weigh in training
-is the learner's KTO_SOURCE_WEIGHTS (`{"rule:no-refunds": 2}`).
+rule) with the rule's `weight`; in training a label counts its weight times its source's weight
+in the learner's KTO_SOURCE_WEIGHTS (`{"rule:no-refunds": 2}`).
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ class Rule(BaseModel):
     """The label of an answer the rule matches."""
     otherwise: Label | None = None
     """The label of an answer it does not match; None: no label."""
+    weight: float = Field(1.0, gt=0, le=100)
+    """How much each of its labels counts in training (times the learner's KTO_SOURCE_WEIGHTS)."""
     sample_rate: float = Field(1.0, gt=0, le=1)
     scope: Scope = Field(default_factory=Scope)
     phrases: list[str] | None = None

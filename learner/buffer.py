@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_RETENTION_S = 7 * 24 * 3600.0
 _PRUNE_EVERY_S = 60.0
-_LAYOUT_VERSION = 3  # 2 adds the erasure tables (created on open); 3 the labels' source
+_LAYOUT_VERSION = 4  # 2 adds the erasure tables (created on open); 3 the labels' source; 4 their weight
 _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS seen (event_id TEXT PRIMARY KEY, seen_at REAL NOT NULL) WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS seen_at ON seen (seen_at)",
@@ -75,7 +75,8 @@ _SCHEMA = [
         ref_logp REAL,
         kl_ref_logp REAL,
         times_trained INTEGER NOT NULL DEFAULT 0,
-        source TEXT NOT NULL DEFAULT 'human')""",
+        source TEXT NOT NULL DEFAULT 'human',
+        weight REAL NOT NULL DEFAULT 1.0)""",
     "CREATE INDEX IF NOT EXISTS examples_unreferenced ON examples (position) WHERE ref_logp IS NULL",
     """CREATE TABLE IF NOT EXISTS pending (
         event_id TEXT PRIMARY KEY,
@@ -89,7 +90,8 @@ _SCHEMA = [
         record_offset INTEGER NOT NULL,
         key TEXT,
         raw BLOB NOT NULL,
-        source TEXT NOT NULL DEFAULT 'human')""",
+        source TEXT NOT NULL DEFAULT 'human',
+        weight REAL NOT NULL DEFAULT 1.0)""",
     "CREATE INDEX IF NOT EXISTS pending_response ON pending (response_id)",
     "CREATE INDEX IF NOT EXISTS pending_parked_at ON pending (parked_at)",
     """CREATE TABLE IF NOT EXISTS outbox (
@@ -109,10 +111,11 @@ _SCHEMA = [
 
 
 def _migrations(found: int) -> list[str]:
-    """From layout `found`: the erasure tables are created on open; labels before 3 were people's."""
-    if found >= 3:
-        return []
-    return [f"ALTER TABLE {table} ADD COLUMN source TEXT NOT NULL DEFAULT 'human'" for table in ("examples", "pending")]
+    """From layout `found`: the erasure tables are created on open; labels before 3 were people's,
+    and before 4 each weighed 1."""
+    columns = ["source TEXT NOT NULL DEFAULT 'human'"] if found < 3 else []
+    columns += ["weight REAL NOT NULL DEFAULT 1.0"] if found < 4 else []
+    return [f"ALTER TABLE {table} ADD COLUMN {column}" for column in columns for table in ("examples", "pending")]
 
 
 class ReplayBuffer:

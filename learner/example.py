@@ -8,7 +8,7 @@ from dataclasses import dataclass
 EXAMPLE_SQL = """
     SELECT e.response_id, r.user, r.prompt_ids, r.completion_ids, e.desirable, e.feedback_event_id,
            e.labeled_at, r.adapter_version, e.seq, e.ref_logp, e.kl_partner, e.kl_ref_logp, e.times_trained,
-           p.completion_ids, e.source
+           p.completion_ids, e.source, e.weight
     FROM examples e JOIN responses r ON r.response_id = e.response_id
     LEFT JOIN responses p ON p.response_id = e.kl_partner"""
 
@@ -43,6 +43,8 @@ class Example:
     """The partner's completion token ids, for the mismatched pair (this prompt, that completion)."""
     source: str = "human"
     """Who set the current label (ingest.events.SOURCE_PATTERN)."""
+    weight: float = 1.0
+    """That label's own weight (FeedbackEvent.weight)."""
 
     def kl_pair(self) -> tuple[list[int], list[int]]:
         """The mismatched pair (this prompt, the partner's completion) that KTO's z0 is measured on."""
@@ -94,4 +96,5 @@ def example_from_row(row: tuple) -> Example:
         row[12],
         kl_partner_completion_ids=None if partner is None else json.loads(partner),
         source=row[14],
+        weight=row[15],
     )

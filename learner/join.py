@@ -143,6 +143,7 @@ class _Vote(NamedTuple):
     key: str | None
     raw: bytes
     source: str
+    weight: float
 
     @classmethod
     def of(cls, record: Record, event: FeedbackEvent) -> _Vote:
@@ -158,6 +159,7 @@ class _Vote(NamedTuple):
             record.key,
             record.value,
             event.source,
+            event.weight,
         )
 
 
@@ -320,16 +322,29 @@ class _Join:
             return
         self.parked.discard(event.response_id)
         parked = conn.execute(
-            "SELECT event_id, response_id, user, desirable, created_at, topic, part, record_offset, key, raw, source"
-            " FROM pending WHERE response_id = ? ORDER BY created_at, event_id",
+            "SELECT event_id, response_id, user, desirable, created_at, topic, part, record_offset, key, raw, source,"
+            " weight FROM pending WHERE response_id = ? ORDER BY created_at, event_id",
             (event.response_id,),
         ).fetchall()
         conn.execute("DELETE FROM pending WHERE response_id = ?", (event.response_id,))
-        for event_id, response_id, user, desirable, created_at, topic, part, offset, key, raw, source in parked:
+        for event_id, response_id, user, desirable, created_at, topic, part, offset, key, raw, source, weight in parked:
             result.resolved += 1
             # Oldest vote first, so the newest one ends up as the label, as if they had come in order.
             self.vote(
-                _Vote(event_id, response_id, user, bool(desirable), created_at, topic, part, offset, key, raw, source)
+                _Vote(
+                    event_id,
+                    response_id,
+                    user,
+                    bool(desirable),
+                    created_at,
+                    topic,
+                    part,
+                    offset,
+                    key,
+                    raw,
+                    source,
+                    weight,
+                )
             )
 
     def vote(self, vote: _Vote) -> None:
@@ -342,7 +357,7 @@ class _Join:
         if found is None:
             conn.execute(
                 "INSERT OR IGNORE INTO pending (event_id, response_id, user, desirable, created_at, parked_at,"
-                " topic, part, record_offset, key, raw, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " topic, part, record_offset, key, raw, source, weight) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     vote.event_id,
                     vote.response_id,
@@ -356,6 +371,7 @@ class _Join:
                     vote.key,
                     vote.raw,
                     vote.source,
+                    vote.weight,
                 ),
             )
             self.parked.add(vote.response_id)
@@ -388,15 +404,24 @@ class _Join:
         if bool(desirable) == vote.desirable:
             # Newer but the same label: record which event holds it, but it is nothing new to train on.
             conn.execute(
-                "UPDATE examples SET feedback_event_id = ?, labeled_at = ?, source = ? WHERE response_id = ?",
-                (vote.event_id, vote.created_at, vote.source, vote.response_id),
+                "UPDATE examples SET feedback_event_id = ?, labeled_at = ?, source = ?, weight = ?"
+                " WHERE response_id = ?",
+                (vote.event_id, vote.created_at, vote.source, vote.weight, vote.response_id),
             )
             result.stale += 1
             return
         conn.execute(
-            "UPDATE examples SET desirable = ?, feedback_event_id = ?, labeled_at = ?, seq = ?, source = ?"
+            "UPDATE examples SET desirable = ?, feedback_event_id = ?, labeled_at = ?, seq = ?, source = ?, weight = ?"
             " WHERE response_id = ?",
-            (vote.desirable, vote.event_id, vote.created_at, self.next("seq"), vote.source, vote.response_id),
+            (
+                vote.desirable,
+                vote.event_id,
+                vote.created_at,
+                self.next("seq"),
+                vote.source,
+                vote.weight,
+                vote.response_id,
+            ),
         )
         result.relabeled += 1
 
@@ -407,7 +432,7 @@ class _Join:
         previous = self.latest
         self.conn.execute(
             "INSERT INTO examples (response_id, desirable, feedback_event_id, labeled_at, seq, position, kl_partner,"
-            " source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " source, weight) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 vote.response_id,
                 vote.desirable,
@@ -417,6 +442,7 @@ class _Join:
                 position,
                 None if previous is None else previous[0],
                 vote.source,
+                vote.weight,
             ),
         )
         if previous is not None and previous[1] is None:  # only the first example ever lacks a partner

@@ -43,7 +43,8 @@ class LearnerSettings(CommonSettings):
     """λ_U; unset follows the paper's rule from the live label ratio."""
 
     source_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SOURCE_WEIGHTS))
-    """How much a label of each source counts: it multiplies λ_D or λ_U of that example. Keys are a
+    """How much a label of each source counts: it multiplies λ_D or λ_U of that example (and the
+    label's own weight, which a rule sets: labelers.rules). Keys are a
     kind (`human`, `rule`, `judge`, `implicit`, `annotator`) or one source (`rule:no-refunds`, which
     wins over its kind); a source named by neither weighs 1. As JSON in `KTO_SOURCE_WEIGHTS`,
     e.g. `{"rule": 0.5}`; what is given replaces the defaults key by key."""

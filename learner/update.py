@@ -151,7 +151,7 @@ def run_update(
         ref = torch.tensor([e.ref_logp for e in batch], device=device)
         kl_ref = torch.tensor([e.kl_ref_logp for e in batch], device=device)
         desirable = torch.tensor([e.desirable for e in batch], device=device)
-        weights = torch.tensor([source_weight(e.source) for e in batch], device=device)
+        weights = torch.tensor([source_weight(e.source) * e.weight for e in batch], device=device)
 
         with torch.no_grad():  # z0 is detached in the loss: no graph needed (and first, so the
             kl_logps = policy.logps(kl_pairs)  # graph below never shares the heap with these logits)

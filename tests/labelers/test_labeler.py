@@ -24,7 +24,7 @@ RULES = RuleSet.model_validate(
     {
         "rules": [
             {"name": "no-x", "kind": "contains", "phrases": ["x"], "label": "undesirable", "otherwise": "desirable"},
-            {"name": "short", "kind": "max_chars", "chars": 6, "label": "undesirable"},
+            {"name": "short", "kind": "max_chars", "chars": 6, "label": "undesirable", "weight": 0.5},
         ]
     }
 )
@@ -47,9 +47,9 @@ def response(i: int, text: str, user: str | None = "u1") -> ResponseEvent:
 
 def test_each_rule_labels_an_answer_once_per_rule_set_version() -> None:
     labels = labels_for(RULES, 3, response(1, "an x too long"), now=5.0)
-    assert [(e.source, e.label, e.user, e.response_id) for e in labels] == [
-        ("rule:no-x", "undesirable", "u1", "resp-1"),
-        ("rule:short", "undesirable", "u1", "resp-1"),
+    assert [(e.source, e.label, e.user, e.response_id, e.weight) for e in labels] == [
+        ("rule:no-x", "undesirable", "u1", "resp-1", 1.0),
+        ("rule:short", "undesirable", "u1", "resp-1", 0.5),
     ]
     assert labels_for(RULES, 3, response(1, "an x too long"), now=9.0)[0].event_id == labels[0].event_id
     assert labels_for(RULES, 4, response(1, "an x too long"), now=5.0)[0].event_id != labels[0].event_id
@@ -173,3 +173,20 @@ def test_a_batch_labeled_but_not_committed_is_labeled_again_with_the_same_ids(tm
     assert len(set(ids)) == 50
     registry.close()
     bus.close()
+
+
+def test_a_bad_rules_file_stops_the_labeler_at_start_naming_line_and_field(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "rules:\n  - name: ok\n    kind: contains\n    phrases: [a]\n    label: desirable\n"
+        "  - name: bad\n    kind: max_chars\n    label: undesirable\n"
+    )
+    env = {**os.environ, "KTO_DATA_DIR": str(tmp_path), "KTO_RULES_PATH": str(rules)}
+    done = subprocess.run(
+        [sys.executable, "-m", "kto_loop.cli", "label"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stderr
+    assert "rules.yaml: line 6: rules.1: Value error, a max_chars rule needs chars" in done.stderr

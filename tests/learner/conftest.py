@@ -75,6 +75,7 @@ class EventStream:
         user: str = "alice",
         created_at: float | None = None,
         source: str = "human",
+        weight: float = 1.0,
         publish: bool = True,
     ) -> FeedbackEvent:
         event = FeedbackEvent(
@@ -83,6 +84,7 @@ class EventStream:
             label=label,
             created_at=self._tick() if created_at is None else created_at,
             source=source,
+            weight=weight,
         )
         if publish:
             self.publish(event)

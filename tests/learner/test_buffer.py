@@ -241,12 +241,12 @@ def test_a_persons_label_outranks_a_rules_whatever_their_times(buffer: ReplayBuf
 def test_between_labelers_the_latest_label_wins(buffer: ReplayBuffer, stream: Stream) -> None:
     label(buffer, stream, "r0")  # a KL partner, so that r1 can be referenced
     first = stream.feedback("r1", "undesirable", source="rule:a", publish=False)
-    second = stream.feedback("r1", "desirable", source="judge:b", publish=False)
+    second = stream.feedback("r1", "desirable", source="judge:b", weight=2.5, publish=False)
     # Parked before the response arrives: the source survives the wait.
     buffer.apply(stream.polled(first, second), now=0.0)
     buffer.apply(stream.polled(stream.response("r1", publish=False)), now=1.0)
     held = stored(buffer, "r1")
-    assert (held.desirable, held.source) == (True, "judge:b")
+    assert (held.desirable, held.source, held.weight) == (True, "judge:b", 2.5)
     reference_all(buffer)
     assert [(r.response_id, r.source) for r in buffer.index()] == [("r0", "human"), ("r1", "judge:b")]
 
@@ -257,10 +257,11 @@ def test_a_buffer_written_before_sources_reads_its_labels_as_peoples(buffer_path
         buffer.apply(stream.polled(stream.feedback("parked", publish=False)), now=0.0)
     conn = sqlite3.connect(buffer_path)  # back to layout 2, which had no source columns
     conn.executescript(
-        "ALTER TABLE examples DROP COLUMN source; ALTER TABLE pending DROP COLUMN source; PRAGMA user_version = 2;"
+        "ALTER TABLE examples DROP COLUMN source; ALTER TABLE pending DROP COLUMN source;"
+        "ALTER TABLE examples DROP COLUMN weight; ALTER TABLE pending DROP COLUMN weight; PRAGMA user_version = 2;"
     )
     conn.close()
     with ReplayBuffer(buffer_path) as buffer:
-        assert stored(buffer, "old").source == "human"
+        assert (stored(buffer, "old").source, stored(buffer, "old").weight) == ("human", 1.0)
         buffer.apply(stream.polled(stream.response("parked", publish=False)), now=1.0)
-        assert stored(buffer, "parked").source == "human"
+        assert (stored(buffer, "parked").source, stored(buffer, "parked").weight) == ("human", 1.0)

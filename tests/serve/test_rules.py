@@ -15,7 +15,14 @@ def test_put_stores_the_whole_set_as_a_new_version(client, state) -> None:
     assert (stored["version"], stored["actor"], stored["reason"]) == (1, "admin", "guardrail")
     (rule,) = stored["rules"]
     # What was asked, with every default that was in effect filled in.
-    assert rule == {**NO_REFUNDS, "sample_rate": 1.0, "scope": {}, "case_sensitive": False, "whole_words": True}
+    assert rule == {
+        **NO_REFUNDS,
+        "weight": 1.0,
+        "sample_rate": 1.0,
+        "scope": {},
+        "case_sensitive": False,
+        "whole_words": True,
+    }
     assert client.get("/v1/rules", headers=ADMIN).json() == stored
     current = state.registry.rules()
     assert current is not None and current.version == 1  # where every labeler reads it
