@@ -1,15 +1,18 @@
 """A guardrail with no human rating at all: `kto-loop up` as `make run` starts it (the demo model,
-every default, the canary on) with a rules file saying answers containing "good" are undesirable
-(and others desirable). People only chat; the labeler labels every answer; the learner trains on
-those labels; the canary judges the versions on them. The share of answers users saw containing
-the word must fall by at least 70% (relative), and the versions' lineage must count the rule's labels.
+every default, the canary on). People only chat; first on the base model, then the operator adds
+a rule through the admin API (answers containing "good" are undesirable, others desirable), as
+the README shows; the labeler labels every answer; the learner trains on those labels; the canary
+judges the versions on them. The share of answers users saw containing the word must fall by at
+least 70% (relative), and the versions' lineage must count the rule's labels.
 
-"good" is the demo model's most frequent word: in about 0.38 of its answers at 32 tokens (0.26 at
-8). The premise is asserted (at least 0.3 on the base) before the claim.
+"good" is the demo model's most frequent word: in about 0.35 of its answers (measured over 400
+single-turn chats at 32 and at 64 tokens; 0.26 at 8). The premise is asserted (at least 0.3 over
+400 answers before the rule) before the claim.
 """
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from foundation.models import ensure_demo_model
@@ -28,32 +31,33 @@ pytestmark = [
 ]
 
 WORD = "good"
+BASE_ANSWERS = 400
 ANSWERS = 1500
 WINDOW = 300
-MAX_TOKENS = 32
-RULES = f"""rules:
-  - name: no-{WORD}
-    kind: contains
-    phrases: [{WORD}]
-    label: undesirable
-    otherwise: desirable
-"""
+MAX_TOKENS = 64
+TOKEN = "guardrail-test-admin"
+RULES = {
+    "rules": [
+        {"name": f"no-{WORD}", "kind": "contains", "phrases": [WORD], "label": "undesirable", "otherwise": "desirable"}
+    ]
+}
 
 
 def test_a_rule_alone_teaches_the_loop_to_avoid_a_word(tmp_path):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
     port = free_port()
     log = data_dir / "up.log"
     ensure_demo_model(data_dir)  # what `up` does first, here outside the readiness timeout
-    env = {"KTO_DATA_DIR": str(data_dir), "KTO_PORT": str(port), "KTO_RULES_PATH": str(rules)}
+    env = {"KTO_DATA_DIR": str(data_dir), "KTO_PORT": str(port), "KTO_ADMIN_TOKEN": TOKEN}
     process = start("up", env, log, log_level="info")
     url = f"http://127.0.0.1:{port}"
     says = Raters((parse_rule(f"avoid:{WORD}"),))  # liked: the answer does not contain the word
     try:
         wait_ready(process, url, log, timeout_s=300)
+        base = simulate(url, ratings=BASE_ANSWERS, users=60, raters=says, rate=False, max_tokens=MAX_TOKENS).turns
+        put = httpx.put(f"{url}/v1/rules", json=RULES, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+        assert put.status_code == 200, put.text
         run = simulate(url, ratings=ANSWERS, users=60, think_time=8.0, raters=says, rate=False, max_tokens=MAX_TOKENS)
         with open_registry(f"sqlite:///{data_dir / 'registry' / 'registry.sqlite3'}") as registry:
             history = registry.history()
@@ -61,7 +65,6 @@ def test_a_rule_alone_teaches_the_loop_to_avoid_a_word(tmp_path):
     finally:
         stop(process)
     assert not run.errors, run.errors[:3]
-    base = [t for t in run.turns if t.version == "kto-loop-demo"][:WINDOW]
     last = run.turns[-WINDOW:]
     before = sum(not t.liked for t in base) / len(base)
     after = sum(not t.liked for t in last) / len(last)
@@ -70,7 +73,7 @@ def test_a_rule_alone_teaches_the_loop_to_avoid_a_word(tmp_path):
     shares = [round(sum(not t.liked for t in w) / len(w), 2) for w in windows]
     print(f"'{WORD}' in {before:.2f} of the base's answers -> {after:.2f} of the last {WINDOW}; by {WINDOW}: {shares}")
     print(f"history {actions}")
-    assert len(base) >= 100 and before >= 0.3, (len(base), before)  # the premise
+    assert {t.version for t in base} == {"kto-loop-demo"} and before >= 0.3, before  # the premise
     assert after <= 0.3 * before, (before, after, actions, log_tail(log))
     assert ("canary_promote", "canary-controller") in actions  # the product's way, canary on
     trained = [v.lineage.get("labels_by_source", {}) for v in versions]
