@@ -171,11 +171,12 @@ def _learn(settings) -> int:
 
 def _label(settings) -> int:
     from labelers.labeler import run_labeler
+    from labelers.plugins import PluginError
     from labelers.rules import RulesFileError
 
     try:
         run_labeler(settings)
-    except RulesFileError as exc:
+    except (RulesFileError, PluginError) as exc:
         sys.stderr.write(f"kto-loop: {exc}\n")
         return 2
     return 0

@@ -14,6 +14,8 @@ its own consumer group (`KTO_LABELER_GROUP`) on the responses topic, and its del
   (`KTO_RULES_PATH`) is stored there as a new version at start-up when it differs, so that the
   file and `PUT /v1/rules` name one set with one history.
 - Anything on the topic that is not a usable response is skipped (the learner dead-letters it).
+- Custom labelers (labelers.plugins) label each answer like rules, their event ids fixed by
+  their package's version; one that raises on an answer is counted and skipped.
 - Judge rules are asked of the judge (`KTO_JUDGE_URL`, labelers.judge) for the whole batch before
   it is published; a verdict the judge could not give in bounded time is skipped and counted, so a
   judge outage delays labeling by at most its timeouts and never stops the rule labels. Without a
@@ -28,14 +30,17 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Annotated
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import NoDecode
 
 from foundation.settings import CommonSettings
 from ingest.bus import Bus, open_bus
 from ingest.events import EventDecodeError, FeedbackEvent, ResponseEvent, Topics, decode_event, encode_event
 from labelers.judge import Judge
+from labelers.plugins import Plugin, load_plugins
 from labelers.rules import Label, Rule, RuleSet, load_rules
 from registry import Registry, RegistryError, open_registry
 
@@ -58,6 +63,14 @@ class LabelerSettings(CommonSettings):
 
     metrics_port: int | None = Field(None, ge=0, le=65535)
     """Prometheus metrics on this port (`/metrics`); unset: none."""
+
+    labelers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Custom labelers to run, by entry point name (labelers.plugins): `KTO_LABELERS=toxicity,pii`."""
+
+    @field_validator("labelers", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
 
     judge_url: str | None = None
     """An OpenAI-compatible API for judge rules, up to `/chat/completions` (e.g. `http://judge:8000/v1`)."""
@@ -146,8 +159,10 @@ class Labeler:
         registry: Registry,
         metrics: LabelerMetrics,
         judge: Judge | None = None,
+        plugins: list[Plugin] | None = None,
     ) -> None:
         self.settings, self.bus, self.registry, self.metrics, self.judge = settings, bus, registry, metrics, judge
+        self.plugins = plugins or []
         self.topics = Topics(settings.topic_prefix)
         self.rule_set, self.version = RuleSet(), 0
         self._read_at = float("-inf")
@@ -212,6 +227,7 @@ class Labeler:
                         self.metrics.skipped.labels(reason="anonymous").inc()
                         continue
                     labels += labels_for(self.rule_set, self.version, event, time.time())
+                    labels += self._plugin_labels(event)
                     asks += judge_asks(self.rule_set, event)
                 labels += self._judged(asks)
                 for label in labels:
@@ -223,6 +239,32 @@ class Labeler:
                 self.metrics.lag.set(sum(max(0, end - (consumer.committed(t, p) or 0)) for (t, p), end in ends.items()))
         finally:
             consumer.close()
+
+    def _plugin_labels(self, response: ResponseEvent) -> list[FeedbackEvent]:
+        if response.user is None:
+            return []
+        labels = []
+        for plugin in self.plugins:
+            try:
+                label = plugin.labeler.label(response)
+                if label not in (None, "desirable", "undesirable"):
+                    raise ValueError(f"label(response) returned {label!r}, not desirable, undesirable or None")
+            except Exception:  # its code, not ours: one bad answer must not stop the labeling
+                logger.exception("custom labeler %s failed on %s", plugin.name, response.response_id)
+                self.metrics.skipped.labels(reason=f"labeler_error:{plugin.name}").inc()
+                continue
+            if label is not None:
+                labels.append(
+                    FeedbackEvent(
+                        event_id=label_event_id(0, f"{plugin.source}=={plugin.version}", response.response_id),
+                        response_id=response.response_id,
+                        user=response.user,
+                        label=label,
+                        created_at=time.time(),
+                        source=plugin.source,
+                    )
+                )
+        return labels
 
     def _judged(self, asks: list[tuple[Rule, ResponseEvent]]) -> list[FeedbackEvent]:
         if not asks:
@@ -267,7 +309,7 @@ def run_labeler(settings: LabelerSettings, stop: threading.Event | None = None) 
             concurrency=settings.judge_concurrency,
         )
     try:
-        labeler = Labeler(settings, bus, registry, metrics, judge)
+        labeler = Labeler(settings, bus, registry, metrics, judge, load_plugins(settings.labelers))
         labeler.seed_from_file()
         logger.info("labeler up: group %s on %s", settings.labeler_group, labeler.topics.responses)
         labeler.run(stop)
