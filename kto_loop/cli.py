@@ -203,7 +203,9 @@ def _up(settings, argv: list[str], log_level: str) -> int:
     learner_args = _without_port([a if a != "up" else "learn" for a in argv])  # --port is the server's
     labeler_args = [a if a != "learn" else "label" for a in learner_args]
     learner = subprocess.Popen([sys.executable, "-m", "kto_loop.cli", *learner_args], env=env)
-    labeler = subprocess.Popen([sys.executable, "-m", "kto_loop.cli", *labeler_args], env=env)
+    # KTO_METRICS_PORT is the learner's under `up`; two processes cannot listen on it.
+    labeler_env = {k: v for k, v in env.items() if k != "KTO_METRICS_PORT"}
+    labeler = subprocess.Popen([sys.executable, "-m", "kto_loop.cli", *labeler_args], env=labeler_env)
     logger.info(
         "learner (pid %d) and labeler (pid %d) started; chat in a browser at http://%s:%d/ (API under /v1)",
         learner.pid,

@@ -64,6 +64,9 @@ class LabelerSettings(CommonSettings):
     metrics_port: int | None = Field(None, ge=0, le=65535)
     """Prometheus metrics on this port (`/metrics`); unset: none."""
 
+    host: str = "127.0.0.1"
+    """Interface the metrics listen on (0.0.0.0 in the image)."""
+
     labelers: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Custom labelers to run, by entry point name (labelers.plugins): `KTO_LABELERS=toxicity,pii`."""
 
@@ -295,7 +298,7 @@ def run_labeler(settings: LabelerSettings, stop: threading.Event | None = None) 
             signal.signal(sig, lambda *_: stop.set())
     metrics = LabelerMetrics()
     if settings.metrics_port is not None:
-        start_http_server(settings.metrics_port, registry=metrics.registry)
+        start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
     bus = open_bus(settings.bus_url)
     registry = open_registry(settings.registry_url, settings.adapter_dir)
     judge = None

@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
+from labelers.labeler import LabelerSettings
 from learner.settings import LearnerSettings
 from serve.settings import ServeSettings
 
@@ -28,7 +29,12 @@ SINGLE = DEPLOY / "docker-compose.single.yml"
 GPU = DEPLOY / "docker-compose.gpu.yml"
 
 # `kto-loop <command>` -> the settings classes of the processes it starts.
-SETTINGS_OF = {"serve": (ServeSettings,), "learn": (LearnerSettings,), "up": (ServeSettings, LearnerSettings)}
+SETTINGS_OF = {
+    "serve": (ServeSettings,),
+    "learn": (LearnerSettings,),
+    "label": (LabelerSettings,),
+    "up": (ServeSettings, LearnerSettings, LabelerSettings),
+}
 
 
 # ---- reading the files ----
@@ -270,6 +276,18 @@ def test_learner_serves_metrics_where_it_is_scraped_and_health_checked(prod):
     assert host == "0.0.0.0", f"{name} listens on {host}: unreachable from Prometheus"
     check = learner.get("healthcheck") or {}
     assert not check.get("disable") and re.search(rf":{port}/healthz\b", " ".join(check.get("test", []))), check
+    config = load_yaml(bind_source(DEPLOY, prod["services"]["prometheus"], "/etc/prometheus/prometheus.yml"))
+    targets = {
+        t for job in config["scrape_configs"] for static in job.get("static_configs", []) for t in static["targets"]
+    }
+    assert f"{name}:{port}" in targets, f"Prometheus does not scrape {name}:{port}: {sorted(targets)}"
+
+
+def test_the_labeler_serves_metrics_where_it_is_scraped(prod):
+    ((name, labeler),) = services_running(prod, "label").items()
+    port = int(environment(labeler)["KTO_METRICS_PORT"])
+    assert port in listening_ports(labeler), f"{name} listens on {port} but declares {listening_ports(labeler)}"
+    assert environment(labeler).get("KTO_HOST", dockerfile_env().get("KTO_HOST")) == "0.0.0.0"
     config = load_yaml(bind_source(DEPLOY, prod["services"]["prometheus"], "/etc/prometheus/prometheus.yml"))
     targets = {
         t for job in config["scrape_configs"] for static in job.get("static_configs", []) for t in static["targets"]
