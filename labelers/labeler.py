@@ -24,6 +24,7 @@ its own consumer group (`KTO_LABELER_GROUP`) on the responses topic, and its del
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import signal
@@ -37,7 +38,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
 from foundation.settings import CommonSettings
-from ingest.bus import Bus, open_bus
+from ingest.bus import Bus, BusUnavailable, Consumer, open_bus
 from ingest.events import EventDecodeError, FeedbackEvent, ResponseEvent, Topics, decode_event, encode_event
 from labelers.judge import Judge
 from labelers.plugins import Plugin, load_plugins
@@ -45,6 +46,9 @@ from labelers.rules import Label, Rule, RuleSet, load_rules
 from registry import Registry, RegistryError, open_registry
 
 logger = logging.getLogger(__name__)
+
+LAG_EVERY_S = 5.0
+BUS_RETRY_S = 2.0
 
 
 class LabelerSettings(CommonSettings):
@@ -207,41 +211,62 @@ class Labeler:
             )
 
     def run(self, stop: threading.Event) -> None:
-        consumer = self.bus.consumer(self.settings.labeler_group, [self.topics.responses])
+        consumer: Consumer | None = None
+        lag_at = float("-inf")
         try:
             while not stop.is_set():
-                self.refresh_rules(time.monotonic())
-                records = consumer.poll(timeout_s=1.0, max_records=self.settings.labeler_batch)
-                if not records:
-                    continue
-                labels: list[FeedbackEvent] = []
-                asks: list[tuple[Rule, ResponseEvent]] = []
-                for record in records:
-                    self.metrics.responses.inc()
-                    try:
-                        event = decode_event(record.value)
-                    except EventDecodeError:
-                        self.metrics.skipped.labels(reason="undecodable").inc()
-                        continue
-                    if not isinstance(event, ResponseEvent):
-                        self.metrics.skipped.labels(reason="not_a_response").inc()
-                        continue
-                    if event.user is None:
-                        self.metrics.skipped.labels(reason="anonymous").inc()
-                        continue
-                    labels += labels_for(self.rule_set, self.version, event, time.time())
-                    labels += self._plugin_labels(event)
-                    asks += judge_asks(self.rule_set, event)
-                labels += self._judged(asks)
-                for label in labels:
-                    self.metrics.labels.labels(source=label.source, label=label.label).inc()
-                if labels:  # durable before the commit below
-                    self.bus.publish_many(self.topics.feedback, [(e.response_id, encode_event(e)) for e in labels])
-                consumer.commit()
-                ends = self.bus.end_offsets([self.topics.responses])
-                self.metrics.lag.set(sum(max(0, end - (consumer.committed(t, p) or 0)) for (t, p), end in ends.items()))
+                try:
+                    if consumer is None:
+                        consumer = self.bus.consumer(self.settings.labeler_group, [self.topics.responses])
+                    self._label_once(consumer)
+                    if time.monotonic() - lag_at >= LAG_EVERY_S:  # a broker round trip on Kafka: not every batch
+                        lag_at = time.monotonic()
+                        ends = self.bus.end_offsets([self.topics.responses])
+                        lag = sum(max(0, end - (consumer.committed(t, p) or 0)) for (t, p), end in ends.items())
+                        self.metrics.lag.set(lag)
+                except BusUnavailable as e:
+                    # A new member starts from the group's last commit: what was polled and not
+                    # committed comes again once the bus is back.
+                    logger.warning("bus unavailable (%s); retrying in %.0f s", e, BUS_RETRY_S)
+                    if consumer is not None:
+                        with contextlib.suppress(Exception):
+                            consumer.close()
+                        consumer = None
+                    stop.wait(BUS_RETRY_S)
         finally:
-            consumer.close()
+            if consumer is not None:
+                consumer.close()
+
+    def _label_once(self, consumer: Consumer) -> None:
+        """One batch: poll, label, publish, commit (see the module docstring)."""
+        self.refresh_rules(time.monotonic())
+        records = consumer.poll(timeout_s=1.0, max_records=self.settings.labeler_batch)
+        if not records:
+            return
+        labels: list[FeedbackEvent] = []
+        asks: list[tuple[Rule, ResponseEvent]] = []
+        for record in records:
+            self.metrics.responses.inc()
+            try:
+                event = decode_event(record.value)
+            except EventDecodeError:
+                self.metrics.skipped.labels(reason="undecodable").inc()
+                continue
+            if not isinstance(event, ResponseEvent):
+                self.metrics.skipped.labels(reason="not_a_response").inc()
+                continue
+            if event.user is None:
+                self.metrics.skipped.labels(reason="anonymous").inc()
+                continue
+            labels += labels_for(self.rule_set, self.version, event, time.time())
+            labels += self._plugin_labels(event)
+            asks += judge_asks(self.rule_set, event)
+        labels += self._judged(asks)
+        for label in labels:
+            self.metrics.labels.labels(source=label.source, label=label.label).inc()
+        if labels:  # durable before the commit below
+            self.bus.publish_many(self.topics.feedback, [(e.response_id, encode_event(e)) for e in labels])
+        consumer.commit()
 
     def _plugin_labels(self, response: ResponseEvent) -> list[FeedbackEvent]:
         if response.user is None:

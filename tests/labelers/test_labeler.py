@@ -190,3 +190,50 @@ def test_a_bad_rules_file_stops_the_labeler_at_start_naming_line_and_field(tmp_p
     )
     assert done.returncode == 2, done.stderr
     assert "rules.yaml: line 6: rules.1: Value error, a max_chars rule needs chars" in done.stderr
+
+
+def test_a_bus_outage_delays_labels_and_loses_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ingest.bus import BusUnavailable
+    from labelers import labeler as labeler_module
+    from labelers.labeler import Labeler, LabelerMetrics, LabelerSettings
+
+    settings = LabelerSettings(data_dir=tmp_path, labeler_batch=10, rules_poll_s=60)
+    bus = open_bus(settings.bus_url)
+    registry = open_registry(settings.registry_url)
+    registry.put_rules(RULES.model_dump(mode="json", exclude_none=True), actor="test")
+    topics = Topics(settings.topic_prefix)
+    bus.publish_many(
+        topics.responses, [(f"resp-{i}", encode_event(response(i, f"an x answer {i}"))) for i in range(25)]
+    )
+    failures = [2]  # the first two publishes fail, as a broker that is away would
+
+    class Flaky:
+        def publish_many(self, topic: str, items: list) -> list:
+            if failures[0]:
+                failures[0] -= 1
+                raise BusUnavailable("broker away")
+            return bus.publish_many(topic, items)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(bus, name)
+
+    stop = threading.Event()
+    monkeypatch.setattr(labeler_module, "BUS_RETRY_S", 0.05)
+    thread = threading.Thread(target=Labeler(settings, Flaky(), registry, LabelerMetrics()).run, args=(stop,))
+    thread.start()
+    reader = bus.consumer("check", [topics.feedback])
+    events: list[Any] = []
+
+    def read() -> bool:
+        events.extend(decode_event(r.value) for r in reader.poll(timeout_s=0.2))
+        return len({(e.response_id, e.source) for e in events}) >= 50
+
+    try:
+        wait_for(read, what="every answer labeled after the outage")
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        reader.close()
+        registry.close()
+        bus.close()
+    assert failures == [0] and len(events) == 50  # nothing lost, nothing twice: the failed batches were not committed
