@@ -175,27 +175,35 @@ def _teach_the_corpus(path: Path, steps: int = 100) -> None:
 
     Each line of the corpus is a user turn answered by the next line, in the chat template.
     """
+    lines = [line for line in demo_corpus().splitlines() if line.strip()]
+    chats = [
+        [{"role": "user", "content": line}, {"role": "assistant", "content": lines[(i + 1) % len(lines)]}]
+        for i, line in enumerate(lines)
+    ]
+    loss = teach_chats(path, chats, steps=steps, lr=3e-3)
+    logger.info("demo model trained on the shipped corpus (final loss %.2f)", loss)
+
+
+def teach_chats(path: Path, chats: list[list[dict[str, str]]], *, steps: int, lr: float) -> float:
+    """Train the model at `path` in place on whole `chats` (one full batch, AdamW, on CPU) and
+    save it; the final loss. For the demo model and the tests' tiny models, not real training."""
     loaded = load_model(path, device=torch.device("cpu"), dtype=torch.float32)
     tokenizer, model = loaded.tokenizer, loaded.model
-    lines = [line for line in demo_corpus().splitlines() if line.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        chat = [{"role": "user", "content": line}, {"role": "assistant", "content": lines[(i + 1) % len(lines)]}]
-        rows.append([*render_prompt(tokenizer, chat, add_generation_prompt=False), tokenizer.eos_token_id])
+    rows = [[*render_prompt(tokenizer, chat, add_generation_prompt=False), tokenizer.eos_token_id] for chat in chats]
     ids = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_token_id)
     mask = torch.zeros_like(ids)
     for i, row in enumerate(rows):
         ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
     labels = ids.masked_fill(mask == 0, -100)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    logger.info("demo model trained on the shipped corpus (final loss %.2f)", loss.item())
     model.save_pretrained(path)
+    return float(loss.item())
 
 
 def set_torch_threads(threads: int | None) -> None:

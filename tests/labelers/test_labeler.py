@@ -120,21 +120,27 @@ def test_a_killed_labeler_loses_and_doubles_no_label(backend: str, tmp_path: Pat
         assert stored is not None and stored.version == 1 and stored.actor == "rules-file"  # once, not per start
 
 
-class Crash(Exception):
-    """The process dying between publishing a batch's labels and committing it."""
-
-
-def test_a_batch_labeled_but_not_committed_is_labeled_again_with_the_same_ids(tmp_path: Path) -> None:
-    from labelers.labeler import Labeler, LabelerMetrics, LabelerSettings
+def embedded_with_answers(tmp_path: Path, n: int) -> tuple[Any, Any, Any, Topics]:
+    """Settings (10 answers a batch), the embedded bus holding `n` answers, and a registry with RULES."""
+    from labelers.labeler import LabelerSettings
 
     settings = LabelerSettings(data_dir=tmp_path, labeler_batch=10, rules_poll_s=60)
     bus = open_bus(settings.bus_url)
     registry = open_registry(settings.registry_url)
     registry.put_rules(RULES.model_dump(mode="json", exclude_none=True), actor="test")
     topics = Topics(settings.topic_prefix)
-    bus.publish_many(
-        topics.responses, [(f"resp-{i}", encode_event(response(i, f"an x answer {i}"))) for i in range(25)]
-    )
+    bus.publish_many(topics.responses, [(f"resp-{i}", encode_event(response(i, f"an x answer {i}"))) for i in range(n)])
+    return settings, bus, registry, topics
+
+
+class Crash(Exception):
+    """The process dying between publishing a batch's labels and committing it."""
+
+
+def test_a_batch_labeled_but_not_committed_is_labeled_again_with_the_same_ids(tmp_path: Path) -> None:
+    from labelers.labeler import Labeler, LabelerMetrics
+
+    settings, bus, registry, topics = embedded_with_answers(tmp_path, 25)
 
     class CrashingCommits:
         def consumer(self, group: str, names: list[str]) -> Any:
@@ -143,7 +149,7 @@ def test_a_batch_labeled_but_not_committed_is_labeled_again_with_the_same_ids(tm
             def commit(*args: Any, **kwargs: Any) -> None:
                 raise Crash
 
-            inner.commit = commit  # type: ignore[method-assign]
+            inner.commit = commit
             return inner
 
         def __getattr__(self, name: str) -> Any:
@@ -195,16 +201,9 @@ def test_a_bad_rules_file_stops_the_labeler_at_start_naming_line_and_field(tmp_p
 def test_a_bus_outage_delays_labels_and_loses_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ingest.bus import BusUnavailable
     from labelers import labeler as labeler_module
-    from labelers.labeler import Labeler, LabelerMetrics, LabelerSettings
+    from labelers.labeler import Labeler, LabelerMetrics
 
-    settings = LabelerSettings(data_dir=tmp_path, labeler_batch=10, rules_poll_s=60)
-    bus = open_bus(settings.bus_url)
-    registry = open_registry(settings.registry_url)
-    registry.put_rules(RULES.model_dump(mode="json", exclude_none=True), actor="test")
-    topics = Topics(settings.topic_prefix)
-    bus.publish_many(
-        topics.responses, [(f"resp-{i}", encode_event(response(i, f"an x answer {i}"))) for i in range(25)]
-    )
+    settings, bus, registry, topics = embedded_with_answers(tmp_path, 25)
     failures = [2]  # the first two publishes fail, as a broker that is away would
 
     class Flaky:
