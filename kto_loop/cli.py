@@ -287,11 +287,9 @@ def _simulate(settings, args) -> int:
 def _serve(settings, log_level: str = "info") -> int:
     import uvicorn
 
-    from serve.app import create_app
+    from serve.app import server_config
 
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=10
-    )
+    uvicorn.Server(server_config(settings, log_level=log_level)).run()
     return 0
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 
+import uvicorn
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -126,3 +127,18 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+def server_config(
+    settings: ServeSettings, app: FastAPI | None = None, *, log_level: str = "info", port: int | None = None
+) -> uvicorn.Config:
+    """The uvicorn configuration `kto-loop serve` runs `app` (default: a new one) with; tests and
+    benchmarks use it too."""
+    return uvicorn.Config(
+        app if app is not None else create_app(settings),
+        host=settings.host,
+        port=settings.port if port is None else port,
+        log_level=log_level,
+        timeout_graceful_shutdown=10,
+        timeout_keep_alive=int(settings.keep_alive_s),
+    )

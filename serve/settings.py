@@ -37,6 +37,11 @@ class ServeSettings(CommonSettings):
     max_prompt_tokens: int = Field(2048, ge=1)
     """Longest prompt accepted, after the chat template (tokens)."""
 
+    keep_alive_s: float = Field(75.0, gt=0)
+    """How long an idle client connection is kept open (seconds). Longer than clients keep theirs
+    (httpx and the openai client: 5 s; load balancers: 60 s), so that the client closes first: a
+    server that closes as a client reuses the connection resets that request."""
+
     max_body_bytes: int = Field(1_000_000, ge=1024)
     """Largest request body accepted (bytes); larger ones get 413."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from serve.app import create_app
+from serve.app import create_app, server_config
 from serve.settings import ServeSettings
 from testkit.ports import free_port
 from testkit.waiting import wait_for
@@ -16,12 +16,12 @@ class BackgroundServer:
     def __init__(self, settings: ServeSettings, *, start_timeout_s: float = 300):
         import uvicorn
 
-        self.app = create_app(settings)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.start_timeout_s = start_timeout_s  # a real --model may take a while to load
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
+        self.app = create_app(settings)
+        local = settings.model_copy(update={"host": "127.0.0.1"})
+        self.server = uvicorn.Server(server_config(local, self.app, log_level="warning", port=self.port))
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
 
     def __enter__(self):
