@@ -117,21 +117,24 @@ class LabelerMetrics:
         )
 
 
-def label_event_id(rule_set_version: int, source: str, response_id: str) -> str:
-    """The same answer under the same rule set gets the same id, so a repeat is dropped downstream."""
-    return hashlib.sha256(f"{rule_set_version}\0{source}\0{response_id}".encode()).hexdigest()[:32]
+def label_event_id(version: int | str, source: str, response_id: str) -> str:
+    """The same answer labeled by the same version of a labeler (a rule set's number, a plugin
+    package's version) gets the same id, so a repeat is dropped downstream."""
+    return hashlib.sha256(f"{version}\0{source}\0{response_id}".encode()).hexdigest()[:32]
 
 
-def label_event(version: int, rule: Rule, response: ResponseEvent, label: Label, now: float) -> FeedbackEvent:
+def label_event(
+    version: int | str, source: str, response: ResponseEvent, label: Label, now: float, weight: float = 1.0
+) -> FeedbackEvent:
     assert response.user is not None  # anonymous answers are never labeled
     return FeedbackEvent(
-        event_id=label_event_id(version, rule.source, response.response_id),
+        event_id=label_event_id(version, source, response.response_id),
         response_id=response.response_id,
         user=response.user,
         label=label,
         created_at=now,
-        source=rule.source,
-        weight=rule.weight,
+        source=source,
+        weight=weight,
     )
 
 
@@ -145,7 +148,7 @@ def labels_for(rule_set: RuleSet, version: int, response: ResponseEvent, now: fl
             continue
         label = rule.label_of(response.completion)
         if label is not None:
-            labels.append(label_event(version, rule, response, label, now))
+            labels.append(label_event(version, rule.source, response, label, now, rule.weight))
     return labels
 
 
@@ -282,16 +285,7 @@ class Labeler:
                 self.metrics.skipped.labels(reason=f"labeler_error:{plugin.name}").inc()
                 continue
             if label is not None:
-                labels.append(
-                    FeedbackEvent(
-                        event_id=label_event_id(0, f"{plugin.source}=={plugin.version}", response.response_id),
-                        response_id=response.response_id,
-                        user=response.user,
-                        label=label,
-                        created_at=time.time(),
-                        source=plugin.source,
-                    )
-                )
+                labels.append(label_event(plugin.version, plugin.source, response, label, time.time()))
         return labels
 
     def _judged(self, asks: list[tuple[Rule, ResponseEvent]]) -> list[FeedbackEvent]:
@@ -310,7 +304,7 @@ class Labeler:
             if verdict.outcome == "failed":
                 logger.warning("judge gave no verdict on %s for %s: %s", response.response_id, rule.name, verdict.error)
             elif verdict.label is not None:
-                labels.append(label_event(self.version, rule, response, verdict.label, time.time()))
+                labels.append(label_event(self.version, rule.source, response, verdict.label, time.time(), rule.weight))
         return labels
 
 
