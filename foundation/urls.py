@@ -70,3 +70,10 @@ def redis_url(url: str, default_prefix: str) -> tuple[str, str, str]:
     rest = urlencode([(k, v) for k, v in query if k != "prefix"])
     where = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path or '/0'}"
     return urlunsplit(parts._replace(query=rest)), prefix, where
+
+
+def with_prefix(url: str, prefix: str) -> str:
+    """`url` (a Redis URL) with its `prefix=` query parameter set to `prefix`."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "prefix"]
+    return urlunsplit(parts._replace(query=urlencode([*query, ("prefix", prefix)])))

@@ -131,6 +131,8 @@ class Turn:
 class Simulation:
     turns: list[Turn] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    rate_limited: int = 0
+    """Requests the server refused with 429; the user waited Retry-After and went on."""
     serving: list[tuple[float, str, str | None]] = field(default_factory=list)
     """(unix time, active version, canary candidate or None), whenever it changed."""
 
@@ -219,6 +221,11 @@ def simulate(
                     request["seed"] = rng.randrange(2**31)
                 try:
                     reply = client.post("/v1/chat/completions", json=request)
+                    if reply.status_code == 429:  # as a well-behaved client: wait as told, then go on
+                        with lock:
+                            result.rate_limited += 1
+                        stop.wait(float(reply.headers.get("Retry-After", "1")))
+                        continue
                     reply.raise_for_status()
                     body = reply.json()
                     arrived = time.time()

@@ -18,19 +18,24 @@ from ingest.spool import Spool
 from ingest.spooled_bus import SpooledBus
 from registry import open_registry
 from serve import errors
+from serve.auth import Authenticator, refuse_unsafe_exposure
+from serve.credentials import open_key_store
 from serve.deps import ServeState
 from serve.engine import Engine
 from serve.hotswap import HotSwap
 from serve.ledger import open_ledger
 from serve.ledger_backlog import BackloggedLedger
 from serve.metrics import ServeMetrics
-from serve.routes import admin, audit, chat, feedback, health, page, rules, users
+from serve.rate_limits import RateLimits
+from serve.routes import admin, audit, chat, feedback, health, keys, me, page, rules, users
 from serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
+    refuse_unsafe_exposure(settings)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         state = await run_in_threadpool(_build_state, settings)
@@ -38,8 +43,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
         state.engine.start()
         await state.hotswap.sync()  # serve the active version from the first request on
         follower = asyncio.create_task(state.hotswap.run(), name="hotswap")
-        if settings.admin_token is None:
+        if settings.admin_token is None and settings.auth == "header":
             logger.warning("admin API is OFF: set KTO_ADMIN_TOKEN to list, activate and roll back versions")
+        logger.info(
+            "identity: KTO_AUTH=%s, trusted proxies %s", settings.auth, [str(n) for n in settings.trusted_proxies]
+        )
         logger.info("serving %s (adapter %s)", settings.base_model_id, state.hotswap.serving or "none")
         try:
             yield
@@ -48,13 +56,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
             state.engine.stop()
-            for closeable in (state.bus, state.ledger, state.registry):
-                closeable.close()
+            await state.limits.close()
+            for closeable in (state.bus, state.ledger, state.registry, state.keys):
+                if closeable is not None:
+                    closeable.close()
 
     app = FastAPI(title="kto-loop", version="0.1.0", lifespan=lifespan)
     errors.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    for module in (chat, feedback, admin, audit, health, page, users, rules):
+    # keys before users: DELETE /v1/users/{user:path} would take a key's URL too
+    for module in (chat, feedback, me, admin, audit, health, page, keys, users, rules):
         app.include_router(module.router)
     return app
 
@@ -81,10 +92,14 @@ def _build_state(settings: ServeSettings) -> ServeState:
     )
     ledger = BackloggedLedger(open_ledger(settings.resolved_ledger_url(), ttl_s=settings.ledger_ttl_s))
     metrics.watch_ledger(lambda: ledger.backlog)
+    keys = open_key_store(settings.resolved_keys_url()) if settings.auth == "api-key" else None
+    auth, limits = Authenticator(settings, keys), RateLimits(settings, metrics)
     # Last, so that no later failure leaves the spool's lock and forwarder thread behind.
     bus, spool = open_event_bus(settings, metrics)
     bus.create_topics(topics.all, settings.topic_partitions)  # the spool defers it until the broker answers
-    return ServeState(settings, loaded, engine, bus, topics, ledger, registry, hotswap, metrics, spool)
+    return ServeState(
+        settings, loaded, engine, bus, topics, ledger, registry, hotswap, metrics, auth, limits, keys, spool
+    )
 
 
 def open_event_bus(settings: ServeSettings, metrics: ServeMetrics) -> tuple[Bus, SpooledBus | None]:

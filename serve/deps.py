@@ -1,24 +1,30 @@
-"""Typed dependencies: the app state, the caller's identity, the admin check."""
+"""Typed dependencies: the app state, the verified caller, rate limits, the admin check."""
 
 from __future__ import annotations
 
-import hmac
+import logging
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
 
 from foundation.models import LoadedModel
 from ingest.bus import Bus
 from ingest.events import Topics
 from ingest.spooled_bus import SpooledBus
 from registry import Registry
+from serve.auth import Authenticator, BadCredential, Caller, KeysUnreachable, MissingCredential
+from serve.credentials import KeyStore, KeysUnavailable
 from serve.engine import Engine
-from serve.errors import Forbidden, Unauthorized
+from serve.errors import Forbidden, TooManyRequests, Unauthorized, Unavailable
 from serve.hotswap import HotSwap
 from serve.ledger import ResponseLedger
 from serve.metrics import ServeMetrics
+from serve.rate_limits import RateLimits
 from serve.settings import ServeSettings
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +41,10 @@ class ServeState:
     registry: Registry
     hotswap: HotSwap
     metrics: ServeMetrics
+    auth: Authenticator
+    limits: RateLimits
+    keys: KeyStore | None = None
+    """The API key store, in `KTO_AUTH=api-key` mode only."""
     spool: SpooledBus | None = None
     """The spooled bus when events go through the local spool (Kafka), else None."""
 
@@ -46,28 +56,72 @@ def get_state(request: Request) -> ServeState:
 State = Annotated[ServeState, Depends(get_state)]
 
 
-def user_id(
-    x_user_id: Annotated[str | None, Header(max_length=256)] = None,
-    x_openwebui_user_id: Annotated[str | None, Header(max_length=256)] = None,
-) -> str | None:
-    """The pseudonymous user: `X-User-Id`, or Open WebUI's forwarded header; None = anonymous."""
-    return x_user_id or x_openwebui_user_id or None
+async def identify(request: Request, state: State) -> Caller:
+    """The verified caller (serve.auth); 401 for a missing or bad credential, 429 once the
+    client's address used up its failed authentications, 503 when keys cannot be checked."""
+    auth, limits, metrics = state.auth, state.limits, state.metrics
+    headers = request.headers
+    peer = request.client.host if request.client else ""
+    address, _ = auth.client_address(peer, headers.get("x-forwarded-for"))
+    if auth.mode != "header" or "authorization" in headers:
+        exceeded = await limits.failures_exceeded(address)
+        if exceeded:
+            raise TooManyRequests.of(exceeded, "too many failed authentications from this address")
+    try:
+        if auth.mode == "header":
+            return auth.identify(peer, headers)
+        return await run_in_threadpool(auth.identify, peer, headers)
+    except MissingCredential as exc:
+        metrics.auth_failures.labels(reason="missing").inc()
+        raise Unauthorized(str(exc), code="missing_credential") from None
+    except BadCredential as exc:
+        metrics.auth_failures.labels(reason=exc.reason).inc()
+        await limits.failed(address)
+        raise Unauthorized(str(exc), code=exc.reason) from None
+    except (KeysUnavailable, KeysUnreachable) as exc:
+        logger.error("cannot check a credential: %s", exc)
+        raise Unavailable("credentials cannot be checked now; try again", code="auth_unavailable") from None
 
 
-UserId = Annotated[str | None, Depends(user_id)]
+Identified = Annotated[Caller, Depends(identify)]
 
 
-def require_admin(state: State, authorization: Annotated[str | None, Header()] = None) -> str:
-    """Check the bearer token; returns the actor name recorded in the history."""
-    token = state.settings.admin_token
-    if token is None:
-        raise Forbidden("the admin API is off: start the server with KTO_ADMIN_TOKEN set")
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        raise Unauthorized("admin endpoints need 'Authorization: Bearer <KTO_ADMIN_TOKEN>'")
-    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
-        raise Unauthorized("wrong admin token")
-    return "admin"
+def limited(scope: str):
+    """A dependency: the verified caller, counted against `scope`'s limits (429 past them)."""
+
+    async def dependency(state: State, caller: Identified) -> Caller:
+        exceeded = await state.limits.hit(scope, caller)
+        if exceeded:
+            raise TooManyRequests.of(exceeded, f"{scope} rate limit reached")
+        return caller
+
+    return dependency
+
+
+ChatCaller = Annotated[Caller, Depends(limited("chat"))]
+FeedbackCaller = Annotated[Caller, Depends(limited("feedback"))]
+
+
+async def require_admin(request: Request, state: State, caller: Identified) -> str:
+    """An admin credential, within the admin limits; returns the actor recorded in the history."""
+    if caller.role != "admin":
+        if state.auth.mode != "header":
+            state.metrics.auth_failures.labels(reason="forbidden").inc()
+            raise Forbidden(f"{caller.name!r} is not an admin: this needs a credential with the admin role")
+        if state.settings.admin_token is None:
+            raise Forbidden("the admin API is off: start the server with KTO_ADMIN_TOKEN set")
+        if "authorization" not in request.headers:
+            state.metrics.auth_failures.labels(reason="missing").inc()
+            raise Unauthorized(
+                "admin endpoints need 'Authorization: Bearer <KTO_ADMIN_TOKEN>'", code="missing_credential"
+            )
+        state.metrics.auth_failures.labels(reason="bad_admin_token").inc()
+        await state.limits.failed(caller.address)
+        raise Unauthorized("wrong admin token", code="bad_admin_token")
+    exceeded = await state.limits.hit("admin", caller)
+    if exceeded:
+        raise TooManyRequests.of(exceeded, "admin rate limit reached")
+    return caller.name
 
 
 Admin = Annotated[str, Depends(require_admin)]

@@ -35,6 +35,8 @@ class ApiError(Exception):
 
     status = 400
     type = "invalid_request_error"
+    retry_after_s: int | None = None
+    """Seconds to wait before sending the same request again (the Retry-After header)."""
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -63,6 +65,23 @@ class Conflict(ApiError):
 
 class PayloadTooLarge(ApiError):
     status = 413
+
+
+class TooManyRequests(ApiError):
+    """A rate limit refused the request; ``retry_after_s`` goes in Retry-After."""
+
+    status, type = 429, "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: int, param: str | None = None):
+        super().__init__(message, param=param, code="rate_limit_exceeded")
+        self.retry_after_s = retry_after_s
+
+    @classmethod
+    def of(cls, exceeded, what: str) -> TooManyRequests:
+        return cls(
+            f"{what}: {exceeded.limit} per {exceeded.by}; retry in {exceeded.retry_after_s} s",
+            retry_after_s=exceeded.retry_after_s,
+        )
 
 
 class Unavailable(ApiError):
@@ -110,7 +129,7 @@ def _field(loc: tuple) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError):
-        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Unavailable) else None
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
         return error_body(exc.status, exc.message, exc.type, exc.param, exc.code, headers)
 
     @app.exception_handler(RequestValidationError)

@@ -27,6 +27,8 @@ FEEDBACK_LABELS = ("desirable", "undesirable")
 RESPONSE_STATUSES = ("stop", "length", "cancelled", "unrecorded")
 """finish reasons, a client gone before the end, an answer whose event could not be recorded"""
 SWAP_FAILURE_REASONS = ("verification", "load")
+RATE_LIMIT_SCOPES = ("chat", "feedback", "admin", "auth_failures")
+AUTH_FAILURE_REASONS = ("missing", "bad_admin_token", "bad_key", "bad_token", "bad_header", "forbidden")
 
 
 class ServeMetrics:
@@ -82,6 +84,23 @@ class ServeMetrics:
         self.rollbacks = Counter(
             "kto_adapter_rollbacks_total", "Rollbacks requested through this replica's admin API.", registry=r
         )
+        self.rate_limited = Counter(
+            "kto_rate_limited_total",
+            "Requests refused with 429, by scope and what was limited.",
+            ["scope", "by"],
+            registry=r,
+        )
+        self.rate_limit_errors = Counter(
+            "kto_rate_limit_errors_total", "Requests let through uncounted: the limits' storage failed.", registry=r
+        )
+        self.auth_failures = Counter(
+            "kto_auth_failures_total", "Requests refused with 401 or 403, by reason.", ["reason"], registry=r
+        )
+        for scope in RATE_LIMIT_SCOPES:
+            for by in ("user", "address"):
+                self.rate_limited.labels(scope=scope, by=by)
+        for reason in AUTH_FAILURE_REASONS:
+            self.auth_failures.labels(reason=reason)
         for stream in ("true", "false"):
             self.request_seconds.labels(stream=stream)
         for status in RESPONSE_STATUSES:

@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from serve.credentials import Role
+
 
 class ChatMessageIn(BaseModel):
     role: Literal["system", "user", "assistant"]
@@ -66,7 +68,9 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: Text | None = Field(None, max_length=256)
+    user: Text | None = Field(
+        None, max_length=256, description="accepted for OpenAI compatibility; the user is who the credential says"
+    )
     n: int = Field(1, ge=1, le=1)
 
     @field_validator("stop")
@@ -111,3 +115,33 @@ class CanaryRequest(BaseModel):
     """The candidate the caller means; default: whatever canary runs. A canary of another
     version is left alone (409), so that a decision never lands on the wrong one."""
     reason: Text = Field("", max_length=500)
+
+
+class KeyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Role = "user"
+    name: str = Field("", max_length=200, description="a label for the key, shown in lists")
+
+
+class KeyInfo(BaseModel):
+    id: str
+    user: str
+    role: Role
+    name: str
+    created_at: float
+    created_by: str
+
+
+class IssuedKey(KeyInfo):
+    key: str = Field(description="the key itself: shown in this answer only")
+
+
+class KeyList(BaseModel):
+    keys: list[KeyInfo]
+
+
+class Me(BaseModel):
+    user: str | None = Field(description="the user per-user rules key on; null: anonymous (may chat, not rate)")
+    role: Role
+    name: str = Field(description="the credential's name, recorded as the actor of what it changes")
+    auth: Literal["header", "api-key", "jwt"]

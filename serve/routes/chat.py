@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from foundation.models import render_prompt
 from ingest.events import ChatMessage, ResponseEvent, SamplingParams, encode_event
-from serve.deps import ServeState, State, UserId
+from serve.deps import ChatCaller, Identified, ServeState, State
 from serve.engine import Delta, Failed, Finished, GenerationRequest, Output
 from serve.errors import ApiError, BadRequest, NotFound, unavailable
 from serve.schemas import ChatCompletionRequest
@@ -34,8 +34,8 @@ router = APIRouter(tags=["chat"])
 
 
 @router.get("/v1/models")
-async def list_models(state: State, user: UserId) -> dict:
-    settings, canary = state.settings, state.hotswap.canary
+async def list_models(state: State, caller: Identified) -> dict:
+    settings, canary, user = state.settings, state.hotswap.canary, caller.user
     # "serving": what this caller gets for the served name (a canary's candidate, maybe)
     entries: list[Mapping[str, object]] = [
         {
@@ -51,8 +51,8 @@ async def list_models(state: State, user: UserId) -> dict:
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, state: State, user: UserId):
-    user = user or body.user
+async def chat_completions(body: ChatCompletionRequest, state: State, caller: ChatCaller):
+    user = caller.user  # never the body's `user`: a client may write anything there
     adapter = resolve_model(state, body.model, user)
     messages = [{"role": m.role, "content": m.content} for m in body.messages]
     prompt_ids = render_prompt(state.loaded.tokenizer, messages)

@@ -23,7 +23,7 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from ingest.events import FeedbackEvent, encode_event
-from serve.deps import State, UserId
+from serve.deps import FeedbackCaller, State
 from serve.errors import Forbidden, NotFound, Unauthorized
 from serve.schemas import FeedbackAccepted, FeedbackRequest
 
@@ -34,9 +34,10 @@ LABELS = {"up": "desirable", "down": "undesirable"}
 
 
 @router.post("/v1/feedback", status_code=202, response_model=FeedbackAccepted)
-async def feedback(body: FeedbackRequest, state: State, user: UserId) -> FeedbackAccepted:
+async def feedback(body: FeedbackRequest, state: State, caller: FeedbackCaller) -> FeedbackAccepted:
+    user = caller.user
     if user is None:
-        raise Unauthorized("rating needs a user: send the X-User-Id header you chatted with")
+        raise Unauthorized("rating needs a user: the credential you chatted with (serve.auth)", code="anonymous")
     entry = await run_in_threadpool(state.ledger.lookup, body.response_id)
     if entry is None:
         raise NotFound(f"no response {body.response_id!r} (unknown, or too old to rate)", param="response_id")

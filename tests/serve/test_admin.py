@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 
 from serve.app import create_app
 from testkit.waiting import wait_for
-from tests.serve.conftest import ADMIN
+from tests.serve.conftest import ADMIN, LOCAL
 from tests.tiny import TINY_MODEL_ID
 
 HELLO = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "temperature": 0}
@@ -28,7 +28,7 @@ def test_admin_needs_the_token(client):
 
 def test_admin_is_off_without_a_token(settings):
     settings.admin_token = None
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), client=LOCAL) as client:
         reply = client.get("/v1/adapters", headers=ADMIN)
         assert reply.status_code == 403 and "KTO_ADMIN_TOKEN" in reply.json()["error"]["message"]
 
@@ -161,7 +161,7 @@ def test_audit_is_admin_only_and_404s_unknown_ids(client):
 
 def test_audit_is_forbidden_without_an_admin_token(settings):
     settings.admin_token = None
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), client=LOCAL) as client:
         assert client.get("/v1/responses/x/version", headers=ADMIN).status_code == 403
 
 

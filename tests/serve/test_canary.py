@@ -49,8 +49,8 @@ def test_a_canary_serves_its_share_of_users_sticky_and_never_the_anonymous(clien
     for _ in range(2):  # sticky: the same answer every time
         assert {u: chat(client, u) for u in USERS} == {u: v2 if u in inside else v1 for u in USERS}
     assert chat(client) == v1  # anonymous: the active version
-    assert chat(client, outside[0], user=inside[0]) == v1  # the header wins over the body's `user`
-    assert chat(client, None, user=inside[0]) == v2  # the body's `user` identifies too
+    assert chat(client, outside[0], user=inside[0]) == v1  # the verified user, not the body's `user`
+    assert chat(client, None, user=inside[0]) == v1  # the body's `user` never identifies: anyone may write it
     assert chat(client, outside[0], model=TINY_MODEL_ID) == TINY_MODEL_ID  # pinning still works
     served = {m["id"]: m for m in client.get("/v1/models", headers={"X-User-Id": inside[0]}).json()["data"]}
     assert served["kto-loop"]["serving"] == v2 and v2 in served

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from ingest.events import FeedbackEvent, decode_event
 from serve.app import create_app
 from testkit.ports import free_port
+from tests.serve.conftest import LOCAL
 
 ALICE = {"X-User-Id": "alice"}
 BOB = {"X-User-Id": "bob"}
@@ -112,7 +113,7 @@ def test_a_rating_may_reach_another_replica_and_racing_votes_lose_nothing(settin
         for name in ("a", "b")
     ]
     app_a = create_app(replicas[0])
-    with TestClient(app_a) as a, TestClient(create_app(replicas[1])) as b:
+    with TestClient(app_a, client=LOCAL) as a, TestClient(create_app(replicas[1]), client=LOCAL) as b:
         rid = answer(a)
         assert (
             b.post("/v1/feedback", json={"response_id": rid, "label": "up"}, headers=ALICE).json()["status"]
@@ -160,7 +161,7 @@ def test_the_ledger_follows_the_registry_to_redis_unless_set(tmp_path):
 
 def test_an_unreachable_ledger_still_answers_chat_and_asks_raters_to_retry(settings):
     dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    with TestClient(create_app(settings.model_copy(update={"ledger_url": dead}))) as client:
+    with TestClient(create_app(settings.model_copy(update={"ledger_url": dead})), client=LOCAL) as client:
         answer = client.post("/v1/chat/completions", json=HELLO, headers=ALICE)
         assert answer.status_code == 200  # its ledger entry waits in the backlog
         for response_id in (answer.json()["id"], "chatcmpl-x"):

@@ -22,6 +22,7 @@ from serve.settings import ServeSettings
 from testkit.background_server import BackgroundServer
 from testkit.ports import free_port
 from testkit.waiting import wait_for
+from tests.serve.conftest import LOCAL
 from tests.services import PrivateKafka
 
 ALICE = {"X-User-Id": "alice"}
@@ -53,7 +54,7 @@ def answer(client: TestClient) -> str:
 
 def test_chat_and_feedback_work_while_kafka_is_unreachable(settings: ServeSettings) -> None:
     started = time.monotonic()
-    with TestClient(create_app(on_kafka(settings, dead_kafka_url()))) as client:
+    with TestClient(create_app(on_kafka(settings, dead_kafka_url())), client=LOCAL) as client:
         rid = answer(client)
         vote = client.post("/v1/feedback", json={"response_id": rid, "label": "up"}, headers=ALICE)
         assert vote.status_code == 202 and vote.json()["status"] == "recorded"
@@ -74,7 +75,7 @@ def test_chat_and_feedback_work_while_kafka_is_unreachable(settings: ServeSettin
 
 def test_a_full_spool_refuses_feedback_and_chat_with_503(settings: ServeSettings) -> None:
     app = create_app(on_kafka(settings, dead_kafka_url(), spool_max_events=3))
-    with TestClient(app) as client:
+    with TestClient(app, client=LOCAL) as client:
         first, second = answer(client), answer(client)
         assert client.post("/v1/feedback", json={"response_id": first, "label": "up"}, headers=ALICE).status_code == 202
         refused = client.post("/v1/feedback", json={"response_id": second, "label": "down"}, headers=ALICE)
@@ -116,7 +117,7 @@ class Rater(threading.Thread):
         with httpx.Client(base_url=self.url, timeout=60) as http:
             i = 0
             while not self.stop.is_set():
-                headers = {"X-User-Id": f"user{i % 3}"}
+                headers = {"X-User-Id": f"user{i}"}  # a user per answer: many people, each within the limits
                 chat = http.post("/v1/chat/completions", json=HELLO, headers=headers)
                 if chat.status_code != 200:
                     self.failures.append(f"chat {chat.status_code}: {chat.text}")

@@ -22,14 +22,14 @@ CLIENTS = 8
 VERSIONS = 20
 
 
-def stream_once(client: httpx.Client, url: str) -> tuple[float, float | None, str | None, bool]:
+def stream_once(client: httpx.Client, url: str, user: str) -> tuple[float, float | None, str | None, bool]:
     """(started, first chunk's time, its model, [DONE] seen); None, None when no chunk came."""
     started = time.monotonic()
     first: float | None = None
     model: str | None = None
     done = False
     body = {"messages": [{"role": "user", "content": "Tell me something"}], "max_tokens": 12, "stream": True}
-    with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers={"X-User-Id": "load"}) as reply:
+    with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers={"X-User-Id": user}) as reply:
         reply.raise_for_status()
         for line in reply.iter_lines():
             if not line.startswith("data: "):
@@ -50,14 +50,15 @@ def test_swap_under_load(live_server, make_adapter):
         registry.publish(make_adapter(100 + i), base_model=TINY_MODEL_ID, parent=None, metrics={}, lineage={}).version
         for i in range(VERSIONS)
     ]
-    results, failures = [], []
+    results: list[tuple[float, float | None, str | None, bool]] = []
+    failures: list[str] = []
     stop = threading.Event()
 
     def client_loop():
         with httpx.Client(timeout=60) as client:
             while not stop.is_set():
-                try:
-                    results.append(stream_once(client, live_server.url))
+                try:  # a new user each time: many people, each within the per-user limits
+                    results.append(stream_once(client, live_server.url, f"load-{len(results)}-{len(failures)}"))
                 except Exception as exc:  # any failure at all fails the test below
                     failures.append(repr(exc))
 
