@@ -63,6 +63,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     app = FastAPI(title="kto-loop", version="0.1.0", lifespan=lifespan)
     errors.install(app)
+    errors.document(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     # keys before users: DELETE /v1/users/{user:path} would take a key's URL too
     for module in (chat, feedback, me, admin, audit, health, page, keys, users, rules):

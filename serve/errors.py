@@ -8,10 +8,13 @@ recorded and the same request may be sent again: it carries `Retry-After` (secon
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ingest.bus import BusUnavailable
@@ -20,7 +23,9 @@ from registry import (
     CanaryRunning,
     InvalidCanary,
     NoCanary,
+    NothingToRollBack,
     RegistryError,
+    RegistryUnavailable,
     UnknownVersion,
     VerificationError,
     VersionRejected,
@@ -181,10 +186,23 @@ def install(app: FastAPI) -> None:
     async def _invalid_canary(request: Request, exc: InvalidCanary):
         return error_body(409, f"no canary of {exc.version}: {exc.reason}", "conflict_error", "version")
 
+    @app.exception_handler(NothingToRollBack)
+    async def _nothing_to_roll_back(request: Request, exc: NothingToRollBack):
+        # The registry's state, not its health: retrying will not help, so not a 503.
+        return error_body(409, str(exc), "conflict_error", code="nothing_to_roll_back")
+
+    @app.exception_handler(RegistryUnavailable)
+    async def _registry_down(request: Request, exc: RegistryUnavailable):
+        logger.error("registry unavailable: %s", exc)
+        return error_body(
+            503, f"adapter registry unavailable: {exc}", "service_unavailable", headers={"Retry-After": "5"}
+        )
+
     @app.exception_handler(RegistryError)
     async def _registry(request: Request, exc: RegistryError):
-        logger.exception("registry error")
-        return error_body(503, f"adapter registry unavailable: {exc}", "service_unavailable")
+        # Every other refusal the registry raises on purpose is about the state it is in.
+        logger.warning("registry refused %s %s: %s", request.method, request.url.path, exc)
+        return error_body(409, str(exc), "conflict_error")
 
     @app.exception_handler(BusUnavailable)
     @app.exception_handler(LedgerUnavailable)
@@ -206,3 +224,79 @@ def install(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception):
         logger.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_body(500, "internal error", "internal_error")
+
+
+# ---- the contract: what the OpenAPI document says each operation may answer ----
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every error's body, as OpenAI shapes it."""
+
+    error: ErrorDetail
+
+
+_MEANING = {
+    400: "Malformed: the body is not JSON, or asks for more than the server allows (prompt, max_tokens).",
+    401: "No valid credential: missing, unknown, revoked, expired or badly signed (KTO_AUTH decides which count).",
+    403: "The credential is valid but not allowed this: not an admin, or not the user who received the response.",
+    404: "No such thing: model, adapter version, response (or too old to rate), or key.",
+    409: "Not in this state: a rejected or unloadable version, no canary or one running already, nothing to roll back.",
+    413: "The request body is over KTO_MAX_BODY_BYTES.",
+    422: "A field is missing or invalid; `param` names it.",
+    429: "A rate limit (per user, per address, or of failed authentications) was reached; retry after Retry-After.",
+    503: "A backend cannot take this now and nothing was recorded; send the same request again after Retry-After.",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer", "minimum": 1}}}
+AUTHENTICATED = (401, 429, 503)
+"""What identifying the caller may answer: every operation but health, metrics and the page."""
+
+
+def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route or router: these error statuses, each with its meaning and body."""
+    documented: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        documented[code] = {"model": ErrorBody, "description": _MEANING[code]}
+        if code in (429, 503):
+            documented[code]["headers"] = _RETRY_AFTER
+    return documented
+
+
+def document(app: FastAPI) -> None:
+    """Make the OpenAPI document tell the statuses FastAPI cannot see: 422 with our error body
+    (not FastAPI's `detail` list), 400 wherever a JSON body is read, 413 everywhere (the body
+    limit is a middleware)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+            error = {"$ref": "#/components/schemas/ErrorBody"}
+            for operations in spec["paths"].values():
+                for operation in operations.values():
+                    answers = operation["responses"]
+                    needs = [422] if "422" in answers else []
+                    needs += [400] if "requestBody" in operation else []
+                    for code in [*needs, 413]:
+                        answers[str(code)] = {
+                            "description": _MEANING[code],
+                            "content": {"application/json": {"schema": error}},
+                        }
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(unused, None)
+            schemas.setdefault("ErrorBody", ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}"))
+            for name, sub in (
+                ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}").get("$defs", {}).items()
+            ):
+                schemas.setdefault(name, sub)
+            schemas["ErrorBody"].pop("$defs", None)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -16,11 +16,13 @@ from starlette.concurrency import run_in_threadpool
 from registry import BASE
 from registry import canary as canary_rules
 from serve.deps import Admin, ServeState, State
-from serve.errors import Conflict
+from serve.errors import AUTHENTICATED, Conflict, responses
 from serve.schemas import ActivateRequest, CanaryRequest, CanaryStartRequest, RollbackRequest
 
 logger = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/adapters", tags=["admin"])
+router = APIRouter(prefix="/v1/adapters", tags=["admin"], responses=responses(*AUTHENTICATED, 403))
+CHANGES = responses(404, 409)
+"""What a change of the pointer or the canary may be refused with."""
 
 
 @router.get("")
@@ -54,7 +56,7 @@ async def show_canary(state: State, actor: Admin) -> dict:
     }
 
 
-@router.post("/canary")
+@router.post("/canary", responses=CHANGES)
 async def start_canary(body: CanaryStartRequest, state: State, actor: Admin) -> dict:
     await _check(state, body.version)
     entry = await run_in_threadpool(
@@ -63,12 +65,12 @@ async def start_canary(body: CanaryStartRequest, state: State, actor: Admin) -> 
     return await _canary_settled(state, entry)
 
 
-@router.post("/canary/promote")
+@router.post("/canary/promote", responses=CHANGES)
 async def promote_canary(state: State, actor: Admin, body: CanaryRequest | None = None) -> dict:
     return await _decide(state, actor, body or CanaryRequest(), state.registry.promote_canary)
 
 
-@router.post("/canary/rollback")
+@router.post("/canary/rollback", responses=CHANGES)
 async def rollback_canary(state: State, actor: Admin, body: CanaryRequest | None = None) -> dict:
     return await _decide(state, actor, body or CanaryRequest(), state.registry.rollback_canary)
 
@@ -82,12 +84,12 @@ async def _decide(state: ServeState, actor: str, body: CanaryRequest, decide) ->
     return await _canary_settled(state, entry)
 
 
-@router.post("/canary/pause")
+@router.post("/canary/pause", responses=CHANGES)
 async def pause_canary(state: State, actor: Admin, body: CanaryRequest | None = None) -> dict:
     return await _pause(state, actor, body or CanaryRequest(), True)
 
 
-@router.post("/canary/resume")
+@router.post("/canary/resume", responses=CHANGES)
 async def resume_canary(state: State, actor: Admin, body: CanaryRequest | None = None) -> dict:
     return await _pause(state, actor, body or CanaryRequest(), False)
 
@@ -116,7 +118,7 @@ async def _canary_settled(state: ServeState, entry) -> dict:
     }
 
 
-@router.post("/rollback")
+@router.post("/rollback", responses=CHANGES)
 async def rollback(state: State, actor: Admin, body: RollbackRequest | None = None) -> dict:
     body = body or RollbackRequest()
     if body.to is not None and not _is_base(state, body.to):
@@ -127,7 +129,7 @@ async def rollback(state: State, actor: Admin, body: RollbackRequest | None = No
     return await _settled(state, entry)
 
 
-@router.post("/{version}/activate")
+@router.post("/{version}/activate", responses=CHANGES)
 async def activate(version: str, state: State, actor: Admin, body: ActivateRequest | None = None) -> dict:
     body = body or ActivateRequest()
     target = None if _is_base(state, version) else version
@@ -155,7 +157,7 @@ async def _settled(state: ServeState, entry) -> dict:
     return {"active": entry.version, "serving": state.hotswap.serving, "entry": entry.to_json()}
 
 
-@router.get("/{version}")
+@router.get("/{version}", responses=responses(404))
 async def version_page(version: str, state: State, actor: Admin) -> dict:
     """One version's page: its record (parent, training events and label counts in `lineage`,
     loss and gate in `metrics`, erasure `flags`), the versions trained from it, every history

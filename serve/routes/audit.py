@@ -12,12 +12,12 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from serve.deps import Admin, State
-from serve.errors import NotFound
+from serve.errors import AUTHENTICATED, NotFound, responses
 
-router = APIRouter(prefix="/v1/responses", tags=["admin"])
+router = APIRouter(prefix="/v1/responses", tags=["admin"], responses=responses(*AUTHENTICATED, 403))
 
 
-@router.get("/{response_id}/version")
+@router.get("/{response_id}/version", responses=responses(404))
 async def response_version(response_id: str, state: State, actor: Admin) -> dict:
     """`version` None: the base model answered; `label` None: not rated (yet)."""
     entry = await run_in_threadpool(state.ledger.lookup, response_id)

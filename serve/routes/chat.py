@@ -26,11 +26,16 @@ from foundation.models import render_prompt
 from ingest.events import ChatMessage, ResponseEvent, SamplingParams, encode_event
 from serve.deps import ChatCaller, Identified, ServeState, State
 from serve.engine import Delta, Failed, Finished, GenerationRequest, Output
-from serve.errors import ApiError, BadRequest, NotFound, unavailable
+from serve.errors import AUTHENTICATED, ApiError, BadRequest, NotFound, responses, unavailable
 from serve.schemas import ChatCompletionRequest
 
 logger = logging.getLogger(__name__)
-router = APIRouter(tags=["chat"])
+router = APIRouter(tags=["chat"], responses=responses(*AUTHENTICATED))
+
+STREAMED = {
+    "description": "The answer: JSON, or (`stream: true`) SSE chat.completion.chunk events, then `data: [DONE]`",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
 
 
 @router.get("/v1/models")
@@ -50,7 +55,7 @@ async def list_models(state: State, caller: Identified) -> dict:
     return {"object": "list", "data": [{"object": "model", "created": 0, "owned_by": "kto-loop", **e} for e in entries]}
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses={200: STREAMED, **responses(404)})
 async def chat_completions(body: ChatCompletionRequest, state: State, caller: ChatCaller):
     user = caller.user  # never the body's `user`: a client may write anything there
     adapter = resolve_model(state, body.model, user)

@@ -24,11 +24,11 @@ from starlette.concurrency import run_in_threadpool
 
 from ingest.events import FeedbackEvent, encode_event
 from serve.deps import FeedbackCaller, State
-from serve.errors import Forbidden, NotFound, Unauthorized
+from serve.errors import AUTHENTICATED, Forbidden, NotFound, Unauthorized, responses
 from serve.schemas import FeedbackAccepted, FeedbackRequest
 
 logger = logging.getLogger(__name__)
-router = APIRouter(tags=["feedback"])
+router = APIRouter(tags=["feedback"], responses=responses(*AUTHENTICATED, 403, 404))
 
 LABELS = {"up": "desirable", "down": "undesirable"}
 

@@ -20,13 +20,24 @@ from serve.deps import State
 
 router = APIRouter(tags=["health"])
 
+READY = {
+    "description": "Ready: chat and feedback can be taken now",
+    "content": {"application/json": {"schema": {"type": "object", "required": ["status", "checks"]}}},
+}
+METRICS = {
+    "description": "The Prometheus text exposition",
+    "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+}
+
 
 @router.get("/healthz")
 async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz", responses={200: READY, 503: {**READY, "description": "Not ready: `checks` says what is missing"}}
+)
 async def readyz(state: State) -> JSONResponse:
     checks = {"model": state.engine.alive, "adapters": state.hotswap.ready}
     for name, ping in (("bus", state.bus.ping), ("registry", state.registry.ping)):
@@ -50,7 +61,7 @@ async def readyz(state: State) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={200: METRICS})
 async def metrics(state: State) -> Response:
     state.metrics.forget_idle_versions(state.settings.ledger_ttl_s)  # ratings of them can no longer come
     state.metrics.running.set(state.engine.running)

@@ -15,11 +15,11 @@ from starlette.concurrency import run_in_threadpool
 
 from serve.credentials import KeyStore, UnknownKey, issue
 from serve.deps import Admin, ServeState, State
-from serve.errors import Conflict, NotFound
+from serve.errors import AUTHENTICATED, Conflict, NotFound, responses
 from serve.schemas import IssuedKey, KeyList, KeyRequest
 
 logger = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/users/{user}/keys", tags=["admin"])
+router = APIRouter(prefix="/v1/users/{user}/keys", tags=["admin"], responses=responses(*AUTHENTICATED, 403, 409))
 
 UserPath = Annotated[str, Path(min_length=1, max_length=256, pattern=r"^[^/]+$", description="the user the key is for")]
 
@@ -47,7 +47,7 @@ async def list_keys(user: UserPath, state: State, actor: Admin) -> KeyList:
     return KeyList(keys=[k.to_json() for k in keys])
 
 
-@router.delete("/{key_id}", status_code=204, response_class=Response)
+@router.delete("/{key_id}", status_code=204, response_class=Response, responses=responses(404))
 async def revoke_key(
     user: UserPath, key_id: Annotated[str, Path(max_length=64)], state: State, actor: Admin
 ) -> Response:

@@ -6,9 +6,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from serve.deps import Identified, State
+from serve.errors import AUTHENTICATED, responses
 from serve.schemas import Me
 
-router = APIRouter(tags=["identity"])
+router = APIRouter(tags=["identity"], responses=responses(*AUTHENTICATED))
 
 
 @router.get("/v1/me", response_model=Me)

@@ -18,9 +18,10 @@ from starlette.concurrency import run_in_threadpool
 from labelers.rules import RuleSet
 from registry import RuleSetVersion
 from serve.deps import Admin, State
+from serve.errors import AUTHENTICATED, responses
 
 logger = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/rules", tags=["admin"])
+router = APIRouter(prefix="/v1/rules", tags=["admin"], responses=responses(*AUTHENTICATED, 403))
 
 
 @router.get("")

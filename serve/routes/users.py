@@ -24,9 +24,10 @@ from starlette.concurrency import run_in_threadpool
 
 from ingest.events import ErasureEvent, encode_event
 from serve.deps import Admin, State
+from serve.errors import AUTHENTICATED, responses
 
 logger = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/users", tags=["admin"])
+router = APIRouter(prefix="/v1/users", tags=["admin"], responses=responses(*AUTHENTICATED, 403))
 
 
 @router.delete("/{user:path}", status_code=202)  # :path: an id may hold "/"
