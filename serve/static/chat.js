@@ -1,8 +1,13 @@
-// The kto-loop chat page. Public API only: POST /v1/chat/completions (stream: true) and
-// POST /v1/feedback, both with the browser's X-User-Id. No framework, no build step.
+// The kto-loop chat page. Public API only: GET /v1/me, POST /v1/chat/completions (stream: true)
+// and POST /v1/feedback. No framework, no build step.
+//
+// Who the user is, is the server's to say (GET /v1/me): behind a trusted proxy, the proxy's
+// header; on the server's own host, this browser's random id (X-User-Id); with KTO_AUTH=api-key
+// or jwt, the key or token the user pastes in, sent as `Authorization: Bearer`.
 "use strict";
 
 const USER_KEY = "kto-loop-user";
+const CREDENTIAL_KEY = "kto-loop-key";
 const history = [];   // the conversation sent as `messages`: finished turns only
 let busy = false;     // one answer streams at a time; Enter is ignored until it ends
 
@@ -25,6 +30,49 @@ function userId() {
 function newId() {
   if (crypto.randomUUID) return crypto.randomUUID();
   return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// The pasted key or token, kept in localStorage like the id; null when there is none.
+function credential() {
+  try { return localStorage.getItem(CREDENTIAL_KEY); } catch { return memoryKey; }
+}
+let memoryKey = null;
+function setCredential(value) {
+  try {
+    if (value) localStorage.setItem(CREDENTIAL_KEY, value); else localStorage.removeItem(CREDENTIAL_KEY);
+  } catch { memoryKey = value; }
+}
+function authHeaders() {
+  const key = credential();
+  return key ? { Authorization: `Bearer ${key}` } : { "X-User-Id": userId() };
+}
+
+// Ask the server who we are; show the sign-in form when it wants a credential we do not have.
+async function whoAmI() {
+  let response;
+  try {
+    response = await fetch("/v1/me", { headers: authHeaders() });
+  } catch {
+    return;  // offline: the first message will say so
+  }
+  const signIn = $("sign-in"), who = $("who");
+  if (response.status === 401) {
+    const hadKey = Boolean(credential());
+    setCredential(null);
+    signIn.hidden = false;
+    who.hidden = $("sign-out").hidden = true;
+    $("sign-in-error").hidden = !hadKey;
+    if (hadKey) $("sign-in-error").textContent = await errorOf(response);
+    $("key").focus();
+    return;
+  }
+  if (!response.ok) return;
+  const me = await response.json();
+  signIn.hidden = true;
+  who.textContent = me.user ? `signed in as ${me.user}` : "anonymous: answers cannot be rated";
+  who.hidden = false;
+  $("sign-out").hidden = !credential();
+  prompt.focus();
 }
 
 function scrollDown() { log.scrollTop = log.scrollHeight; }
@@ -74,13 +122,17 @@ async function post(url, body) {
   try {
     response = await fetch(url, {
       method: "POST",
-      headers: { "Content-Type": "application/json", "X-User-Id": userId() },
+      headers: { "Content-Type": "application/json", ...authHeaders() },
       body: JSON.stringify(body),
     });
   } catch (err) {
     throw new Error(`Could not reach the server (${err.message}).`);
   }
-  if (!response.ok) throw new Error(await errorOf(response));
+  if (!response.ok) {
+    const error = new Error(await errorOf(response));
+    if (response.status === 401) whoAmI();  // a key revoked meanwhile: ask for another
+    throw error;
+  }
   return response;
 }
 
@@ -193,4 +245,15 @@ $("new-chat").addEventListener("click", () => {
   log.replaceChildren();
   prompt.focus();
 });
+$("sign-in").addEventListener("submit", (e) => {
+  e.preventDefault();
+  setCredential($("key").value.trim());
+  $("key").value = "";
+  whoAmI();
+});
+$("sign-out").addEventListener("click", () => {
+  setCredential(null);
+  whoAmI();
+});
 userId();  // create the id on first visit, before anything is sent
+whoAmI();
