@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,14 @@ logger = logging.getLogger(__name__)
 
 DEMO_MODEL_ID = "bench-demo"
 ADMIN_TOKEN = "bench-admin-token"
-USER = {"X-User-Id": "bench"}
+
+
+def as_someone() -> dict[str, str]:
+    """A new user for each request: many people, as a public server has, each within the per-user
+    rate limits (one user sending back to back would be refused with 429 within a minute)."""
+    return {"X-User-Id": f"bench-{uuid.uuid4().hex[:16]}"}
+
+
 PROMPT = [{"role": "user", "content": "Tell me a short story about a lighthouse keeper and the sea."}]
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -119,7 +127,7 @@ def complete(
     if model:
         body["model"] = model
     started = time.perf_counter()
-    reply = client.post(f"{url}/v1/chat/completions", json=body, headers=USER)
+    reply = client.post(f"{url}/v1/chat/completions", json=body, headers=as_someone())
     seconds = time.perf_counter() - started
     reply.raise_for_status()
     data = reply.json()
@@ -149,7 +157,7 @@ def stream(client: httpx.Client, url: str, *, max_tokens: int, temperature: floa
     }
     started = time.perf_counter()
     ttft, tokens, model, finish = None, 0, "", None
-    with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=USER) as reply:
+    with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=as_someone()) as reply:
         reply.raise_for_status()
         for line in reply.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
