@@ -8,7 +8,8 @@
     kto-loop adapters …   list | show VERSION | activate VERSION | rollback [VERSION] | history
                           | canary show | start VERSION | promote | rollback | pause | resume,
                           against a running server
-    kto-loop users erase USER   erase a user's data (ledger, learner buffer; flags versions)
+    kto-loop users erase USER   erase a user's data (ledger, keys, learner buffer; flags versions)
+    kto-loop keys …       create USER [--role R] | list USER | revoke USER KEY_ID (KTO_AUTH=api-key)
 
 Options on the command line override `KTO_*` environment variables.
 """
@@ -16,13 +17,13 @@ Options on the command line override `KTO_*` environment variables.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
-from urllib.parse import quote
 
 from pydantic import ValidationError
+
+from kto_loop import admin_client
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
         decide.add_argument("--reason", default="")
     users = sub.add_parser("users", help="erase a user's data on request")
     user_actions = users.add_subparsers(dest="action", required=True)
-    erase = user_actions.add_parser("erase", parents=[common], help="erase USER (the X-User-Id) everywhere it is kept")
+    erase = user_actions.add_parser("erase", parents=[common], help="erase USER everywhere it is kept (keys too)")
     erase.add_argument("user")
     erase.add_argument("--reason", default="", help="recorded in the history (e.g. the ticket)")
+    keys = sub.add_parser("keys", help="API keys of a user (KTO_AUTH=api-key): create, list, revoke")
+    key_actions = keys.add_subparsers(dest="action", required=True)
+    create = key_actions.add_parser("create", parents=[common], help="issue a key to USER; printed once, never again")
+    create.add_argument("user")
+    create.add_argument("--role", choices=["user", "annotator", "admin"], default="user")
+    create.add_argument("--name", default="", help="a label for the key, shown in lists")
+    listing = key_actions.add_parser("list", parents=[common], help="USER's live keys (never the keys themselves)")
+    listing.add_argument("user")
+    revoke = key_actions.add_parser("revoke", parents=[common], help="revoke USER's key KEY_ID on every replica")
+    revoke.add_argument("user")
+    revoke.add_argument("key_id")
     return parser
 
 
@@ -159,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         return _up(settings, argv if argv is not None else sys.argv[1:], args.log_level)
     if args.command == "simulate":
         return _simulate(settings, args)
-    return _adapters(settings, args)
+    return admin_client.run(settings, args)
 
 
 def _learn(settings) -> int:
@@ -291,114 +303,6 @@ def _serve(settings, log_level: str = "info") -> int:
 
     uvicorn.Server(server_config(settings, log_level=log_level)).run()
     return 0
-
-
-def _adapters(settings, args) -> int:
-    import httpx
-
-    if settings.admin_token is None:
-        sys.stderr.write("kto-loop: set KTO_ADMIN_TOKEN to the server's admin token\n")
-        return 2
-    url = f"http://{settings.host}:{settings.port}/v1/adapters"
-    if args.command == "users":
-        url = f"http://{settings.host}:{settings.port}/v1/users"
-    headers = {"Authorization": f"Bearer {settings.admin_token.get_secret_value()}"}
-    with httpx.Client(headers=headers, timeout=30) as client:
-        try:
-            if args.action == "list":
-                reply = client.get(url)
-            elif args.action == "history":
-                reply = client.get(f"{url}/history")
-            elif args.action == "show":
-                reply = client.get(f"{url}/{args.version}")
-            elif args.action == "erase":
-                reply = client.delete(f"{url}/{quote(args.user, safe='')}", params={"reason": args.reason})
-            elif args.action == "activate":
-                reply = client.post(f"{url}/{args.version}/activate", json={"reason": args.reason})
-            elif args.action == "canary":
-                reply = _canary_request(client, f"{url}/canary", args)
-            else:
-                reply = client.post(f"{url}/rollback", json={"to": args.version, "reason": args.reason})
-        except httpx.HTTPError as exc:
-            sys.stderr.write(f"kto-loop: cannot reach the server at {url}: {exc}\n")
-            return 1
-    if reply.is_error:
-        message = (
-            reply.json().get("error", {}).get("message", reply.text)
-            if reply.headers.get("content-type", "").startswith("application/json")
-            else reply.text
-        )
-        sys.stderr.write(f"kto-loop: {reply.status_code}: {message}\n")
-        return 1
-    print(_render(args.action, reply.json()))
-    return 0
-
-
-def _canary_request(client, url: str, args):
-    if args.step == "show":
-        return client.get(url)
-    if args.step == "start":
-        return client.post(url, json={"version": args.version, "share": args.share, "reason": args.reason})
-    return client.post(f"{url}/{args.step}", json={"version": args.version, "reason": args.reason})
-
-
-def _render(action: str, body: dict) -> str:
-    if action == "list":
-        rows = [f"active: {body['active'] or 'base'}   serving here: {body['serving'] or 'base'}"]
-        for v in body["versions"]:
-            mark = "*" if v["version"] == body["active"] else " "
-            rows.append(
-                f"{mark} {v['version']:<8} {v['status']:<9} parent={v['parent'] or 'base':<8} "
-                f"metrics={json.dumps(v['metrics'], sort_keys=True)}"
-            )
-        return "\n".join(rows)
-    if action == "history":
-        return "\n".join(_entry(e) for e in body["history"])
-    if action == "canary":
-        return _render_canary(body)
-    if action in ("show", "erase"):
-        return json.dumps(body, indent=2)
-    return f"active: {body['active'] or 'base'} (serving here: {body['serving'] or 'base'})"
-
-
-def _entry(e: dict) -> str:
-    if e["action"] in ("activate", "rollback", "canary_promote"):
-        move = f"{e['previous'] or 'base'} -> {e['version'] or 'base'}"
-    elif e["action"] == "erasure":
-        move = f"{e['evidence']['request_id']} flagged {', '.join(e['evidence']['flagged_versions']) or 'nothing'}"
-    else:  # a canary step: the pointer stayed on `previous`
-        move = f"{e['version']} (active {e['previous'] or 'base'})"
-    return f"{e['seq']:>4} {e['action']:<15} {move} by {e['actor']}: {e['reason']}"
-
-
-def _render_canary(body: dict) -> str:
-    rows = [f"active: {body['active'] or 'base'}"]
-    canary = body.get("canary")
-    if canary is None:
-        rows.append("canary: none running")
-    else:
-        rows.append(
-            f"canary: {canary['version']} for {canary['share']:.0%} of users against "
-            f"{canary['baseline'] or 'base'}{' (PAUSED)' if canary['paused'] else ''}, started by "
-            f"{canary['actor']}"
-        )
-        if len(canary.get("versions") or ()) > 1:
-            rows.append("lineage: " + " -> ".join(canary["versions"]))
-        evidence = canary.get("evidence")
-        if evidence:
-            c, b = evidence["candidate"], evidence["baseline"]
-            low, high = evidence["interval"]
-            rows.append(
-                f"evidence: candidate {c['desirable']}/{c['n']} desirable, baseline {b['desirable']}/{b['n']}; "
-                f"difference in [{low:+.3f}, {high:+.3f}] (alpha {evidence['alpha']}, margin "
-                f"{evidence['margin']}): {evidence['decision']}"
-            )
-        else:
-            rows.append("evidence: none reported yet")
-    last = body.get("last") or body.get("entry")
-    if last:
-        rows.append("last: " + _entry(last).strip())
-    return "\n".join(rows)
 
 
 if __name__ == "__main__":

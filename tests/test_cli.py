@@ -154,3 +154,28 @@ def test_adapters_canary_commands(monkeypatch, capsys, tmp_path, tiny_model_dir,
         assert f"canary_rollback {v3} (active {v1}) by admin: bad" in history
         assert main(["adapters", "canary", "promote", *port]) == 1
         assert "409" in capsys.readouterr().err
+
+
+def test_keys_commands(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    import httpx
+
+    from serve.settings import ServeSettings
+
+    settings = ServeSettings(
+        data_dir=tmp_path, model=str(tiny_model_dir), model_id=TINY_MODEL_ID, admin_token=ADMIN_TOKEN, auth="api-key"
+    )
+    with BackgroundServer(settings) as server:
+        monkeypatch.setenv("KTO_ADMIN_TOKEN", ADMIN_TOKEN)
+        port = ["--port", str(server.port)]
+        assert main(["keys", "create", "ops", "--role", "admin", "--name", "laptop", *port]) == 0
+        key = capsys.readouterr().out.splitlines()[0]
+        assert httpx.get(f"{server.url}/v1/me", headers={"Authorization": f"Bearer {key}"}).json()["role"] == "admin"
+        # the admin key works as the CLI's credential too
+        monkeypatch.setenv("KTO_ADMIN_TOKEN", key)
+        assert main(["keys", "list", "ops", *port]) == 0
+        key_id, role, name = capsys.readouterr().out.split()[:3]
+        assert (role, name) == ("admin", "laptop") and key not in key_id
+        assert main(["keys", "revoke", "ops", key_id, *port]) == 0
+        assert capsys.readouterr().out.strip() == "revoked"
+        assert main(["keys", "list", "ops", *port]) == 1  # that key was the credential: now refused
+        assert "401" in capsys.readouterr().err

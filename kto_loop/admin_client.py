@@ -1,0 +1,141 @@
+"""The admin commands (`kto-loop adapters …`, `users erase`, `keys …`): a client of the server's
+admin API, sending KTO_ADMIN_TOKEN as the bearer credential (the server's token, or an admin's
+API key or JWT), to http://KTO_HOST:KTO_PORT."""
+
+from __future__ import annotations
+
+import json
+import sys
+from urllib.parse import quote
+
+
+def run(settings, args) -> int:
+    import httpx
+
+    if settings.admin_token is None:
+        sys.stderr.write("kto-loop: set KTO_ADMIN_TOKEN to an admin credential (the server's token or an admin key)\n")
+        return 2
+    base = f"http://{settings.host}:{settings.port}"
+    headers = {"Authorization": f"Bearer {settings.admin_token.get_secret_value()}"}
+    with httpx.Client(headers=headers, timeout=30) as client:
+        try:
+            reply = _request(client, base, args)
+        except httpx.HTTPError as exc:
+            sys.stderr.write(f"kto-loop: cannot reach the server at {base}: {exc}\n")
+            return 1
+    if reply.is_error:
+        message = (
+            reply.json().get("error", {}).get("message", reply.text)
+            if reply.headers.get("content-type", "").startswith("application/json")
+            else reply.text
+        )
+        sys.stderr.write(f"kto-loop: {reply.status_code}: {message}\n")
+        return 1
+    print(_render(args.command, args.action, reply))
+    return 0
+
+
+def _request(client, base: str, args):
+    if args.command == "users":
+        return client.delete(f"{base}/v1/users/{quote(args.user, safe='')}", params={"reason": args.reason})
+    if args.command == "keys":
+        keys = f"{base}/v1/users/{quote(args.user, safe='')}/keys"
+        if args.action == "create":
+            return client.post(keys, json={"role": args.role, "name": args.name})
+        if args.action == "list":
+            return client.get(keys)
+        return client.delete(f"{keys}/{quote(args.key_id, safe='')}")
+    url = f"{base}/v1/adapters"
+    if args.action == "list":
+        return client.get(url)
+    if args.action == "history":
+        return client.get(f"{url}/history")
+    if args.action == "show":
+        return client.get(f"{url}/{args.version}")
+    if args.action == "activate":
+        return client.post(f"{url}/{args.version}/activate", json={"reason": args.reason})
+    if args.action == "canary":
+        return _canary_request(client, f"{url}/canary", args)
+    return client.post(f"{url}/rollback", json={"to": args.version, "reason": args.reason})
+
+
+def _canary_request(client, url: str, args):
+    if args.step == "show":
+        return client.get(url)
+    if args.step == "start":
+        return client.post(url, json={"version": args.version, "share": args.share, "reason": args.reason})
+    return client.post(f"{url}/{args.step}", json={"version": args.version, "reason": args.reason})
+
+
+def _render(command: str, action: str, reply) -> str:
+    if command == "keys":
+        return _render_keys(action, reply)
+    body = reply.json()
+    if action == "list":
+        rows = [f"active: {body['active'] or 'base'}   serving here: {body['serving'] or 'base'}"]
+        for v in body["versions"]:
+            mark = "*" if v["version"] == body["active"] else " "
+            rows.append(
+                f"{mark} {v['version']:<8} {v['status']:<9} parent={v['parent'] or 'base':<8} "
+                f"metrics={json.dumps(v['metrics'], sort_keys=True)}"
+            )
+        return "\n".join(rows)
+    if action == "history":
+        return "\n".join(_entry(e) for e in body["history"])
+    if action == "canary":
+        return _render_canary(body)
+    if action in ("show", "erase"):
+        return json.dumps(body, indent=2)
+    return f"active: {body['active'] or 'base'} (serving here: {body['serving'] or 'base'})"
+
+
+def _entry(e: dict) -> str:
+    if e["action"] in ("activate", "rollback", "canary_promote"):
+        move = f"{e['previous'] or 'base'} -> {e['version'] or 'base'}"
+    elif e["action"] == "erasure":
+        move = f"{e['evidence']['request_id']} flagged {', '.join(e['evidence']['flagged_versions']) or 'nothing'}"
+    else:  # a canary step: the pointer stayed on `previous`
+        move = f"{e['version']} (active {e['previous'] or 'base'})"
+    return f"{e['seq']:>4} {e['action']:<15} {move} by {e['actor']}: {e['reason']}"
+
+
+def _render_canary(body: dict) -> str:
+    rows = [f"active: {body['active'] or 'base'}"]
+    canary = body.get("canary")
+    if canary is None:
+        rows.append("canary: none running")
+    else:
+        rows.append(
+            f"canary: {canary['version']} for {canary['share']:.0%} of users against "
+            f"{canary['baseline'] or 'base'}{' (PAUSED)' if canary['paused'] else ''}, started by "
+            f"{canary['actor']}"
+        )
+        if len(canary.get("versions") or ()) > 1:
+            rows.append("lineage: " + " -> ".join(canary["versions"]))
+        evidence = canary.get("evidence")
+        if evidence:
+            c, b = evidence["candidate"], evidence["baseline"]
+            low, high = evidence["interval"]
+            rows.append(
+                f"evidence: candidate {c['desirable']}/{c['n']} desirable, baseline {b['desirable']}/{b['n']}; "
+                f"difference in [{low:+.3f}, {high:+.3f}] (alpha {evidence['alpha']}, margin "
+                f"{evidence['margin']}): {evidence['decision']}"
+            )
+        else:
+            rows.append("evidence: none reported yet")
+    last = body.get("last") or body.get("entry")
+    if last:
+        rows.append("last: " + _entry(last).strip())
+    return "\n".join(rows)
+
+
+def _render_keys(action: str, reply) -> str:
+    if action == "revoke":
+        return "revoked"
+    if action == "create":
+        key = reply.json()
+        return f"{key['key']}\n(key {key['id']} for {key['user']}, role {key['role']}: shown once, keep it now)"
+    keys = reply.json()["keys"]
+    return (
+        "\n".join(f"{k['id']}  {k['role']:<9} {k['name'] or '-':<16} by {k['created_by']}" for k in keys) or "no keys"
+    )
