@@ -57,8 +57,10 @@ RUN --mount=from=uv,source=/uv,target=/usr/local/bin/uv \
 RUN useradd --create-home --uid 10001 kto && mkdir -p /data && chown kto /data
 USER kto
 # HF_HOME on the data volume: a hub model is downloaded once, not on every container start.
+# KTO_AUTH=api-key: a container listens on every interface, where only a verified credential
+# may name a user (header mode there needs KTO_TRUSTED_PROXIES; see docs/auth.md).
 ENV PATH=/app/.venv/bin:$PATH KTO_DATA_DIR=/data KTO_HOST=0.0.0.0 KTO_PORT=8000 \
-    HF_HOME=/data/huggingface
+    HF_HOME=/data/huggingface KTO_AUTH=api-key
 VOLUME /data
 EXPOSE 8000
 # Liveness of `kto-loop serve` on KTO_PORT. The learner answers /healthz on its own port

@@ -394,6 +394,22 @@ def test_load_balancer_fronts_every_replica_streaming_friendly(prod):
     assert container_port(lb["ports"][0]) in {int(p) for p in re.findall(r"listen\s+(\d+)", conf)}
 
 
+def test_replicas_trust_only_the_load_balancer_which_strips_identity_headers(prod):
+    import ipaddress
+
+    (lb,) = [s for s in prod["services"].values() if str(s.get("image", "")).startswith("nginx:")]
+    lb_address = lb["networks"]["default"]["ipv4_address"]
+    subnets = [c["subnet"] for c in prod["networks"]["default"]["ipam"]["config"]]
+    assert any(ipaddress.ip_address(lb_address) in ipaddress.ip_network(n) for n in subnets)
+    for name in services_running(prod, "serve"):
+        env = prod["services"][name]["environment"]
+        assert env["KTO_TRUSTED_PROXIES"] == lb_address, name
+        assert env["KTO_AUTH"].startswith("${KTO_AUTH:-api-key}"), name  # a verified credential by default
+    conf = re.sub(r"#.*", "", bind_source(DEPLOY, lb, "/etc/nginx/nginx.conf").read_text())
+    for header in ("X-User-Id", "X-OpenWebUI-User-Id", "X-User-Role"):
+        assert re.search(rf'proxy_set_header\s+{header}\s+"";', conf), f"nginx passes a client's {header}"
+
+
 def test_grafana_provisioning_points_at_mounted_files(prod):
     grafana = prod["services"]["grafana"]
     provisioning = bind_source(DEPLOY, grafana, "/etc/grafana/provisioning")
