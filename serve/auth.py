@@ -31,7 +31,7 @@ from typing import Any
 
 import jwt
 
-from serve.credentials import Role, digest
+from serve.credentials import KeyStore, Role, digest
 from serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -58,9 +58,6 @@ class Caller:
     proxy: bool = False
     """The address is a trusted proxy's own (it forwarded no client): exempt from per-address limits."""
 
-    def can(self, role: Role) -> bool:
-        return self.role == "admin" or self.role == role or role == "user"
-
 
 class BadCredential(Exception):
     """A credential was presented and is not valid; the message says why (never the credential)."""
@@ -78,7 +75,7 @@ class MissingCredential(Exception):
 class Authenticator:
     """Turns a request's peer and headers into a `Caller`; one per app, thread-safe."""
 
-    def __init__(self, settings: ServeSettings, keys=None):
+    def __init__(self, settings: ServeSettings, keys: KeyStore | None = None):
         self.mode = settings.auth
         self.trusted: tuple[Network, ...] = tuple(settings.trusted_proxies)
         self._admin = settings.admin_token.get_secret_value().encode() if settings.admin_token else None
@@ -115,6 +112,7 @@ class Authenticator:
         if not credential:
             raise MissingCredential(f"KTO_AUTH={self.mode}: send 'Authorization: Bearer <{_what(self.mode)}>'")
         if self.mode == "api-key":
+            assert self._keys is not None, "api-key mode opens a key store"
             found = self._keys.find(digest(credential))
             if found is None:
                 raise BadCredential("unknown or revoked API key", "bad_key")

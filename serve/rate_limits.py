@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from limits import RateLimitItem, parse_many
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
@@ -56,7 +57,7 @@ class RateLimits:
             self._per[scope, "user"] = _parse(getattr(settings, f"rate_limit_{scope}"))
             self._per[scope, "address"] = _parse(getattr(settings, f"rate_limit_{scope}_address"))
         self._per["auth_failures", "address"] = _parse(settings.rate_limit_auth_failures)
-        self.storage = _storage(settings.resolved_rate_limit_url())
+        self.storage, self._pool = _storage(settings.resolved_rate_limit_url())
         self._limiter = MovingWindowRateLimiter(self.storage)
         self._last_error_log = float("-inf")
 
@@ -116,26 +117,26 @@ class RateLimits:
             logger.warning("rate limits not applied: their storage failed (%s)", exc)
 
     async def close(self) -> None:
-        bridge = getattr(self.storage, "bridge", None)
-        storage = getattr(bridge, "storage", None)
-        if storage is not None:
-            await storage.aclose()
+        if self._pool is not None:
+            await self._pool.aclose()
 
 
 def _parse(text: str) -> list[RateLimitItem]:
     return parse_many(text) if text else []
 
 
-def _storage(url: str) -> Storage:
+def _storage(url: str) -> tuple[Storage, Any]:
+    """The counters' storage, and the Redis connection pool to close (ours, so that we can)."""
     if url == "memory://":
-        return MemoryStorage(wrap_exceptions=True)
+        return MemoryStorage(wrap_exceptions=True), None
     urls.backend_of(url, allowed=("redis",), what="rate limit storage")
+    from redis.asyncio import ConnectionPool
+
     client_url, prefix, _ = redis_url(url, KEY_PREFIX)
-    return RedisStorage(
-        "async+" + client_url,
-        wrap_exceptions=True,
-        implementation="redispy",
-        key_prefix=prefix,
-        socket_timeout=0.5,
-        socket_connect_timeout=0.5,
+    # Short timeouts: a request waits on its limit check, and an unreachable Redis lets it pass.
+    pool = ConnectionPool.from_url(client_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    options: dict[str, Any] = {"connection_pool": pool}  # documented by limits, missing from its type hints
+    storage = RedisStorage(
+        "async+" + client_url, wrap_exceptions=True, implementation="redispy", key_prefix=prefix, **options
     )
+    return storage, pool
