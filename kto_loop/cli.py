@@ -161,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
             where = ".".join(str(p) for p in error["loc"]) or "settings"
             sys.stderr.write(f"kto-loop: invalid setting {where} (KTO_{where.upper()}): {error['msg']}\n")
         return 2
+    if args.command in ("serve", "up"):
+        from serve.auth import UnsafeExposure, refuse_unsafe_exposure
+
+        try:
+            refuse_unsafe_exposure(settings)  # before anything starts, children included
+        except UnsafeExposure as exc:
+            sys.stderr.write(f"kto-loop: {exc}\n")
+            return 2
     if args.command == "learn":
         return _learn(settings)
     if args.command == "label":

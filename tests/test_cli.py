@@ -19,6 +19,15 @@ def test_invalid_setting_is_a_clear_error(monkeypatch, capsys):
     assert "max_batch" in err and "KTO_MAX_BATCH" in err
 
 
+@pytest.mark.parametrize("command", ["serve", "up"])
+def test_header_mode_on_a_public_address_is_refused_before_anything_starts(command, monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("KTO_TRUSTED_PROXIES", raising=False)
+    assert main([command, "--host", "0.0.0.0", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "KTO_TRUSTED_PROXIES" in err and "KTO_AUTH=api-key" in err
+    assert not any(tmp_path.iterdir())  # no model built, no child started
+
+
 def test_adapters_commands(monkeypatch, capsys, tmp_path, tiny_model_dir, make_adapter):
     from serve.settings import ServeSettings
 
