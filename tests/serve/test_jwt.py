@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from serve.app import create_app
-from tests.serve.conftest import LOCAL
+from tests.serve.conftest import LOCAL, entry_of
 
 SECRET = "a-shared-secret-of-at-least-32-bytes!"
 ISSUER, AUDIENCE = "https://id.example.test", "kto-loop"
@@ -133,3 +133,18 @@ def test_jwt_mode_needs_issuer_audience_and_a_key(settings):
         ServeSettings(auth="jwt", data_dir=settings.data_dir)
     with pytest.raises(ValueError, match="never accepted"):
         ServeSettings(auth="jwt", jwt_secret=SECRET, jwt_issuer=ISSUER, jwt_audience=AUDIENCE, jwt_algorithms="none")
+
+
+def test_a_thousand_invented_users_get_no_rating_through(jclient):
+    alices = jclient.post("/v1/chat/completions", json=HELLO, headers=bearer(jwt.encode(claims(), SECRET))).json()["id"]
+    forger = "a-secret-the-forger-made-up-32-bytes!"
+    statuses = {
+        jclient.post(
+            "/v1/feedback",
+            json={"response_id": alices, "label": "down"},
+            headers=bearer(jwt.encode(claims(sub=f"sock{n}" if n else "alice"), forger)),
+        ).status_code
+        for n in range(1000)
+    }
+    assert statuses == {401, 429}
+    assert entry_of(jclient, alices).label is None
