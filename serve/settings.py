@@ -100,6 +100,11 @@ class ServeSettings(CommonSettings):
     """Failed authentications per client address; past it, every credential from there is refused
     with 429 until the window passes (so keys and tokens cannot be guessed)."""
 
+    rate_limit_delay_s: float = Field(1.0, ge=0)
+    """How long a request over a limit is held before its 429 (seconds, at most its Retry-After):
+    a client that floods back to back is slowed to about one request a second per connection, at
+    no CPU cost here. 0 answers at once."""
+
     rate_limit_url: str | None = None
     """Where the counters live: the registry's Redis server when the registry is on Redis (shared
     by every replica), else this process's memory. `memory://` or `redis://…` to choose."""

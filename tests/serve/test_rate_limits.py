@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -32,6 +33,16 @@ def test_one_user_over_the_chat_limit_gets_429_while_others_are_served(settings)
         assert error["code"] == "rate_limit_exceeded" and "3 per 1 minute per user" in error["message"]
         assert chat(c, "someone-else") == 200
         assert limited(c, "chat", "user") == 1
+
+
+def test_a_refusal_is_held_before_it_is_answered(settings):
+    """A flood that sends again as soon as it is answered is slowed to the delay's pace."""
+    slowed = settings.model_copy(update={"rate_limit_chat": "1/minute", "rate_limit_delay_s": 0.5})
+    with TestClient(create_app(slowed), client=LOCAL) as c:
+        assert chat(c, "u") == 200
+        started = time.monotonic()
+        assert chat(c, "u") == 429
+        assert time.monotonic() - started >= 0.5
 
 
 def test_feedback_has_its_own_limit(settings):
