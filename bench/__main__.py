@@ -27,6 +27,7 @@ SUITES = {
     "buffer": "bench.buffer",
     "sampling": "bench.sampling",
     "learning": "bench.learning",
+    "flood": "bench.flood",
 }  # name -> module with run(options) -> Path
 
 
