@@ -134,8 +134,10 @@ def _field(loc: tuple) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError):
-        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
-        return error_body(exc.status, exc.message, exc.type, exc.param, exc.code, headers)
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else {}
+        if exc.status == 401:  # RFC 6750: say which scheme would be accepted
+            headers["WWW-Authenticate"] = 'Bearer realm="kto-loop"'
+        return error_body(exc.status, exc.message, exc.type, exc.param, exc.code, headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):

@@ -61,7 +61,8 @@ def test_issue_list_revoke_and_only_hashes_are_kept(kclient, keyed):
 
 
 def test_every_call_needs_a_key_and_a_key_is_its_users_only(kclient):
-    assert kclient.post("/v1/chat/completions", json=HELLO).status_code == 401
+    missing = kclient.post("/v1/chat/completions", json=HELLO)
+    assert missing.status_code == 401 and missing.headers["WWW-Authenticate"].startswith("Bearer")
     assert kclient.post("/v1/chat/completions", json=HELLO, headers={"X-User-Id": "alice"}).status_code == 401
     assert kclient.get("/v1/models", headers=bearer("kto-guessed")).status_code == 401
     alice, bob = issue(kclient, "alice"), issue(kclient, "bob")
