@@ -9,22 +9,30 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from serve.credentials import Role
 
 
+class TextPart(BaseModel):
+    """OpenAI's content part; only text parts mean anything to a text model (so the schema says)."""
+
+    type: Literal["text"]
+    text: str
+
+
+def _flatten(value: object) -> object:
+    # Content parts are joined into one text; anything else is left for the str check to refuse.
+    if not isinstance(value, list):
+        return value
+    if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
+        raise ValueError('only text content parts are supported: [{"type": "text", "text": "…"}]')
+    return "".join(p["text"] for p in value)
+
+
 class ChatMessageIn(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str | list[dict]
+    content: Annotated[str, BeforeValidator(_flatten, json_schema_input_type=str | list[TextPart])]
 
     @field_validator("content")
     @classmethod
-    def _flatten(cls, value):
-        # OpenAI clients may send content parts; only text parts mean anything to a text model.
-        if isinstance(value, str):
-            return _utf8(value)
-        texts = []
-        for part in value:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported")
-            texts.append(part["text"])
-        return _utf8("".join(texts))
+    def _valid_unicode(cls, value: str) -> str:
+        return _utf8(value)
 
 
 def _utf8(text: str) -> str:

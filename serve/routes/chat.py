@@ -34,7 +34,21 @@ router = APIRouter(tags=["chat"], responses=responses(*AUTHENTICATED))
 
 STREAMED = {
     "description": "The answer: JSON, or (`stream: true`) SSE chat.completion.chunk events, then `data: [DONE]`",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    # Before OpenAPI 3.2, an event stream's schema describes each event (its SSE fields).
+    "content": {
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "required": ["data"],
+                "properties": {
+                    "data": {
+                        "type": "string",
+                        "description": 'a chat.completion.chunk as JSON, an {"error": …} object, or [DONE]',
+                    }
+                },
+            }
+        }
+    },
 }
 
 
