@@ -79,7 +79,7 @@ QUICK = Plan(row_s=12.0)
 
 
 def run(options) -> Path:
-    from bench.live import ADMIN_TOKEN, DEMO_MODEL_ID, PROMPT, build_demo_model
+    from bench.live import ADMIN_TOKEN, PROMPT, bench_model
     from serve.settings import ServeSettings
 
     plan = QUICK if options.quick else FULL
@@ -87,11 +87,7 @@ def run(options) -> Path:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kto-bench-flood-") as tmp_dir:
         tmp = Path(tmp_dir)
-        if options.model:
-            model_path, model_id = Path(options.model), options.model_id or Path(options.model).name
-        else:
-            logger.info("building the demo-sized model (random weights) in %s", tmp / "model")
-            model_path, model_id = build_demo_model(tmp / "model"), options.model_id or DEMO_MODEL_ID
+        model_path, model_id = bench_model(options, tmp)
         for n, (name, mode, extra) in enumerate(SERVERS):
             rows += measure_mode(name, mode, extra, model_path, model_id, ADMIN_TOKEN, body, plan, tmp / f"server-{n}")
     targets = [

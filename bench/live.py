@@ -44,6 +44,15 @@ def build_demo_model(path: Path) -> Path:
     return build_tiny_model(path, vocab_size=512, hidden_size=128, num_layers=4, num_heads=4)
 
 
+def bench_model(options, tmp: Path) -> tuple[Path, str]:
+    """(directory, served name) of the model a suite runs: `--model`, or the demo-sized one built
+    in `tmp`."""
+    if options.model:
+        return Path(options.model), options.model_id or Path(options.model).name
+    logger.info("building the demo-sized model (random weights) in %s", tmp / "model")
+    return build_demo_model(tmp / "model"), options.model_id or DEMO_MODEL_ID
+
+
 def make_adapters(
     model_path: Path, out_dir: Path, count: int, *, base_model: str, r: int = 16, seed: int = 1000
 ) -> list[Path]:

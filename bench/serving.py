@@ -38,18 +38,7 @@ import httpx
 import torch
 
 from bench import report, swap
-from bench.live import (
-    ADMIN_TOKEN,
-    DEMO_MODEL_ID,
-    PROMPT,
-    Clients,
-    LiveServer,
-    Reply,
-    build_demo_model,
-    complete,
-    make_adapters,
-    stream,
-)
+from bench.live import ADMIN_TOKEN, PROMPT, Clients, LiveServer, Reply, bench_model, complete, make_adapters, stream
 from foundation.models import render_prompt
 from serve.engine import Failed, Finished, GenerationRequest
 from serve.settings import ServeSettings
@@ -83,11 +72,7 @@ def run(options) -> Path:
     plan = QUICK if options.quick else FULL
     with tempfile.TemporaryDirectory(prefix="kto-bench-serving-") as tmp_dir:
         tmp = Path(tmp_dir)
-        if options.model:
-            model_path, model_id = Path(options.model), options.model_id or Path(options.model).name
-        else:
-            logger.info("building the demo-sized model (random weights) in %s", tmp / "model")
-            model_path, model_id = build_demo_model(tmp / "model"), options.model_id or DEMO_MODEL_ID
+        model_path, model_id = bench_model(options, tmp)
         started = time.perf_counter()
         adapter_dirs = make_adapters(
             model_path, tmp / "adapters", 2 * plan.adapters + 1, base_model=model_id, r=plan.lora_rank
