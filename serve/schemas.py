@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from serve.credentials import Role
+from serve.credentials import ApiKey, Role
 
 
 class TextPart(BaseModel):
@@ -131,21 +132,15 @@ class KeyRequest(BaseModel):
     name: str = Field("", max_length=200, description="a label for the key, shown in lists")
 
 
-class KeyInfo(BaseModel):
-    id: str
-    user: str
-    role: Role
-    name: str
-    created_at: float
-    created_by: str
+@dataclass(frozen=True)
+class IssuedKey(ApiKey):
+    """A new key's record with the key itself, which is in this answer only."""
 
-
-class IssuedKey(KeyInfo):
-    key: str = Field(description="the key itself: shown in this answer only")
+    key: str
 
 
 class KeyList(BaseModel):
-    keys: list[KeyInfo]
+    keys: list[ApiKey]
 
 
 class Me(BaseModel):

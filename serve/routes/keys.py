@@ -44,7 +44,7 @@ async def issue_key(user: UserPath, state: State, actor: Admin, body: KeyRequest
 @router.get("", response_model=KeyList)
 async def list_keys(user: UserPath, state: State, actor: Admin) -> KeyList:
     keys = await run_in_threadpool(_store(state).list, user)
-    return KeyList(keys=[k.to_json() for k in keys])
+    return KeyList(keys=keys)
 
 
 @router.delete("/{key_id}", status_code=204, response_class=Response, responses=responses(404))
