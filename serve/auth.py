@@ -99,10 +99,9 @@ class Authenticator:
                 return hop, False
         return peer, True
 
-    def identify(self, peer: str, headers: Mapping[str, str]) -> Caller:
-        """The caller; BadCredential or MissingCredential when the mode refuses it. May block
-        (a key lookup, a JWKS fetch): run it in a thread."""
-        address, proxy = self.client_address(peer, headers.get("x-forwarded-for"))
+    def identify(self, peer: str, headers: Mapping[str, str], address: str, proxy: bool) -> Caller:
+        """The caller, given its `client_address`; BadCredential or MissingCredential when the
+        mode refuses it. May block (a key lookup, a JWKS fetch): run it in a thread."""
         scheme, _, credential = headers.get("authorization", "").partition(" ")
         credential = credential.strip() if scheme.lower() == "bearer" else ""
         if credential and self._admin and hmac.compare_digest(credential.encode(), self._admin):

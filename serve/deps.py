@@ -64,15 +64,15 @@ async def identify(request: Request, state: State) -> Caller:
     auth, limits, metrics = state.auth, state.limits, state.metrics
     headers = request.headers
     peer = request.client.host if request.client else ""
-    address, _ = auth.client_address(peer, headers.get("x-forwarded-for"))
+    address, proxy = auth.client_address(peer, headers.get("x-forwarded-for"))
     if auth.mode != "header" or "authorization" in headers:
         exceeded = await limits.failures_exceeded(address)
         if exceeded:
             await refuse(state, exceeded, "too many failed authentications from this address")
     try:
         if auth.mode == "header":
-            return auth.identify(peer, headers)
-        return await run_in_threadpool(auth.identify, peer, headers)
+            return auth.identify(peer, headers, address, proxy)
+        return await run_in_threadpool(auth.identify, peer, headers, address, proxy)
     except MissingCredential as exc:
         metrics.auth_failures.labels(reason="missing").inc()
         raise Unauthorized(str(exc), code="missing_credential") from None

@@ -292,12 +292,9 @@ def document(app: FastAPI) -> None:
                         }
             for unused in ("HTTPValidationError", "ValidationError"):
                 schemas.pop(unused, None)
-            schemas.setdefault("ErrorBody", ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}"))
-            for name, sub in (
-                ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}").get("$defs", {}).items()
-            ):
+            body = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, sub in {**body.pop("$defs", {}), "ErrorBody": body}.items():
                 schemas.setdefault(name, sub)
-            schemas["ErrorBody"].pop("$defs", None)
             app.openapi_schema = spec
         return app.openapi_schema
 
