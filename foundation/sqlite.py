@@ -25,17 +25,25 @@ def path_from_url(url: str) -> Path:
     return sqlite_path(url)
 
 
-def connect(path: Path, *, synchronous: str, busy_timeout_s: float) -> sqlite3.Connection:
+def connect(
+    path: Path, *, synchronous: str, busy_timeout_s: float, incremental_vacuum: bool = False
+) -> sqlite3.Connection:
     """Open ``path`` (creating parent directories) in WAL mode, in autocommit mode.
 
     Autocommit (``isolation_level=None``) because callers manage transactions explicitly with
     ``write_transaction``; Python's implicit transactions would start deferred ones, which can
     fail with SQLITE_BUSY on upgrade instead of waiting.
+
+    ``incremental_vacuum``: a new file is made with ``auto_vacuum=INCREMENTAL``, so that ``shrink``
+    can give its free pages back; an existing file keeps its mode until ``shrink`` changes it.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     # check_same_thread=False: the owner serialises use with a lock, and close() may run elsewhere.
     conn = sqlite3.connect(str(path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
     try:
+        if incremental_vacuum:
+            # Before WAL: switching to WAL writes the header, after which the mode is fixed.
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         _set_wal(conn, busy_timeout_s)
         conn.execute(f"PRAGMA synchronous={synchronous}")
     except sqlite3.Error:
@@ -105,3 +113,38 @@ def ensure_schema(
             conn.execute(statement)
         if found < version:
             conn.execute(f"PRAGMA user_version={version}")
+
+
+def file_bytes(path: Path) -> int:
+    """Bytes the database at ``path`` takes on disk: the file and its WAL."""
+    return sum(p.stat().st_size for p in (path, path.with_name(path.name + "-wal")) if p.exists())
+
+
+def shrink(conn: sqlite3.Connection) -> None:
+    """Give the free pages of ``conn``'s file back to the filesystem, and truncate its WAL.
+
+    SQLite never shrinks a file on DELETE. A file made by ``connect(..., incremental_vacuum=True)``
+    gives its free pages back by ``PRAGMA incremental_vacuum``. A file made without it (by an older
+    version) is switched over once, by a full VACUUM: that rewrites the file and holds the write
+    lock meanwhile (seconds per gigabyte), so call this after the deletions, when the file is
+    smallest. Then a TRUNCATE checkpoint empties the WAL, which deletions and vacuuming filled; it
+    waits for readers up to the busy timeout, and one still busy is left for the next call.
+    Call it outside any transaction.
+    """
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0:
+        started = time.monotonic()
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        conn.execute("VACUUM")
+        logger.info(
+            "switched %s to incremental vacuum (one full VACUUM, %.1f s)", _file_of(conn), time.monotonic() - started
+        )
+    else:
+        # executescript steps the pragma to the end; execute() would free one page per step.
+        conn.executescript("PRAGMA incremental_vacuum;")
+    busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    if busy:
+        logger.info("the WAL of %s is in use by a reader; truncating it next time", _file_of(conn))
+
+
+def _file_of(conn: sqlite3.Connection) -> str:
+    return conn.execute("PRAGMA database_list").fetchone()[2]

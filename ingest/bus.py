@@ -7,6 +7,11 @@ read in consumer groups, and a group's committed offset is the NEXT offset it wi
 Backends:
 - ``sqlite:///path/bus.sqlite3`` — the embedded durable log (``ingest.sqlite_bus``);
 - ``kafka://host:port[,host:port]`` — Apache Kafka (``ingest.kafka_bus``).
+
+Retention differs: Kafka's is the broker's (``retention.ms`` and ``retention.bytes`` on each
+topic, or the broker's ``log.retention.*`` defaults) and deletes whatever a group has read or
+not; the embedded log's (``SqliteBus.enforce_retention``, run by the learner) deletes by the same
+two limits but never a record some consumer group has not committed past.
 """
 
 from __future__ import annotations

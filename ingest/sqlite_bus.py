@@ -19,7 +19,11 @@ Publishing rules:
 - Topics may have several partitions: a keyed record goes to ``crc32(key) % partitions`` (so a
   response and its feedback share one), a keyless one round-robin. Publishing to a topic that
   does not exist creates it with one partition, like Kafka's default broker setting.
-- Records are kept forever (there is no retention yet).
+- Retention (``enforce_retention``, rules in ``ingest.sqlite_retention``): records older than an
+  age, or beyond a size per partition, are deleted oldest first, but never one that a consumer
+  group knowing the topic has not committed past; offsets are never reused, and a consumer
+  positioned below the earliest record reads from the earliest. Nothing is deleted unless some
+  process runs it: ``kto-loop learn`` does, every ``KTO_RETENTION_EVERY_S``.
 
 Reading (consumer groups, leases, at-least-once delivery) is in ``ingest.sqlite_consumer``.
 """
@@ -39,10 +43,11 @@ from foundation.sqlite import connect, ensure_schema, write_transaction
 from ingest._group_commit import GroupCommit
 from ingest.bus import BusUnavailable, Record, TopicPartition, check_records, check_subscription, check_topic_name
 from ingest.sqlite_consumer import SqliteConsumer, partition_counts
+from ingest.sqlite_retention import RetentionReport, enforce_retention
 
 logger = logging.getLogger(__name__)
 
-_LAYOUT_VERSION = 1
+_LAYOUT_VERSION = 2  # 2: log_starts (retention); older code would reuse the offsets of deleted records
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS topics (
         name TEXT PRIMARY KEY,
@@ -66,6 +71,13 @@ _SCHEMA = [
         next_offset INTEGER NOT NULL,
         committed_at REAL NOT NULL,
         PRIMARY KEY (group_id, topic, part))""",
+    # The earliest offset retention kept per partition: all below it are deleted. It keeps offsets
+    # from being reused once retention has emptied a partition.
+    """CREATE TABLE IF NOT EXISTS log_starts (
+        topic TEXT NOT NULL,
+        part INTEGER NOT NULL,
+        start_offset INTEGER NOT NULL,
+        PRIMARY KEY (topic, part)) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS leases (
         group_id TEXT NOT NULL,
         topic TEXT NOT NULL,
@@ -75,6 +87,11 @@ _SCHEMA = [
         PRIMARY KEY (group_id, topic, part))""",
 ]
 
+
+# After the last record, or where retention left off when it deleted them all.
+_NEXT_OFFSET = """SELECT MAX(
+    (SELECT COALESCE(MAX(record_offset) + 1, 0) FROM records WHERE topic = ?1 AND part = ?2),
+    (SELECT COALESCE(MAX(start_offset), 0) FROM log_starts WHERE topic = ?1 AND part = ?2))"""
 
 _ROWS_PER_INSERT = 150  # 6 parameters a row: well under SQLite's limit on parameters per statement
 
@@ -112,7 +129,7 @@ class SqliteBus:
         self._publishes: GroupCommit[list[tuple[str, str | None, bytes]], list[Record]] = GroupCommit(self._write)
         try:
             self._conn: sqlite3.Connection | None = connect(
-                self.path, synchronous="FULL", busy_timeout_s=busy_timeout_s
+                self.path, synchronous="FULL", busy_timeout_s=busy_timeout_s, incremental_vacuum=True
             )
             ensure_schema(self._conn, _SCHEMA, _LAYOUT_VERSION, "bus")
         except sqlite3.Error as exc:
@@ -216,10 +233,7 @@ class SqliteBus:
             else:
                 partition = next(self._round_robin) % partitions
             if partition not in next_offset:
-                next_offset[partition] = conn.execute(
-                    "SELECT COALESCE(MAX(record_offset) + 1, 0) FROM records WHERE topic = ? AND part = ?",
-                    (topic, partition),
-                ).fetchone()[0]
+                next_offset[partition] = conn.execute(_NEXT_OFFSET, (topic, partition)).fetchone()[0]
             records.append(Record(topic, partition, next_offset[partition], key, bytes(value), now))
             next_offset[partition] += 1
         rows = [(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp) for r in records]
@@ -258,6 +272,9 @@ class SqliteBus:
                     return {}
                 ends = {(t, p): 0 for t, n in counts.items() for p in range(n)}
                 marks = ",".join("?" * len(counts))
+                starts = conn.execute(
+                    f"SELECT topic, part, start_offset FROM log_starts WHERE topic IN ({marks})", list(counts)
+                ).fetchall()
                 rows = conn.execute(
                     "SELECT topic, part, MAX(record_offset) + 1 FROM records"
                     f" WHERE topic IN ({marks}) GROUP BY topic, part",
@@ -265,8 +282,48 @@ class SqliteBus:
                 ).fetchall()
             except sqlite3.Error as exc:
                 raise BusUnavailable(f"cannot read end offsets: {exc}") from exc
+        ends.update({(t, p): start for t, p, start in starts if (t, p) in ends})  # emptied by retention
         ends.update({(t, p): end for t, p, end in rows})
         return ends
+
+    def enforce_retention(self, *, max_age_s: float | None, max_bytes: int | None) -> RetentionReport:
+        """Delete what is older than ``max_age_s`` (seconds) or beyond ``max_bytes`` (bytes of keys
+        and values per partition), never what a group has not committed past, then shrink the file;
+        None leaves that limit off. Runs on a connection of its own (``ingest.sqlite_retention``)."""
+        self._connection()  # a closed bus deletes nothing
+        try:
+            return enforce_retention(
+                self.path,
+                max_age_s=max_age_s,
+                max_bytes=max_bytes,
+                now=self._clock(),
+                busy_timeout_s=self._busy_timeout_s,
+            )
+        except sqlite3.Error as exc:
+            raise BusUnavailable(f"cannot enforce retention on {self.path}: {exc}") from exc
+
+    def delete_group(self, group_id: str) -> bool:
+        """Forget a consumer group: its committed offsets and leases (as ``kafka-consumer-groups
+        --delete``), so that it no longer holds retention back. True if it existed.
+
+        Refused (``ValueError``) while a member holds a live lease, as Kafka refuses a non-empty group."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                with write_transaction(conn):
+                    live = conn.execute(
+                        "SELECT owner FROM leases WHERE group_id = ? AND expires_at > ? LIMIT 1",
+                        (group_id, self._clock()),
+                    ).fetchone()
+                    if live is not None:
+                        raise ValueError(f"group {group_id} has a live member ({live[0]}); stop it first")
+                    found = conn.execute("DELETE FROM group_offsets WHERE group_id = ?", (group_id,)).rowcount
+                    found += conn.execute("DELETE FROM leases WHERE group_id = ?", (group_id,)).rowcount
+            except sqlite3.Error as exc:
+                raise BusUnavailable(f"cannot delete group {group_id}: {exc}") from exc
+        if found:
+            logger.info("deleted consumer group %s", group_id)
+        return bool(found)
 
     def ping(self) -> None:
         """Raise BusUnavailable unless the file is there and readable."""
