@@ -21,6 +21,7 @@ from registry.errors import (
     RegistryUnavailable,
     UnknownVersion,
     VerificationError,
+    VersionPruned,
     VersionRejected,
 )
 from registry.sqlite_registry import SqliteRegistry
@@ -43,6 +44,7 @@ __all__ = [
     "UnknownVersion",
     "VerificationError",
     "VersionInfo",
+    "VersionPruned",
     "VersionRejected",
     "in_canary",
     "open_registry",

@@ -1,7 +1,8 @@
 """The Registry: what serve and the learner may ask of any registry backend.
 
 Each operation is written once, here and in the mixins (registry.transitions for the pointer,
-the canary, rejections and erasures; registry.publishing for publishes). A backend supplies its
+the canary, rejections, erasures and pins; registry.publishing for publishes; registry.pruning
+for retention). A backend supplies its
 storage: `_files`, `_catalog`, `_records`, `_transaction` and the reads and lifecycle below
 marked abstract.
 """
@@ -17,6 +18,7 @@ from typing import Any
 
 from registry.canary import Canary
 from registry.errors import UnknownVersion
+from registry.pruning import Pruning
 from registry.publishing import Publishing
 from registry.transitions import Transitions
 from registry.versions import HistoryEntry, RuleSetVersion, VersionInfo, VersionRecord
@@ -24,7 +26,7 @@ from registry.versions import HistoryEntry, RuleSetVersion, VersionInfo, Version
 logger = logging.getLogger(__name__)
 
 
-class Registry(Transitions, Publishing, ABC):
+class Registry(Transitions, Publishing, Pruning, ABC):
     """Adapter versions, their files, the active pointer, the canary and their history.
 
     Version names (v0001, v0002, …) are allocated by the registry, never reused, and a version's
@@ -72,6 +74,8 @@ class Registry(Transitions, Publishing, ABC):
             lineage=r.lineage,
             rejected_reason=r.rejected_reason,
             flags=tuple(r.flags),
+            pinned=r.pinned,
+            pruned_at=r.pruned_at,
         )
 
     # ---- the pointer, its history and the canary ----

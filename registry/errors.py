@@ -25,6 +25,18 @@ class UnknownVersion(RegistryError):
         super().__init__(f"unknown adapter version {version!r}")
 
 
+class VersionPruned(UnknownVersion):
+    """The version exists, but retention deleted its files: nothing can serve it again."""
+
+    def __init__(self, version: str, pruned_at: float) -> None:
+        self.pruned_at = pruned_at
+        super().__init__(version)
+        self.args = (
+            f"adapter version {version!r} was pruned: retention deleted its files; its metadata and "
+            "lineage stay (pin a version to keep it)",
+        )
+
+
 class VersionRejected(RegistryError):
     """The version exists but was rejected, so it can never be activated."""
 

@@ -4,8 +4,9 @@ URL: `redis://[user:password@]host:port/db[?prefix=kto:registry:]` (`rediss://` 
 prefix (default `kto:registry:`) lets several registries share one database; every other query
 parameter goes to redis-py (e.g. `socket_timeout=5`). Keys, all under the prefix:
 
-    schema        "5": the layout of these keys (a newer layout is refused, not misread; 1 had
-                  no canary and no evidence, 2 no erasures, 3 no canary `versions`; older ones
+    schema        "6": the layout of these keys (a newer layout is refused, not misread; 1 had
+                  no canary and no evidence, 2 no erasures, 3 no canary `versions`, 5 no
+                  pinned and pruned; older ones
                   are upgraded in place on open: the new keys and fields start empty)
     next_version  INCR counter behind the names v0001, v0002, … (so never reused)
     state         hash version → pending | ready | rejected | abandoned
@@ -22,6 +23,8 @@ parameter goes to redis-py (e.g. `socket_timeout=5`). Keys, all under the prefix
     erasures      hash erasure request id → JSON of its history entry (a repeat returns it)
     rule_sets     list of JSON rule-set versions (at, actor, reason, rules), oldest first: the
                   version of an entry is its position counted from 1 (layout 5)
+    pinned        hash version → "1" while an operator pins it (registry.retention)
+    pruned        hash version → unix seconds when retention deleted its files
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from __future__ import annotations
 from foundation.urls import redis_url
 
 DEFAULT_PREFIX = "kto:registry:"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 def parse_url(url: str) -> tuple[str, str, str]:
@@ -53,3 +56,5 @@ class RedisKeys:
         self.flags = prefix + "flags"
         self.erasures = prefix + "erasures"
         self.rule_sets = prefix + "rule_sets"
+        self.pinned = prefix + "pinned"
+        self.pruned = prefix + "pruned"

@@ -8,9 +8,9 @@ Rules:
 - Only ready and rejected versions are visible; names are allocated and published by the Lua
   scripts of registry.redis_catalog.
 - Every operation of registry.transitions (pointer changes, canary steps, rejections,
-  erasures; the canary is a field of the pointer hash) is one WATCH/MULTI/EXEC transaction over
-  state, pointer, stack and erasures (`RedisTx`): it reads in immediate mode, its writes
-  (states, flags, pointer, canary, stack, history, PUBLISH) are queued after MULTI and apply
+  erasures, pins and prunes; the canary is a field of the pointer hash) is one WATCH/MULTI/EXEC
+  transaction over state, pointer, stack, erasures, pinned and pruned (`RedisTx`): it reads in
+  immediate mode, its writes (states, flags, pointer, canary, stack, history, PUBLISH) are queued after MULTI and apply
   together, or not at all, and it runs again if a watched key moved meanwhile. The counter is
   the history's length, so `pointer()`, one HMGET, tells a poller whether it missed anything.
 - Pub/sub is a hint and the pointer the truth (registry.redis_changes): a replica that misses a
@@ -108,7 +108,8 @@ class RedisRegistry(Registry):
 
         with self._redis() as r:
             # redis-py types the callable as returning None; with value_from_callable it returns run's value
-            result = r.transaction(run, k.state, k.pointer, k.stack, k.erasures, value_from_callable=True)  # type: ignore[arg-type]
+            watched = (k.state, k.pointer, k.stack, k.erasures, k.pinned, k.pruned)
+            result = r.transaction(run, *watched, value_from_callable=True)  # type: ignore[arg-type]
         return cast(_T, result)
 
     def _check_schema(self) -> None:
@@ -132,10 +133,10 @@ class RedisRegistry(Registry):
         k = self._keys
         with self._redis() as r:
             pipe = r.pipeline()  # MULTI/EXEC: one consistent snapshot in one round trip
-            for key in (k.state, k.meta, k.rejected, k.flags):
+            for key in (k.state, k.meta, k.rejected, k.flags, k.pinned, k.pruned):
                 pipe.hget(key, version) if version is not None else pipe.hgetall(key)
             found = pipe.execute()
-        states, metas, reasons, flags = found if version is None else ({version: value} for value in found)
+        states, metas, reasons, flags, pins, pruned = found if version is None else ({version: v} for v in found)
         visible = sorted((v for v, s in states.items() if s in VISIBLE), key=lambda v: int(v[1:]))
         return [
             VersionRecord(
@@ -144,6 +145,8 @@ class RedisRegistry(Registry):
                 **json.loads(metas[v]),
                 rejected_reason=reasons.get(v),
                 flags=json.loads(flags[v]) if flags.get(v) else [],
+                pinned=bool(pins.get(v)),
+                pruned_at=float(pruned[v]) if pruned.get(v) else None,
             )
             for v in visible
         ]
@@ -233,6 +236,20 @@ class RedisTx:
     def erasure(self, request_id: str) -> HistoryEntry | None:
         text = _text(self.pipe.hget(self.k.erasures, request_id))
         return HistoryEntry(**json.loads(text)) if text else None
+
+    def pinned(self, version: str) -> bool:
+        return bool(self.pipe.hget(self.k.pinned, version))
+
+    def pruned_at(self, version: str) -> float | None:
+        at = _text(self.pipe.hget(self.k.pruned, version))
+        return float(at) if at else None
+
+    def set_pinned(self, version: str, pinned: bool) -> None:
+        pipe, key = self.pipe, self.k.pinned
+        self.writes.append(lambda: pipe.hset(key, version, "1") if pinned else pipe.hdel(key, version))
+
+    def set_pruned(self, version: str, at: float) -> None:
+        self.writes.append(lambda: self.pipe.hset(self.k.pruned, version, repr(at)))
 
     def reject(self, version: str, reason: str) -> None:
         self.writes += [

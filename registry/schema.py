@@ -6,7 +6,8 @@ holds the running canary too (JSON of registry.canary.Canary), so that both chan
 
 Layouts: 1 had no canary and no evidence; 2 adds `pointer.canary`, `history.evidence` and the
 canary actions; 3 adds the `flags` table and the erasure action (registry.erasure); 4 the
-canary_advance action; 5 the `rule_sets` table. Opening an
+canary_advance action; 5 the `rule_sets` table; 6 `versions.pinned`, `versions.pruned_at` and
+the pin, unpin and prune actions (registry.retention). Opening an
 older file migrates it in place, in one transaction; a newer layout than this code's is refused
 rather than misread.
 """
@@ -22,7 +23,7 @@ from foundation import sqlite
 from registry.errors import RegistryError, RegistryUnavailable
 from registry.versions import HISTORY_ACTIONS
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _ACTIONS = ", ".join(f"'{action}'" for action in HISTORY_ACTIONS)
 _HISTORY = f"""
@@ -49,7 +50,9 @@ CREATE TABLE IF NOT EXISTS versions (
     files TEXT NOT NULL DEFAULT '{}',  -- {relative path: sha256} of every file of the version
     metrics TEXT NOT NULL DEFAULT '{}',
     lineage TEXT NOT NULL DEFAULT '{}',
-    rejected_reason TEXT
+    rejected_reason TEXT,
+    pinned INTEGER NOT NULL DEFAULT 0,
+    pruned_at REAL  -- when retention deleted its files, NULL while they are kept
 );
 CREATE TABLE IF NOT EXISTS pointer (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -82,12 +85,15 @@ INSERT OR IGNORE INTO pointer (id, counter, active) VALUES (1, 0, NULL);
 
 def _migrations(found: int) -> list[str]:
     """The statements taking layout `found` to this one. SQLite cannot change a CHECK constraint
-    in place, so the history (whose actions grew at 2, 3 and 4) is copied into a new table."""
-    if found == 0 or found >= 4:  # 0: a new file; 4→5 only added a table, created by _TABLES
+    in place, so the history (whose actions grew at 2, 3, 4 and 6) is copied into a new table;
+    tables added meanwhile (flags, rule_sets) are created by _TABLES."""
+    if found == 0 or found >= SCHEMA_VERSION:  # 0: a new file
         return []
     columns = "seq, at, action, version, previous, actor, reason" + (", evidence" if found >= 2 else "")
     return [
         *(["ALTER TABLE pointer ADD COLUMN canary TEXT"] if found == 1 else []),
+        "ALTER TABLE versions ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE versions ADD COLUMN pruned_at REAL",
         _HISTORY.format(name="history_new"),
         f"INSERT INTO history_new ({columns}) SELECT {columns} FROM history ORDER BY seq",
         "DROP TABLE history",

@@ -98,7 +98,7 @@ class SqliteRegistry(Registry):
         where, args = ("version = ? AND ", (version,)) if version is not None else ("", ())
         rows = self._read(
             "SELECT version, state, parent, created_at, base_model, sha256, files, metrics, lineage,"
-            f" rejected_reason FROM versions WHERE {where}state IN (?, ?) ORDER BY seq",
+            f" rejected_reason, pinned, pruned_at FROM versions WHERE {where}state IN (?, ?) ORDER BY seq",
             (*args, *_VISIBLE),
         )
         flags: dict[str, list[dict[str, Any]]] = {}
@@ -106,22 +106,7 @@ class SqliteRegistry(Registry):
             f"SELECT version, erasure, at, reason FROM flags WHERE {where}1 ORDER BY at", args
         ):
             flags.setdefault(name, []).append({"erasure": erasure, "at": at, "reason": reason})
-        return [
-            VersionRecord(
-                name,
-                state,
-                parent,
-                created_at,
-                base_model,
-                sha256,
-                json.loads(files),
-                json.loads(metrics),
-                json.loads(lineage),
-                reason,
-                flags.get(name, []),
-            )
-            for name, state, parent, created_at, base_model, sha256, files, metrics, lineage, reason in rows
-        ]
+        return [_version_record(row, flags) for row in rows]
 
     # ---- the active pointer -----------------------------------------------------------------
 
@@ -212,6 +197,19 @@ class SqliteTx:
         ).fetchone()
         return _history_entry(row) if row else None
 
+    def pinned(self, version: str) -> bool:
+        return bool(self._column("pinned", version))
+
+    def pruned_at(self, version: str) -> float | None:
+        return self._column("pruned_at", version)
+
+    def set_pinned(self, version: str, pinned: bool) -> None:
+        sql = "UPDATE versions SET pinned = ? WHERE version = ?"
+        self.writes.append(lambda: self.c.execute(sql, (pinned, version)))
+
+    def set_pruned(self, version: str, at: float) -> None:
+        self.writes.append(lambda: self.c.execute("UPDATE versions SET pruned_at = ? WHERE version = ?", (at, version)))
+
     def reject(self, version: str, reason: str) -> None:
         self.writes.append(
             lambda: self.c.execute(
@@ -256,3 +254,22 @@ class SqliteTx:
 def _history_entry(row: tuple[Any, ...]) -> HistoryEntry:
     seq, at, action, version, previous, actor, reason, evidence = row
     return HistoryEntry(seq, at, action, version, previous, actor, reason, json.loads(evidence) if evidence else None)
+
+
+def _version_record(row: tuple[Any, ...], flags: dict[str, list[dict[str, Any]]]) -> VersionRecord:
+    name, state, parent, created_at, base_model, sha256, files, metrics, lineage, reason, pinned, pruned_at = row
+    return VersionRecord(
+        name,
+        state,
+        parent,
+        created_at,
+        base_model,
+        sha256,
+        json.loads(files),
+        json.loads(metrics),
+        json.loads(lineage),
+        reason,
+        flags.get(name, []),
+        bool(pinned),
+        pruned_at,
+    )

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 _CHUNK = 1 << 20
+_VERSION_DIR = re.compile(r"v\d+")
 
 
 def sha256_file(path: Path) -> str:
@@ -163,6 +165,22 @@ class AdapterFiles:
                 remove_tree(leftover)
             else:
                 leftover.unlink()
+
+    def versions(self) -> list[str]:
+        """The names of the version directories on disk (published, or renamed by a publish in
+        flight), oldest first."""
+        names = [p.name for p in self.root.iterdir() if _VERSION_DIR.fullmatch(p.name) and p.is_dir()]
+        return sorted(names, key=lambda name: int(name[1:]))
+
+    def size(self, version: str) -> int:
+        """Bytes of the version's files (0 when it has none on disk)."""
+        total = 0
+        for path in self.path(version).rglob("*"):
+            try:
+                total += path.stat().st_size if path.is_file() else 0
+            except FileNotFoundError:  # pruned meanwhile by another process
+                pass
+        return total
 
     def verify(self, version: str, manifest: dict[str, str]) -> None:
         """Raise VerificationError unless every file of the manifest is there, unchanged."""

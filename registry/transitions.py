@@ -23,7 +23,7 @@ from registry import canary as canary_rules
 from registry import rollback as stack_rules
 from registry.canary import Canary
 from registry.erasure import erasure_evidence
-from registry.errors import UnknownVersion, VersionRejected
+from registry.errors import UnknownVersion, VersionPruned, VersionRejected
 from registry.publishing import VISIBLE
 from registry.versions import BASE, HistoryAction, HistoryEntry
 
@@ -59,12 +59,26 @@ class Tx(Protocol):
         """The history entry of an erasure request already recorded."""
         ...
 
+    def pinned(self, version: str) -> bool: ...
+
+    def pruned_at(self, version: str) -> float | None:
+        """When retention deleted the version's files; None while they are kept."""
+        ...
+
     def reject(self, version: str, reason: str) -> None:
         """Queue: the version is rejected for `reason`."""
         ...
 
     def set_flags(self, version: str, flags: list[dict[str, Any]]) -> None:
         """Queue: the version's flags become `flags`."""
+        ...
+
+    def set_pinned(self, version: str, pinned: bool) -> None:
+        """Queue: the version is pinned or not."""
+        ...
+
+    def set_pruned(self, version: str, at: float) -> None:
+        """Queue: the version's files are gone (or going) since `at`."""
         ...
 
     def set_canary(self, canary: Canary | None) -> None:
@@ -112,7 +126,7 @@ class Transitions:
                 tx.stack(),
                 previous,
                 to,
-                is_rejected=lambda v: tx.state(v) != "ready",
+                is_rejected=lambda v: not _servable(tx, v),
                 check_servable=lambda v: _check_servable(tx, v),
             )
             return _move(tx, "rollback", target, stack, actor, reason)
@@ -136,7 +150,7 @@ class Transitions:
             _, active, running = tx.pointer()
             why = f"{version} rejected: {reason}"
             if active == version:  # the stack rule skips the active version itself
-                target, stack = stack_rules.pop_for_rollback(tx.stack(), active, lambda v: tx.state(v) != "ready")
+                target, stack = stack_rules.pop_for_rollback(tx.stack(), active, lambda v: not _servable(tx, v))
                 _move(tx, "rollback", target, stack, actor, why)
             elif running is not None and running.version == version:
                 _note(tx, "canary_rollback", version, None, actor, why)
@@ -241,6 +255,48 @@ class Transitions:
 
         return bool(self._transaction(operation))
 
+    # ---- retention (rules: registry.retention; the files go in registry.pruning) ----
+
+    def pin(self, version: str, pinned: bool = True, *, actor: str, reason: str = "") -> HistoryEntry | None:
+        """Pin a version (retention keeps its files whatever happens) or unpin it; None when it
+        was so already. UnknownVersion, VersionPruned (its files are gone: too late to pin)."""
+
+        def operation(tx: Tx) -> HistoryEntry | None:
+            if tx.state(version) not in VISIBLE:
+                raise UnknownVersion(version)
+            if pinned and (pruned_at := tx.pruned_at(version)) is not None:
+                raise VersionPruned(version, pruned_at)
+            if tx.pinned(version) == pinned:
+                return None
+            tx.set_pinned(version, pinned)
+            return _note(tx, "pin" if pinned else "unpin", version, tx.pointer()[2], actor, reason)
+
+        entry: HistoryEntry | None = self._transaction(operation)
+        if entry is not None:
+            logger.info("%s %s %s", actor, "pinned" if pinned else "unpinned", version)
+        return entry
+
+    def _mark_pruned(
+        self, decide: Callable[[Tx], dict[str, dict[str, Any]]], *, actor: str, reason: str
+    ) -> list[HistoryEntry]:
+        """In one transaction: `decide(tx)` names the versions whose files may go now, with each
+        one's evidence; each is marked pruned with a `prune` history entry. From the commit on,
+        nothing may load them, so their files can be deleted."""
+
+        def operation(tx: Tx) -> list[HistoryEntry]:
+            # Reads see the state the transaction found, so the entries count on from it here.
+            counter, active, running = tx.pointer()
+            now, entries = time.time(), list[HistoryEntry]()
+            for version, evidence in decide(tx).items():
+                entry = HistoryEntry(counter + 1 + len(entries), now, "prune", version, active, actor, reason, evidence)
+                tx.append(entry, active=active, canary=running)
+                tx.set_pruned(version, now)
+                entries.append(entry)
+            return entries
+
+        entries: list[HistoryEntry] = self._transaction(operation)
+        return entries
+
     # ---- erasure (rules: registry.erasure) ----
 
     def record_erasure(
@@ -283,6 +339,13 @@ def _check_servable(tx: Tx, version: str | None) -> None:
         raise UnknownVersion(version)
     if state == "rejected":
         raise VersionRejected(version, tx.rejected_reason(version))
+    if (pruned_at := tx.pruned_at(version)) is not None:
+        raise VersionPruned(version, pruned_at)
+
+
+def _servable(tx: Tx, version: str) -> bool:
+    """Ready, with its files: what a stack rollback may land on."""
+    return tx.state(version) == "ready" and tx.pruned_at(version) is None
 
 
 def _entry(
@@ -326,7 +389,7 @@ def _note(
     reason: str,
     evidence: dict[str, Any] | None = None,
 ) -> HistoryEntry:
-    """A canary step that leaves the pointer where it is."""
+    """A step that leaves the pointer where it is (a canary step, a pin)."""
     _, active, _ = tx.pointer()
     entry = _entry(tx, action, candidate, active, actor, reason, evidence)
     tx.append(entry, active=active, canary=canary)

@@ -21,6 +21,9 @@ HistoryAction = Literal[
     "canary_pause",
     "canary_resume",
     "erasure",
+    "pin",
+    "unpin",
+    "prune",
 ]
 HISTORY_ACTIONS: tuple[str, ...] = get_args(HistoryAction)
 
@@ -45,6 +48,10 @@ class VersionInfo:
     flags: tuple[dict[str, Any], ...] = ()
     """Added after publish, never removed: e.g. {"erasure": request id, "at", "reason"} when
     feedback it was trained on has since been erased at its user's request."""
+    pinned: bool = False
+    """An operator pinned it: retention keeps its files (registry.retention)."""
+    pruned_at: float | None = None
+    """Unix seconds when retention deleted its files; its metadata stays, nothing can serve it."""
 
     def to_json(self) -> dict[str, Any]:
         # path is left out on purpose: it is a detail of the host, not of the version.
@@ -59,6 +66,8 @@ class VersionInfo:
             "lineage": copy.deepcopy(self.lineage),
             "rejected_reason": self.rejected_reason,
             "flags": copy.deepcopy(list(self.flags)),
+            "pinned": self.pinned,
+            "pruned_at": self.pruned_at,
         }
 
 
@@ -72,6 +81,8 @@ class HistoryEntry:
     (the active version); `version` is the canary's candidate.
     erasure: a user's data was erased; the pointer stayed, `version` and `previous` are None, and
     `evidence` has the request_id and the `flagged_versions` (registry.erasure).
+    pin, unpin, prune: `version` was pinned, unpinned, or had its files deleted by retention
+    (registry.retention; `evidence` says why and how many bytes); the pointer stayed on `previous`.
     """
 
     seq: int
@@ -164,3 +175,5 @@ class VersionRecord(NamedTuple):
     lineage: dict[str, Any]
     rejected_reason: str | None
     flags: list[dict[str, Any]]
+    pinned: bool = False
+    pruned_at: float | None = None

@@ -89,7 +89,8 @@ def test_a_layout_2_sqlite_registry_is_migrated(tmp_path, make_adapter, base_mod
     reg.close()
     with sqlite3.connect(db) as conn:  # back to layout 2: no flags, a history without erasures
         conn.executescript(
-            "DROP TABLE flags; CREATE TABLE history_old AS SELECT * FROM history; DROP TABLE history;"
+            "DROP TABLE flags; ALTER TABLE versions DROP COLUMN pinned; ALTER TABLE versions DROP COLUMN pruned_at;"
+            "CREATE TABLE history_old AS SELECT * FROM history; DROP TABLE history;"
             "CREATE TABLE history (seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, action TEXT NOT NULL"
             " CHECK (action IN ('activate', 'rollback', 'canary_start')), version TEXT, previous TEXT,"
             " actor TEXT NOT NULL, reason TEXT NOT NULL, evidence TEXT);"

@@ -54,6 +54,8 @@ def test_publish_get_and_list(reg, adapter_dir, base_model):
         "lineage",
         "rejected_reason",
         "flags",
+        "pinned",
+        "pruned_at",
     }
     json.dumps(child.to_json())  # the admin API serializes it as is
 
