@@ -28,6 +28,7 @@ SUITES = {
     "sampling": "bench.sampling",
     "learning": "bench.learning",
     "flood": "bench.flood",
+    "soak": "bench.soak",
 }  # name -> module with run(options) -> Path
 
 
@@ -56,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a setting for every run on top of the defaults (an extra row: use --tag)",
     )
     learning.add_argument("--tag", help="appended to the results' file names")
+    soak = parser.add_argument_group("soak suite")
+    soak.add_argument("--minutes", type=float, help="how long the load runs (default: 30; with --quick: 0.5)")
     return parser.parse_args(argv)
 
 

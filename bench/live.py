@@ -120,6 +120,7 @@ class Reply:
     ttft: float | None = None  # streaming only: until the first chunk with generated content
     text: str = ""
     finish_reason: str | None = None
+    response_id: str = ""  # the chat completion's id, which a rating names
 
 
 def complete(
@@ -130,13 +131,14 @@ def complete(
     temperature: float,
     seed: int | None = None,
     model: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Reply:
-    """A non-streaming chat completion."""
+    """A non-streaming chat completion, as `headers`' user (default: a new one, `as_someone`)."""
     body = {"messages": PROMPT, "max_tokens": max_tokens, "temperature": temperature, "seed": seed}
     if model:
         body["model"] = model
     started = time.perf_counter()
-    reply = client.post(f"{url}/v1/chat/completions", json=body, headers=as_someone())
+    reply = client.post(f"{url}/v1/chat/completions", json=body, headers=headers or as_someone())
     seconds = time.perf_counter() - started
     reply.raise_for_status()
     data = reply.json()
@@ -148,6 +150,7 @@ def complete(
         data["model"],
         text=choice["message"]["content"],
         finish_reason=choice["finish_reason"],
+        response_id=data["id"],
     )
 
 
