@@ -7,7 +7,8 @@ One file (WAL, ``synchronous=FULL``) holds everything the learner must not lose 
 - ``responses``: every response, with its token ids exactly as served, kept for joining; those
   never rated are dropped after ``retention_s`` (seen event_ids too: by then they were committed);
 - ``examples``: one per rated response, with its current label, ``seq``, reference log-probs
-  and fixed KL partner; examples are kept until deleted explicitly;
+  and fixed KL partner; kept until erased, or dropped by the bound on the buffer (what stays, and
+  what a dropped example leaves for the rest: ``learner.buffer_retention``);
 - ``pending``: feedback parked until its response arrives, with raw bytes and bus position;
 - ``outbox``: dead letters not yet published (see ``learner.consumer`` for who sends them);
 - ``trained``, ``tombstones``, ``erasures``: which version trained on which example, and what
@@ -38,16 +39,17 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from foundation.sqlite import connect, ensure_schema, write_transaction
-from learner import erasure
+from foundation.sqlite import connect, ensure_schema, shrink, write_transaction
+from learner import buffer_retention, erasure
 from learner.example import EXAMPLE_SQL, DeadLetter, Example, ExampleRef, example_from_row
-from learner.join import ApplyResult, Polled, apply_batch, dead_letter_event, next_counter
+from learner.join import ApplyResult, Polled, apply_batch, next_counter
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RETENTION_S = 7 * 24 * 3600.0
 _PRUNE_EVERY_S = 60.0
-_LAYOUT_VERSION = 4  # 2 adds the erasure tables (created on open); 3 the labels' source; 4 their weight
+_LAYOUT_VERSION = 5  # 2 adds the erasure tables (created on open); 3 the labels' source; 4 their weight;
+# 5 retention (older code would prune the responses kept as KL partners of kept examples)
 _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS seen (event_id TEXT PRIMARY KEY, seen_at REAL NOT NULL) WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS seen_at ON seen (seen_at)",
@@ -107,6 +109,7 @@ _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     "INSERT OR IGNORE INTO counters (name, value) VALUES ('seq', 0), ('position', 0)",
     *erasure.SCHEMA,
+    *buffer_retention.SCHEMA,
 ]
 
 
@@ -132,7 +135,9 @@ class ReplayBuffer:
         self._lock = threading.Lock()
         self._last_prune = float("-inf")
         # FULL: an offset is committed on the strength of this commit, so it must survive power loss.
-        self._conn: sqlite3.Connection | None = connect(self.path, synchronous="FULL", busy_timeout_s=busy_timeout_s)
+        self._conn: sqlite3.Connection | None = connect(
+            self.path, synchronous="FULL", busy_timeout_s=busy_timeout_s, incremental_vacuum=True
+        )
         try:
             ensure_schema(self._conn, _SCHEMA, _LAYOUT_VERSION, "replay buffer", migrations=_migrations)
         except BaseException:
@@ -155,26 +160,26 @@ class ReplayBuffer:
             with write_transaction(conn):
                 result = apply_batch(conn, batch, now)
                 if now - self._last_prune >= _PRUNE_EVERY_S:
-                    self._prune(conn, now)
+                    # Lazily, inside this transaction, so that the file stays bounded without a janitor.
+                    buffer_retention.prune_unrated(conn, now, self.retention_s)
+                    self._last_prune = now
         return result
 
-    def _prune(self, conn: sqlite3.Connection, now: float) -> None:
-        # Runs inside apply's transaction; lazily, so that the file stays bounded without a janitor.
-        cutoff = now - self.retention_s
-        dropped = conn.execute(
-            "DELETE FROM responses WHERE stored_at < ?"
-            " AND NOT EXISTS (SELECT 1 FROM examples e WHERE e.response_id = responses.response_id)",
-            (cutoff,),
-        ).rowcount
-        forgotten = conn.execute("DELETE FROM seen WHERE seen_at < ?", (cutoff,)).rowcount
-        self._last_prune = now
-        if dropped or forgotten:
-            logger.info(
-                "buffer dropped %d unrated responses and %d event ids older than %.0f s",
-                dropped,
-                forgotten,
-                self.retention_s,
-            )
+    def enforce_retention(
+        self, bound: buffer_retention.Bound, *, keep_since: float | None = None, now: float | None = None
+    ) -> int:
+        """Drop the examples beyond ``bound``, then shrink the file; how many went (what stays, and
+        what a dropped one leaves for the rest: ``learner.buffer_retention``)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            drops = buffer_retention.choose_drops(self._connection(), bound, now=now, keep_since=keep_since)
+        for start in range(0, len(drops), buffer_retention.CHUNK):
+            with self._lock, write_transaction(self._connection()) as conn:
+                buffer_retention.drop(conn, drops[start : start + buffer_retention.CHUNK])
+        if drops:
+            with self._lock:
+                shrink(self._connection())
+        return len(drops)
 
     def expire_pending(self, now: float, ttl_s: float) -> list[DeadLetter]:
         """Move feedback parked for ``ttl_s`` or longer (by ``now``) from ``pending`` to the outbox.
@@ -184,25 +189,8 @@ class ReplayBuffer:
         never lost. Publishing it is the outbox's job (``dead_letters_to_send``), at least once.
         Its event_id is forgotten too, so replaying the dead letter later counts it.
         """
-        with self._lock:
-            conn = self._connection()
-            with write_transaction(conn):
-                rows = conn.execute(
-                    "SELECT event_id, response_id, topic, part, record_offset, key, raw FROM pending"
-                    " WHERE parked_at <= ? ORDER BY parked_at, event_id",
-                    (now - ttl_s,),
-                ).fetchall()
-                expired = []
-                for event_id, response_id, topic, part, offset, key, raw in rows:
-                    reason = f"response {response_id} never arrived within {ttl_s:g} s of its feedback {event_id}"
-                    dead_letter_event(conn, event_id, reason, topic, part, offset, key, raw, now)
-                    conn.execute("DELETE FROM pending WHERE event_id = ?", (event_id,))
-                    row = conn.execute(
-                        "SELECT id, reason FROM outbox WHERE topic = ? AND part = ? AND record_offset = ?",
-                        (topic, part, offset),
-                    ).fetchone()
-                    expired.append(DeadLetter(row[0], row[1], topic, part, offset, key, bytes(raw)))
-        return expired
+        with self._lock, write_transaction(self._connection()) as conn:
+            return buffer_retention.expire_pending(conn, now, ttl_s)
 
     def dead_letters_to_send(self, limit: int = 100) -> list[DeadLetter]:
         """Queued dead letters, oldest first."""
@@ -305,10 +293,9 @@ class ReplayBuffer:
         return [found[i] for i in ids if i in found]
 
     def max_seq(self) -> int:
-        """The highest seq of a referenced example (0 if none): ``fresh(max_seq())`` is empty."""
+        """The highest seq of a referenced example, dropped ones included (0 if none): ``fresh(max_seq())`` is empty."""
         with self._lock:
-            row = self._connection().execute("SELECT MAX(seq) FROM examples WHERE ref_logp IS NOT NULL").fetchone()
-        return row[0] or 0
+            return self._connection().execute(buffer_retention.MAX_SEQ).fetchone()[0]
 
     def mark_trained(self, response_ids: Iterable[str], version: str | None = None) -> None:
         """Add one to ``times_trained`` of each id (per occurrence); remember that ``version``
@@ -354,6 +341,7 @@ class ReplayBuffer:
             (unrated,) = conn.execute(
                 "SELECT COUNT(*) FROM responses r WHERE rejected IS NULL"
                 " AND NOT EXISTS (SELECT 1 FROM examples e WHERE e.response_id = r.response_id)"
+                " AND NOT EXISTS (SELECT 1 FROM examples e WHERE e.kl_partner = r.response_id)"
             ).fetchone()
             (outbox,) = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()
         return {

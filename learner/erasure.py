@@ -10,7 +10,8 @@ Inside the buffer's write transaction, before the rest of the batch (``learner.j
   erasure if they arrive later (a replay after a restart, a spool emptying late); their events
   created afterwards are new data;
 - an ``erasures`` row keeps what was removed and which versions were trained on it (from the
-  ``trained`` table that ``ReplayBuffer.mark_trained`` fills at each publish).
+  ``trained`` table that ``ReplayBuffer.mark_trained`` fills at each publish), the user's examples
+  that buffer retention dropped included (their ``retired`` rows, ``learner.buffer_retention``).
 
 The learner then reports each erasure to the registry (``report``): the versions are flagged and
 the erasure goes into the history (``registry.erasure``), at least once, and the registry ignores a
@@ -35,6 +36,13 @@ SCHEMA = [
         response_id TEXT NOT NULL,
         version TEXT NOT NULL,
         PRIMARY KEY (response_id, version)) WITHOUT ROWID""",
+    # Examples that buffer retention dropped after a version trained on them: enough to flag that
+    # version if their user is erased later (a hash of the user, not the user).
+    """CREATE TABLE IF NOT EXISTS retired (
+        response_id TEXT PRIMARY KEY,
+        user_hash TEXT NOT NULL,
+        created_at REAL NOT NULL) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS retired_user ON retired (user_hash)",
     "CREATE TABLE IF NOT EXISTS tombstones (user_hash TEXT PRIMARY KEY, erased_before REAL NOT NULL)",
     """CREATE TABLE IF NOT EXISTS erasures (
         request_id TEXT PRIMARY KEY,
@@ -80,6 +88,10 @@ def erase(conn: sqlite3.Connection, event: ErasureEvent) -> Erasure:
         "INSERT INTO erased SELECT response_id FROM responses WHERE user = ? AND created_at <= ?",
         (event.user, event.created_at),
     )
+    conn.execute(
+        "INSERT OR IGNORE INTO erased SELECT response_id FROM retired WHERE user_hash = ? AND created_at <= ?",
+        (key, event.created_at),
+    )
     versions = [
         v
         for (v,) in conn.execute(
@@ -95,6 +107,7 @@ def erase(conn: sqlite3.Connection, event: ErasureEvent) -> Erasure:
         ).rowcount,
     }
     conn.execute("DELETE FROM trained WHERE response_id IN (SELECT response_id FROM erased)")
+    conn.execute("DELETE FROM retired WHERE response_id IN (SELECT response_id FROM erased)")
     removed["responses"] = conn.execute(
         "DELETE FROM responses WHERE response_id IN (SELECT response_id FROM erased)"
     ).rowcount
