@@ -12,12 +12,13 @@ weights, the bulk of the disk) go. The files of a version stay while any of thes
                 the learner between its publish and its canary step, or by an operator when
                 activation is manual). A newer ready version replaces it, so versions waiting to
                 be served never pile up;
-    grace       it is ready and younger than `grace_s`: a replica or an operator may have just
-                seen it.
+    grace       it is ready, younger than `grace_s`, and newer than what serves (the active
+                version and the candidate): it may still be released, and a replica or an
+                operator may have just seen it.
 
-A version the gate or a canary rejected can never be served again, and a candidate its canary
-advanced past will not be served again: no grace for either. Everything else goes once no rule
-keeps it. A pruned version answers 404 wherever it is named for serving, and a stack rollback
+A version the gate or a canary rejected can never be served again, a candidate its canary
+advanced past will not be served again, and a version older than what serves was superseded
+by it: no grace for these. Everything else goes once no rule keeps it. A pruned version answers 404 wherever it is named for serving, and a stack rollback
 skips it like a rejected one (the base model stays the floor).
 """
 
@@ -83,6 +84,8 @@ def reasons_to_keep(
     newest = ready[-1] if ready else None
     in_stack = set(kept_stack(stack, policy.depth))
     replaced = set(canary.versions[:-1]) if canary is not None else set()
+    serving = [c.created_at for c in candidates if c.version in (active, canary and canary.version)]
+    superseded_before = max(serving, default=float("-inf"))
     out: dict[str, str] = {}
     for c in candidates:
         if c.version == active:
@@ -97,7 +100,7 @@ def reasons_to_keep(
             why = ""
         elif c.version == newest:
             why = "newest"
-        elif now - c.created_at < policy.grace_s:
+        elif now - c.created_at < policy.grace_s and c.created_at > superseded_before:
             why = "grace"
         else:
             why = ""
