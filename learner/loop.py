@@ -42,6 +42,7 @@ from learner.gate import decide, evaluate
 from learner.loss import paper_weights
 from learner.metrics import LearnerMetrics
 from learner.policy import Policy
+from learner.retention import Retention
 from learner.settings import LearnerSettings
 from learner.state import LearnerState
 from learner.update import plan_batches, run_update
@@ -90,6 +91,7 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
     joiner = EventJoiner(bus, topics, buffer, group_id=settings.group_id, pending_ttl_s=settings.pending_ttl_s)
     state = LearnerState.load(work_dir / "state.pt")
     canary = CanaryController(registry, buffer, settings, metrics)
+    retention = Retention(bus, buffer, registry, settings, metrics)
     rng = random.Random(settings.seed)
     optimizer = None
     last_update = time.monotonic()
@@ -97,6 +99,9 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
 
     try:
         while not stop.is_set():
+            # ---- 0. retention: bound the bus and the buffer, every KTO_RETENTION_EVERY_S ----
+            retention.tick()
+
             # ---- 1. consume: events become durable examples, then offsets are committed ----
             joiner.poll_once(timeout_s=settings.poll_timeout_s)
             metrics.refresh_lag(joiner.lag)

@@ -13,7 +13,9 @@ What is read when:
   outcome, gate failures, and the time from each fresh rating to the version that contains it;
 - consumer lag is measured by the loop between polls (the consumer is not thread-safe), at most
   every ``LAG_EVERY_S``, so it is stale by up to that much, or by one update while one runs;
-- buffer sizes are read from the buffer at each scrape (it is thread-safe), never stale.
+- buffer sizes are read from the buffer at each scrape (it is thread-safe), never stale;
+- bus and buffer retention's counts are recorded at each of its passes (``learner.retention``),
+  so what groups hold back is stale by up to ``KTO_RETENTION_EVERY_S``.
 """
 
 from __future__ import annotations
@@ -110,6 +112,24 @@ class LearnerMetrics:
             ["decision"],
             registry=r,
         )
+        self.bus_retention_deleted = Counter(
+            "kto_learner_bus_retention_deleted_records_total",
+            "Records the embedded bus's retention deleted, by topic.",
+            ["topic"],
+            registry=r,
+        )
+        self.bus_retention_held_back = Gauge(
+            "kto_learner_bus_retention_held_back_records",
+            "Records past the embedded bus's retention kept because a consumer group has not committed"
+            " past them, by topic and group (at the last pass).",
+            ["topic", "group"],
+            registry=r,
+        )
+        self.buffer_dropped = Counter(
+            "kto_learner_examples_dropped_total",
+            "Examples the replay buffer's bound dropped (not erasures).",
+            registry=r,
+        )
         for outcome in UPDATE_OUTCOMES:
             self.updates.labels(outcome=outcome)
         for reason in GATE_REASONS:
@@ -124,6 +144,15 @@ class LearnerMetrics:
     def watch_buffer(self, counts: Callable[[], dict[str, int]]) -> None:
         """Export the replay buffer's sizes, read at each scrape (``ReplayBuffer.counts``)."""
         self.registry.register(_BufferCollector(counts))
+
+    def observe_bus_retention(self, deleted: dict[str, int], held_back: dict[tuple[str, str], int]) -> None:
+        """Record one pass of bus retention: records ``deleted`` per topic (every topic, 0 included,
+        so each series starts at 0) and records ``held_back`` per (topic, group)."""
+        for topic, count in deleted.items():
+            self.bus_retention_deleted.labels(topic=topic).inc(count)
+        self.bus_retention_held_back.clear()  # a group no longer behind leaves, rather than stay at its last value
+        for (topic, group), count in held_back.items():
+            self.bus_retention_held_back.labels(topic=topic, group=group).set(count)
 
     def refresh_lag(self, lag: Callable[[], int]) -> None:
         """Set the consumer lag from ``lag()`` (``EventJoiner.lag``), at most every ``lag_every_s``.

@@ -150,6 +150,30 @@ class LearnerSettings(CommonSettings):
     poll_timeout_s: float = Field(0.5, gt=0)
     """How long one poll of the bus waits for events (seconds)."""
 
+    # ---- retention (learner.retention): the learner bounds the embedded bus and its buffer ----
+    retention_every_s: float = Field(300.0, gt=0)
+    """How often bus and buffer retention run (seconds; Kafka's brokers check every 5 minutes too)."""
+
+    bus_retention_s: float | None = Field(7 * 24 * 3600.0, gt=0)
+    """Embedded bus: records appended longer ago than this are deleted, except those a consumer
+    group has not committed past (seconds; unset: none by age). Kafka: the topics' `retention.ms`."""
+
+    bus_retention_bytes: int | None = Field(2**30, gt=0)
+    """Embedded bus: the oldest records of a partition are deleted while its keys and values take
+    more than this, except those a consumer group has not committed past (bytes per partition, as
+    Kafka's `retention.bytes`; unset: no limit by size). Kafka: the topics' `retention.bytes`."""
+
+    buffer_max_examples: int | None = Field(100_000, ge=2)
+    """Most examples the replay buffer keeps: the newest `buffer_recent_share` of them, plus an even
+    sample of the older ones (examples; unset: no limit). A running canary's are kept beyond it."""
+
+    buffer_max_age_s: float | None = Field(None, gt=0)
+    """Examples whose answer is older than this are dropped (seconds; unset, the default: none by
+    age, since the count bounds the disk and old feedback still teaches). Set it for a data policy."""
+
+    buffer_recent_share: float = Field(0.5, gt=0, le=1)
+    """Share of `buffer_max_examples` kept as the newest examples; the rest is a sample of the past (fraction)."""
+
     # ---- metrics ----
     host: str = "127.0.0.1"
     """Address the metrics endpoint listens on (`--host`). The same KTO_HOST as the server's: in a
@@ -158,6 +182,12 @@ class LearnerSettings(CommonSettings):
     metrics_port: int | None = Field(None, ge=0, le=65535)
     """TCP port of the learner's `/metrics` and `/healthz` (`kto-loop learn --port`); unset serves
     none, 0 picks a free one. Not KTO_PORT: under `kto-loop up` the server beside it owns that."""
+
+    @field_validator("bus_retention_s", "bus_retention_bytes", "buffer_max_examples", "buffer_max_age_s", mode="before")
+    @classmethod
+    def _empty_is_no_limit(cls, value):
+        # `KTO_BUS_RETENTION_S=`, `none` or -1 (Kafka's way of writing it) mean no limit.
+        return None if value in ("", "none", "None", "-1", -1) else value
 
     @field_validator("source_weights")
     @classmethod

@@ -33,3 +33,20 @@ def test_source_weights_from_the_environment_replace_defaults_key_by_key(monkeyp
 def test_a_bad_source_weight_is_refused_by_name(weights: dict[str, float], named: str) -> None:
     with pytest.raises(ValidationError, match=f"source_weights: {named!r}"):
         LearnerSettings(source_weights=weights)
+
+
+@pytest.mark.parametrize("unset", ["", "none", "-1"])
+def test_a_retention_limit_can_be_switched_off(monkeypatch: pytest.MonkeyPatch, unset: str) -> None:
+    defaults = LearnerSettings()
+    assert (defaults.bus_retention_s, defaults.bus_retention_bytes) == (7 * 24 * 3600.0, 2**30)
+    assert (defaults.buffer_max_examples, defaults.buffer_max_age_s) == (100_000, None)
+    for name in ("KTO_BUS_RETENTION_S", "KTO_BUS_RETENTION_BYTES", "KTO_BUFFER_MAX_EXAMPLES"):
+        monkeypatch.setenv(name, unset)
+    settings = LearnerSettings()
+    assert (settings.bus_retention_s, settings.bus_retention_bytes, settings.buffer_max_examples) == (None, None, None)
+
+
+def test_a_retention_of_zero_is_refused_rather_than_deleting_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KTO_BUS_RETENTION_S", "0")
+    with pytest.raises(ValidationError, match="bus_retention_s"):
+        LearnerSettings()
