@@ -50,6 +50,10 @@ class CommonSettings(BaseSettings):
     are). More partitions spread a large Kafka deployment's events over brokers; one learner reads
     them all, and a response and its ratings share a partition (keyed by response_id)."""
 
+    disk_reserve_mb: float = Field(64.0, ge=0)
+    """Free space kept back on each disk this process writes (MiB; at most 5% of a small disk):
+    below it chat and feedback answer 507, /readyz 503, and the learner waits (foundation.disk)."""
+
     @field_validator("model", "model_id", "adapter_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):
@@ -76,6 +80,14 @@ class CommonSettings(BaseSettings):
             if "://" not in url:
                 raise ValueError(f"{name} must be a URL like sqlite:///path, got {url!r}")
         return self
+
+    def written_paths(self) -> list[Path]:
+        """Where this process writes: the data directory, the embedded bus and registry, the adapters."""
+        paths = [self.data_dir]
+        for url in (self.bus_url, self.registry_url):
+            if urls.names(url) == "sqlite":
+                paths.append(urls.sqlite_path(url).parent)
+        return paths + ([self.adapter_dir] if self.adapter_dir is not None else [])
 
     @property
     def base_model_id(self) -> str:
