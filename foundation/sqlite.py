@@ -120,7 +120,7 @@ def file_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in (path, path.with_name(path.name + "-wal")) if p.exists())
 
 
-def shrink(conn: sqlite3.Connection) -> None:
+def shrink(conn: sqlite3.Connection) -> bool:
     """Give the free pages of ``conn``'s file back to the filesystem, and truncate its WAL.
 
     SQLite never shrinks a file on DELETE. A file made by ``connect(..., incremental_vacuum=True)``
@@ -130,20 +130,30 @@ def shrink(conn: sqlite3.Connection) -> None:
     smallest. Then a TRUNCATE checkpoint empties the WAL, which deletions and vacuuming filled; it
     waits for readers up to the busy timeout, and one still busy is left for the next call.
     Call it outside any transaction.
+
+    Best effort: a failure (a full disk, where VACUUM has no room for its copy) is logged and
+    returns False; the free pages then serve new rows, so the file stops growing all the same.
     """
-    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0:
-        started = time.monotonic()
-        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
-        conn.execute("VACUUM")
-        logger.info(
-            "switched %s to incremental vacuum (one full VACUUM, %.1f s)", _file_of(conn), time.monotonic() - started
-        )
-    else:
-        # executescript steps the pragma to the end; execute() would free one page per step.
-        conn.executescript("PRAGMA incremental_vacuum;")
-    busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    try:
+        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0:
+            started = time.monotonic()
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            conn.execute("VACUUM")
+            logger.info(
+                "switched %s to incremental vacuum (one full VACUUM, %.1f s)",
+                _file_of(conn),
+                time.monotonic() - started,
+            )
+        else:
+            # executescript steps the pragma to the end; execute() would free one page per step.
+            conn.executescript("PRAGMA incremental_vacuum;")
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    except sqlite3.Error as exc:
+        logger.warning("could not shrink %s (its free pages will be reused): %s", _file_of(conn), exc)
+        return False
     if busy:
         logger.info("the WAL of %s is in use by a reader; truncating it next time", _file_of(conn))
+    return True
 
 
 def _file_of(conn: sqlite3.Connection) -> str:
