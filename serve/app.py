@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from foundation.disk import DiskProbe
 from foundation.models import ensure_demo_model, load_model, set_torch_threads
 from ingest.bus import Bus, open_bus
 from ingest.events import Topics
@@ -26,6 +27,7 @@ from serve.hotswap import HotSwap
 from serve.ledger import open_ledger
 from serve.ledger_backlog import BackloggedLedger
 from serve.metrics import ServeMetrics
+from serve.processes import ProcessReport
 from serve.rate_limits import RateLimits
 from serve.routes import admin, audit, chat, feedback, health, keys, me, page, rules, users
 from serve.settings import ServeSettings
@@ -33,12 +35,15 @@ from serve.settings import ServeSettings
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: ServeSettings) -> FastAPI:
+def create_app(settings: ServeSettings, *, processes: ProcessReport | None = None) -> FastAPI:
+    """``processes``: the status of the processes run beside the server (`kto-loop up` passes its
+    supervisor's), reported in /readyz and /metrics; None reports none."""
     refuse_unsafe_exposure(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         state = await run_in_threadpool(_build_state, settings)
+        state.processes = state.metrics.processes.report = processes
         app.state.serve = state
         state.engine.start()
         await state.hotswap.sync()  # serve the active version from the first request on
@@ -79,6 +84,7 @@ def _build_state(settings: ServeSettings) -> ServeState:
     loaded = load_model(model_path, model_id=settings.base_model_id)
     topics = Topics(settings.topic_prefix)
     metrics = ServeMetrics()
+    disk = metrics.disk.probe = DiskProbe(settings.written_paths(), int(settings.disk_reserve_mb * 2**20))
     registry = open_registry(settings.registry_url, settings.adapter_dir)
     metrics.set_active(None, settings.base_model_id)
     engine = Engine(loaded, max_batch=settings.max_batch)
@@ -99,7 +105,7 @@ def _build_state(settings: ServeSettings) -> ServeState:
     bus, spool = open_event_bus(settings, metrics)
     bus.create_topics(topics.all, settings.topic_partitions)  # the spool defers it until the broker answers
     return ServeState(
-        settings, loaded, engine, bus, topics, ledger, registry, hotswap, metrics, auth, limits, keys, spool
+        settings, loaded, engine, bus, topics, ledger, registry, hotswap, metrics, auth, limits, keys, spool, disk
     )
 
 

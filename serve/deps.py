@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, NoReturn
 
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
+from foundation.disk import DiskProbe
 from foundation.models import LoadedModel
 from ingest.bus import Bus
 from ingest.events import Topics
@@ -22,6 +23,7 @@ from serve.errors import Forbidden, TooManyRequests, Unauthorized, Unavailable
 from serve.hotswap import HotSwap
 from serve.ledger import ResponseLedger
 from serve.metrics import ServeMetrics
+from serve.processes import ProcessReport
 from serve.rate_limits import Exceeded, RateLimits
 from serve.settings import ServeSettings
 
@@ -48,6 +50,10 @@ class ServeState:
     """The API key store, in `KTO_AUTH=api-key` mode only."""
     spool: SpooledBus | None = None
     """The spooled bus when events go through the local spool (Kafka), else None."""
+    disk: DiskProbe = field(default_factory=lambda: DiskProbe([], 0))
+    """Free space where this server writes (`create_app` sets it; the default probes nothing)."""
+    processes: ProcessReport | None = None
+    """The processes run beside this server (`kto-loop up`), None under plain `serve`."""
 
 
 async def get_state(request: Request) -> ServeState:

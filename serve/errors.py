@@ -2,12 +2,15 @@
 
 Bodies follow OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so existing
 clients show the message. Nothing here matches on message strings. A 503 means that nothing was
-recorded and the same request may be sent again: it carries `Retry-After` (seconds).
+recorded and the same request may be sent again: it carries `Retry-After` (seconds). A 507
+(`"code": "disk_full"`) means the same, for a server whose disk is full (foundation.disk): any
+error caused by a full disk, however it was wrapped, is answered so.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,6 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from foundation.disk import is_disk_full
 from ingest.bus import BusUnavailable
 from ingest.spool import SpoolFull
 from registry import (
@@ -30,6 +34,7 @@ from registry import (
     VerificationError,
     VersionRejected,
 )
+from serve.credentials import KeysUnavailable
 from serve.ledger import LedgerUnavailable, NotResponseOwnerError, UnknownResponseError
 
 logger = logging.getLogger(__name__)
@@ -99,8 +104,20 @@ class Unavailable(ApiError):
         self.retry_after_s = retry_after_s
 
 
-def unavailable(exc: Exception, fallback: str) -> Unavailable:
-    """The 503 for a backend failure: what the domain exception says, or ``fallback`` for others."""
+class InsufficientStorage(ApiError):
+    """The server's disk is full; nothing was recorded. ``retry_after_s`` goes in Retry-After."""
+
+    status, type, retry_after_s = 507, "insufficient_storage", 30
+
+    def __init__(self, message: str = "the server's disk is full; nothing was recorded, try again later") -> None:
+        super().__init__(message, code="disk_full")
+
+
+def unavailable(exc: Exception, fallback: str) -> ApiError:
+    """The 503 for a backend failure: what the domain exception says, or ``fallback`` for others;
+    the 507 when a full disk caused it."""
+    if is_disk_full(exc):
+        return InsufficientStorage()
     if isinstance(exc, SpoolFull):
         # The broker has been away long enough to fill the spool: not a matter of seconds.
         return Unavailable(f"{exc}; nothing was recorded, try again later", code="spool_full", retry_after_s=30)
@@ -138,6 +155,17 @@ def install(app: FastAPI) -> None:
         if exc.status == 401:  # RFC 6750: say which scheme would be accepted
             headers["WWW-Authenticate"] = 'Bearer realm="kto-loop"'
         return error_body(exc.status, exc.message, exc.type, exc.param, exc.code, headers or None)
+
+    def or_disk_full(handler):
+        """``handler``, unless a full disk caused the error: then the 507, whoever wrapped it."""
+
+        async def handle(request: Request, exc: Exception):
+            if is_disk_full(exc):
+                logger.error("%s %s: the disk is full: %s", request.method, request.url.path, exc)
+                return await _api(request, InsufficientStorage())
+            return await handler(request, exc)
+
+        return handle
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -194,6 +222,7 @@ def install(app: FastAPI) -> None:
         return error_body(409, str(exc), "conflict_error", code="nothing_to_roll_back")
 
     @app.exception_handler(RegistryUnavailable)
+    @or_disk_full
     async def _registry_down(request: Request, exc: RegistryUnavailable):
         logger.error("registry unavailable: %s", exc)
         return error_body(
@@ -201,6 +230,7 @@ def install(app: FastAPI) -> None:
         )
 
     @app.exception_handler(RegistryError)
+    @or_disk_full
     async def _registry(request: Request, exc: RegistryError):
         # Every other refusal the registry raises on purpose is about the state it is in.
         logger.warning("registry refused %s %s: %s", request.method, request.url.path, exc)
@@ -211,6 +241,14 @@ def install(app: FastAPI) -> None:
     async def _backend(request: Request, exc: Exception):
         logger.error("%s %s: %s", request.method, request.url.path, exc)
         return await _api(request, unavailable(exc, "a backend is unavailable; try again"))
+
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.Error)
+    @app.exception_handler(KeysUnavailable)
+    @or_disk_full
+    async def _io(request: Request, exc: Exception):
+        # Not a full disk: an unexpected error (the 500 below), with its traceback in the log.
+        raise exc
 
     @app.exception_handler(UnknownResponseError)
     async def _unknown_response(request: Request, exc: UnknownResponseError):
@@ -223,6 +261,7 @@ def install(app: FastAPI) -> None:
         return error_body(403, "only the user who received a response may rate it", "permission_error", "response_id")
 
     @app.exception_handler(Exception)
+    @or_disk_full  # the handlers above see most full disks; this one whatever other error one caused
     async def _unexpected(request: Request, exc: Exception):
         logger.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_body(500, "internal error", "internal_error")
@@ -254,6 +293,7 @@ _MEANING = {
     422: "A field is missing or invalid; `param` names it.",
     429: "A rate limit (per user, per address, or of failed authentications) was reached; retry after Retry-After.",
     503: "A backend cannot take this now and nothing was recorded; send the same request again after Retry-After.",
+    507: "The server's disk is full (code disk_full) and nothing was recorded; send it again after Retry-After.",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer", "minimum": 1}}}
 AUTHENTICATED = (401, 429, 503)
@@ -265,7 +305,7 @@ def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     documented: dict[int | str, dict[str, Any]] = {}
     for code in codes:
         documented[code] = {"model": ErrorBody, "description": _MEANING[code]}
-        if code in (429, 503):
+        if code in (429, 503, 507):
             documented[code]["headers"] = _RETRY_AFTER
     return documented
 

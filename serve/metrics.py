@@ -19,7 +19,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from foundation.disk import DiskCollector
 from ingest.spooled_bus import SpoolStatus
+from serve.processes import ProcessCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -108,6 +110,11 @@ class ServeMetrics:
         for reason in SWAP_FAILURE_REASONS:
             self.swap_failures.labels(reason=reason)
         self._answered_at: dict[str, float] = {}  # version → when it last answered (monotonic s)
+        # Read at each scrape: the free space where this server writes (its probe is set once the
+        # state is built), and the processes `kto-loop up` runs beside it (none under `serve`).
+        self.disk, self.processes = DiskCollector(), ProcessCollector()
+        r.register(self.disk)
+        r.register(self.processes)
 
     def set_active(self, version: str | None, base_model: str) -> None:
         self.active_version.info({"version": version or "base", "base_model": base_model})

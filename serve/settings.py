@@ -240,6 +240,15 @@ class ServeSettings(CommonSettings):
     def resolved_spool_path(self) -> Path:
         return self.spool_path or self.data_dir / "spool.sqlite3"
 
+    def written_paths(self) -> list[Path]:
+        """The common ones, and the embedded ledger and the spool (foundation.disk probes them)."""
+        ledger = self.resolved_ledger_url()
+        return [
+            *super().written_paths(),
+            *([urls.sqlite_path(ledger).parent] if urls.names(ledger) == "sqlite" else []),
+            *([self.resolved_spool_path().parent] if self.spooled else []),
+        ]
+
     def resolved_ledger_url(self) -> str:
         if self.ledger_url:
             return self.ledger_url

@@ -21,8 +21,8 @@ from serve.schemas import ActivateRequest, CanaryRequest, CanaryStartRequest, Ro
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/adapters", tags=["admin"], responses=responses(*AUTHENTICATED, 403))
-CHANGES = responses(404, 409)
-"""What a change of the pointer or the canary may be refused with."""
+CHANGES = responses(404, 409, 507)
+"""What a change of the pointer or the canary may be refused with (507: the registry's disk is full)."""
 
 
 @router.get("")

@@ -3,8 +3,10 @@
 Every completed answer is written to the bus as a `response` event, and recorded in the ledger
 that feedback checks, before the client gets its last byte: an id a client can see is an id
 it can rate. No answer goes out unrecorded: when the event spool (Kafka) is full, a request is
-refused with 503 before anything is generated, and an answer whose event could not be written
-ends in a 503 (or, streaming, an error chunk) instead of its last chunk. While the ledger
+refused with 503 before anything is generated (and with 507 when the disk has less free than its
+reserve, foundation.disk), and an answer whose event could not be written ends in a 503, or a
+507 when the disk filled up meanwhile (streaming: an error chunk with the code), instead of its
+last chunk. While the ledger
 (Redis) is away, chat goes on: its entries wait in a backlog (serve.ledger_backlog) and
 ratings of those answers get 503 until it is back.
 """
@@ -69,7 +71,7 @@ async def list_models(state: State, caller: Identified) -> dict:
     return {"object": "list", "data": [{"object": "model", "created": 0, "owned_by": "kto-loop", **e} for e in entries]}
 
 
-@router.post("/v1/chat/completions", responses={200: STREAMED, **responses(404)})
+@router.post("/v1/chat/completions", responses={200: STREAMED, **responses(404, 507)})
 async def chat_completions(body: ChatCompletionRequest, state: State, caller: ChatCaller):
     user = caller.user  # never the body's `user`: a client may write anything there
     adapter = resolve_model(state, body.model, user)
@@ -85,6 +87,7 @@ async def chat_completions(body: ChatCompletionRequest, state: State, caller: Ch
     max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
     if max_tokens > settings.max_tokens_limit:
         raise BadRequest(f"max_tokens is {max_tokens}; the limit is {settings.max_tokens_limit}", param="max_tokens")
+    state.disk.check()  # DiskFull: a 507 now, rather than generate an answer we could not record
     if state.spool is not None:
         state.spool.check_room()  # SpoolFull: a 503 now, rather than an answer we could not record
     request = GenerationRequest(prompt_ids, max_tokens, body.temperature, body.top_p, body.seed, body.stop, adapter)
@@ -158,7 +161,7 @@ class _Call:
                 try:
                     await self._record(out)
                 except ApiError as exc:
-                    yield _sse({"error": {"message": exc.message, "type": exc.type}})
+                    yield _sse({"error": {"message": exc.message, "type": exc.type, "code": exc.code}})
                     break
                 self._observe(out, stream=True)
                 yield self._chunk({}, finish_reason=out.finish_reason)

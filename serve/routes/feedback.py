@@ -8,11 +8,14 @@ Order and concurrency: the ledger is read first (unknown response, wrong user an
 vote are answered without writing anything), then the event is published, and only then is the
 vote set in the ledger, so a vote the ledger knows of always has its event durably written. (If
 the ledger fails in between, the client gets a 503 and its retry writes the same label again,
-which the learner's latest-wins join absorbs.) Replicas share the ledger and it sets votes
-atomically, with no lock in this process: two votes on one response racing on two replicas (or
-two threads) both publish their events, and the ledger's answer decides each one's status:
-exactly one is "recorded"; the other is "changed", or "unchanged" when it repeated the label.
-Nothing is lost: the bus keeps both events and the latest one wins downstream.
+which the learner's latest-wins join absorbs.) A vote that would write while the disk has less
+free than its reserve is refused with 507 before anything is written (foundation.disk); a disk
+that fills up between the two writes is a 507 too, and the retry is absorbed as above.
+Replicas share the ledger and it sets votes atomically, with no lock in this process: two votes
+on one response racing on two replicas (or two threads) both publish their events, and the
+ledger's answer decides each one's status: exactly one is "recorded"; the other is "changed",
+or "unchanged" when it repeated the label. Nothing is lost: the bus keeps both events and the
+latest one wins downstream.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ router = APIRouter(tags=["feedback"], responses=responses(*AUTHENTICATED, 403, 4
 LABELS = {"up": "desirable", "down": "undesirable"}
 
 
-@router.post("/v1/feedback", status_code=202, response_model=FeedbackAccepted)
+@router.post("/v1/feedback", status_code=202, response_model=FeedbackAccepted, responses=responses(507))
 async def feedback(body: FeedbackRequest, state: State, caller: FeedbackCaller) -> FeedbackAccepted:
     user = caller.user
     if user is None:
@@ -48,6 +51,7 @@ async def feedback(body: FeedbackRequest, state: State, caller: FeedbackCaller) 
         return FeedbackAccepted(
             id=entry.feedback_event_id, response_id=body.response_id, label=body.label, status="unchanged"
         )
+    state.disk.check()  # DiskFull: a 507 before writing anything
     event = FeedbackEvent(response_id=body.response_id, user=user, label=label, comment=body.comment)
     await run_in_threadpool(state.bus.publish, state.topics.feedback, body.response_id, encode_event(event))
     previous = await run_in_threadpool(state.ledger.set_vote, body.response_id, user, label, event.event_id)

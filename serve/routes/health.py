@@ -7,6 +7,13 @@ spool does, since every chat and rating would be refused. The registry (and the 
 beside it) is reported but does not decide: while it is away the replica keeps serving its
 current version, and a load balancer that dropped every replica over a Redis restart would
 turn a blip into an outage.
+
+A full disk decides (`disk`): while a filesystem this server writes has less free than the
+reserve (foundation.disk), chat and feedback answer 507, so the replica is not ready; it is
+again once space is freed. Under `kto-loop up`, the learner and the labeler are reported
+(`learner`, `labeler`, and `processes` with restarts and the last exit status) but do not
+decide either: serving works without them, and a load balancer must not drop a replica because
+its learner restarts.
 """
 
 from __future__ import annotations
@@ -46,9 +53,16 @@ async def readyz(state: State) -> JSONResponse:
             checks[name] = True
         except Exception:
             checks[name] = False
+    spaces = await run_in_threadpool(state.disk.spaces)
+    checks["disk"] = all(s.writable for s in spaces)
     ready = all(ok for name, ok in checks.items() if name != "registry")
     status = "not ready" if not ready else "ready" if checks["registry"] else "ready, registry unreachable"
     body: dict = {"status": status, "checks": checks}
+    body["disk"] = [{"path": str(s.path), "free_bytes": s.free_bytes, "reserve_bytes": s.reserve_bytes} for s in spaces]
+    if state.processes is not None:
+        processes = state.processes()
+        checks.update({p.name: p.up for p in processes})  # after `ready`: reported, never deciding
+        body["processes"] = {p.name: p.to_json() for p in processes}
     if state.spool is not None:
         spool = state.spool.status()
         body["spool"] = {

@@ -33,7 +33,7 @@ def _store(state: ServeState) -> KeyStore:
     return state.keys
 
 
-@router.post("", status_code=201, response_model=IssuedKey)
+@router.post("", status_code=201, response_model=IssuedKey, responses=responses(507))
 async def issue_key(user: UserPath, state: State, actor: Admin, body: KeyRequest | None = None) -> IssuedKey:
     body = body or KeyRequest()
     key, secret = await run_in_threadpool(issue, _store(state), user, body.role, name=body.name, created_by=actor)
@@ -47,7 +47,7 @@ async def list_keys(user: UserPath, state: State, actor: Admin) -> KeyList:
     return KeyList(keys=keys)
 
 
-@router.delete("/{key_id}", status_code=204, response_class=Response, responses=responses(404))
+@router.delete("/{key_id}", status_code=204, response_class=Response, responses=responses(404, 507))
 async def revoke_key(
     user: UserPath, key_id: Annotated[str, Path(max_length=64)], state: State, actor: Admin
 ) -> Response:

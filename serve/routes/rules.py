@@ -30,7 +30,7 @@ async def current_rules(state: State, actor: Admin) -> dict[str, Any]:
     return {"version": None, "rules": []} if current is None else _shown(current)
 
 
-@router.put("")
+@router.put("", responses=responses(507))
 async def put_rules(
     state: State,
     actor: Admin,

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/users", tags=["admin"], responses=responses(*AUTHENTICATED, 403))
 
 
-@router.delete("/{user:path}", status_code=202)  # :path: an id may hold "/"
+@router.delete("/{user:path}", status_code=202, responses=responses(507))  # :path: an id may hold "/"
 async def erase_user(
     state: State,
     actor: Admin,

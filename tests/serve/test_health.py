@@ -9,7 +9,8 @@ def test_health_and_ready(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"model": True, "adapters": True, "bus": True, "registry": True}
+    assert ready.json()["checks"] == {"model": True, "adapters": True, "bus": True, "registry": True, "disk": True}
+    assert "processes" not in ready.json()  # plain `serve` runs nothing beside it
 
 
 def test_not_ready_when_the_bus_is_gone(client, state):
