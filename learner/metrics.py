@@ -29,6 +29,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from foundation.disk import DiskCollector
+
 logger = logging.getLogger(__name__)
 
 LABELS = ("desirable", "undesirable")
@@ -130,6 +132,14 @@ class LearnerMetrics:
             "Examples the replay buffer's bound dropped (not erasures).",
             registry=r,
         )
+        self.disk_full = Counter(
+            "kto_learner_disk_full_total", "Turns of the loop cut short by a full disk (learner.disk_wait).", registry=r
+        )
+        self.waiting_for_disk = Gauge(
+            "kto_learner_waiting_for_disk", "1 while the learner waits for disk space, else 0.", registry=r
+        )
+        self.disk = DiskCollector()  # its probe is set by the loop
+        r.register(self.disk)
         for outcome in UPDATE_OUTCOMES:
             self.updates.labels(outcome=outcome)
         for reason in GATE_REASONS:
