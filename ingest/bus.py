@@ -95,7 +95,8 @@ class Consumer(Protocol):
     def poll(self, timeout_s: float = 1.0, max_records: int = 500) -> list[Record]:
         """Records after this consumer's position, in offset order per partition.
 
-        The position starts at the group's committed offset, or at offset 0 when there is none.
+        The position starts at the group's committed offset, or at the earliest record when there
+        is none (or when retention deleted the records there).
         Waits up to ``timeout_s`` for something new; returns ``[]`` if nothing arrived.
         """
         ...

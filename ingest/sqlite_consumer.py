@@ -1,8 +1,10 @@
 """Consumers of the embedded bus (``ingest.sqlite_bus``) and their delivery rules.
 
-- A consumer's position starts at its group's committed offset (or 0, the earliest record);
-  ``poll`` advances the position but never commits. ``commit`` stores the NEXT offset to read,
-  as Kafka does.
+- A consumer's position starts at its group's committed offset (or 0); ``poll`` advances the
+  position but never commits. ``commit`` stores the NEXT offset to read, as Kafka does. A
+  position below the earliest record that retention kept reads from that record on (Kafka's
+  ``auto.offset.reset=earliest``); retention never deletes what a group has not committed past
+  (``ingest.sqlite_retention``), so only a new group, a seek or a lower commit gets there.
 - Delivery is at least once: records polled but not committed are delivered again (to the
   same group) after a crash, a ``close``, or a lost lease. Consumers must therefore be idempotent
   by ``event_id``, and should commit only once the records' effects are durable.
