@@ -111,11 +111,11 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
 
     try:
         while not stop.is_set():
+            # ---- 0. retention: bound the bus and the buffer, every KTO_RETENTION_EVERY_S (before
+            #      the disk check: deleting is what frees a disk the bus filled) ----
+            retention.tick()
             with disk:  # a turn cut short by a full disk is waited out, then the loop turns again
                 disk.check()  # under the reserve: wait before writing anything
-                # ---- 0. retention: bound the bus and the buffer, every KTO_RETENTION_EVERY_S ----
-                retention.tick()
-
                 # ---- 1. consume: events become durable examples, then offsets are committed ----
                 joiner.poll_once(timeout_s=settings.poll_timeout_s)
                 metrics.refresh_lag(joiner.lag)
