@@ -54,6 +54,14 @@ class CommonSettings(BaseSettings):
     """Free space kept back on each disk this process writes (MiB; at most 5% of a small disk):
     below it chat and feedback answer 507, /readyz 503, and the learner waits (foundation.disk)."""
 
+    rollback_depth: int = Field(3, ge=0)
+    """Retention: how many steps of the rollback stack keep their adapter files, so that this
+    many plain rollbacks in a row still land on a loadable version (registry.retention)."""
+
+    retention_grace_s: float = Field(60.0, ge=0)
+    """Retention: a ready version that no rule keeps (not active, canary, pinned, in the stack's
+    depth, or the newest) keeps its files this long after its publish."""
+
     @field_validator("model", "model_id", "adapter_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value):

@@ -268,6 +268,7 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
                     optimizer = None  # the next update starts again from the head
                 state.watermark, state.deferred = watermark, deferred
                 state.save()
+                retention.after_publish()  # what this version replaced goes now, not at the next tick
                 logger.info("update -> %s: %s", version, stats.summary())
             if disk.interrupted:
                 optimizer = None  # an update may have been cut short: the next one starts again from the head

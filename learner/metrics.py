@@ -132,6 +132,11 @@ class LearnerMetrics:
             "Examples the replay buffer's bound dropped (not erasures).",
             registry=r,
         )
+        self.versions_pruned = Counter(
+            "kto_learner_versions_pruned_total",
+            "Adapter versions whose files the learner's retention deleted (registry.retention).",
+            registry=r,
+        )
         self.disk_full = Counter(
             "kto_learner_disk_full_total", "Turns of the loop cut short by a full disk (learner.disk_wait).", registry=r
         )

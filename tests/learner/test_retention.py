@@ -60,3 +60,34 @@ def test_buffer_retention_keeps_a_running_canarys_examples_and_counts_the_rest(
     assert len(kept(buffer)) == 4 and not any(i.startswith("old") for i in kept(buffer))
     assert buffer.rated_since([v1], since=registry.canary().since) == evidence == {v1: (4, 2)}
     assert sample(metrics, "kto_learner_examples_dropped_total") == 6
+
+
+def test_a_canary_lineage_keeps_at_most_depth_plus_two_versions_on_disk(
+    tmp_path: Path, event_bus: SqliteBus, buffer: ReplayBuffer, registry: Any, publish: Any
+) -> None:
+    """With the default policy, the learner's publishes (each advancing its canary, then a
+    promotion) never leave more than the rollback depth plus two versions' files, and every
+    rollback the depth promises still lands on a loadable version."""
+    metrics = LearnerMetrics()
+    config = settings(tmp_path)
+    retention, on_disk = Retention(event_bus, buffer, registry, config, metrics), []
+    for _promotion in range(config.rollback_depth + 3):
+        candidate = None
+        for _update in range(4):
+            version = publish(candidate or registry.active())
+            if candidate is None:
+                registry.start_canary(version, 0.1, actor="learner")
+            else:
+                registry.advance_canary(candidate, version, actor="learner")
+            candidate = version
+            retention.after_publish()
+            on_disk.append(registry.disk_usage().versions)
+        registry.promote_canary(candidate, actor="canary-controller")
+        retention.after_publish()
+    assert max(on_disk) <= config.rollback_depth + 2
+    pruned = sum(e.action == "prune" for e in registry.history())
+    assert pruned == len(registry.list_versions()) - registry.disk_usage().versions
+    assert sample(metrics, "kto_learner_versions_pruned_total") == pruned
+    for _ in range(config.rollback_depth):
+        entry = registry.rollback(actor="op")
+        assert entry.version is None or registry.get(entry.version).pruned_at is None
