@@ -183,10 +183,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _learn(settings) -> int:
+    """Exit 2 with one line on what a restart cannot fix (kto_loop.supervisor does not retry it),
+    1 with one line on a disk full at start-up (a restart once space is freed goes on)."""
+    from foundation.disk import is_disk_full
+    from foundation.sqlite import NewerLayout
+    from learner.loop import CannotStart
     from learner.loop import main as learn
 
-    learn(settings)
+    try:
+        learn(settings)
+    except Exception as exc:
+        newer = _cause(exc, NewerLayout)
+        if isinstance(exc, CannotStart) or newer is not None:
+            sys.stderr.write(f"kto-loop: {newer or exc}; a restart cannot fix this\n")
+            return 2
+        if is_disk_full(exc):
+            sys.stderr.write(f"kto-loop: the disk is full ({exc}); start the learner again once space is freed\n")
+            return 1
+        raise
     return 0
+
+
+def _cause(exc: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of `kind` in `exc`'s cause/context chain."""
+    while exc is not None and not isinstance(exc, kind):
+        exc = exc.__cause__ or exc.__context__
+    return exc
 
 
 def _label(settings) -> int:
@@ -204,13 +226,15 @@ def _label(settings) -> int:
 
 def _up(settings, argv: list[str], log_level: str) -> int:
     """The learner and the labeler as child processes (training must not steal the server's GIL),
-    serve here.
+    restarted when they die (kto_loop.supervisor) and reported in /readyz and /metrics; serve here.
 
     Unless KTO_TORCH_THREADS says otherwise, the cores are split between the two: each starting
     one torch thread per core made updates 40x slower on a busy 2-core machine (bench/learner.py).
     """
     import os
-    import subprocess
+    import signal
+
+    from kto_loop.supervisor import Supervisor
 
     if settings.torch_threads is None:
         settings.torch_threads = max(1, (os.cpu_count() or 2) // 2)
@@ -222,27 +246,25 @@ def _up(settings, argv: list[str], log_level: str) -> int:
         ensure_demo_model(settings.data_dir)  # once, before two processes would both build it
     learner_args = _without_port([a if a != "up" else "learn" for a in argv])  # --port is the server's
     labeler_args = [a if a != "learn" else "label" for a in learner_args]
-    learner = subprocess.Popen([sys.executable, "-m", "kto_loop.cli", *learner_args], env=env)
+    # uvicorn shuts down on SIGTERM, then raises it again: leave through the `finally` below, which
+    # stops the children, rather than die at once and leave them running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    children = Supervisor()
+    learner = children.start("learner", [sys.executable, "-m", "kto_loop.cli", *learner_args], env)
     # KTO_METRICS_PORT is the learner's under `up`; two processes cannot listen on it.
     labeler_env = {k: v for k, v in env.items() if k != "KTO_METRICS_PORT"}
-    labeler = subprocess.Popen([sys.executable, "-m", "kto_loop.cli", *labeler_args], env=labeler_env)
+    labeler = children.start("labeler", [sys.executable, "-m", "kto_loop.cli", *labeler_args], labeler_env)
     logger.info(
         "learner (pid %d) and labeler (pid %d) started; chat in a browser at http://%s:%d/ (API under /v1)",
-        learner.pid,
-        labeler.pid,
+        learner,
+        labeler,
         settings.host,
         settings.port,
     )
     try:
-        return _serve(settings, log_level)
+        return _serve(settings, log_level, processes=children.status)
     finally:
-        for child in (labeler, learner):
-            child.terminate()
-        for child in (labeler, learner):
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        children.stop()
 
 
 def _without_port(argv: list[str]) -> list[str]:
@@ -304,12 +326,13 @@ def _simulate(settings, args) -> int:
     return 0
 
 
-def _serve(settings, log_level: str = "info") -> int:
+def _serve(settings, log_level: str = "info", processes=None) -> int:
+    """``processes``: what `up` runs beside the server, for /readyz and /metrics (serve.processes)."""
     import uvicorn
 
-    from serve.app import server_config
+    from serve.app import create_app, server_config
 
-    uvicorn.Server(server_config(settings, log_level=log_level)).run()
+    uvicorn.Server(server_config(settings, create_app(settings, processes=processes), log_level=log_level)).run()
     return 0
 
 

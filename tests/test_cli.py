@@ -188,3 +188,22 @@ def test_keys_commands(monkeypatch, capsys, tmp_path, tiny_model_dir):
         assert capsys.readouterr().out.strip() == "revoked"
         assert main(["keys", "list", "ops", *port]) == 1  # that key was the credential: now refused
         assert "401" in capsys.readouterr().err
+
+
+def test_learn_exits_2_with_one_line_on_a_model_that_cannot_load(capsys, tmp_path):
+    assert main(["learn", "--data-dir", str(tmp_path), "--model", str(tmp_path / "no-such-model")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kto-loop: the model") and "a restart cannot fix this" in err
+    assert "Traceback" not in err
+
+
+def test_learn_exits_2_with_one_line_on_a_file_of_a_newer_layout(capsys, tmp_path, tiny_model_dir):
+    import sqlite3
+
+    (tmp_path / "learner").mkdir()
+    with sqlite3.connect(tmp_path / "learner" / "buffer.sqlite3") as newer:
+        newer.execute("PRAGMA user_version = 999")
+    assert main(["learn", "--data-dir", str(tmp_path), "--model", str(tiny_model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "newer than this code's" in err and "a restart cannot fix this" in err
+    assert "Traceback" not in err
