@@ -59,8 +59,8 @@ class CommonSettings(BaseSettings):
     many plain rollbacks in a row still land on a loadable version (registry.retention)."""
 
     retention_grace_s: float = Field(60.0, ge=0)
-    """Retention: a ready version that no rule keeps (not active, canary, pinned, in the stack's
-    depth, or the newest) keeps its files this long after its publish."""
+    """Retention: a ready version newer than what serves, that no other rule keeps (active,
+    canary, pinned, the stack's depth, the newest), keeps its files this long after its publish."""
 
     @field_validator("model", "model_id", "adapter_dir", mode="before")
     @classmethod

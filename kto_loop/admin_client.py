@@ -56,6 +56,12 @@ def _request(client, base: str, args):
         return client.post(f"{url}/{args.version}/activate", json={"reason": args.reason})
     if args.action == "canary":
         return _canary_request(client, f"{url}/canary", args)
+    if args.action == "prune":
+        return client.post(f"{url}/prune", json={"dry_run": args.dry_run, "reason": args.reason})
+    if args.action == "pin":
+        return client.put(f"{url}/{args.version}/pin", json={"reason": args.reason})
+    if args.action == "unpin":
+        return client.delete(f"{url}/{args.version}/pin")
     return client.post(f"{url}/rollback", json={"to": args.version, "reason": args.reason})
 
 
@@ -84,6 +90,10 @@ def _render(command: str, action: str, reply) -> str:
         return "\n".join(_entry(e) for e in body["history"])
     if action == "canary":
         return _render_canary(body)
+    if action == "prune":
+        return _render_prune(body)
+    if action in ("pin", "unpin"):
+        return f"{body['version']} {'pinned' if body['pinned'] else 'unpinned'}" + ("" if body["entry"] else " already")
     if action in ("show", "erase"):
         return json.dumps(body, indent=2)
     return f"active: {body['active'] or 'base'} (serving here: {body['serving'] or 'base'})"
@@ -92,11 +102,21 @@ def _render(command: str, action: str, reply) -> str:
 def _entry(e: dict) -> str:
     if e["action"] in ("activate", "rollback", "canary_promote"):
         move = f"{e['previous'] or 'base'} -> {e['version'] or 'base'}"
+    elif e["action"] == "prune":
+        move = f"{e['version']} files deleted ({e['evidence']['bytes']} bytes)"
     elif e["action"] == "erasure":
         move = f"{e['evidence']['request_id']} flagged {', '.join(e['evidence']['flagged_versions']) or 'nothing'}"
     else:  # a canary step: the pointer stayed on `previous`
         move = f"{e['version']} (active {e['previous'] or 'base'})"
     return f"{e['seq']:>4} {e['action']:<15} {move} by {e['actor']}: {e['reason']}"
+
+
+def _render_prune(body: dict) -> str:
+    verb = "would prune" if body["dry_run"] else "pruned"
+    rows = [f"{verb}: {', '.join(body['pruned']) or 'nothing'} ({body['freed_bytes']} bytes)"]
+    rows += [f"kept {version}: {why}" for version, why in body["kept"].items()]
+    rows.append(f"on disk: {body['on_disk']['versions']} versions, {body['on_disk']['bytes']} bytes")
+    return "\n".join(rows)
 
 
 def _render_canary(body: dict) -> str:

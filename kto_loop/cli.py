@@ -6,6 +6,7 @@
     kto-loop up           serve + learn + label on the embedded default: what `make run` starts
     kto-loop simulate     users who chat and rate by rules, with a learning curve
     kto-loop adapters …   list | show VERSION | activate VERSION | rollback [VERSION] | history
+                          | prune [--dry-run] | pin VERSION | unpin VERSION
                           | canary show | start VERSION | promote | rollback | pause | resume,
                           against a running server
     kto-loop users erase USER   erase a user's data (ledger, keys, learner buffer; flags versions)
@@ -102,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("version", nargs="?")
     rollback.add_argument("--reason", default="")
     actions.add_parser("history", parents=[common], help="every activation, rollback, canary step and erasure")
+    prune = actions.add_parser("prune", parents=[common], help="delete the files of versions retention lets go")
+    prune.add_argument("--dry-run", action="store_true", help="only say which versions would go, and why others stay")
+    prune.add_argument("--reason", default="")
+    for verb, what in (("pin", "keep VERSION's files whatever retention says"), ("unpin", "let retention decide")):
+        pinning = actions.add_parser(verb, parents=[common], help=what)
+        pinning.add_argument("version")
+        pinning.add_argument("--reason", default="")
     show = actions.add_parser("show", parents=[common], help="VERSION's lineage, flags, history, responses and votes")
     show.add_argument("version")
     canary = actions.add_parser("canary", help="a new version for a share of users first: show, start, decide")

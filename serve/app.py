@@ -29,7 +29,7 @@ from serve.ledger_backlog import BackloggedLedger
 from serve.metrics import ServeMetrics
 from serve.processes import ProcessReport
 from serve.rate_limits import RateLimits
-from serve.routes import admin, audit, chat, feedback, health, keys, me, page, rules, users
+from serve.routes import admin, audit, chat, feedback, health, keys, me, page, retention, rules, users
 from serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def create_app(settings: ServeSettings, *, processes: ProcessReport | None = Non
     errors.document(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     # keys before users: DELETE /v1/users/{user:path} would take a key's URL too
-    for module in (chat, feedback, me, admin, audit, health, page, keys, users, rules):
+    for module in (chat, feedback, me, admin, retention, audit, health, page, keys, users, rules):
         app.include_router(module.router)
     return app
 
@@ -99,6 +99,7 @@ def _build_state(settings: ServeSettings) -> ServeState:
     )
     ledger = BackloggedLedger(open_ledger(settings.resolved_ledger_url(), ttl_s=settings.ledger_ttl_s))
     metrics.watch_ledger(lambda: ledger.backlog)
+    metrics.watch_registry(registry.disk_usage)
     keys = open_key_store(settings.resolved_keys_url()) if settings.auth == "api-key" else None
     auth, limits = Authenticator(settings, keys), RateLimits(settings, metrics)
     # Last, so that no later failure leaves the spool's lock and forwarder thread behind.

@@ -32,6 +32,7 @@ from registry import (
     RegistryUnavailable,
     UnknownVersion,
     VerificationError,
+    VersionPruned,
     VersionRejected,
 )
 from serve.credentials import KeysUnavailable
@@ -188,6 +189,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(UnknownVersion)
     async def _unknown(request: Request, exc: UnknownVersion):
+        if isinstance(exc, VersionPruned):
+            return error_body(404, str(exc), "not_found_error", "version", "version_pruned")
         return error_body(404, f"unknown adapter version {exc.version!r}", "not_found_error", "version")
 
     @app.exception_handler(VersionRejected)

@@ -7,7 +7,8 @@ compatibility with the loaded base model) off the event loop, loaded on the engi
 its immutable name, and only then do new requests use it. Requests already running keep the
 version they were pinned to; the previous version stays loaded for an instant rollback; older
 ones are unloaded once no request holds them. A version that fails verification is marked
-rejected with its reason, and the pointer is rolled back by the registry.
+rejected with its reason, and the pointer is rolled back by the registry; one whose files
+retention deleted meanwhile (registry.retention) is only skipped.
 
 The canary (registry.canary) is followed the same way: every canary step bumps the pointer's
 counter, its candidate is verified and loaded like an active version, and only then are the
@@ -136,6 +137,9 @@ class HotSwap:
             return True
         reasons = await asyncio.to_thread(self.check, version)
         if reasons:
+            if await asyncio.to_thread(self._pruned, version):
+                logger.info("not loading %s: retention deleted its files since the pointer named it", version)
+                return False
             reason = "; ".join(reasons)
             logger.error("refusing adapter %s: %s; staying on %s", version, reason, self.serving or "base")
             self.metrics.swap_failures.labels(reason="verification").inc()
@@ -151,6 +155,11 @@ class HotSwap:
             return False
         self.metrics.adapter_load_seconds.observe(seconds)
         return True
+
+    def _pruned(self, version: str) -> bool:
+        # A prune may land between reading the pointer and loading: missing files are then not
+        # a broken version, and rejecting it would write a false reason into the history.
+        return self.registry.get(version).pruned_at is not None
 
     def _refuse(self, version: str, reason: str) -> None:
         # If it is the active version, the registry rolls the pointer back in the same transaction.

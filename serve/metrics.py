@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from foundation.disk import DiskCollector
 from ingest.spooled_bus import SpoolStatus
+from registry.pruning import DiskUsage
 from serve.processes import ProcessCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -147,9 +148,29 @@ class ServeMetrics:
             registry=self.registry,
         ).set_function(backlog)
 
+    def watch_registry(self, usage: Callable[[], DiskUsage]) -> None:
+        """Export what the registry's adapter files take on disk (a walk of its version
+        directories at each scrape: retention keeps them few)."""
+        self.registry.register(_RegistryDiskCollector(usage))
+
     def watch_spool(self, status: Callable[[], SpoolStatus]) -> None:
         """Export the event spool's state (only servers that spool, i.e. on Kafka, have these)."""
         self.registry.register(_SpoolCollector(status))
+
+
+class _RegistryDiskCollector(Collector):
+    def __init__(self, usage: Callable[[], DiskUsage]) -> None:
+        self.usage = usage
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            usage = self.usage()
+        except OSError:  # the shared adapter directory is away: no number beats a wrong one
+            return
+        yield GaugeMetricFamily("kto_registry_bytes", "Bytes of adapter files in the registry.", value=usage.bytes)
+        yield GaugeMetricFamily(
+            "kto_registry_versions_on_disk", "Adapter versions whose files are on disk.", value=usage.versions
+        )
 
 
 class _SpoolCollector(Collector):

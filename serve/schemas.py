@@ -112,6 +112,16 @@ class ActivateRequest(BaseModel):
     reason: Text = Field("", max_length=500)
 
 
+class PinRequest(BaseModel):
+    reason: Text = Field("", max_length=500)
+
+
+class PruneRequest(BaseModel):
+    dry_run: bool = False
+    """Only say which versions would lose their files."""
+    reason: Text = Field("", max_length=500)
+
+
 class CanaryStartRequest(BaseModel):
     version: Text = Field(min_length=1, max_length=128)
     share: float = Field(gt=0, le=1)

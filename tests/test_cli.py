@@ -67,6 +67,22 @@ def test_adapters_commands(monkeypatch, capsys, tmp_path, tiny_model_dir, make_a
         assert main(["adapters", "history", *port]) == 0
         assert f"erasure         req-1 flagged {v1} by learner" in capsys.readouterr().out
 
+        # retention: v1 is active, v2 the newest; a third, older than neither, is the one to go
+        assert main(["adapters", "pin", v2, "--reason", "keep", *port]) == 0
+        assert capsys.readouterr().out.strip() == f"{v2} pinned"
+        assert main(["adapters", "prune", "--dry-run", *port]) == 0
+        dry = capsys.readouterr().out
+        assert "would prune: nothing" in dry and f"kept {v1}: active" in dry and f"kept {v2}: pinned" in dry
+        assert main(["adapters", "unpin", v2, *port]) == 0
+        assert main(["adapters", "activate", v2, *port]) == 0
+        assert main(["adapters", "rollback", "base", *port]) == 0  # stack emptied past v1 and v2
+        capsys.readouterr()
+        server.state.settings.retention_grace_s = 0.0  # the server's policy decides
+        assert main(["adapters", "prune", *port]) == 0
+        assert f"pruned: {v1}" in capsys.readouterr().out  # v2 stays: the newest ready version
+        assert main(["adapters", "history", *port]) == 0
+        assert f"prune           {v1} files deleted" in capsys.readouterr().out
+
         assert main(["adapters", "activate", "v9999", *port]) == 1
         assert "unknown adapter version" in capsys.readouterr().err
         monkeypatch.setenv("KTO_ADMIN_TOKEN", "wrong")

@@ -13,7 +13,7 @@ import logging
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from registry import BASE
+from registry import BASE, VersionPruned
 from registry import canary as canary_rules
 from serve.deps import Admin, ServeState, State
 from serve.errors import AUTHENTICATED, Conflict, responses
@@ -145,7 +145,9 @@ def _is_base(state: ServeState, name: str) -> bool:
 
 async def _check(state: ServeState, version: str) -> None:
     """Refuse (409) a version this server cannot load, before the pointer moves."""
-    await run_in_threadpool(state.registry.get, version)  # UnknownVersion -> 404
+    info = await run_in_threadpool(state.registry.get, version)  # UnknownVersion -> 404
+    if info.pruned_at is not None:  # its files are gone on purpose: not a broken version to reject
+        raise VersionPruned(version, info.pruned_at)
     reasons = await run_in_threadpool(state.hotswap.check, version)
     if reasons:
         await run_in_threadpool(state.registry.reject, version, "; ".join(reasons))

@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from foundation.models import render_prompt
 from ingest.events import ChatMessage, ResponseEvent, SamplingParams, encode_event
+from registry import RegistryError
 from serve.deps import ChatCaller, Identified, ServeState, State
 from serve.engine import Delta, Failed, Finished, GenerationRequest, Output
 from serve.errors import AUTHENTICATED, ApiError, BadRequest, NotFound, responses, unavailable
@@ -74,7 +75,7 @@ async def list_models(state: State, caller: Identified) -> dict:
 @router.post("/v1/chat/completions", responses={200: STREAMED, **responses(404, 507)})
 async def chat_completions(body: ChatCompletionRequest, state: State, caller: ChatCaller):
     user = caller.user  # never the body's `user`: a client may write anything there
-    adapter = resolve_model(state, body.model, user)
+    adapter = await resolve_model(state, body.model, user)
     messages = [{"role": m.role, "content": m.content} for m in body.messages]
     prompt_ids = render_prompt(state.loaded.tokenizer, messages)
     settings = state.settings
@@ -97,9 +98,10 @@ async def chat_completions(body: ChatCompletionRequest, state: State, caller: Ch
     return await call.complete()
 
 
-def resolve_model(state: ServeState, name: str | None, user: str | None = None) -> str | None:
+async def resolve_model(state: ServeState, name: str | None, user: str | None = None) -> str | None:
     """The version a request is pinned to: the active one (or, for users in a canary's share, its
-    candidate), the base (None), or a named version."""
+    candidate), the base (None), or a named version loaded here. A version whose files retention
+    deleted is named as such (404 `version_pruned`)."""
     settings = state.settings
     if not name or name == settings.served_model_name:
         return state.hotswap.route(user)
@@ -107,6 +109,14 @@ def resolve_model(state: ServeState, name: str | None, user: str | None = None) 
         return None
     if name in state.engine.loaded_versions:
         return name
+    pruned_at = await run_in_threadpool(_pruned_at, state, name)
+    if pruned_at is not None:
+        raise NotFound(
+            f"adapter version {name!r} was pruned at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(pruned_at))}:"
+            " retention deleted its files (an operator can pin versions to keep them)",
+            param="model",
+            code="version_pruned",
+        )
     raise NotFound(
         f"model {name!r} is not served here; GET /v1/models lists what is", param="model", code="model_not_found"
     )
@@ -256,3 +266,10 @@ class _GenerationFailed(ApiError):
 
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def _pruned_at(state: ServeState, name: str) -> float | None:
+    try:
+        return state.registry.get(name).pruned_at
+    except RegistryError:  # not a version, or the registry is away: "not served here" says enough
+        return None

@@ -82,6 +82,11 @@ def test_every_operation_keeps_the_contract(caller):
                 continue
             except Exception as exc:  # a failed check, with the request that reproduces it
                 failures[f"{operation.label} ({mode.value})"] = str(exc)[:2000]
+        if operation.label == "POST /v1/chat/completions":  # both kinds of answer, whatever the draw
+            for stream in (False, True):
+                case = operation.Case(body={"messages": [{"role": "user", "content": "hi"}], "stream": stream})
+                reply = case.call_and_validate(base_url=url, headers=headers, checks=CHECKS, timeout=120)
+                seen[operation.label].add((reply.status_code, reply.headers["content-type"][0].split(";")[0]))
     assert not failures, "\n\n".join(f"{label}:\n{text}" for label, text in failures.items())
     # Both kinds of answer to a chat were seen, so both were held to their schemas.
     assert {(200, "application/json"), (200, "text/event-stream")} <= seen["POST /v1/chat/completions"]
