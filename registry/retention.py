@@ -18,8 +18,9 @@ weights, the bulk of the disk) go. The files of a version stay while any of thes
 
 A version the gate or a canary rejected can never be served again, a candidate its canary
 advanced past will not be served again, and a version older than what serves was superseded
-by it: no grace for these. Everything else goes once no rule keeps it. A pruned version answers 404 wherever it is named for serving, and a stack rollback
-skips it like a rejected one (the base model stays the floor).
+by it: no grace for these. Everything else goes once no rule keeps it. A pruned version answers
+404 wherever it is named for serving, and a stack rollback skips it like a rejected one (the
+base model stays the floor).
 """
 
 from __future__ import annotations
