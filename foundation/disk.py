@@ -135,7 +135,9 @@ class DiskCollector(Collector):
             "free": GaugeMetricFamily("kto_disk_free_bytes", "Free space where this process writes.", labels=["path"]),
             "size": GaugeMetricFamily("kto_disk_size_bytes", "Size of that filesystem.", labels=["path"]),
             "reserve": GaugeMetricFamily(
-                "kto_disk_reserve_bytes", "Below this much free, writes are refused (507).", labels=["path"]
+                "kto_disk_reserve_bytes",
+                "Below this much free, chat and feedback get 507, the learner waits.",
+                labels=["path"],
             ),
         }
         try:
