@@ -11,6 +11,7 @@
                           against a running server
     kto-loop users erase USER   erase a user's data (ledger, keys, learner buffer; flags versions)
     kto-loop keys …       create USER [--role R] | list USER | revoke USER KEY_ID (KTO_AUTH=api-key)
+    kto-loop bus delete-group GROUP   forget a consumer group of the embedded bus that is gone
 
 Options on the command line override `KTO_*` environment variables.
 """
@@ -144,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = key_actions.add_parser("revoke", parents=[common], help="revoke USER's key KEY_ID on every replica")
     revoke.add_argument("user")
     revoke.add_argument("key_id")
+    bus = sub.add_parser("bus", help="the embedded event log (on Kafka: kafka-consumer-groups)")
+    bus_actions = bus.add_subparsers(dest="action", required=True)
+    forget = bus_actions.add_parser(
+        "delete-group",
+        parents=[common],
+        help="forget consumer group GROUP, gone for good, so it holds back no retention",
+    )
+    forget.add_argument("group")
     return parser
 
 
@@ -187,7 +196,30 @@ def main(argv: list[str] | None = None) -> int:
         return _up(settings, argv if argv is not None else sys.argv[1:], args.log_level)
     if args.command == "simulate":
         return _simulate(settings, args)
+    if args.command == "bus":
+        return _delete_group(settings, args.group)
     return admin_client.run(settings, args)
+
+
+def _delete_group(settings, group: str) -> int:
+    """The embedded bus's `kafka-consumer-groups --delete`: on the bus file itself, no server needed."""
+    from ingest.bus import open_bus
+    from ingest.sqlite_bus import SqliteBus
+
+    bus = open_bus(settings.bus_url)
+    try:
+        if not isinstance(bus, SqliteBus):
+            sys.stderr.write("kto-loop: the bus is Kafka: kafka-consumer-groups --delete --group " + group + "\n")
+            return 2
+        try:
+            deleted = bus.delete_group(group)
+        except ValueError as exc:  # a member is alive: stop it first
+            sys.stderr.write(f"kto-loop: {exc}\n")
+            return 1
+    finally:
+        bus.close()
+    print(f"deleted group {group}" if deleted else f"no group {group}")
+    return 0
 
 
 def _learn(settings) -> int:

@@ -223,3 +223,20 @@ def test_learn_exits_2_with_one_line_on_a_file_of_a_newer_layout(capsys, tmp_pat
     err = capsys.readouterr().err
     assert "newer than this code's" in err and "a restart cannot fix this" in err
     assert "Traceback" not in err
+
+
+def test_bus_delete_group_forgets_a_group_that_holds_retention_back(tmp_path, capsys):
+    from ingest.sqlite_bus import SqliteBus
+
+    with SqliteBus(tmp_path / "bus.sqlite3") as bus:
+        bus.publish("kto.responses", None, b"x")
+        gone = bus.consumer("old-labeler", ["kto.responses"])
+        gone.commit({("kto.responses", 0): 0})
+        gone.close()
+    data = ["--data-dir", str(tmp_path)]
+    assert main(["bus", "delete-group", "old-labeler", *data]) == 0
+    assert capsys.readouterr().out.strip() == "deleted group old-labeler"
+    assert main(["bus", "delete-group", "old-labeler", *data]) == 0
+    assert capsys.readouterr().out.strip() == "no group old-labeler"
+    with SqliteBus(tmp_path / "bus.sqlite3") as bus:
+        assert bus.enforce_retention(max_age_s=None, max_bytes=1).deleted  # nothing holds it back now
