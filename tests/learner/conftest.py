@@ -20,6 +20,7 @@ from ingest.sqlite_bus import SqliteBus
 from learner.buffer import ReplayBuffer
 from learner.consumer import EventJoiner
 from learner.join import ApplyResult, Polled
+from learner.settings import LearnerSettings
 from registry import SqliteRegistry
 from tests.tiny import TINY_MODEL_ID, FakeClock, spawn_scripts
 
@@ -218,3 +219,18 @@ def publish(registry, make_adapter):
         ).version
 
     return publish
+
+
+def quick_learner(data_dir: Path, model_dir: Path, **overrides: Any) -> LearnerSettings:
+    """A learner on the tiny model that updates after a few labels, in a few small steps: what
+    tests of the running loop need."""
+    fast: dict[str, Any] = {
+        "min_new_labels": 16,
+        "micro_batch": 8,
+        "steps_per_update": 4,
+        "max_wait_s": 0.5,
+        "min_labels_on_timer": 4,
+        "poll_timeout_s": 0.1,
+        "learning_rate": 1e-2,
+    }
+    return LearnerSettings(data_dir=data_dir, model=str(model_dir), model_id=TINY_MODEL_ID, **{**fast, **overrides})

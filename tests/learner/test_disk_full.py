@@ -11,11 +11,10 @@ import pytest
 from foundation.disk import DiskFull, DiskProbe
 from learner.disk_wait import DiskWait
 from learner.metrics import LearnerMetrics
-from learner.settings import LearnerSettings
 from registry import open_registry
 from testkit.waiting import wait_for
+from tests.learner.conftest import quick_learner
 from tests.learner.test_loop import WAIT_S, publish_ratings
-from tests.tiny import TINY_MODEL_ID
 from tests.tmpfs import MiB, fill, small_disk
 
 
@@ -61,18 +60,11 @@ def test_the_learner_waits_out_a_full_disk_and_trains_on_what_came_meanwhile(tmp
     from learner.loop import main
 
     with small_disk(tmp_path / "data", 64 * MiB) as disk:
-        settings = LearnerSettings(
-            data_dir=disk,
+        settings = quick_learner(
+            disk,
+            tiny_model_dir,
             bus_url=f"sqlite:///{tmp_path / 'bus.sqlite3'}",  # elsewhere: ratings go on arriving
             disk_reserve_mb=0,  # no reserve: the learner's own writes meet the full disk
-            model=str(tiny_model_dir),
-            model_id=TINY_MODEL_ID,
-            min_new_labels=16,
-            micro_batch=8,
-            steps_per_update=4,
-            max_wait_s=0.5,
-            min_labels_on_timer=4,
-            poll_timeout_s=0.1,
             canary_share=0.0,
         )
         registry = open_registry(settings.registry_url)

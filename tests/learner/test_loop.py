@@ -19,6 +19,7 @@ from learner.settings import LearnerSettings
 from registry import BASE, open_registry
 from testkit import processes
 from testkit.waiting import wait_for
+from tests.learner.conftest import quick_learner
 from tests.tiny import TINY_MODEL_ID
 
 WAIT_S = 120.0
@@ -59,19 +60,7 @@ def publish_ratings(settings: LearnerSettings, tokenizer, n: int, seed: int) -> 
 
 @pytest.fixture
 def learner_settings(tmp_path, tiny_model_dir) -> LearnerSettings:
-    return LearnerSettings(
-        data_dir=tmp_path,
-        model=str(tiny_model_dir),
-        model_id=TINY_MODEL_ID,
-        min_new_labels=16,
-        micro_batch=8,
-        steps_per_update=4,
-        max_wait_s=0.5,
-        min_labels_on_timer=4,
-        poll_timeout_s=0.1,
-        learning_rate=1e-2,
-        canary_share=0.0,
-    )  # versions go live at once (canaries: test_canary.py)
+    return quick_learner(tmp_path, tiny_model_dir, canary_share=0.0)  # live at once (canaries: test_canary.py)
 
 
 def test_publishes_with_lineage_and_builds_on_the_active_version(learner_settings, tiny_model):

@@ -14,12 +14,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from learner.endpoint import MetricsEndpoint
 from learner.metrics import LearnerMetrics
-from learner.settings import LearnerSettings
 from testkit.ports import free_port
 from testkit.waiting import wait_for
+from tests.learner.conftest import quick_learner
 from tests.learner.test_loop import WAIT_S, publish_ratings
 from tests.prometheus import check_metrics
-from tests.tiny import TINY_MODEL_ID
 
 SUMMARY = {
     "steps": 4,
@@ -156,19 +155,7 @@ def test_endpoint_serves_metrics_and_health_and_nothing_else():
 def test_a_running_learner_exposes_its_update_over_http(tmp_path, tiny_model_dir, tiny_model):
     from learner.loop import main
 
-    settings = LearnerSettings(
-        data_dir=tmp_path,
-        model=str(tiny_model_dir),
-        model_id=TINY_MODEL_ID,
-        min_new_labels=16,
-        micro_batch=8,
-        steps_per_update=4,
-        max_wait_s=0.5,
-        min_labels_on_timer=4,
-        poll_timeout_s=0.1,
-        learning_rate=1e-2,
-        metrics_port=free_port(),
-    )
+    settings = quick_learner(tmp_path, tiny_model_dir, metrics_port=free_port())
     url = f"http://127.0.0.1:{settings.metrics_port}"
     publish_ratings(settings, tiny_model.tokenizer, 40, seed=1)
     stop = threading.Event()
