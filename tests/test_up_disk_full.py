@@ -36,6 +36,9 @@ pytestmark = pytest.mark.slow
 DISK_BYTES = 64 * MiB
 """The data directory's disk: room for minutes of this load; its reserve is 5% of it (3.2 MiB)."""
 CLIENTS = 4
+PAUSE_S = 0.25
+"""After a refused chat: a full disk answers at once, and one user re-rating faster than this would
+meet the per-user feedback limit (300 a minute)."""
 WAIT_S = 180.0
 
 
@@ -54,7 +57,7 @@ class Load:
 
     def run(self, client_no: int) -> None:
         with httpx.Client(base_url=self.url, timeout=60) as http:
-            turn = 0
+            turn, last = 0, None  # the latest answer: its id, its user, the label it has (or gets now)
             while not self.stop.is_set():
                 turn += 1
                 user = {"X-User-Id": f"user-{client_no}-{turn}"}
@@ -64,17 +67,22 @@ class Load:
                     headers=user,
                 )
                 self._note("chat", chat)
-                if chat.status_code != 200:
-                    time.sleep(0.05)  # a full disk answers at once: do not spin
+                if chat.status_code == 200:
+                    self.answered.add(chat.json()["id"])
+                    last = (chat.json()["id"], user, "up" if turn % 2 else "down")
+                elif last is None:
+                    time.sleep(PAUSE_S)
                     continue
-                self.answered.add(chat.json()["id"])
-                label = "up" if turn % 2 else "down"
-                rating = http.post(
-                    "/v1/feedback", json={"response_id": chat.json()["id"], "label": label}, headers=user
-                )
+                else:  # no new answer: its user changes their mind on the last one (a write, unlike a repeat)
+                    time.sleep(PAUSE_S)
+                response_id, by, label = last
+                if chat.status_code != 200:
+                    label = "down" if label == "up" else "up"
+                rating = http.post("/v1/feedback", json={"response_id": response_id, "label": label}, headers=by)
                 self._note("feedback", rating)
                 if rating.status_code == 202:
                     self.rated.add(rating.json()["id"])
+                    last = (response_id, by, label)
 
     def _note(self, what: str, reply: httpx.Response) -> None:
         code = reply.json().get("error", {}).get("code") if reply.status_code >= 400 else None

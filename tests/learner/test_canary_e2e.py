@@ -160,7 +160,7 @@ def run_scenario(tmp_path: Path, model: Path) -> Scenario:
             stop(process)
         canary = registry.canary()
         assert canary is not None, f"no canary started after {len(bad.ratings)} bad ratings:\n{log_tail(log)}"
-        candidate = canary.version
+        candidate = canary.cohort  # its first candidate: the learner may have advanced it already
         assert (canary.actor, canary.baseline, canary.share) == ("learner", None, SHARE)
 
         # ---- the loop restarted, honest users again, until the canary is decided ----
