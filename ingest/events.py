@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from ingest.bus import check_topic_name
 
@@ -92,13 +92,18 @@ class ResponseEvent(_EventModel):
 
 
 SOURCE_KINDS = ("human", "implicit", "annotator", "rule", "judge")
-SOURCE_PATTERN = r"^(human|implicit|annotator|(rule|judge):[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
+_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+SOURCE_PATTERN = rf"^(human|implicit|annotator|(rule|judge):{_NAME})$"
 """Who labeled: a person's thumb (``human``), an implicit signal, an annotator, or a named rule or
 judge (``rule:no-refunds``). What each source weighs is the learner's policy (``KTO_SOURCE_WEIGHTS``)."""
+SIGNAL_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
+LABELER_PATTERN = rf"^(human|annotator|implicit(:[a-z][a-z0-9_-]{{0,31}})?|(rule|judge):{_NAME})$"
+"""A source, or an implicit label's signal (``implicit:regenerate``): what the learner stores,
+counts and weighs labels by (``FeedbackEvent.labeler``)."""
 
 
 def source_kind(source: str) -> str:
-    """``rule:no-refunds`` → ``rule``; ``human`` → ``human``."""
+    """``rule:no-refunds`` → ``rule``; ``implicit:copy`` → ``implicit``; ``human`` → ``human``."""
     return source.split(":", 1)[0]
 
 
@@ -124,6 +129,22 @@ class FeedbackEvent(_EventModel):
     weight: float = Field(1.0, gt=0, le=100)
     """How much this one label counts, as its labeler says (a rule's ``weight``); the learner
     multiplies it by its source's weight (``KTO_SOURCE_WEIGHTS``). A person's thumb is 1."""
+    signal: str | None = Field(None, pattern=SIGNAL_PATTERN)
+    """What the user did, for an ``implicit`` label (``ingest.signals``: ``regenerate``, ``copy``…);
+    None for every other source. A reader keeps a signal it does not know: the label says what it means."""
+    rater: str | None = Field(None, min_length=1, max_length=256)
+    """Who gave the label when it was not ``user``: the annotator's name. None otherwise."""
+
+    @model_validator(mode="after")
+    def _signal_only_when_implicit(self) -> FeedbackEvent:
+        if (self.source == "implicit") != (self.signal is not None):
+            raise ValueError("an implicit label names its signal, and no other label has one")
+        return self
+
+    @property
+    def labeler(self) -> str:
+        """The source, with an implicit label's signal: ``implicit:copy``, ``rule:no-refunds``, ``human``."""
+        return f"implicit:{self.signal}" if self.signal is not None else self.source
 
 
 class ErasureEvent(_EventModel):

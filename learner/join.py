@@ -9,9 +9,11 @@ The rules, record by record, in poll order:
 - a response is stored (unlabeled) and resolves any feedback parked for it;
 - a feedback whose response is stored becomes an example, or relabels it when its
   ``(created_at, event_id)`` is newer than the current label's; an older one changes nothing;
-- except that a person outranks a labeler: a ``human`` label replaces an automated one (rule,
-  judge, implicit, annotator) whatever their times, and an automated label never replaces a
-  person's (the person saw the answer; a rule only guesses at what they would think);
+- except that a label from a higher rank replaces one from a lower rank whatever their times,
+  and never the other way round. The ranks, highest first: the user's own thumb (``human``: they
+  saw the answer and said what they think), an annotator's verdict (a person's explicit
+  judgment), an implicit signal (``ingest.signals``: the user's act, a noisier verdict), then
+  rules and judges (they only guess at what a person would think);
 - a feedback whose response is not stored yet is parked, with its raw bytes and bus position;
 - a feedback from another user than the response's (an anonymous response included), or on a
   response that was rejected, is dead-lettered;
@@ -37,7 +39,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
 from ingest.bus import Record
-from ingest.events import ErasureEvent, FeedbackEvent, ResponseEvent
+from ingest.events import ErasureEvent, FeedbackEvent, ResponseEvent, source_kind
 from learner import erasure
 
 logger = logging.getLogger(__name__)
@@ -143,6 +145,7 @@ class _Vote(NamedTuple):
     key: str | None
     raw: bytes
     source: str
+    """The labeler (`FeedbackEvent.labeler`): the source, with an implicit label's signal."""
     weight: float
 
     @classmethod
@@ -158,9 +161,17 @@ class _Vote(NamedTuple):
             record.offset,
             record.key,
             record.value,
-            event.source,
+            event.labeler,
             event.weight,
         )
+
+
+_RANKS = {"human": 3, "annotator": 2, "implicit": 1}
+
+
+def _rank(source: str) -> int:
+    """How much a label's source outranks others' (module docstring); rules and judges are 0."""
+    return _RANKS.get(source_kind(source), 0)
 
 
 _IN_CHUNK = 500  # ids per IN (...) list, far below SQLite's limit on parameters
@@ -395,9 +406,9 @@ class _Join:
             self.insert_example(vote)
             result.new_examples += 1
             return
-        # A person outranks a labeler; within a rank the latest vote wins, event_id breaking ties
-        # so that every replica and every replay agrees.
-        rank, held = vote.source == "human", source == "human"
+        # A higher rank wins (see the module docstring); within a rank the latest vote wins,
+        # event_id breaking ties so that every replica and every replay agrees.
+        rank, held = _rank(vote.source), _rank(source)
         if rank < held or (rank == held and (vote.created_at, vote.event_id) <= (labeled_at, event_id)):
             result.stale += 1
             return

@@ -9,11 +9,21 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from foundation.settings import CommonSettings
-from ingest.events import SOURCE_KINDS, SOURCE_PATTERN, source_kind
+from ingest.events import LABELER_PATTERN, SOURCE_KINDS, source_kind
+from ingest.signals import SIGNALS
 
-DEFAULT_SOURCE_WEIGHTS = {"human": 1.0, "rule": 1.0, "judge": 1.0}
+DEFAULT_SOURCE_WEIGHTS = {
+    "human": 1.0,
+    "rule": 1.0,
+    "judge": 1.0,
+    "annotator": 1.0,
+    "implicit": 0.5,
+    **{f"implicit:{s.name}": s.weight for s in SIGNALS.values()},
+}
 """A rule or a judge labels what the operator asked for as surely as a thumb does; they are cheaper,
-not weaker, evidence of it. Lower one to let people's thumbs dominate where both label."""
+not weaker, evidence of it. Lower one to let people's thumbs dominate where both label. An
+annotator's verdict is a person's explicit one. Implicit signals weigh less: each act is a noisier
+verdict than a thumb (the reasoning per signal: ingest.signals)."""
 
 
 class LearnerSettings(CommonSettings):
@@ -45,8 +55,8 @@ class LearnerSettings(CommonSettings):
     source_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SOURCE_WEIGHTS))
     """How much a label of each source counts: it multiplies λ_D or λ_U of that example (and the
     label's own weight, which a rule sets: labelers.rules). Keys are a
-    kind (`human`, `rule`, `judge`, `implicit`, `annotator`) or one source (`rule:no-refunds`, which
-    wins over its kind); a source named by neither weighs 1. As JSON in `KTO_SOURCE_WEIGHTS`,
+    kind (`human`, `rule`, `judge`, `implicit`, `annotator`) or one source (`rule:no-refunds`,
+    `implicit:copy`, which wins over its kind); a source named by neither weighs 1. As JSON in `KTO_SOURCE_WEIGHTS`,
     e.g. `{"rule": 0.5}`; what is given replaces the defaults key by key."""
 
     steps_per_update: int = Field(8, ge=1)
@@ -193,9 +203,10 @@ class LearnerSettings(CommonSettings):
     @classmethod
     def _known_sources(cls, value: dict[str, float]) -> dict[str, float]:
         for key, weight in value.items():
-            if key not in SOURCE_KINDS and not re.match(SOURCE_PATTERN, key):
+            if key not in SOURCE_KINDS and not re.match(LABELER_PATTERN, key):
                 raise ValueError(
                     f"source_weights: {key!r} is neither a kind {SOURCE_KINDS} nor a source like rule:<name>"
+                    " or implicit:<signal>"
                 )
             if not (math.isfinite(weight) and weight >= 0):
                 raise ValueError(f"source_weights: {key!r} must weigh a finite number >= 0, not {weight}")

@@ -74,6 +74,12 @@ class Conflict(ApiError):
     status, type = 409, "conflict_error"
 
 
+class Unprocessable(ApiError):
+    """Fields each valid alone that do not fit together."""
+
+    status = 422
+
+
 class PayloadTooLarge(ApiError):
     status = 413
 

@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from foundation.disk import DiskCollector
+from ingest.signals import SIGNALS
 from ingest.spooled_bus import SpoolStatus
 from registry.pruning import DiskUsage
 from serve.processes import ProcessCollector
@@ -67,6 +68,14 @@ class ServeMetrics:
             ["label", "version"],
             registry=r,
         )
+        self.implicit_signals = Counter(
+            "kto_implicit_signals_total",
+            "Implicit signals recorded (ingest.signals), by signal.",
+            ["signal"],
+            registry=r,
+        )
+        for signal in SIGNALS:
+            self.implicit_signals.labels(signal=signal)
         self.active_version = Info("kto_active_version", "The adapter version serving new requests.", registry=r)
         self.swaps = Counter("kto_adapter_swaps_total", "Adapter versions made active here.", registry=r)
         self.swap_failures = Counter(

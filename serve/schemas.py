@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from ingest.signals import SIGNALS, signal_of
 from serve.credentials import ApiKey, Role
 
 
@@ -91,9 +92,34 @@ class ChatCompletionRequest(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
+    """A thumb (`label`), or an implicit signal (`source: implicit` and `signal`, no label: the
+    signal implies it, ingest.signals)."""
+
     response_id: Text = Field(min_length=1, max_length=128)
-    label: Literal["up", "down"]
+    source: Literal["human", "implicit"] = "human"
+    label: Literal["up", "down"] | None = None
+    signal: Annotated[str, Field(json_schema_extra={"enum": sorted(SIGNALS)})] | None = None
     comment: Text | None = Field(None, max_length=2000)
+
+    @field_validator("signal")
+    @classmethod
+    def _known_signal(cls, value: str | None) -> str | None:
+        if value is not None:
+            signal_of(value)  # ValueError naming it
+        return value
+
+    def mismatch(self) -> tuple[str, str] | None:
+        """(field, why) when the fields do not make a thumb or a signal; None when they do."""
+        if self.source == "human":
+            if self.label is None:
+                return "label", 'a thumb needs "label": "up" or "down" (or send "source": "implicit" with a signal)'
+            if self.signal is not None:
+                return "signal", 'a signal needs "source": "implicit"'
+        elif self.signal is None:
+            return "signal", f"an implicit signal names its signal: one of {', '.join(sorted(SIGNALS))}"
+        elif self.label is not None:
+            return "label", "an implicit signal has no label: the signal implies it"
+        return None
 
 
 class FeedbackAccepted(BaseModel):
@@ -101,6 +127,9 @@ class FeedbackAccepted(BaseModel):
     response_id: str
     label: Literal["up", "down"]
     status: Literal["recorded", "changed", "unchanged"]
+    """For a signal: always `recorded` (each act is an event; a thumb on the same answer wins)."""
+    source: Literal["human", "implicit"] = "human"
+    signal: str | None = None
 
 
 class RollbackRequest(BaseModel):

@@ -222,13 +222,36 @@ def test_dead_letter_keeps_binary_value_as_base64() -> None:
 
 def test_a_feedback_names_its_source_and_older_events_are_a_persons() -> None:
     assert make_feedback().source == "human"
-    for source in ("human", "implicit", "annotator", "rule:no-refunds", "judge:polite.v2"):
+    for source in ("human", "annotator", "rule:no-refunds", "judge:polite.v2"):
         decoded = decode_event(encode_event(make_feedback(source=source)))
-        assert isinstance(decoded, FeedbackEvent) and decoded.source == source
+        assert isinstance(decoded, FeedbackEvent) and decoded.source == source and decoded.labeler == source
     written_before = json.loads(encode_event(make_feedback()))
     del written_before["source"]
     decoded = decode_event(json.dumps(written_before).encode())
     assert isinstance(decoded, FeedbackEvent) and decoded.source == "human"
+
+
+def test_an_implicit_label_names_its_signal_and_only_it_does() -> None:
+    decoded = decode_event(encode_event(make_feedback(source="implicit", signal="regenerate")))
+    assert isinstance(decoded, FeedbackEvent) and (decoded.signal, decoded.labeler) == (
+        "regenerate",
+        "implicit:regenerate",
+    )
+    # A signal this reader does not know is kept: the label says what it means.
+    assert (
+        decode_event(_mutated(make_feedback(source="implicit", signal="copy"), signal="share")).labeler
+        == "implicit:share"
+    )
+    annotated = decode_event(encode_event(make_feedback(source="annotator", rater="ann-7")))
+    assert isinstance(annotated, FeedbackEvent) and (annotated.rater, annotated.labeler) == ("ann-7", "annotator")
+    for broken in (
+        _mutated(make_feedback(source="implicit", signal="copy"), signal=None),  # implicit without a signal
+        _mutated(make_feedback(), signal="copy"),  # a thumb with one
+        _mutated(make_feedback(source="implicit", signal="copy"), signal="Copy Paste"),  # not a signal name
+    ):
+        with pytest.raises(EventDecodeError) as info:
+            decode_event(broken)
+        assert "signal" in info.value.reason
 
 
 @pytest.mark.parametrize("source", ["", "rule", "rule:", "robot", "judge: x", "rule:" + "x" * 65, "HUMAN"])

@@ -77,6 +77,8 @@ class EventStream:
         created_at: float | None = None,
         source: str = "human",
         weight: float = 1.0,
+        signal: str | None = None,
+        rater: str | None = None,
         publish: bool = True,
     ) -> FeedbackEvent:
         event = FeedbackEvent(
@@ -86,6 +88,8 @@ class EventStream:
             created_at=self._tick() if created_at is None else created_at,
             source=source,
             weight=weight,
+            signal=signal,
+            rater=rater,
         )
         if publish:
             self.publish(event)

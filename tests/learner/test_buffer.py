@@ -238,6 +238,30 @@ def test_a_persons_label_outranks_a_rules_whatever_their_times(buffer: ReplayBuf
     assert (held.desirable, held.source) == (True, "human")
 
 
+def test_labels_rank_thumb_annotator_implicit_then_labelers_whatever_their_times(
+    buffer: ReplayBuffer, stream: Stream
+) -> None:
+    # Sent lowest rank last, each a second later than the one before: none may replace a higher one.
+    buffer.apply(stream.polled(stream.response("r1", publish=False)), now=0.0)
+    votes = [
+        stream.feedback("r1", "desirable", created_at=10.0, publish=False),
+        stream.feedback("r1", "undesirable", created_at=11.0, source="annotator", rater="ann-1", publish=False),
+        stream.feedback("r1", "undesirable", created_at=12.0, source="implicit", signal="regenerate", publish=False),
+        stream.feedback("r1", "undesirable", created_at=13.0, source="rule:no-x", publish=False),
+    ]
+    buffer.apply(stream.polled(*votes), now=1.0)
+    assert (stored(buffer, "r1").desirable, stored(buffer, "r1").source) == (True, "human")
+
+    # Sent lowest rank first: each replaces the one before, and the stored source names the signal.
+    buffer.apply(stream.polled(stream.response("r2", publish=False)), now=2.0)
+    held = []
+    for source, signal in (("rule:no-x", None), ("implicit", "copy"), ("annotator", None), ("human", None)):
+        label = "desirable" if source in ("implicit", "human") else "undesirable"
+        buffer.apply(stream.polled(stream.feedback("r2", label, source=source, signal=signal, publish=False)), now=3.0)
+        held.append(stored(buffer, "r2").source)
+    assert held == ["rule:no-x", "implicit:copy", "annotator", "human"]
+
+
 def test_between_labelers_the_latest_label_wins(buffer: ReplayBuffer, stream: Stream) -> None:
     label(buffer, stream, "r0")  # a KL partner, so that r1 can be referenced
     first = stream.feedback("r1", "undesirable", source="rule:a", publish=False)

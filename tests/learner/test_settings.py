@@ -18,7 +18,19 @@ def test_source_weights_from_the_environment_replace_defaults_key_by_key(monkeyp
     assert settings.source_weight("rule:other") == 0.5
     assert settings.source_weight("human") == 1.0
     assert settings.source_weight("annotator") == 0.0
-    assert settings.source_weight("implicit") == 1.0
+    assert settings.source_weight("implicit") == 0.5
+
+
+def test_implicit_signals_weigh_less_than_a_thumb_by_default_and_each_can_be_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    defaults = LearnerSettings()
+    assert defaults.source_weight("implicit:regenerate") == defaults.source_weight("implicit:copy") == 0.5
+    assert defaults.source_weight("implicit:edit") == 0.3
+    assert defaults.source_weight("implicit:share") == 0.5  # a signal it does not know: its kind's
+    monkeypatch.setenv("KTO_SOURCE_WEIGHTS", '{"implicit": 0.2, "implicit:copy": 0.8}')
+    settings = LearnerSettings()
+    assert (settings.source_weight("implicit:copy"), settings.source_weight("implicit:share")) == (0.8, 0.2)
 
 
 @pytest.mark.parametrize(
@@ -26,6 +38,7 @@ def test_source_weights_from_the_environment_replace_defaults_key_by_key(monkeyp
     [
         ({"robot": 1.0}, "robot"),
         ({"rule:": 1.0}, "rule:"),
+        ({"implicit:Copy": 1.0}, "implicit:Copy"),
         ({"judge": -1.0}, "judge"),
         ({"human": float("nan")}, "human"),
     ],

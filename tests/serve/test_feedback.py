@@ -95,6 +95,54 @@ def test_bad_bodies_name_the_field(client):
     assert reply.status_code == 422 and reply.json()["error"]["param"] == "comment"
 
 
+def test_an_implicit_signal_is_an_event_with_the_label_it_implies_and_leaves_the_vote_alone(client, state):
+    rid = answer(client)
+    thumb = client.post("/v1/feedback", json={"response_id": rid, "label": "up"}, headers=ALICE)
+    sent = []
+    for signal in ("copy", "regenerate", "edit", "copy"):
+        reply = client.post(
+            "/v1/feedback", json={"response_id": rid, "source": "implicit", "signal": signal}, headers=ALICE
+        )
+        assert reply.status_code == 202, reply.text
+        body = reply.json()
+        assert (body["source"], body["signal"], body["status"]) == ("implicit", signal, "recorded")
+        sent.append(body["id"])
+    events = [e for e in feedback_events(state) if e.response_id == rid]
+    assert [(e.source, e.signal, e.label, e.user) for e in events] == [
+        ("human", None, "desirable", "alice"),
+        ("implicit", "copy", "desirable", "alice"),
+        ("implicit", "regenerate", "undesirable", "alice"),
+        ("implicit", "edit", "undesirable", "alice"),
+        ("implicit", "copy", "desirable", "alice"),
+    ]
+    assert [e.event_id for e in events[1:]] == sent
+    # The thumb is still the vote: repeating it changes nothing (the learner lets it win too).
+    again = client.post("/v1/feedback", json={"response_id": rid, "label": "up"}, headers=ALICE).json()
+    assert (again["status"], again["id"]) == ("unchanged", thumb.json()["id"])
+    text = client.get("/metrics").text
+    assert 'kto_implicit_signals_total{signal="copy"} 2.0' in text
+    assert 'kto_implicit_signals_total{signal="edit"} 1.0' in text
+
+
+def test_signals_follow_the_rules_of_ratings_and_bad_ones_are_named(client):
+    rid = answer(client)
+    copy = {"response_id": rid, "source": "implicit", "signal": "copy"}
+    assert client.post("/v1/feedback", json=copy, headers=BOB).status_code == 403  # not Bob's answer
+    assert client.post("/v1/feedback", json=copy).status_code == 401  # anonymous
+    cases = [
+        ({**copy, "signal": "screenshot"}, "signal", "'screenshot'"),
+        ({"response_id": rid, "source": "implicit"}, "signal", "copy, edit, regenerate"),
+        ({**copy, "label": "up"}, "label", "implies"),
+        ({"response_id": rid, "label": "up", "signal": "copy"}, "signal", "implicit"),
+        ({**copy, "source": "annotator"}, "source", ""),  # annotations have their own endpoint
+    ]
+    for body, field, named in cases:
+        reply = client.post("/v1/feedback", json=body, headers=ALICE)
+        assert reply.status_code == 422, (body, reply.text)
+        error = reply.json()["error"]
+        assert error["param"] == field and named in error["message"], error
+
+
 def test_feedback_metric_counts_label_and_version(client):
     rid = answer(client)
     client.post("/v1/feedback", json={"response_id": rid, "label": "down"}, headers=ALICE)
