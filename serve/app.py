@@ -19,6 +19,7 @@ from ingest.spool import Spool
 from ingest.spooled_bus import SpooledBus
 from registry import open_registry
 from serve import errors
+from serve.annotation_queue import open_annotation_queue
 from serve.auth import Authenticator, refuse_unsafe_exposure
 from serve.credentials import open_key_store
 from serve.deps import ServeState
@@ -29,7 +30,8 @@ from serve.ledger_backlog import BackloggedLedger
 from serve.metrics import ServeMetrics
 from serve.processes import ProcessReport
 from serve.rate_limits import RateLimits
-from serve.routes import admin, audit, chat, feedback, health, keys, me, page, retention, rules, users
+from serve.routes import admin, annotations, audit, chat, feedback, health, keys, me, page, retention, rules, users
+from serve.scoring import Scorer
 from serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ def create_app(settings: ServeSettings, *, processes: ProcessReport | None = Non
                 await follower
             state.engine.stop()
             await state.limits.close()
-            for closeable in (state.bus, state.ledger, state.registry, state.keys):
+            for closeable in (state.bus, state.ledger, state.annotations, state.registry, state.keys):
                 if closeable is not None:
                     closeable.close()
 
@@ -71,7 +73,7 @@ def create_app(settings: ServeSettings, *, processes: ProcessReport | None = Non
     errors.document(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     # keys before users: DELETE /v1/users/{user:path} would take a key's URL too
-    for module in (chat, feedback, me, admin, retention, audit, health, page, keys, users, rules):
+    for module in (chat, feedback, annotations, me, admin, retention, audit, health, page, keys, users, rules):
         app.include_router(module.router)
     return app
 
@@ -99,6 +101,10 @@ def _build_state(settings: ServeSettings) -> ServeState:
     )
     ledger = BackloggedLedger(open_ledger(settings.resolved_ledger_url(), ttl_s=settings.ledger_ttl_s))
     metrics.watch_ledger(lambda: ledger.backlog)
+    queue = open_annotation_queue(
+        settings.resolved_annotation_url(), ttl_s=settings.ledger_ttl_s, max_items=settings.annotation_max_items
+    )
+    metrics.watch_annotations(queue)
     metrics.watch_registry(registry.disk_usage)
     keys = open_key_store(settings.resolved_keys_url()) if settings.auth == "api-key" else None
     auth, limits = Authenticator(settings, keys), RateLimits(settings, metrics)
@@ -106,7 +112,22 @@ def _build_state(settings: ServeSettings) -> ServeState:
     bus, spool = open_event_bus(settings, metrics)
     bus.create_topics(topics.all, settings.topic_partitions)  # the spool defers it until the broker answers
     return ServeState(
-        settings, loaded, engine, bus, topics, ledger, registry, hotswap, metrics, auth, limits, keys, spool, disk
+        settings,
+        loaded,
+        engine,
+        bus,
+        topics,
+        ledger,
+        registry,
+        hotswap,
+        metrics,
+        auth,
+        limits,
+        keys,
+        spool,
+        disk,
+        annotations=queue,
+        scorer=Scorer(engine),
     )
 
 

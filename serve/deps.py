@@ -16,6 +16,7 @@ from ingest.bus import Bus
 from ingest.events import Topics
 from ingest.spooled_bus import SpooledBus
 from registry import Registry
+from serve.annotation_queue import AnnotationQueue
 from serve.auth import Authenticator, BadCredential, Caller, KeysUnreachable, MissingCredential
 from serve.credentials import KeyStore, KeysUnavailable
 from serve.engine import Engine
@@ -25,6 +26,7 @@ from serve.ledger import ResponseLedger
 from serve.metrics import ServeMetrics
 from serve.processes import ProcessReport
 from serve.rate_limits import Exceeded, RateLimits
+from serve.scoring import Scorer
 from serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,10 @@ class ServeState:
     """Free space where this server writes (`create_app` sets it; the default probes nothing)."""
     processes: ProcessReport | None = None
     """The processes run beside this server (`kto-loop up`), None under plain `serve`."""
+    annotations: AnnotationQueue | None = None
+    """Where answers wait for annotators (`create_app` sets it)."""
+    scorer: Scorer | None = None
+    """Log-ratios of served answers, for the `uncertain` annotation strategy."""
 
 
 async def get_state(request: Request) -> ServeState:
@@ -117,6 +123,17 @@ def limited(scope: str):
 
 ChatCaller = Annotated[Caller, Depends(limited("chat"))]
 FeedbackCaller = Annotated[Caller, Depends(limited("feedback"))]
+
+
+async def require_annotator(caller: Annotated[Caller, Depends(limited("feedback"))]) -> str:
+    """A caller with the annotator role (not admin: an annotator's rights are separate), within
+    the feedback limits; returns the annotator's name, as recorded with their labels."""
+    if caller.role != "annotator" or caller.user is None:
+        raise Forbidden(f"{caller.name!r} is not an annotator: this needs a credential with the annotator role")
+    return caller.user
+
+
+Annotator = Annotated[str, Depends(require_annotator)]
 
 
 async def require_admin(request: Request, state: State, caller: Identified) -> str:

@@ -162,6 +162,11 @@ class Engine:
         """Keep these versions loaded; others are unloaded once no request holds them."""
         return self._call(lambda: self._set_keep(versions))
 
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run ``fn`` on the engine thread between decoding steps, where it may use the model
+        (and switch its adapter: every decoding step sets the one it needs)."""
+        return self._call(fn)
+
     # ---- engine thread ---------------------------------------------------------------------
 
     def _call(self, fn: Callable[[], object]) -> Future:

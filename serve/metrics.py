@@ -12,6 +12,7 @@ version ever served; a version that answers again starts again at zero.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 
@@ -23,7 +24,11 @@ from foundation.disk import DiskCollector
 from ingest.signals import SIGNALS
 from ingest.spooled_bus import SpoolStatus
 from registry.pruning import DiskUsage
+from serve.agreement import Agreement, agreement
+from serve.annotation_queue import AnnotationQueue
 from serve.processes import ProcessCollector
+
+logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -76,6 +81,11 @@ class ServeMetrics:
         )
         for signal in SIGNALS:
             self.implicit_signals.labels(signal=signal)
+        self.annotations = Counter(
+            "kto_annotations_total", "Annotators' labels recorded (not repeats), by label.", ["label"], registry=r
+        )
+        for label in FEEDBACK_LABELS:
+            self.annotations.labels(label=label)
         self.active_version = Info("kto_active_version", "The adapter version serving new requests.", registry=r)
         self.swaps = Counter("kto_adapter_swaps_total", "Adapter versions made active here.", registry=r)
         self.swap_failures = Counter(
@@ -162,6 +172,10 @@ class ServeMetrics:
         directories at each scrape: retention keeps them few)."""
         self.registry.register(_RegistryDiskCollector(usage))
 
+    def watch_annotations(self, queue: AnnotationQueue) -> None:
+        """Export the annotation queue's depth and the annotators' agreement (serve.agreement)."""
+        self.registry.register(_AnnotationCollector(queue))
+
     def watch_spool(self, status: Callable[[], SpoolStatus]) -> None:
         """Export the event spool's state (only servers that spool, i.e. on Kafka, have these)."""
         self.registry.register(_SpoolCollector(status))
@@ -179,6 +193,40 @@ class _RegistryDiskCollector(Collector):
         yield GaugeMetricFamily("kto_registry_bytes", "Bytes of adapter files in the registry.", value=usage.bytes)
         yield GaugeMetricFamily(
             "kto_registry_versions_on_disk", "Adapter versions whose files are on disk.", value=usage.versions
+        )
+
+
+class _AnnotationCollector(Collector):
+    """Reads the queue at a scrape; agreement at most once a minute (it reads every annotation)."""
+
+    AGREEMENT_EVERY_S = 60.0
+
+    def __init__(self, queue: AnnotationQueue) -> None:
+        self.queue = queue
+        self._agreement: tuple[float, Agreement, dict[str, Agreement]] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            waiting = self.queue.open_items()
+            now = time.monotonic()
+            if self._agreement is None or now - self._agreement[0] > self.AGREEMENT_EVERY_S:
+                self._agreement = (now, *agreement(self.queue.annotations()))
+        except Exception as exc:  # the queue's store is away: no number beats a wrong one
+            logger.warning("annotation metrics unavailable: %s", exc)
+            return
+        yield GaugeMetricFamily("kto_annotation_queue_open", "Answers waiting for annotators.", value=waiting)
+        _, overall, per = self._agreement
+        alpha = GaugeMetricFamily(
+            "kto_annotation_agreement",
+            'Krippendorff\'s alpha of annotators on shared answers (overall: annotator="all"); absent until defined.',
+            labels=["annotator"],
+        )
+        for who, measured in [("all", overall), *per.items()]:
+            if measured.alpha is not None:
+                alpha.add_metric([who], measured.alpha)
+        yield alpha
+        yield GaugeMetricFamily(
+            "kto_annotation_overlap_items", "Answers with two or more annotations.", value=overall.items
         )
 
 

@@ -187,3 +187,43 @@ class Me(BaseModel):
     role: Role
     name: str = Field(description="the credential's name, recorded as the actor of what it changes")
     auth: Literal["header", "api-key", "jwt"]
+
+
+# ---- the annotation queue (serve.routes.annotations) ----
+
+
+class AnnotationItem(BaseModel):
+    """One answer to annotate, with its conversation; never whose it is."""
+
+    response_id: str
+    messages: list[dict[str, str]] = Field(description="the conversation the answer replied to")
+    completion: str = Field(description="the answer to judge")
+    lease_expires_at: float = Field(description="unix seconds: after this another annotator may take it")
+
+
+class AnnotationTask(BaseModel):
+    item: AnnotationItem | None = Field(description="null: nothing waits for this annotator now")
+    guidelines: str
+
+
+class AnnotationRequest(BaseModel):
+    response_id: Text = Field(min_length=1, max_length=128)
+    label: Literal["up", "down"]
+
+
+class AnnotationAccepted(BaseModel):
+    id: str = Field(description="the feedback event's id")
+    response_id: str
+    label: Literal["up", "down"]
+    status: Literal["recorded", "changed", "unchanged"]
+
+
+class SkipRequest(BaseModel):
+    response_id: Text = Field(min_length=1, max_length=128)
+
+
+class AnnotationConfig(BaseModel):
+    """What an admin may change at run time; omitted fields keep their value."""
+
+    strategy: Literal["uniform", "newest", "canary", "uncertain"] | None = None
+    guidelines: Text | None = Field(None, min_length=1, max_length=4000)

@@ -15,6 +15,13 @@ from foundation import urls
 from foundation.settings import CommonSettings
 from foundation.urls import redis_url
 from registry.redis_keys import DEFAULT_PREFIX as DEFAULT_REGISTRY_PREFIX
+from serve.annotation_strategies import Strategy
+
+DEFAULT_GUIDELINES = (
+    "Would a helpful, honest assistant have given this answer to this conversation? "
+    "👍 if yes, 👎 if it is wrong, unhelpful, rude or unsafe. Judge the last answer only. "
+    "Skip when you cannot tell."
+)
 
 
 class ServeSettings(CommonSettings):
@@ -147,6 +154,34 @@ class ServeSettings(CommonSettings):
     ledger_ttl_s: float = Field(7 * 24 * 3600, gt=0)
     """How long a response can be rated after it was served (seconds)."""
 
+    # ---- the annotation queue (serve.annotation_queue) ----
+
+    annotation_url: str | None = None
+    """Where answers wait for annotators: `sqlite:///path` or `redis://host:port/db`. Default: the
+    registry's Redis server under `kto:annotations:` when the registry is on Redis (replicas share
+    one queue), else `<data_dir>/annotations.sqlite3`. Items leave it after `ledger_ttl_s`."""
+
+    annotation_share: float = Field(1.0, ge=0, le=1)
+    """Share of the answers users receive that are offered to annotators (0: none, the queue stays empty)."""
+
+    annotation_strategy: Strategy = "canary"
+    """Which answer an annotator sees next: `uniform`, `newest`, `canary` (the running canary's arms,
+    the one with less evidence first; newest without a canary) or `uncertain` (where the serving
+    policy's implicit reward is nearest KTO's reference point); serve.annotation_strategies. An
+    admin may change it at run time (`PUT /v1/annotations/config`)."""
+
+    annotation_overlap: float = Field(0.1, ge=0, le=1)
+    """Share of answers that go to two annotators, for the agreement figure (fraction)."""
+
+    annotation_lease_s: float = Field(900.0, gt=0)
+    """How long an annotator holds the answer they were given before others may take it (seconds)."""
+
+    annotation_max_items: int = Field(10_000, ge=1)
+    """Most answers the queue keeps; past it the oldest nobody annotated leave first (answers)."""
+
+    annotation_guidelines: str = Field(DEFAULT_GUIDELINES, max_length=4000)
+    """What annotators are told on the page; an admin may change it at run time."""
+
     bus_timeout_s: float = Field(10.0, gt=0)
     """How long one request to Kafka may take before it counts as failed (seconds). Requests to
     this server never wait for it: they write to the spool, and the spool's forwarder waits."""
@@ -163,7 +198,9 @@ class ServeSettings(CommonSettings):
     replica: str = Field(default_factory=socket.gethostname)
     """This replica's name, recorded as the actor of the changes it makes."""
 
-    @field_validator("ledger_url", "spool_path", "keys_url", "rate_limit_url", "jwt_jwks", mode="before")
+    @field_validator(
+        "ledger_url", "annotation_url", "spool_path", "keys_url", "rate_limit_url", "jwt_jwks", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value):
         return None if value == "" else value
@@ -242,12 +279,21 @@ class ServeSettings(CommonSettings):
 
     def written_paths(self) -> list[Path]:
         """The common ones, and the embedded ledger and the spool (foundation.disk probes them)."""
-        ledger = self.resolved_ledger_url()
+        embedded = [
+            url for url in (self.resolved_ledger_url(), self.resolved_annotation_url()) if urls.names(url) == "sqlite"
+        ]
         return [
             *super().written_paths(),
-            *([urls.sqlite_path(ledger).parent] if urls.names(ledger) == "sqlite" else []),
+            *(urls.sqlite_path(url).parent for url in embedded),
             *([self.resolved_spool_path().parent] if self.spooled else []),
         ]
+
+    def resolved_annotation_url(self) -> str:
+        if self.annotation_url:
+            return self.annotation_url
+        if urls.names(self.registry_url) == "redis":
+            return self._beside_registry("annotations")
+        return f"sqlite:///{self.data_dir / 'annotations.sqlite3'}"
 
     def resolved_ledger_url(self) -> str:
         if self.ledger_url:

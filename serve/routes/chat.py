@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -27,6 +28,8 @@ from starlette.concurrency import run_in_threadpool
 from foundation.models import render_prompt
 from ingest.events import ChatMessage, ResponseEvent, SamplingParams, encode_event
 from registry import RegistryError
+from serve.annotation_queue import QueueItem
+from serve.annotation_strategies import wants_overlap
 from serve.deps import ChatCaller, Identified, ServeState, State
 from serve.engine import Delta, Failed, Finished, GenerationRequest, Output
 from serve.errors import AUTHENTICATED, ApiError, BadRequest, NotFound, responses, unavailable
@@ -234,6 +237,7 @@ class _Call:
             logger.error("could not record response %s: %s", self.id, exc)
             state.metrics.responses.labels(status="unrecorded").inc()
             raise unavailable(exc, "the answer could not be recorded; try again") from exc
+        await offer(state, event)
 
     def _observe(self, done: Finished, *, stream: bool) -> None:
         metrics = self.state.metrics
@@ -262,6 +266,29 @@ class _Call:
 
 class _GenerationFailed(ApiError):
     status, type = 500, "internal_error"
+
+
+async def offer(state: ServeState, event: ResponseEvent) -> None:
+    """Queue a user's answer for annotators (a share of them: `KTO_ANNOTATION_SHARE`). Best effort:
+    the answer is recorded already, and an answer missing from the queue costs nothing."""
+    settings, queue = state.settings, state.annotations
+    if queue is None or event.user is None or random.random() >= settings.annotation_share:
+        return
+    item = QueueItem(
+        event.response_id,
+        event.user,
+        event.adapter_version,
+        event.created_at,
+        [m.model_dump() for m in event.messages],
+        event.completion,
+        event.prompt_token_ids,
+        event.completion_token_ids,
+        required=2 if wants_overlap(event.response_id, settings.annotation_overlap) else 1,
+    )
+    try:
+        await run_in_threadpool(queue.add, item)
+    except Exception as exc:
+        logger.warning("answer %s not offered to annotators: %s", event.response_id, exc)
 
 
 def _sse(payload: dict) -> str:

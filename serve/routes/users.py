@@ -3,7 +3,7 @@
 `DELETE /v1/users/{user}` answers 202 once the erasure is under way:
 
 1. the user's entries leave the response ledger here (their answers can no longer be rated or
-   audited), and their API keys are revoked;
+   audited), their answers leave the annotation queue, and their API keys are revoked;
 2. an erasure event goes on the bus (durable when this returns, like a rating); the learner
    removes the user's responses and ratings from its replay buffer and join state, flags in
    the registry the versions trained on them, and records the erasure in the history
@@ -40,6 +40,8 @@ async def erase_user(
     if state.spool is not None:
         state.spool.check_room()  # SpoolFull: a 503 before anything is removed
     removed = await run_in_threadpool(state.ledger.forget_user, user)
+    if state.annotations is not None:
+        await run_in_threadpool(state.annotations.forget_user, user)
     if state.keys is not None:  # a credential is personal data too, and must not outlive its user
         await run_in_threadpool(state.keys.forget_user, user)
     event = ErasureEvent(user=user, actor=actor, reason=reason)

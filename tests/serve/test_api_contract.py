@@ -1,6 +1,6 @@
 """The API contract, checked by a schema-driven fuzzer: schemathesis generates requests for every
 operation in the server's own OpenAPI document and sends them to a live server, as an admin and
-as a user, in the default `header` mode and in `api-key` mode. No answer may be a server error,
+as a user, in the default `header` mode and in `api-key` mode, and as an annotator. No answer may be a server error,
 and each must have a documented status, a documented content type and a body that fits the
 documented schema.
 
@@ -38,7 +38,9 @@ CHECKS = [
     checks.content_type_conformance,
     checks.response_schema_conformance,
 ]
-CALLERS = ["header-admin", "header-user", "api-key-admin", "api-key-user"]
+CALLERS = ["header-admin", "header-user", "header-annotator", "api-key-admin", "api-key-user"]
+ANNOTATORS_ONLY = {"GET /v1/annotations/next", "POST /v1/annotations", "POST /v1/annotations/skip"}
+"""What an annotator may do and an admin may not (their rights are separate)."""
 
 
 @pytest.fixture(scope="module", params=CALLERS)
@@ -54,7 +56,11 @@ def caller(request, tiny_model_dir, tmp_path_factory) -> Iterator[tuple[str, dic
     )
     with BackgroundServer(live) as server:
         if mode == "header":
-            headers = ADMIN if role == "admin" else {"X-User-Id": "fuzz-user"}
+            headers = {
+                "admin": ADMIN,
+                "user": {"X-User-Id": "fuzz-user"},
+                "annotator": {"X-User-Id": "fuzz-annotator", "X-User-Role": "annotator"},
+            }[role]
         else:
             issued = httpx.post(f"{server.url}/v1/users/fuzz-{role}/keys", json={"role": role}, headers=ADMIN)
             assert issued.status_code == 201, issued.text
@@ -90,8 +96,9 @@ def test_every_operation_keeps_the_contract(caller):
     assert not failures, "\n\n".join(f"{label}:\n{text}" for label, text in failures.items())
     # Both kinds of answer to a chat were seen, so both were held to their schemas.
     assert {(200, "application/json"), (200, "text/event-stream")} <= seen["POST /v1/chat/completions"]
-    if role == "admin":  # the fuzzer got past the door of every operation
-        stuck = [label for label, answers in seen.items() if {status for status, _ in answers} <= {401, 403, 429}]
+    if role in ("admin", "annotator"):  # the fuzzer got past the door of every operation of the role
+        ours = [label for label in seen if (label in ANNOTATORS_ONLY) == (role == "annotator")]
+        stuck = [label for label in ours if {status for status, _ in seen[label]} <= {401, 403, 429}]
         assert not stuck, stuck
 
 
