@@ -26,8 +26,9 @@ WAIT_S = 120.0
 """Seconds a wait for the learner allows (an update on a loaded 2-core box)."""
 
 
-def publish_ratings(settings: LearnerSettings, tokenizer, n: int, seed: int) -> list[str]:
-    """n answered-and-rated chats, as the server would log them; returns the feedback event ids."""
+def publish_ratings(settings: LearnerSettings, tokenizer, n: int, seed: int, implicit: bool = False) -> list[str]:
+    """n answered-and-rated chats, as the server would log them; returns the feedback event ids.
+    ``implicit``: rated by signals instead of thumbs (copy the good ones, regenerate the others)."""
     rng = random.Random(seed)
     topics = Topics(settings.topic_prefix)
     bus = open_bus(settings.bus_url)
@@ -51,6 +52,9 @@ def publish_ratings(settings: LearnerSettings, tokenizer, n: int, seed: int) -> 
         )
         label = "desirable" if completion[0] % 2 == 0 else "undesirable"
         feedback = FeedbackEvent(response_id=rid, user="u", label=label)
+        if implicit:
+            signal = "copy" if label == "desirable" else "regenerate"
+            feedback = FeedbackEvent(response_id=rid, user="u", label=label, source="implicit", signal=signal)
         bus.publish(topics.responses, rid, encode_event(response))
         bus.publish(topics.feedback, rid, encode_event(feedback))
         ids.append(feedback.event_id)
@@ -85,7 +89,7 @@ def test_publishes_with_lineage_and_builds_on_the_active_version(learner_setting
 
         # the operator rolls back to the base: the next version must start from the base again
         registry.rollback(to=BASE, actor="operator", reason="test")
-        publish_ratings(learner_settings, tiny_model.tokenizer, 20, seed=2)
+        publish_ratings(learner_settings, tiny_model.tokenizer, 20, seed=2, implicit=True)
         later = wait_for(
             lambda: [
                 v
@@ -96,6 +100,14 @@ def test_publishes_with_lineage_and_builds_on_the_active_version(learner_setting
             timeout_s=WAIT_S,
         )
         assert later[0].parent is None
+        # The new labels were signals: a version's lineage counts them by signal (as the metric does).
+        signals = {"implicit:copy", "implicit:regenerate"}
+        trained = wait_for(
+            lambda: [v for v in registry.list_versions() if signals & set(v.lineage["labels_by_source"])],
+            what="a version trained on the signals",
+            timeout_s=WAIT_S,
+        )
+        assert set(trained[0].lineage["labels_by_source"]) <= {"human", *signals}
     finally:
         stop.set()
         thread.join(timeout=60)
