@@ -133,6 +133,10 @@ class ItemGone(LookupError):
     """No such item: never queued, expired, or its user was erased."""
 
 
+class QueueUnavailable(Exception):
+    """The queue's store cannot be reached; nothing was changed, the caller may retry."""
+
+
 class AnnotationQueue(Protocol):
     """Where served answers wait for annotators (the module docstring has the rules)."""
 
@@ -180,7 +184,7 @@ class AnnotationQueue(Protocol):
         ...
 
     def config(self) -> dict[str, Any]:
-        """What an operator set at run time (serve.routes.annotations)."""
+        """What an operator set at run time (serve.routes.annotation)."""
         ...
 
     def set_config(self, values: dict[str, Any]) -> None: ...

@@ -30,7 +30,7 @@ from serve.ledger_backlog import BackloggedLedger
 from serve.metrics import ServeMetrics
 from serve.processes import ProcessReport
 from serve.rate_limits import RateLimits
-from serve.routes import admin, annotations, audit, chat, feedback, health, keys, me, page, retention, rules, users
+from serve.routes import admin, annotation, audit, chat, feedback, health, keys, me, page, retention, rules, users
 from serve.scoring import Scorer
 from serve.settings import ServeSettings
 
@@ -73,7 +73,7 @@ def create_app(settings: ServeSettings, *, processes: ProcessReport | None = Non
     errors.document(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     # keys before users: DELETE /v1/users/{user:path} would take a key's URL too
-    for module in (chat, feedback, annotations, me, admin, retention, audit, health, page, keys, users, rules):
+    for module in (chat, feedback, annotation, me, admin, retention, audit, health, page, keys, users, rules):
         app.include_router(module.router)
     return app
 

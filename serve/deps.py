@@ -60,6 +60,8 @@ class ServeState:
     """Where answers wait for annotators (`create_app` sets it)."""
     scorer: Scorer | None = None
     """Log-ratios of served answers, for the `uncertain` annotation strategy."""
+    queue_paused_until: float = 0.0
+    """Monotonic seconds until which answers are not offered to the queue (it just failed)."""
 
 
 async def get_state(request: Request) -> ServeState:

@@ -35,6 +35,7 @@ from registry import (
     VersionPruned,
     VersionRejected,
 )
+from serve.annotation_queue import QueueUnavailable
 from serve.credentials import KeysUnavailable
 from serve.ledger import LedgerUnavailable, NotResponseOwnerError, UnknownResponseError
 
@@ -130,6 +131,8 @@ def unavailable(exc: Exception, fallback: str) -> ApiError:
         return Unavailable(f"{exc}; nothing was recorded, try again later", code="spool_full", retry_after_s=30)
     if isinstance(exc, BusUnavailable):
         return Unavailable("event log unavailable; nothing was recorded, try again", code="bus_unavailable")
+    if isinstance(exc, QueueUnavailable):
+        return Unavailable("annotation queue unavailable; nothing was recorded, try again", code="queue_unavailable")
     if isinstance(exc, LedgerUnavailable):
         return Unavailable("response ledger unavailable; nothing was recorded, try again", code="ledger_unavailable")
     return Unavailable(fallback)
@@ -247,6 +250,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(BusUnavailable)
     @app.exception_handler(LedgerUnavailable)
+    @app.exception_handler(QueueUnavailable)
     async def _backend(request: Request, exc: Exception):
         logger.error("%s %s: %s", request.method, request.url.path, exc)
         return await _api(request, unavailable(exc, "a backend is unavailable; try again"))

@@ -13,13 +13,16 @@ across replicas. Expired items are purged lazily by whichever replica adds one.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
 from typing import Any
 
+import redis
+
 from foundation.urls import redis_url
-from serve.annotation_queue import Annotation, Candidate, ItemGone, NotAssigned, QueueItem
+from serve.annotation_queue import Annotation, Candidate, ItemGone, NotAssigned, QueueItem, QueueUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -81,17 +84,36 @@ return 1
 """
 
 
+def _reachable(method):
+    """Redis away is ``QueueUnavailable`` (a 503 with Retry-After), not an unexpected error."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise QueueUnavailable(f"the annotation queue at {self._where} is unavailable: {exc}") from exc
+
+    return wrapper
+
+
 class RedisAnnotationQueue:
     """See the module docstring. Thread-safe (a connection pool)."""
 
     def __init__(self, url: str, *, ttl_s: float, max_items: int, timeout_s: float = 2.0) -> None:
-        import redis
-
         url, self.prefix, self._where = redis_url(url, DEFAULT_KEY_PREFIX)
         self.ttl_s, self.max_items = ttl_s, max_items
         self._ttl_ms = max(1, round(ttl_s * 1000))
+        from redis.backoff import ExponentialWithJitterBackoff
+        from redis.retry import Retry
+
+        # Short retries, as the ledger's: an annotator would rather get a quick 503.
         self._redis: Any = redis.Redis.from_url(
-            url, decode_responses=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+            url,
+            decode_responses=True,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 2),
         )
         self._assign = self._redis.register_script(_ASSIGN)
         self._check = self._redis.register_script(_CHECK)
@@ -106,6 +128,7 @@ class RedisAnnotationQueue:
     def _item_keys(self, response_id: str) -> list[str]:
         return [self._k("i", response_id), self._k("a", response_id), self._k("l", response_id)]
 
+    @_reachable
     def add(self, item: QueueItem) -> None:
         key = self._k("i", item.response_id)
         fields = {
@@ -135,7 +158,7 @@ class RedisAnnotationQueue:
         old = self._redis.zrangebyscore(self._k("all"), "-inf", now - self.ttl_s)
         excess = self._redis.zcard(self._k("all")) - len(old) - self.max_items
         if excess > 0:  # the oldest items nobody annotated leave first
-            unannotated = []
+            unannotated: list[str] = []
             for rid in self._redis.zrangebyscore(self._k("all"), now - self.ttl_s, "+inf"):
                 if len(unannotated) >= excess:
                     break
@@ -158,6 +181,7 @@ class RedisAnnotationQueue:
             pipe.zrem(self._k("all"), *chunk)
             pipe.execute()
 
+    @_reachable
     def item(self, response_id: str) -> QueueItem | None:
         found = self._redis.hgetall(self._k("i", response_id))
         if not found or "body" not in found:
@@ -171,6 +195,7 @@ class RedisAnnotationQueue:
             found["body"],
         )
 
+    @_reachable
     def held(self, annotator: str, now: float) -> tuple[str, float] | None:
         rid = self._redis.get(self._k("h", annotator))
         if rid is None or not self._redis.exists(self._k("i", rid)):
@@ -178,6 +203,7 @@ class RedisAnnotationQueue:
         expires = self._redis.hget(self._k("l", rid), annotator)
         return (rid, float(expires)) if expires is not None and float(expires) > now else None
 
+    @_reachable
     def candidates(self, annotator: str, now: float, *, newest: bool, limit: int) -> list[Candidate]:
         # Four times as many ids as wanted: some are taken, skipped or annotated by this annotator.
         if newest:
@@ -205,16 +231,19 @@ class RedisAnnotationQueue:
                 break
         return found
 
+    @_reachable
     def assign(self, response_id: str, annotator: str, now: float, lease_s: float) -> bool:
         keys = [*self._item_keys(response_id), self._k("h", annotator), self._k("s", annotator)]
-        args = [annotator, repr(now), repr(now + lease_s), response_id, max(1, round(lease_s * 1000))]
+        args: list[Any] = [annotator, repr(now), repr(now + lease_s), response_id, max(1, round(lease_s * 1000))]
         return bool(self._assign(keys=keys, args=args))
 
+    @_reachable
     def annotation(self, response_id: str, annotator: str, now: float) -> Annotation | None:
         return _previous(
             self._check(keys=self._item_keys(response_id), args=[annotator, repr(now)]), response_id, annotator
         )
 
+    @_reachable
     def annotate(self, annotation: Annotation) -> Annotation | None:
         a = annotation
         record = json.dumps({"label": a.label, "event_id": a.event_id, "annotated_at": a.annotated_at})
@@ -224,11 +253,13 @@ class RedisAnnotationQueue:
         )
         return _previous(reply, a.response_id, a.annotator)
 
+    @_reachable
     def skip(self, response_id: str, annotator: str, now: float) -> None:
         keys = [self._k("l", response_id), self._k("s", annotator), self._k("h", annotator)]
         if not self._skip(keys=keys, args=[annotator, repr(now), response_id, self._ttl_ms]):
             raise NotAssigned(f"{response_id} is not assigned to {annotator!r}")
 
+    @_reachable
     def annotations(self) -> list[Annotation]:
         ids = self._redis.zrange(self._k("all"), 0, -1)
         pipe = self._redis.pipeline(transaction=False)
@@ -241,18 +272,22 @@ class RedisAnnotationQueue:
                 found.append(Annotation(rid, annotator, r["label"], r["event_id"], r["annotated_at"]))
         return found
 
+    @_reachable
     def open_items(self) -> int:
         return self._redis.zcard(self._k("open"))
 
+    @_reachable
     def forget_user(self, user: str) -> int:
         ids = list(self._redis.smembers(self._k("u", user)))
         self._delete(ids)
         self._redis.delete(self._k("u", user))
         return len(ids)
 
+    @_reachable
     def config(self) -> dict[str, Any]:
         return {key: json.loads(value) for key, value in self._redis.hgetall(self._k("config")).items()}
 
+    @_reachable
     def set_config(self, values: dict[str, Any]) -> None:
         self._redis.hset(self._k("config"), mapping={key: json.dumps(value) for key, value in values.items()})
 

@@ -189,7 +189,7 @@ class Me(BaseModel):
     auth: Literal["header", "api-key", "jwt"]
 
 
-# ---- the annotation queue (serve.routes.annotations) ----
+# ---- the annotation queue (serve.routes.annotation) ----
 
 
 class AnnotationItem(BaseModel):

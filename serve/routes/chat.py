@@ -268,11 +268,17 @@ class _GenerationFailed(ApiError):
     status, type = 500, "internal_error"
 
 
+QUEUE_PAUSE_S = 10.0
+"""After the annotation queue failed, answers skip it this long (seconds)."""
+
+
 async def offer(state: ServeState, event: ResponseEvent) -> None:
     """Queue a user's answer for annotators (a share of them: `KTO_ANNOTATION_SHARE`). Best effort:
     the answer is recorded already, and an answer missing from the queue costs nothing."""
     settings, queue = state.settings, state.annotations
     if queue is None or event.user is None or random.random() >= settings.annotation_share:
+        return
+    if time.monotonic() < state.queue_paused_until:  # it failed a moment ago: do not make chat wait on it
         return
     item = QueueItem(
         event.response_id,
@@ -288,7 +294,8 @@ async def offer(state: ServeState, event: ResponseEvent) -> None:
     try:
         await run_in_threadpool(queue.add, item)
     except Exception as exc:
-        logger.warning("answer %s not offered to annotators: %s", event.response_id, exc)
+        state.queue_paused_until = time.monotonic() + QUEUE_PAUSE_S
+        logger.warning("answers not offered to annotators for %.0f s: %s", QUEUE_PAUSE_S, exc)
 
 
 def _sse(payload: dict) -> str:

@@ -55,6 +55,7 @@ async def feedback(body: FeedbackRequest, state: State, caller: FeedbackCaller) 
         raise Forbidden("only the user who received a response may rate it", param="response_id")
     if body.source == "implicit":
         return await _signal(body, state, user, entry.version)
+    assert body.label is not None  # a thumb (body.mismatch)
     label = LABELS[body.label]
     if entry.label == label:
         return FeedbackAccepted(
@@ -70,6 +71,7 @@ async def feedback(body: FeedbackRequest, state: State, caller: FeedbackCaller) 
 
 
 async def _signal(body: FeedbackRequest, state: State, user: str, version: str | None) -> FeedbackAccepted:
+    assert body.signal is not None  # a signal (body.mismatch)
     signal = signal_of(body.signal)
     state.disk.check()
     event = FeedbackEvent(

@@ -238,10 +238,8 @@ def test_an_implicit_label_names_its_signal_and_only_it_does() -> None:
         "implicit:regenerate",
     )
     # A signal this reader does not know is kept: the label says what it means.
-    assert (
-        decode_event(_mutated(make_feedback(source="implicit", signal="copy"), signal="share")).labeler
-        == "implicit:share"
-    )
+    unknown = decode_event(_mutated(make_feedback(source="implicit", signal="copy"), signal="share"))
+    assert isinstance(unknown, FeedbackEvent) and unknown.labeler == "implicit:share"
     annotated = decode_event(encode_event(make_feedback(source="annotator", rater="ann-7")))
     assert isinstance(annotated, FeedbackEvent) and (annotated.rater, annotated.labeler) == ("ann-7", "annotator")
     for broken in (

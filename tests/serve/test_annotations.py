@@ -3,12 +3,15 @@ overlap and agreement, erasure, run-time config, and every bad input."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from fastapi.testclient import TestClient
 
 from ingest.events import FeedbackEvent
 from serve.app import create_app
-from tests.serve.conftest import ADMIN, LOCAL
+from testkit.ports import free_port
+from tests.serve.conftest import ADMIN, LOCAL, state_of
 from tests.serve.test_admin import publish
 from tests.serve.test_feedback import feedback_events
 
@@ -24,7 +27,8 @@ def chat(client, user: str, text: str = "Hello") -> str:
     return reply.json()["id"]
 
 
-def take(client, headers=ANN) -> dict | None:
+def take(client, headers=ANN) -> Any:
+    """The item the annotator is given (a dict), or None."""
     reply = client.get("/v1/annotations/next", headers=headers)
     assert reply.status_code == 200, reply.text
     return reply.json()["item"]
@@ -179,3 +183,14 @@ def test_signals_and_annotations_are_feedback_events_of_the_answers_user(client,
     events = [e for e in feedback_events(state) if e.response_id == rid]
     assert all(isinstance(e, FeedbackEvent) and e.user == "alice" for e in events)
     assert [e.labeler for e in events] == ["annotator", "implicit:copy"]
+
+
+def test_an_unreachable_queue_costs_chat_nothing_and_annotators_are_asked_to_retry(settings):
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    with TestClient(create_app(settings.model_copy(update={"annotation_url": dead})), client=LOCAL) as client:
+        assert chat(client, "alice") and chat(client, "alice")  # the second skips the queue (it just failed)
+        assert state_of(client).queue_paused_until > 0
+        reply = client.get("/v1/annotations/next", headers=ANN)
+        assert reply.status_code == 503 and reply.json()["error"]["code"] == "queue_unavailable"
+        assert int(reply.headers["Retry-After"]) > 0
+        assert client.get("/metrics").status_code == 200  # its gauges are left out, the rest stays

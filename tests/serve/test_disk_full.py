@@ -4,6 +4,7 @@ it can, /readyz 503 until space is freed, nothing acknowledged lost, never a 500
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -17,6 +18,7 @@ from tests.tiny import TINY_MODEL_ID
 from tests.tmpfs import MiB, fill, small_disk
 
 ALICE = {"X-User-Id": "alice"}
+ANN = {"X-User-Id": "ann", "X-User-Role": "annotator"}
 HELLO = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
 TRIES = 60
 """Writes tried on a full disk before one must fail: SQLite may still fit a few in its WAL's slack."""
@@ -37,7 +39,7 @@ def chat(client: TestClient, **body):
     return client.post("/v1/chat/completions", json={**HELLO, **body}, headers=ALICE)
 
 
-def assert_disk_full(reply: httpx.Response) -> None:
+def assert_disk_full(reply: httpx.Response | Any) -> None:
     assert reply.status_code == 507, reply.text
     error = reply.json()["error"]
     assert error["code"] == "disk_full" and "disk is full" in error["message"], error
@@ -55,6 +57,7 @@ def test_under_the_reserve_writes_are_refused_before_generating_and_readyz_says_
         rated = chat(client).json()["id"]
         assert up(client, rid=rated).status_code == 202
         waiting = chat(client).json()["id"]
+        annotated = client.get("/v1/annotations/next", headers=ANN).json()["item"]["response_id"]
         prompt_tokens = sample(client, "kto_prompt_tokens_total")
         ballast = fill(disk)
 
@@ -62,6 +65,12 @@ def test_under_the_reserve_writes_are_refused_before_generating_and_readyz_says_
         assert_disk_full(chat(client, stream=True))
         assert sample(client, "kto_prompt_tokens_total") == prompt_tokens  # nothing was generated
         assert_disk_full(up(client, rid=waiting))
+        assert_disk_full(
+            client.post(
+                "/v1/feedback", json={"response_id": waiting, "source": "implicit", "signal": "copy"}, headers=ALICE
+            )
+        )
+        assert_disk_full(client.post("/v1/annotations", json={"response_id": annotated, "label": "up"}, headers=ANN))
         repeated = up(client, rid=rated)  # a vote already recorded writes nothing: still answered
         assert repeated.status_code == 202 and repeated.json()["status"] == "unchanged"
         ready = client.get("/readyz")
@@ -141,6 +150,10 @@ def test_the_api_document_lists_507_on_every_write(client):
     writes = {
         ("/v1/chat/completions", "post"),
         ("/v1/feedback", "post"),
+        ("/v1/annotations", "post"),
+        ("/v1/annotations/next", "get"),
+        ("/v1/annotations/skip", "post"),
+        ("/v1/annotations/config", "put"),
         ("/v1/adapters/{version}/activate", "post"),
         ("/v1/adapters/rollback", "post"),
         ("/v1/adapters/canary", "post"),

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from ingest.events import FeedbackEvent, encode_event
 from registry import RegistryError
 from serve.agreement import agreement
-from serve.annotation_queue import Annotation, AnnotationQueue, Candidate, ItemGone, NotAssigned
+from serve.annotation_queue import Annotation, AnnotationQueue, Candidate, ItemGone, Label, NotAssigned
 from serve.annotation_strategies import Arms, Strategy, order, uncertainty
 from serve.deps import Admin, Annotator, ServeState, State
 from serve.errors import AUTHENTICATED, Forbidden, NotFound, responses
@@ -44,7 +44,7 @@ from serve.schemas import (
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/annotations", tags=["annotations"], responses=responses(*AUTHENTICATED, 403))
 
-LABELS = {"up": "desirable", "down": "undesirable"}
+LABELS: dict[str, Label] = {"up": "desirable", "down": "undesirable"}
 CANDIDATES = 64
 """Answers a strategy chooses among at one request."""
 SCORED = 16
@@ -56,7 +56,7 @@ def _queue(state: ServeState) -> AnnotationQueue:
     return state.annotations
 
 
-@router.get("/next", response_model=AnnotationTask)
+@router.get("/next", response_model=AnnotationTask, responses=responses(503, 507))  # it takes a lease
 async def next_item(state: State, annotator: Annotator) -> AnnotationTask:
     queue, now = _queue(state), time.time()
     config = await config_in_force(state)
@@ -117,7 +117,7 @@ async def _uncertainty(state: ServeState, queue: AnnotationQueue, candidates: li
     return uncertainty(ratios)
 
 
-@router.post("", status_code=202, response_model=AnnotationAccepted, responses=responses(404, 507))
+@router.post("", status_code=202, response_model=AnnotationAccepted, responses=responses(404, 503, 507))
 async def annotate(body: AnnotationRequest, state: State, annotator: Annotator) -> AnnotationAccepted:
     queue, now, label = _queue(state), time.time(), LABELS[body.label]
     previous = await _held(queue, body.response_id, annotator, now)
@@ -156,7 +156,7 @@ async def _held(queue: AnnotationQueue, response_id: str, annotator: str, now: f
         raise NotFound(f"no answer {response_id!r} in the annotation queue", param="response_id") from None
 
 
-@router.post("/skip", response_model=dict)
+@router.post("/skip", response_model=dict, responses=responses(503, 507))
 async def skip(body: SkipRequest, state: State, annotator: Annotator) -> dict:
     queue = _queue(state)
     try:
@@ -185,7 +185,7 @@ async def get_config(state: State, actor: Admin) -> dict:
     return await config_in_force(state)
 
 
-@router.put("/config", response_model=dict)
+@router.put("/config", response_model=dict, responses=responses(503, 507))
 async def put_config(body: AnnotationConfig, state: State, actor: Admin) -> dict:
     changes = body.model_dump(exclude_none=True)
     await run_in_threadpool(_queue(state).set_config, changes)
