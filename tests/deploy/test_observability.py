@@ -38,11 +38,20 @@ SUFFIXES = {
 }
 
 
+class _EmptyQueue:
+    def open_items(self) -> int:
+        return 0
+
+    def annotations(self) -> list:
+        return []
+
+
 def exported_names() -> set[str]:
     """Every sample name the server (spooled, with a ledger) and the learner (with a buffer) can export."""
     serve = ServeMetrics()
     serve.watch_ledger(lambda: 0)
     serve.watch_spool(lambda: SpoolStatus(0, 1, 0.0, 0, 0, True, None))
+    serve.watch_annotations(_EmptyQueue())  # type: ignore[arg-type]  # only what the collector reads
     learner = LearnerMetrics()
     learner.watch_buffer(lambda: {"desirable": 0, "undesirable": 0, "pending": 0, "unreferenced": 0})
     names = set()
@@ -163,6 +172,10 @@ def test_dashboard_covers_what_operators_watch():
         "kto_learner_reward",
         "kto_learner_consumer_lag_records",
         "kto_spool_depth",
+        "kto_implicit_signals_total",
+        "kto_learner_labels_trained_total",
+        "kto_annotation_queue_open",
+        "kto_annotation_agreement",
     ):
         assert name in used, f"the dashboard does not show {name}"
 
