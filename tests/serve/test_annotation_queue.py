@@ -182,6 +182,32 @@ def test_old_items_and_those_past_the_bound_leave_oldest_unannotated_first(tmp_p
         queue.close()
 
 
+def test_each_strategy_orders_what_the_store_offers(queue: AnnotationQueue) -> None:
+    # Six answers: two of the canary's candidate (v2), two of its baseline (v1), two of an older version.
+    for n, version in enumerate(["v0", "v1", "v2", "v0", "v1", "v2"]):
+        queue.add(item(f"r{n}", version=version, at=n))
+
+    def first(strategy, annotator: str, **kwargs) -> str:
+        offered = queue.candidates(annotator, T0, newest=strategy != "uniform", limit=64)
+        for c in order(strategy, offered, **kwargs):
+            if queue.assign(c.response_id, annotator, T0, LEASE_S):
+                return c.response_id
+        raise AssertionError("nothing assigned")
+
+    assert first("newest", "a1") == "r5"
+    behind = Arms(frozenset({"v2"}), "v1", candidate_labels=2, baseline_labels=9)
+    assert first("canary", "a2", arms=behind) == "r2"  # r5 is leased to a1: the candidate's other answer
+    ahead = Arms(frozenset({"v2"}), "v1", candidate_labels=9, baseline_labels=2)
+    assert first("canary", "a3", arms=ahead) == "r4"
+    assert first("uncertain", "a4", scores=uncertainty({"r0": 0.1, "r3": 3.0, "r1": 9.0})) == "r3"
+    # Uniform: the store offers a random sample, so the remaining answers come in no fixed order.
+    orders = set()
+    for n in range(12):
+        offered = queue.candidates(f"u{n}", T0, newest=False, limit=64)
+        orders.add(tuple(ids(order("uniform", offered, rng=random.Random(n)))))
+    assert len(orders) > 1 and all(sorted(o) == ["r0", "r1"] for o in orders)
+
+
 # ---- strategies (pure) ---------------------------------------------------------------------------
 
 
