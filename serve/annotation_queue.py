@@ -146,6 +146,11 @@ class AnnotationQueue(Protocol):
 
     def item(self, response_id: str) -> QueueItem | None: ...
 
+    def purge(self, now: float) -> int:
+        """Drop items older than the TTL, then the oldest nobody annotated past ``max_items``
+        (``add`` calls it at most once a minute); returns how many left."""
+        ...
+
     def held(self, annotator: str, now: float) -> tuple[str, float] | None:
         """The item the annotator holds a live lease on, and when the lease ends; None if none."""
         ...
@@ -231,11 +236,17 @@ class SqliteAnnotationQueue:
                     " VALUES (?, ?, ?, ?, ?, ?)",
                     (item.response_id, item.user, item.version, item.created_at, item.required, item.body()),
                 )
-                if now - self._last_purge >= _PURGE_EVERY_S:  # lazily, as the ledger does
-                    self._last_purge = now
-                    self._purge(conn, now)
+        if now - self._last_purge >= _PURGE_EVERY_S:  # lazily, as the ledger does
+            self._last_purge = now
+            self.purge(now)
 
-    def _purge(self, conn: sqlite3.Connection, now: float) -> None:
+    def purge(self, now: float) -> int:
+        with self._lock:
+            conn = self._connection()
+            with write_transaction(conn):
+                return self._purge(conn, now)
+
+    def _purge(self, conn: sqlite3.Connection, now: float) -> int:
         old = [r[0] for r in conn.execute("SELECT response_id FROM items WHERE created_at <= ?", (now - self.ttl_s,))]
         excess = conn.execute("SELECT COUNT(*) FROM items").fetchone()[0] - len(old) - self.max_items
         if excess > 0:
@@ -251,6 +262,7 @@ class SqliteAnnotationQueue:
             logger.info(
                 "annotation queue: %d items left (older than %.0f s, or over %d)", len(old), self.ttl_s, self.max_items
             )
+        return len(old)
 
     def item(self, response_id: str) -> QueueItem | None:
         rows = self._read(

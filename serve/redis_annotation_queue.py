@@ -3,6 +3,7 @@
 Keys, under the prefix (default ``kto:annotations:``; a URL's ``prefix=`` overrides):
 - ``i:<id>``: the item (a hash: user, version, created_at, required, annotated, body);
 - ``open`` / ``all``: sorted sets of item ids by time, those wanting annotations / every one;
+- ``annotated``: the ids of items with at least one annotation;
 - ``a:<id>``: annotator → their annotation (JSON); ``l:<id>``: annotator → lease expiry;
 - ``s:<annotator>``: the ids they skipped; ``u:<user>``: the user's item ids (for erasure);
 - ``config``: what an operator set.
@@ -54,7 +55,7 @@ if not expires or tonumber(expires) <= tonumber(ARGV[2]) then return {'not_assig
 return {'ok', ''}
 """
 
-# KEYS: item, annotations, leases, held, open; ARGV: annotator, now, annotation JSON, id
+# KEYS: item, annotations, leases, held, open, annotated; ARGV: annotator, now, annotation JSON, id
 _ANNOTATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
 local previous = redis.call('HGET', KEYS[2], ARGV[1])
@@ -66,6 +67,7 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('HDEL', KEYS[3], ARGV[1])
 if redis.call('GET', KEYS[4]) == ARGV[4] then redis.call('DEL', KEYS[4]) end
 if previous then return {'ok', previous} end
+redis.call('SADD', KEYS[6], ARGV[4])
 if redis.call('HINCRBY', KEYS[1], 'annotated', 1) >= tonumber(redis.call('HGET', KEYS[1], 'required')) then
   redis.call('ZREM', KEYS[5], ARGV[4])
 end
@@ -152,24 +154,22 @@ class RedisAnnotationQueue:
         now = time.time()
         if now - self._last_purge >= _PURGE_EVERY_S:
             self._last_purge = now
-            self._purge(now)
+            self.purge(now)
 
-    def _purge(self, now: float) -> None:
+    @_reachable
+    def purge(self, now: float) -> int:
         old = self._redis.zrangebyscore(self._k("all"), "-inf", now - self.ttl_s)
         excess = self._redis.zcard(self._k("all")) - len(old) - self.max_items
         if excess > 0:  # the oldest items nobody annotated leave first
-            unannotated: list[str] = []
-            for rid in self._redis.zrangebyscore(self._k("all"), now - self.ttl_s, "+inf"):
-                if len(unannotated) >= excess:
-                    break
-                if self._redis.hget(self._k("i", rid), "annotated") in ("0", None):
-                    unannotated.append(rid)
-            old += unannotated
+            oldest = self._redis.zrangebyscore(self._k("all"), now - self.ttl_s, "+inf", start=0, num=2 * excess + 100)
+            annotated = self._redis.smismember(self._k("annotated"), oldest) if oldest else []
+            old += [rid for rid, labeled in zip(oldest, annotated) if not labeled][:excess]
         self._delete(old)
         if old:
             logger.info(
                 "annotation queue: %d items left (older than %.0f s, or over %d)", len(old), self.ttl_s, self.max_items
             )
+        return len(old)
 
     def _delete(self, ids: list[str]) -> None:
         for start in range(0, len(ids), 500):
@@ -179,6 +179,7 @@ class RedisAnnotationQueue:
                 pipe.delete(*self._item_keys(rid))
             pipe.zrem(self._k("open"), *chunk)
             pipe.zrem(self._k("all"), *chunk)
+            pipe.srem(self._k("annotated"), *chunk)
             pipe.execute()
 
     @_reachable
@@ -248,7 +249,7 @@ class RedisAnnotationQueue:
         a = annotation
         record = json.dumps({"label": a.label, "event_id": a.event_id, "annotated_at": a.annotated_at})
         reply = self._annotate(
-            keys=[*self._item_keys(a.response_id), self._k("h", a.annotator), self._k("open")],
+            keys=[*self._item_keys(a.response_id), self._k("h", a.annotator), self._k("open"), self._k("annotated")],
             args=[a.annotator, repr(a.annotated_at), record, a.response_id],
         )
         return _previous(reply, a.response_id, a.annotator)
@@ -261,7 +262,7 @@ class RedisAnnotationQueue:
 
     @_reachable
     def annotations(self) -> list[Annotation]:
-        ids = self._redis.zrange(self._k("all"), 0, -1)
+        ids = sorted(self._redis.smembers(self._k("annotated")))
         pipe = self._redis.pipeline(transaction=False)
         for rid in ids:
             pipe.hgetall(self._k("a", rid))

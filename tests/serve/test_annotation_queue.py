@@ -23,7 +23,6 @@ from serve.annotation_queue import (
     ItemGone,
     NotAssigned,
     QueueItem,
-    SqliteAnnotationQueue,
     open_annotation_queue,
 )
 from serve.annotation_strategies import Arms, order, uncertainty, wants_overlap
@@ -33,18 +32,25 @@ T0 = time.time()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
-def queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AnnotationQueue]:
-    if request.param == "redis":
-        url = with_prefix(request.getfixturevalue("services").registry_url, f"test-{uuid.uuid4().hex[:12]}:")
-    else:
-        url = f"sqlite:///{tmp_path / 'annotations.sqlite3'}"
-    opened = open_annotation_queue(url, ttl_s=3600, max_items=1000)
-    yield opened
-    if request.param == "redis":
-        client = opened._redis  # type: ignore[attr-defined]
-        keys = list(client.scan_iter(match=f"{opened.prefix}*"))  # type: ignore[attr-defined]
+def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A file, or a key prefix of the test's own on the session's redis-server (removed after)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'annotations.sqlite3'}"
+        return
+    prefix = f"test-{uuid.uuid4().hex[:12]}:"
+    yield with_prefix(request.getfixturevalue("services").registry_url, prefix)
+    import redis
+
+    with redis.Redis.from_url(request.getfixturevalue("services").registry_url) as client:
+        keys = list(client.scan_iter(match=f"{prefix}*"))
         if keys:
             client.delete(*keys)
+
+
+@pytest.fixture
+def queue(queue_url: str) -> Iterator[AnnotationQueue]:
+    opened = open_annotation_queue(queue_url, ttl_s=3600, max_items=1000)
+    yield opened
     opened.close()
 
 
@@ -163,21 +169,21 @@ def test_run_time_config_is_kept(queue: AnnotationQueue) -> None:
     assert queue.config() == {"strategy": "newest", "guidelines": "Be kind. 👍"}
 
 
-def test_old_items_and_those_past_the_bound_leave_oldest_unannotated_first(tmp_path: Path) -> None:
-    now = [T0]
-    queue = SqliteAnnotationQueue(tmp_path / "q.sqlite3", ttl_s=100, max_items=2, clock=lambda: now[0])
+def test_old_items_and_those_past_the_bound_leave_oldest_unannotated_first(queue_url: str) -> None:
+    queue = open_annotation_queue(queue_url, ttl_s=100, max_items=2)
     try:
-        queue.add(item("old", at=-200))
         queue.add(item("labeled", at=-10))
         queue.assign("labeled", "ann", T0, LEASE_S)
         queue.annotate(annotation("labeled", "ann"))
         for n in range(3):
             queue.add(item(f"new{n}", at=n))
-        now[0] += 61  # the purge runs at most once a minute, at an add
-        queue.add(item("newest", at=5))
-        kept = {c.response_id for c in queue.candidates("bob", T0, newest=True, limit=10)}
-        assert queue.item("old") is None and queue.item("labeled") is not None
-        assert kept == {"newest"}  # max_items counts the annotated one too, which stays
+        queue.add(item("old", at=-200))  # within a minute of the first add: no purge yet
+        assert queue.item("old") is not None
+        # Past the TTL: "old". Then two answers over the bound of 2, the oldest nobody annotated.
+        assert queue.purge(T0 + 1) == 3
+        assert queue.item("old") is None and queue.item("new0") is None and queue.item("new1") is None
+        assert queue.item("labeled") is not None and queue.item("new2") is not None
+        assert [a.response_id for a in queue.annotations()] == ["labeled"]
     finally:
         queue.close()
 
