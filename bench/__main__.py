@@ -29,6 +29,7 @@ SUITES = {
     "learning": "bench.learning",
     "flood": "bench.flood",
     "soak": "bench.soak",
+    "annotation": "bench.annotation",
 }  # name -> module with run(options) -> Path
 
 
