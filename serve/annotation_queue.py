@@ -9,9 +9,10 @@ overlap (`KTO_ANNOTATION_OVERLAP`), which is what the agreement figure is comput
 The delivery rules, enforced here (atomically on both backends):
 - an annotator gets an item only while it has a free slot: annotations plus others' live leases
   fewer than it wants, and never one they annotated or skipped before;
-- an annotation needs the annotator's live lease, or their own earlier annotation of that item
-  (a repeat: the same label changes nothing, another one replaces it); anything else is
-  ``NotAssigned`` (a 403);
+- an annotation needs the annotator's lease, or their own earlier annotation of that item (a
+  repeat: the same label changes nothing, another one replaces it); anything else is
+  ``NotAssigned`` (a 403). A lease that ran out still counts while nobody else took its slot
+  (an annotator who paused too long loses nothing that was not given away);
 - a skip gives the slot back and the item never comes back to that annotator.
 
 Erasing a user removes their items with everything recorded about them here. Which item comes
@@ -173,7 +174,7 @@ class AnnotationQueue(Protocol):
         ...
 
     def skip(self, response_id: str, annotator: str, now: float) -> None:
-        """Give the slot back for good; ``NotAssigned`` without a live lease."""
+        """Give the slot back for good; ``NotAssigned`` without a lease."""
         ...
 
     def annotations(self) -> list[Annotation]:
@@ -340,8 +341,7 @@ class SqliteAnnotationQueue:
             conn = self._connection()
             with write_transaction(conn):
                 released = conn.execute(
-                    "DELETE FROM leases WHERE response_id = ? AND annotator = ? AND expires_at > ?",
-                    (response_id, annotator, now),
+                    "DELETE FROM leases WHERE response_id = ? AND annotator = ?", (response_id, annotator)
                 ).rowcount
                 if not released:
                     raise NotAssigned(f"{response_id} is not assigned to {annotator!r}")
@@ -394,10 +394,13 @@ def _check(conn: sqlite3.Connection, response_id: str, annotator: str, now: floa
     ).fetchone()
     if row is not None:
         return Annotation(*row)
-    leased = conn.execute(
-        "SELECT 1 FROM leases WHERE response_id = ? AND annotator = ? AND expires_at > ?", (response_id, annotator, now)
+    holds = conn.execute(
+        "SELECT l.expires_at > ? OR i.annotated + (SELECT COUNT(*) FROM leases o WHERE o.response_id = l.response_id"
+        "   AND o.annotator != l.annotator AND o.expires_at > ?) < i.required"
+        " FROM leases l JOIN items i ON i.response_id = l.response_id WHERE l.response_id = ? AND l.annotator = ?",
+        (now, now, response_id, annotator),
     ).fetchone()
-    if leased is None:
+    if not (holds and holds[0]):
         raise NotAssigned(f"{response_id} is not assigned to {annotator!r}")
     return None
 

@@ -45,24 +45,41 @@ redis.call('SET', KEYS[4], ARGV[4], 'PX', ARGV[5])
 return 1
 """
 
+# Whether ARGV[1] holds a lease on the item at ARGV[2]: a live one, or one that ran out while
+# nobody else took its slot. KEYS: item, annotations, leases.
+_HOLDS = """
+local function holds()
+  local expires = redis.call('HGET', KEYS[3], ARGV[1])
+  if not expires then return false end
+  if tonumber(expires) > tonumber(ARGV[2]) then return true end
+  local taken = tonumber(redis.call('HGET', KEYS[1], 'annotated'))
+  local leases = redis.call('HGETALL', KEYS[3])
+  for i = 1, #leases, 2 do
+    if leases[i] ~= ARGV[1] and tonumber(leases[i + 1]) > tonumber(ARGV[2]) then taken = taken + 1 end
+  end
+  return taken < tonumber(redis.call('HGET', KEYS[1], 'required'))
+end
+"""
+
 # KEYS: item, annotations, leases; ARGV: annotator, now → {'gone'} | {'not_assigned'} | {'ok', previous or ''}
-_CHECK = """
+_CHECK = (
+    _HOLDS
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
 local previous = redis.call('HGET', KEYS[2], ARGV[1])
 if previous then return {'ok', previous} end
-local expires = redis.call('HGET', KEYS[3], ARGV[1])
-if not expires or tonumber(expires) <= tonumber(ARGV[2]) then return {'not_assigned'} end
+if not holds() then return {'not_assigned'} end
 return {'ok', ''}
 """
+)
 
 # KEYS: item, annotations, leases, held, open, annotated; ARGV: annotator, now, annotation JSON, id
-_ANNOTATE = """
+_ANNOTATE = (
+    _HOLDS
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
 local previous = redis.call('HGET', KEYS[2], ARGV[1])
-if not previous then
-  local expires = redis.call('HGET', KEYS[3], ARGV[1])
-  if not expires or tonumber(expires) <= tonumber(ARGV[2]) then return {'not_assigned'} end
-end
+if not previous and not holds() then return {'not_assigned'} end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('HDEL', KEYS[3], ARGV[1])
 if redis.call('GET', KEYS[4]) == ARGV[4] then redis.call('DEL', KEYS[4]) end
@@ -73,12 +90,11 @@ if redis.call('HINCRBY', KEYS[1], 'annotated', 1) >= tonumber(redis.call('HGET',
 end
 return {'ok', ''}
 """
+)
 
 # KEYS: leases, skips, held; ARGV: annotator, now, id, ttl_ms
 _SKIP = """
-local expires = redis.call('HGET', KEYS[1], ARGV[1])
-if not expires or tonumber(expires) <= tonumber(ARGV[2]) then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 if redis.call('GET', KEYS[3]) == ARGV[3] then redis.call('DEL', KEYS[3]) end
 redis.call('SADD', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])

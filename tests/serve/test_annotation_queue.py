@@ -95,10 +95,11 @@ def test_a_lease_holds_the_slot_until_it_runs_out(queue: AnnotationQueue) -> Non
     assert queue.candidates("bob", T0 + 1, newest=True, limit=10) == []
     later = T0 + LEASE_S + 1
     assert queue.held("ann", later) is None
+    assert queue.annotation("r1", "ann", later) is None  # ran out, but nobody took it: still Ann's to label
     assert ids(queue.candidates("bob", later, newest=True, limit=10)) == ["r1"]
     assert queue.assign("r1", "bob", later, LEASE_S)
     with pytest.raises(NotAssigned):
-        queue.annotation("r1", "ann", later)  # ran out before they labeled it
+        queue.annotation("r1", "ann", later)  # ran out, and Bob has it now
 
 
 def test_an_overlap_item_goes_to_two_annotators_and_no_third(queue: AnnotationQueue) -> None:

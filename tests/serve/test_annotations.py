@@ -39,6 +39,12 @@ def label(client, response_id: str, thumb: str, headers=ANN):
 
 
 @pytest.fixture
+def settings(settings):
+    """No overlap, so that each answer has one slot whatever its id draws (overlap: `overlapping`)."""
+    return settings.model_copy(update={"annotation_overlap": 0.0})
+
+
+@pytest.fixture
 def overlapping(settings):
     """Every answer to two annotators."""
     with TestClient(create_app(settings.model_copy(update={"annotation_overlap": 1.0})), client=LOCAL) as client:
@@ -147,7 +153,7 @@ def test_an_erased_users_answers_leave_the_queue(client):
 
 def test_an_admin_sets_strategy_and_guidelines_at_run_time(client):
     defaults = client.get("/v1/annotations/config", headers=ADMIN).json()
-    assert defaults["strategy"] == "canary" and defaults["overlap"] == 0.1
+    assert defaults["strategy"] == "canary" and defaults["overlap"] == 0.0 and defaults["lease_s"] == 900
     changed = client.put(
         "/v1/annotations/config", json={"strategy": "uncertain", "guidelines": "Only facts count."}, headers=ADMIN
     )
