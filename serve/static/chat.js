@@ -1,6 +1,10 @@
 // The kto-loop chat page. Public API only: GET /v1/me, POST /v1/chat/completions (stream: true)
 // and POST /v1/feedback. No framework, no build step.
 //
+// Besides the thumbs, what the user does with an answer is sent as an implicit signal
+// (ingest/signals.py): ↻ regenerate on the latest answer, copying an answer (its button or Ctrl+C
+// on a selection inside it), and editing a question that was answered, then sending it again.
+//
 // Who the user is, is the server's to say (GET /v1/me): behind a trusted proxy, the proxy's
 // header; on the server's own host, this browser's random id (X-User-Id); with KTO_AUTH=api-key
 // or jwt, the key or token the user pastes in, sent as `Authorization: Bearer`.
@@ -10,6 +14,7 @@ const USER_KEY = "kto-loop-user";
 const CREDENTIAL_KEY = "kto-loop-key";
 const history = [];   // the conversation sent as `messages`: finished turns only
 let busy = false;     // one answer streams at a time; Enter is ignored until it ends
+let editing = null;   // the question being rewritten in the composer, or null
 
 const $ = (id) => document.getElementById(id);
 const log = $("messages"), prompt = $("prompt"), send = $("send");
@@ -81,15 +86,11 @@ const atBottom = () => log.scrollHeight - log.scrollTop - log.clientHeight < 40;
 
 function addUserMessage(text) {
   $("empty")?.remove();
-  const el = document.createElement("article");
-  el.className = "message user";
-  el.dataset.testid = "question";
-  const bubble = document.createElement("div");
-  bubble.className = "bubble";
-  bubble.textContent = text;
-  el.append(bubble);
+  const el = $("question-template").content.firstElementChild.cloneNode(true);
+  el.querySelector(".bubble").textContent = text;
   log.append(el);
   scrollDown();
+  return el;
 }
 
 function addAnswer() {
@@ -162,10 +163,14 @@ async function readEvents(response, onData) {
   }
 }
 
-async function ask(text) {
+// Asks `text` after the finished turns in `history`. `question` is its bubble when it is on the
+// page already (a regenerate asks the same question again); otherwise one is added.
+async function ask(text, question = null) {
   busy = true;
   send.disabled = true;
-  addUserMessage(text);
+  question ??= addUserMessage(text);
+  const edit = question.querySelector("[data-act=edit]");
+  edit.hidden = true;  // only a question with a finished answer can be edited
   const turn = { role: "user", content: text };
   const answer = addAnswer();
   const bubble = answer.querySelector(".bubble");
@@ -186,7 +191,9 @@ async function ask(text) {
     });
     if (!finished) throw new Error("The connection closed before the answer was complete.");
     // Only a complete answer joins the history and can be rated: the server records it only then.
+    question.dataset.turn = history.length;  // where the turn starts: an edit or a regenerate cuts there
     history.push(turn, { role: "assistant", content });
+    edit.hidden = false;
     answer.querySelector("[data-testid=version]").textContent = model;
     answer.querySelector("[data-testid=response-id]").textContent = id;
     answer.dataset.responseId = id;
@@ -223,10 +230,105 @@ async function vote(button) {
   }
 }
 
+// An implicit signal about an answer. Best effort: the act it records (copying, asking again) goes
+// ahead whether or not it is saved, and a failure goes to the console only: an error box about
+// something the user did not ask for would only puzzle them. Resolves whether it was saved.
+function signal(answer, name) {
+  const body = { response_id: answer.dataset.responseId, source: "implicit", signal: name };
+  return post("/v1/feedback", body).then(
+    () => true,
+    (err) => { console.warn(`The ${name} signal was not saved: ${err.message}`); return false; },
+  );
+}
+
+const textOf = (message) => message.querySelector(".bubble").textContent;
+const answerOf = (button) => button.closest("[data-testid=answer]");
+
+// Forgets the turn that `question` starts and all after it, in `history` and on the page.
+function forget(question, { keepQuestion = false } = {}) {
+  history.length = Number(question.dataset.turn);
+  while (question.nextElementSibling) question.nextElementSibling.remove();
+  if (!keepQuestion) question.remove();
+}
+
+// ↻ (shown on the latest answer only, by chat.css): that answer was not wanted; ask its question
+// again, without it. A failed answer has no ↻: its question is back in the composer instead.
+function regenerate(button) {
+  if (busy) return;
+  const answer = answerOf(button), question = answer.previousElementSibling;
+  signal(answer, "regenerate");
+  endEdit();
+  forget(question, { keepQuestion: true });
+  ask(textOf(question), question);
+}
+
+// Copying an answer counts once, however often it is copied; a signal that was lost may be sent
+// by the next copy.
+function copied(answer) {
+  if (answer.dataset.copied) return;
+  answer.dataset.copied = "true";
+  signal(answer, "copy").then((saved) => { if (!saved) delete answer.dataset.copied; });
+}
+
+// The copy button. Where the clipboard API is missing (plain http off localhost) or refused (the
+// page has no focus, no permission), the text is selected and copied the old way; if even that is
+// refused, it stays selected for the user's Ctrl+C. A ✓ shows when it is on the clipboard.
+async function copy(button) {
+  const answer = answerOf(button), bubble = answer.querySelector(".bubble");
+  copied(answer);
+  try {
+    await navigator.clipboard.writeText(bubble.textContent);
+  } catch {
+    getSelection().selectAllChildren(bubble);
+    if (!document.execCommand("copy")) return;
+  }
+  button.classList.add("done");
+  setTimeout(() => button.classList.remove("done"), 1500);
+}
+
+// Ctrl+C (or the context menu's Copy) on a selection within a finished answer's text.
+function copiedSelection() {
+  const selection = getSelection();
+  if (selection.isCollapsed) return;
+  const range = selection.getRangeAt(0);
+  let node = range.commonAncestorContainer;
+  if (node.nodeType !== Node.ELEMENT_NODE) node = node.parentElement;
+  const answer = node?.closest("[data-testid=answer]");
+  if (answer?.dataset.responseId && range.intersectsNode(answer.querySelector(".bubble"))) copied(answer);
+}
+
+// Edit: the question goes back into the composer; sending it replaces that turn and all after it.
+function startEdit(button) {
+  if (busy) return;
+  endEdit();
+  editing = button.closest("[data-testid=question]");
+  editing.classList.add("editing");
+  prompt.value = textOf(editing);
+  $("editing").hidden = false;
+  prompt.focus();
+}
+function endEdit() {
+  editing?.classList.remove("editing");
+  editing = null;
+  $("editing").hidden = true;
+}
+function cancelEdit() {
+  if (!editing) return;
+  endEdit();
+  prompt.value = "";  // it held the old question
+}
+
 function submit() {
   const text = prompt.value.trim();
   if (busy || !text) return;
   prompt.value = "";
+  if (editing) {
+    const question = editing;
+    endEdit();
+    // Sent unchanged, it is another try at the same question: a regenerate, not an edit.
+    signal(question.nextElementSibling, text === textOf(question) ? "regenerate" : "edit");
+    forget(question);
+  }
   ask(text);
 }
 
@@ -235,12 +337,17 @@ prompt.addEventListener("keydown", (e) => {
   // Enter sends; Shift+Enter is a new line; Enter that confirms an IME composition is not a send.
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); submit(); }
 });
+document.addEventListener("keydown", (e) => { if (e.key === "Escape") cancelEdit(); });
+$("cancel-edit").addEventListener("click", cancelEdit);
+const ACTS = { vote, copy, regenerate, edit: startEdit };
 log.addEventListener("click", (e) => {
-  const button = e.target.closest(".vote");
-  if (button) vote(button);
+  const button = e.target.closest("button[data-act]");
+  if (button) ACTS[button.dataset.act](button);
 });
+document.addEventListener("copy", copiedSelection);
 $("new-chat").addEventListener("click", () => {
   if (busy) return;
+  cancelEdit();
   history.length = 0;
   log.replaceChildren();
   prompt.focus();

@@ -30,8 +30,10 @@ def say(page, text: str) -> None:
     page.find_element(By.ID, "prompt").send_keys(text, Keys.ENTER)
 
 
-def finished_answer(page, n: int):
-    """The n-th answer, once it has finished streaming (its vote buttons are shown)."""
+def finished_answer(page, n: int, *, replacing: str | None = None):
+    """The n-th answer, once it has finished streaming (its vote buttons are shown); with
+    `replacing`, once it is another answer than the one with that response id."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -40,13 +42,17 @@ def finished_answer(page, n: int):
         if len(answers) < n:
             return False
         answer = answers[n - 1]
+        if replacing is not None and answer.get_attribute("data-response-id") == replacing:
+            return False
         errors = [e.text for e in answer.find_elements(By.CSS_SELECTOR, "[role=alert]") if e.is_displayed()]
         assert not errors, errors
         return (
             answer if answer.get_attribute("aria-busy") == "false" and vote_buttons(answer)[0].is_displayed() else False
         )
 
-    return WebDriverWait(page, WAIT_S, poll_frequency=0.1).until(done, f"answer {n} never finished")
+    # An answer the page removes while it is looked at (a regenerate, an edit) is looked up again.
+    wait = WebDriverWait(page, WAIT_S, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException])
+    return wait.until(done, f"answer {n} never finished")
 
 
 def error_of(page, n: int) -> str:
@@ -87,6 +93,20 @@ def vote_buttons(answer):
         answer.find_element(By.CSS_SELECTOR, "button[aria-label='thumbs down']"),
         answer.find_element(By.CSS_SELECTOR, "button[aria-label='thumbs up']"),
     )
+
+
+def button(element, name: str):
+    """The button inside `element` whose accessible name is `name` (its aria-label)."""
+    from selenium.webdriver.common.by import By
+
+    return element.find_element(By.CSS_SELECTOR, f"button[aria-label='{name}']")
+
+
+def questions(page) -> list:
+    """The user's messages on the page, in order."""
+    from selenium.webdriver.common.by import By
+
+    return page.find_elements(By.CSS_SELECTOR, "[data-testid=question]")
 
 
 def details(answer) -> dict[str, str]:
