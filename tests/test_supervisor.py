@@ -43,6 +43,8 @@ def test_a_child_that_dies_is_restarted_until_it_runs(tmp_path):
             lambda: [s for s in supervisor.status() if s.up and s.restarts == 2], what="the third start running"
         )
         assert status.name == "learner" and status.last_exit == 1 and status.gave_up is None
+        # Up means spawned: the third start may not have written its mark yet.
+        wait_for(lambda: runs(starts) >= 3, what="the third start's mark")
         assert runs(starts) == 3
     finally:
         supervisor.stop()

@@ -29,6 +29,13 @@ from serve.annotation_strategies import Arms, order, uncertainty, wants_overlap
 
 LEASE_S = 60.0
 T0 = time.time()
+"""The test's now (reset for each test: the items' times and the TTLs are measured from it)."""
+
+
+@pytest.fixture(autouse=True)
+def now() -> None:
+    global T0
+    T0 = time.time()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
