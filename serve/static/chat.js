@@ -53,6 +53,8 @@ function authHeaders() {
 }
 
 // Ask the server who we are; show the sign-in form when it wants a credential we do not have.
+let anonymous = false;  // the server takes this browser for nobody (GET /v1/me): no signals then
+
 async function whoAmI() {
   let response;
   try {
@@ -73,6 +75,7 @@ async function whoAmI() {
   }
   if (!response.ok) return;
   const me = await response.json();
+  anonymous = !me.user;
   signIn.hidden = true;
   who.textContent = me.user ? `signed in as ${me.user}` : "anonymous: answers cannot be rated";
   who.hidden = false;
@@ -234,6 +237,7 @@ async function vote(button) {
 // ahead whether or not it is saved, and a failure goes to the console only: an error box about
 // something the user did not ask for would only puzzle them. Resolves whether it was saved.
 function signal(answer, name) {
+  if (anonymous) return Promise.resolve(false);  // nobody's answer: there is no one to count it for
   const body = { response_id: answer.dataset.responseId, source: "implicit", signal: name };
   return post("/v1/feedback", body).then(
     () => true,
