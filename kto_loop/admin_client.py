@@ -1,4 +1,4 @@
-"""The admin commands (`kto-loop adapters …`, `users erase`, `keys …`): a client of the server's
+"""The admin commands (`kto-loop adapters …`, `users erase`, `keys …`, `annotations …`): a client of the server's
 admin API, sending KTO_ADMIN_TOKEN as the bearer credential (the server's token, or an admin's
 API key or JWT), to http://KTO_HOST:KTO_PORT."""
 
@@ -36,6 +36,13 @@ def run(settings, args) -> int:
 
 
 def _request(client, base: str, args):
+    if args.command == "annotations":
+        if args.action == "agreement":
+            return client.get(f"{base}/v1/annotations/agreement")
+        changes = {k: v for k, v in (("strategy", args.strategy), ("guidelines", args.guidelines)) if v is not None}
+        if changes:
+            return client.put(f"{base}/v1/annotations/config", json=changes)
+        return client.get(f"{base}/v1/annotations/config")
     if args.command == "users":
         return client.delete(f"{base}/v1/users/{quote(args.user, safe='')}", params={"reason": args.reason})
     if args.command == "keys":
@@ -76,6 +83,8 @@ def _canary_request(client, url: str, args):
 def _render(command: str, action: str, reply) -> str:
     if command == "keys":
         return _render_keys(action, reply)
+    if command == "annotations":
+        return _render_agreement(reply.json()) if action == "agreement" else json.dumps(reply.json(), indent=2)
     body = reply.json()
     if action == "list":
         rows = [f"active: {body['active'] or 'base'}   serving here: {body['serving'] or 'base'}"]
@@ -159,3 +168,15 @@ def _render_keys(action: str, reply) -> str:
     return (
         "\n".join(f"{k['id']}  {k['role']:<9} {k['name'] or '-':<16} by {k['created_by']}" for k in keys) or "no keys"
     )
+
+
+def _render_agreement(body: dict) -> str:
+    def line(who: str, a: dict) -> str:
+        alpha = "undefined" if a["krippendorff_alpha"] is None else f"{a['krippendorff_alpha']:+.3f}"
+        observed = "-" if a["observed_agreement"] is None else f"{a['observed_agreement']:.0%}"
+        return f"{who:<20} alpha {alpha:<9} on {a['items']:>5} shared answers, pairs agreeing {observed}"
+
+    rows = [line("all annotators", body["overall"])]
+    rows += [line(who, a) for who, a in sorted(body["annotators"].items())]
+    rows.append(f"{body['annotations']} annotations; {body['open_items']} answers waiting")
+    return "\n".join(rows)

@@ -11,6 +11,7 @@
                           against a running server
     kto-loop users erase USER   erase a user's data (ledger, keys, learner buffer; flags versions)
     kto-loop keys …       create USER [--role R] | list USER | revoke USER KEY_ID (KTO_AUTH=api-key)
+    kto-loop annotations agreement | config [--strategy S] [--guidelines TEXT]   the annotation queue
     kto-loop bus delete-group GROUP   forget a consumer group of the embedded bus that is gone
 
 Options on the command line override `KTO_*` environment variables.
@@ -145,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = key_actions.add_parser("revoke", parents=[common], help="revoke USER's key KEY_ID on every replica")
     revoke.add_argument("user")
     revoke.add_argument("key_id")
+    annotating = sub.add_parser("annotations", help="the annotation queue: agreement, strategy and guidelines")
+    annotation_actions = annotating.add_subparsers(dest="action", required=True)
+    annotation_actions.add_parser(
+        "agreement", parents=[common], help="Krippendorff's alpha of the annotators, overall and each"
+    )
+    config = annotation_actions.add_parser(
+        "config", parents=[common], help="the strategy and guidelines in force; set either with the options"
+    )
+    config.add_argument("--strategy", choices=["uniform", "newest", "canary", "uncertain"])
+    config.add_argument("--guidelines", help="the text annotators are shown")
     bus = sub.add_parser("bus", help="the embedded event log (on Kafka: kafka-consumer-groups)")
     bus_actions = bus.add_subparsers(dest="action", required=True)
     forget = bus_actions.add_parser(

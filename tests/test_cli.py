@@ -240,3 +240,41 @@ def test_bus_delete_group_forgets_a_group_that_holds_retention_back(tmp_path, ca
     assert capsys.readouterr().out.strip() == "no group old-labeler"
     with SqliteBus(tmp_path / "bus.sqlite3") as bus:
         assert bus.enforce_retention(max_age_s=None, max_bytes=1).deleted  # nothing holds it back now
+
+
+def test_annotations_commands(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    import httpx
+
+    from serve.settings import ServeSettings
+
+    settings = ServeSettings(
+        data_dir=tmp_path,
+        model=str(tiny_model_dir),
+        model_id=TINY_MODEL_ID,
+        admin_token=ADMIN_TOKEN,
+        annotation_overlap=1.0,  # every answer to two annotators
+    )
+    with BackgroundServer(settings) as server:
+        monkeypatch.setenv("KTO_ADMIN_TOKEN", ADMIN_TOKEN)
+        port = ["--port", str(server.port)]
+        assert main(["annotations", "config", "--strategy", "newest", "--guidelines", "Facts only.", *port]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert (shown["strategy"], shown["guidelines"]) == ("newest", "Facts only.")
+        assert main(["annotations", "config", *port]) == 0
+        assert json.loads(capsys.readouterr().out)["strategy"] == "newest"
+
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            for n in range(2):
+                chat = {"messages": [{"role": "user", "content": f"q{n}"}], "max_tokens": 4}
+                assert client.post("/v1/chat/completions", json=chat, headers={"X-User-Id": "alice"}).is_success
+            for who, thumbs in (("ann", ["up", "down"]), ("bob", ["up", "up"])):
+                headers = {"X-User-Id": who, "X-User-Role": "annotator"}
+                for thumb in thumbs:
+                    item = client.get("/v1/annotations/next", headers=headers).json()["item"]
+                    label = {"response_id": item["response_id"], "label": thumb}
+                    assert client.post("/v1/annotations", json=label, headers=headers).status_code == 202
+        assert main(["annotations", "agreement", *port]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith("all annotators") and "on     2 shared answers, pairs agreeing 50%" in lines[0]
+        assert [line.split()[0] for line in lines[1:3]] == ["ann", "bob"]
+        assert lines[-1] == "4 annotations; 0 answers waiting"
