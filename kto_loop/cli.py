@@ -4,7 +4,7 @@
     kto-loop learn        the KTO learner: events in, adapter versions out (--port: its /metrics)
     kto-loop label        the rule labeler: the operator's rules' labels on served answers
     kto-loop up           serve + learn + label on the embedded default: what `make run` starts
-    kto-loop simulate     users who chat and rate by rules, with a learning curve
+    kto-loop simulate     users who chat and rate by rules (thumbs or signals), with a learning curve
     kto-loop adapters …   list | show VERSION | activate VERSION | rollback [VERSION] | history
                           | prune [--dry-run] | pin VERSION | unpin VERSION
                           | canary show | start VERSION | promote | rollback | pause | resume,
@@ -77,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="chance that a liked answer is rated at all (disliked ones always are)",
+    )
+    sim.add_argument(
+        "--feedback",
+        choices=["thumbs", "implicit"],
+        default="thumbs",
+        help="how users say what they think: thumbs (default), or implicit: never a thumb; they "
+        "regenerate an answer they dislike (and ask the same prompt again) and copy one they like",
+    )
+    sim.add_argument(
+        "--copy-liked",
+        type=float,
+        default=1.0,
+        help="with --feedback implicit: chance that a liked answer is copied (default 1, as --rate-liked)",
     )
     sim.add_argument(
         "--think-time",
@@ -340,7 +353,11 @@ def _simulate(settings, args) -> int:
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         raters = Raters(
-            tuple(parse_rule(r) for r in args.rules or ["prefix:aeiou"]), flip=args.flip, rate_liked=args.rate_liked
+            tuple(parse_rule(r) for r in args.rules or ["prefix:aeiou"]),
+            flip=args.flip,
+            rate_liked=args.rate_liked,
+            feedback=args.feedback,
+            copy_liked=args.copy_liked,
         )
     except ValueError as exc:
         sys.stderr.write(f"kto-loop: {exc}\n")
@@ -363,6 +380,9 @@ def _simulate(settings, args) -> int:
     )
     for version, (n, rate) in result.rate_by_version().items():
         print(f"{version:<24} n={n:<5} desirable={rate:.3f}")
+    if raters.feedback == "implicit":
+        signals = [t.signal for t in result.ratings]
+        print(f"signals: {signals.count('regenerate')} regenerate, {signals.count('copy')} copy, no thumbs")
     turns, k = result.turns, min(100, len(result.turns) // 2)
     if k:
         first, last = sum(t.liked for t in turns[:k]), sum(t.liked for t in turns[-k:])

@@ -6,6 +6,11 @@ must pass all of them). Raters can be imperfect the way people are: `flip` inver
 their labels (noisy raters), `rate_liked` is the chance that a liked answer gets a thumb at all
 (people complain more readily than they praise: 0.25 turns a 0.3 rule into about 1:9 labels).
 
+Or users never press a thumb (`feedback="implicit"`): an answer they dislike they regenerate (the
+`regenerate` signal, then the same prompt again as their next turn, as a person does), one they
+like they copy (the `copy` signal) with chance `copy_liked`. The server turns each signal into a
+label (ingest.signals), so a turn's `desirable` is still the label sent and `signal` says how.
+
 Pace: each user waits `think_time` x U(0.5, 1.5) seconds after rating before the next turn, the
 way a person reads and types; 0 sends turns back to back. Every answer is kept (`Turn`), rated
 or not, with the version that produced it and the rule's verdict, so a caller can measure what
@@ -84,22 +89,53 @@ class Raters:
     flip: float = 0.0
     """Share of labels sent inverted (noisy raters)."""
     rate_liked: float = 1.0
-    """Chance that a liked answer is rated at all (a disliked one always is)."""
+    """Chance that a liked answer is rated at all (a disliked one always is); thumbs only."""
+    feedback: str = "thumbs"
+    """`thumbs` (a thumb up or down) or `implicit` (no thumb ever: regenerate or copy)."""
+    copy_liked: float = 1.0
+    """implicit: chance that a liked answer is copied (a disliked one is always regenerated).
+    1.0, like `rate_liked`, so that by default the two kinds of feedback send the same labels on
+    the same answers and differ only in how (the weights of signals, the re-asked prompts)."""
+
+    def __post_init__(self) -> None:
+        if self.feedback not in FEEDBACK:
+            raise ValueError(f"feedback is one of {', '.join(FEEDBACK)}, got {self.feedback!r}")
 
     def likes(self, answer: str) -> bool:
         return all(rule.likes(answer) for rule in self.rules)
 
     def label(self, liked: bool, rng: random.Random) -> bool | None:
-        """The label sent for an answer the rules like (or not): None when it is not rated."""
-        if liked and rng.random() >= self.rate_liked:
+        """The label sent for an answer the rules like (or not): None when it is not rated. A
+        flipped implicit label is a curious regenerate, or a copy to quote what is wrong."""
+        sent = self.copy_liked if self.feedback == "implicit" else self.rate_liked
+        if liked and rng.random() >= sent:
             return None
         return (not liked) if rng.random() < self.flip else liked
 
     def __str__(self) -> str:
+        shy = self.copy_liked if self.feedback == "implicit" else self.rate_liked
         extra = (f", {self.flip:.0%} flipped" if self.flip else "") + (
-            f", {self.rate_liked:.0%} of liked answers rated" if self.rate_liked < 1 else ""
+            f", {shy:.0%} of liked answers {'copied' if self.feedback == 'implicit' else 'rated'}" if shy < 1 else ""
         )
-        return " and ".join(map(str, self.rules)) + extra
+        how = "; no thumbs: regenerate what they dislike, copy what they like" if self.feedback == "implicit" else ""
+        return " and ".join(map(str, self.rules)) + extra + how
+
+
+FEEDBACK = ("thumbs", "implicit")
+
+
+def feedback_body(response_id: str, label: bool, feedback: str) -> dict[str, str]:
+    """What a user POSTs to /v1/feedback to send `label`: a thumb, or the implicit signal that
+    means it (copy: desirable; regenerate: undesirable)."""
+    if feedback == "implicit":
+        return {"response_id": response_id, "source": "implicit", "signal": "copy" if label else "regenerate"}
+    return {"response_id": response_id, "label": "up" if label else "down"}
+
+
+def next_prompt(number: int, turn: int, regenerate: str | None) -> str:
+    """User `number`'s message on `turn`: the prompt they just regenerated, asked again, else the
+    next one in their order."""
+    return regenerate if regenerate is not None else PROMPTS[(number + turn) % len(PROMPTS)]
 
 
 # ---- what happened -------------------------------------------------------------------------------
@@ -125,6 +161,8 @@ class Turn:
     feedback_id: str | None = None
     rated_at: float | None = None
     prompt: str = ""
+    signal: str | None = None
+    """The implicit signal that sent `desirable` (`regenerate`, `copy`); None for a thumb or none."""
 
 
 @dataclass
@@ -186,7 +224,7 @@ def simulate(
     on_turn: Callable[[Turn], None] | None = None,
 ) -> Simulation:
     """Chat (and rate) until `ratings` answers were rated (with `rate=False`: answered, none
-    rated); returns every turn in arrival order.
+    rated); returns every turn in arrival order. A signal of implicit raters counts as a rating.
 
     `prefixes` is shorthand for one prefix rule. With `seed`, each request carries a seed drawn
     from it, so a run's answers repeat given the same versions. With several server URLs
@@ -207,11 +245,11 @@ def simulate(
             replicas = [
                 stack.enter_context(httpx.Client(base_url=u, timeout=120, headers={"X-User-Id": name})) for u in urls
             ]
-            turn = 0
+            turn, regenerate = 0, None
             while not (stop.is_set() or done.is_set()):
                 turn += 1
                 client, rater = replicas[(number + turn) % len(urls)], replicas[(number + turn + 1) % len(urls)]
-                prompt = PROMPTS[(number + turn) % len(PROMPTS)]
+                prompt = next_prompt(number, turn, regenerate)
                 request = {
                     "messages": [{"role": "user", "content": prompt}],
                     "max_tokens": max_tokens,
@@ -232,11 +270,10 @@ def simulate(
                     answer = body["choices"][0]["message"]["content"]
                     liked = raters.likes(answer)
                     label = raters.label(liked, rng) if rate else None
-                    feedback_id = None
+                    feedback_id, sent = None, None
                     if label is not None:
-                        vote = rater.post(
-                            "/v1/feedback", json={"response_id": body["id"], "label": "up" if label else "down"}
-                        )
+                        sent = feedback_body(body["id"], label, raters.feedback)
+                        vote = rater.post("/v1/feedback", json=sent)
                         vote.raise_for_status()
                         feedback_id = vote.json()["id"]
                 except httpx.HTTPError as exc:
@@ -260,6 +297,7 @@ def simulate(
                         feedback_id,
                         time.time() if label is not None else None,
                         prompt,
+                        sent.get("signal") if sent else None,
                     )
                     result.turns.append(item)
                     counted[0] += label is not None if rate else 1
@@ -267,6 +305,8 @@ def simulate(
                         _progress(result, counted[0], ratings)
                     if counted[0] >= ratings:
                         done.set()
+                # a regenerated prompt is asked again next, after the same pause (they read the answer)
+                regenerate = prompt if item.signal == "regenerate" else None
                 if on_turn is not None:
                     on_turn(item)
                 if think_time > 0:

@@ -9,7 +9,7 @@ import pytest
 
 from kto_loop.cli import main
 from kto_loop.curve import Event, events, rolling
-from kto_loop.simulate import Raters, Rule, Simulation, Turn, parse_rule, simulate
+from kto_loop.simulate import PROMPTS, Raters, Rule, Simulation, Turn, feedback_body, next_prompt, parse_rule, simulate
 from testkit.background_server import BackgroundServer
 from tests.tiny import TINY_MODEL_ID
 
@@ -43,6 +43,26 @@ def test_raters_need_every_rule_and_flip_and_skip_as_asked():
     assert 0.22 < sum(x is True for x in liked) / 4000 < 0.28 and set(liked) == {True, None}
     assert {shy.label(False, rng) for _ in range(200)} == {False}  # a disliked answer is always rated
     assert Raters((parse_rule("prefix:a"),), flip=1.0).label(True, rng) is False  # every label inverted
+
+
+def test_implicit_users_regenerate_what_they_dislike_and_copy_what_they_like():
+    assert feedback_body("r1", False, "implicit") == {"response_id": "r1", "source": "implicit", "signal": "regenerate"}
+    assert feedback_body("r2", True, "implicit") == {"response_id": "r2", "source": "implicit", "signal": "copy"}
+    assert feedback_body("r3", True, "thumbs") == {"response_id": "r3", "label": "up"}  # never both
+    assert feedback_body("r4", False, "thumbs") == {"response_id": "r4", "label": "down"}
+    rng = random.Random(0)
+    implicit = Raters((parse_rule("prefix:a"),), feedback="implicit", copy_liked=0.4, rate_liked=0.0)
+    liked = [implicit.label(True, rng) for _ in range(4000)]
+    assert 0.37 < liked.count(True) / 4000 < 0.43 and set(liked) == {True, None}  # copy_liked, not rate_liked
+    assert {implicit.label(False, rng) for _ in range(200)} == {False}  # a disliked answer: always regenerated
+    assert "no thumbs" in str(implicit) and "40% of liked answers copied" in str(implicit)
+    with pytest.raises(ValueError, match="feedback"):
+        Raters(feedback="stars")
+
+
+def test_a_regenerated_prompt_is_asked_again_then_the_order_goes_on():
+    assert [next_prompt(2, turn, None) for turn in range(3)] == [PROMPTS[2], PROMPTS[3], PROMPTS[4]]
+    assert next_prompt(2, 1, "say a word") == "say a word"  # whatever turn it is
 
 
 # ---- the curve's events ----------------------------------------------------------------------
@@ -111,6 +131,31 @@ def test_users_rate_by_the_rules_at_their_pace(server):
         times = [t.at for t in result.turns if t.user == user]
         assert all(b - a >= 0.15 for a, b in zip(times, times[1:])), times
     assert result.serving and result.serving[0][1:] == (TINY_MODEL_ID, None)  # what was served, no canary
+
+
+def test_implicit_users_send_signals_and_ask_again_after_regenerating(server):
+    from ingest.events import FeedbackEvent, decode_event
+
+    raters = Raters((parse_rule("shorter-than:12"),), feedback="implicit")
+    result = simulate(server.url, ratings=16, users=2, raters=raters, max_tokens=3, seed=5)
+    assert len(result.ratings) == 16 and not result.errors
+    assert all(t.signal == {True: "copy", False: "regenerate", None: None}[t.desirable] for t in result.turns)
+    assert {t.signal for t in result.ratings} == {"copy", "regenerate"}  # both seen (seeded)
+    state = server.state
+    consumer = state.bus.consumer("test-simulate-reader", [state.topics.feedback])
+    try:
+        events = [decode_event(r.value) for r in consumer.poll(timeout_s=0.5)]
+    finally:
+        consumer.close()
+    assert all(isinstance(e, FeedbackEvent) and e.source == "implicit" for e in events)  # never a thumb
+    assert all(t.feedback_id for t in result.ratings)
+    sent = {str(t.feedback_id): (t.response_id, t.user, t.signal) for t in result.ratings}
+    got = {e.event_id: (e.response_id, e.user, e.signal) for e in events if isinstance(e, FeedbackEvent)}
+    assert {k: got.get(k) for k in sent} == sent  # each answer's own signal, by the user who got it
+    for user in {t.user for t in result.turns}:  # the answer after a regenerate is to the same prompt
+        mine = [t for t in result.turns if t.user == user]
+        assert all(b.prompt == a.prompt for a, b in zip(mine, mine[1:]) if a.signal == "regenerate")
+        assert all(b.prompt != a.prompt for a, b in zip(mine, mine[1:]) if a.signal == "copy")
 
 
 def test_answers_only_rates_nothing(server):
