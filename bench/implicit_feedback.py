@@ -1,7 +1,7 @@
 """Implicit feedback end to end: do users who never press a thumb, only regenerate what they
 dislike and copy what they like, teach the loop a rule as thumbs do?
 
-    .venv/bin/python -m bench --only implicit-feedback          # 3 seeds x 4 modes: ~60 min on 2 cores
+    .venv/bin/python -m bench --only implicit-feedback          # 3 seeds x 4 modes: ~50 min on 2 cores
     .venv/bin/python -m bench --only implicit-feedback --seeds 1 --tasks thumbs,implicit
     .venv/bin/python -m bench --only implicit-feedback --quick  # 1 seed of thumbs and implicit, 400 labels
 
