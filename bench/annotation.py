@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 from bench import report
-from serve.annotation_queue import Annotation, QueueItem, SqliteAnnotationQueue
+from serve.annotation_queue import Annotation, QueueItem
 from serve.annotation_strategies import order
 from serve.ledger import SqliteLedger
+from serve.sqlite_annotation_queue import SqliteAnnotationQueue
 
 SIZES = (1_000, 10_000)
 QUICK_SIZES = (1_000,)

@@ -77,3 +77,20 @@ def with_prefix(url: str, prefix: str) -> str:
     parts = urlsplit(url)
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "prefix"]
     return urlunsplit(parts._replace(query=urlencode([*query, ("prefix", prefix)])))
+
+
+def quick_redis(client_url: str, timeout_s: float):
+    """A redis-py client for a request path: decoded strings, ``timeout_s`` to connect or answer,
+    and two short retries. redis-py's default retries back off for seconds; a caller would rather
+    get a quick 503 and retry itself."""
+    import redis
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        client_url,
+        decode_responses=True,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 2),
+    )

@@ -108,67 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="a server to chat with (repeat for replicas; default http://HOST:PORT from the settings)",
     )
-    adapters = sub.add_parser("adapters", help="list, activate and roll back adapter versions")
-    actions = adapters.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", parents=[common], help="versions with status, parent and metrics")
-    activate = actions.add_parser("activate", parents=[common], help="make VERSION active (`base` for no adapter)")
-    activate.add_argument("version")
-    activate.add_argument("--reason", default="")
-    rollback = actions.add_parser("rollback", parents=[common], help="go back to the previous version, or to VERSION")
-    rollback.add_argument("version", nargs="?")
-    rollback.add_argument("--reason", default="")
-    actions.add_parser("history", parents=[common], help="every activation, rollback, canary step and erasure")
-    prune = actions.add_parser("prune", parents=[common], help="delete the files of versions retention lets go")
-    prune.add_argument("--dry-run", action="store_true", help="only say which versions would go, and why others stay")
-    prune.add_argument("--reason", default="")
-    for verb, what in (("pin", "keep VERSION's files whatever retention says"), ("unpin", "let retention decide")):
-        pinning = actions.add_parser(verb, parents=[common], help=what)
-        pinning.add_argument("version")
-        pinning.add_argument("--reason", default="")
-    show = actions.add_parser("show", parents=[common], help="VERSION's lineage, flags, history, responses and votes")
-    show.add_argument("version")
-    canary = actions.add_parser("canary", help="a new version for a share of users first: show, start, decide")
-    steps = canary.add_subparsers(dest="step", required=True)
-    steps.add_parser("show", parents=[common], help="the running canary, its latest evidence, the last decision")
-    start = steps.add_parser("start", parents=[common], help="route a share of users to VERSION")
-    start.add_argument("version")
-    start.add_argument("--share", type=float, default=0.2, help="fraction of users, in (0, 1] (default 0.2)")
-    start.add_argument("--reason", default="")
-    for step, what in (
-        ("promote", "make the candidate active"),
-        ("rollback", "reject the candidate forever"),
-        ("pause", "route nobody to the candidate; no automatic decision"),
-        ("resume", "undo pause"),
-    ):
-        decide = steps.add_parser(step, parents=[common], help=what)
-        decide.add_argument("--version", help="only if the canary is of this version (default: whatever runs)")
-        decide.add_argument("--reason", default="")
-    users = sub.add_parser("users", help="erase a user's data on request")
-    user_actions = users.add_subparsers(dest="action", required=True)
-    erase = user_actions.add_parser("erase", parents=[common], help="erase USER everywhere it is kept (keys too)")
-    erase.add_argument("user")
-    erase.add_argument("--reason", default="", help="recorded in the history (e.g. the ticket)")
-    keys = sub.add_parser("keys", help="API keys of a user (KTO_AUTH=api-key): create, list, revoke")
-    key_actions = keys.add_subparsers(dest="action", required=True)
-    create = key_actions.add_parser("create", parents=[common], help="issue a key to USER; printed once, never again")
-    create.add_argument("user")
-    create.add_argument("--role", choices=["user", "annotator", "admin"], default="user")
-    create.add_argument("--name", default="", help="a label for the key, shown in lists")
-    listing = key_actions.add_parser("list", parents=[common], help="USER's live keys (never the keys themselves)")
-    listing.add_argument("user")
-    revoke = key_actions.add_parser("revoke", parents=[common], help="revoke USER's key KEY_ID on every replica")
-    revoke.add_argument("user")
-    revoke.add_argument("key_id")
-    annotating = sub.add_parser("annotations", help="the annotation queue: agreement, strategy and guidelines")
-    annotation_actions = annotating.add_subparsers(dest="action", required=True)
-    annotation_actions.add_parser(
-        "agreement", parents=[common], help="Krippendorff's alpha of the annotators, overall and each"
-    )
-    config = annotation_actions.add_parser(
-        "config", parents=[common], help="the strategy and guidelines in force; set either with the options"
-    )
-    config.add_argument("--strategy", choices=["uniform", "newest", "canary", "uncertain"])
-    config.add_argument("--guidelines", help="the text annotators are shown")
+    admin_client.add_commands(sub, common)
     bus = sub.add_parser("bus", help="the embedded event log (on Kafka: kafka-consumer-groups)")
     bus_actions = bus.add_subparsers(dest="action", required=True)
     forget = bus_actions.add_parser(

@@ -22,7 +22,7 @@ from typing import Any
 
 import redis
 
-from foundation.urls import redis_url
+from foundation.urls import quick_redis, redis_url
 from serve.annotation_queue import Annotation, Candidate, ItemGone, NotAssigned, QueueItem, QueueUnavailable
 
 logger = logging.getLogger(__name__)
@@ -122,17 +122,7 @@ class RedisAnnotationQueue:
         url, self.prefix, self._where = redis_url(url, DEFAULT_KEY_PREFIX)
         self.ttl_s, self.max_items = ttl_s, max_items
         self._ttl_ms = max(1, round(ttl_s * 1000))
-        from redis.backoff import ExponentialWithJitterBackoff
-        from redis.retry import Retry
-
-        # Short retries, as the ledger's: an annotator would rather get a quick 503.
-        self._redis: Any = redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 2),
-        )
+        self._redis: Any = quick_redis(url, timeout_s)  # an annotator would rather get a quick 503
         self._assign = self._redis.register_script(_ASSIGN)
         self._check = self._redis.register_script(_CHECK)
         self._annotate = self._redis.register_script(_ANNOTATE)

@@ -30,7 +30,7 @@ import logging
 import time
 from typing import Any
 
-from foundation.urls import redis_url
+from foundation.urls import quick_redis, redis_url
 from serve.ledger import (
     DEFAULT_TTL_S,
     LABELS,
@@ -88,8 +88,6 @@ class RedisLedger:
         ``timeout_s``: seconds to connect or to wait for one answer before ``LedgerUnavailable``.
         """
         import redis
-        from redis.backoff import ExponentialWithJitterBackoff
-        from redis.retry import Retry
 
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
@@ -97,14 +95,7 @@ class RedisLedger:
         self.ttl_s = ttl_s
         self.key_prefix = key_prefix or url_prefix
         self._ttl_ms = max(1, round(ttl_s * 1000))
-        # redis-py's default retries back off for seconds; a voter would rather get a quick 503.
-        self._redis: Any = redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 2),
-        )
+        self._redis: Any = quick_redis(url, timeout_s)  # a voter would rather get a quick 503
         self._record = self._redis.register_script(_RECORD)
         self._set_vote = self._redis.register_script(_SET_VOTE)
         self._forget = self._redis.register_script(_FORGET)
