@@ -42,6 +42,22 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """The special tokens and chat template a built tokenizer is saved with (the demo's by default;
+    testkit.model_families gives each model family's)."""
+
+    specials: tuple[str, ...] = tuple(SPECIAL_TOKENS)
+    bos: str | None = "<|bos|>"
+    eos: str | None = "<|eos|>"
+    pad: str | None = "<|pad|>"
+    chat_template: str | None = CHAT_TEMPLATE
+
+
+class ModelRefused(ValueError):
+    """A model this project cannot serve or train as configured; the message says what to change."""
+
+
 @dataclass
 class LoadedModel:
     model: PreTrainedModel
@@ -63,8 +79,15 @@ def demo_corpus() -> str:
     return resources.files("foundation").joinpath("data/corpus.txt").read_text(encoding="utf-8")
 
 
-def build_tokenizer(path: Path, *, vocab_size: int = 512, corpus: str | None = None, alphabet: str | None = None):
-    """Train a byte-level BPE tokenizer on `corpus` and save it with a chat template.
+def build_tokenizer(
+    path: Path,
+    *,
+    vocab_size: int = 512,
+    corpus: str | None = None,
+    alphabet: str | None = None,
+    spec: TokenizerSpec = TokenizerSpec(),
+):
+    """Train a byte-level BPE tokenizer on `corpus` and save it with `spec`'s tokens and chat template.
 
     With `alphabet`, build a character-level tokenizer instead (one token per character, the
     special tokens, and `<|unk|>`): learning tests use it for a vocabulary of a few dozen tokens.
@@ -72,7 +95,7 @@ def build_tokenizer(path: Path, *, vocab_size: int = 512, corpus: str | None = N
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = list(SPECIAL_TOKENS)
+    specials = list(spec.specials)
     if alphabet is not None:
         specials.append("<|unk|>")
         vocab = {token: i for i, token in enumerate(specials + sorted(set(alphabet)))}
@@ -92,15 +115,16 @@ def build_tokenizer(path: Path, *, vocab_size: int = 512, corpus: str | None = N
         )
         text = corpus if corpus is not None else demo_corpus()
         tok.train_from_iterator(text.splitlines(), trainer=trainer)
+    named = {spec.bos, spec.eos, spec.pad, "<|unk|>"}
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token="<|bos|>",
-        eos_token="<|eos|>",
-        pad_token="<|pad|>",
+        bos_token=spec.bos,
+        eos_token=spec.eos,
+        pad_token=spec.pad,
         unk_token="<|unk|>" if alphabet is not None else None,
-        additional_special_tokens=SPECIAL_TOKENS[3:],
+        additional_special_tokens=[t for t in spec.specials if t not in named],
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = spec.chat_template
     fast.save_pretrained(path)
     return fast
 
@@ -213,29 +237,101 @@ def set_torch_threads(threads: int | None) -> None:
 
 
 def load_model(model: str | Path, *, model_id: str | None = None, device=None, dtype=None) -> LoadedModel:
-    """Load a causal LM and its tokenizer with `from_pretrained`; eval mode, no grad."""
+    """Load a causal LM and its tokenizer with `from_pretrained`; eval mode, no grad.
+
+    Refused (ModelRefused) at once, rather than failing on the first request: a model that is not
+    a causal LM, one with no layer a LoRA adapter can take, and one with no end-of-answer token.
+    A tokenizer with no pad token pads with its EOS, as `generate` does.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_progress_bars()
     if device is None or dtype is None:
         device, dtype = default_device()
     tokenizer = AutoTokenizer.from_pretrained(model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    except ValueError as exc:
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        raise ModelRefused(
+            f"{model} is not a causal language model (transformers' AutoModelForCausalLM cannot load it): "
+            "kto-loop serves and trains decoder-only chat models; pass one with --model"
+        ) from exc
+    lm = lm.to(device)
     lm.eval()
+    loaded = LoadedModel(lm, tokenizer, model_id or str(model), torch.device(device), dtype)
+    _check_loadable(loaded, model)
     logger.info("loaded %s on %s (%s)", model, device, dtype)
-    return LoadedModel(lm, tokenizer, model_id or str(model), torch.device(device), dtype)
+    return loaded
+
+
+def _check_loadable(loaded: LoadedModel, model: str | Path) -> None:
+    if not lora_target_names(loaded.model):
+        raise ModelRefused(
+            f"{model} ({type(loaded.model).__name__}) has no linear layer a LoRA adapter can take; "
+            "kto-loop trains LoRA adapters on Linear (or GPT-2 style Conv1D) layers"
+        )
+    ends = eos_token_ids(loaded)
+    if not ends:
+        raise ModelRefused(
+            f"{model} names no end-of-answer token: neither the tokenizer's eos_token nor eos_token_id in "
+            "config.json or generation_config.json is set, so no answer could end. Set eos_token in "
+            "tokenizer_config.json (the token the chat template ends a turn with)"
+        )
+    if loaded.tokenizer.pad_token_id is None:
+        pad = loaded.tokenizer.eos_token_id if loaded.tokenizer.eos_token_id is not None else min(ends)
+        loaded.tokenizer.pad_token = loaded.tokenizer.convert_ids_to_tokens(pad)
+        logger.info("%s has no pad token: padding with %r (masked out everywhere)", model, loaded.tokenizer.pad_token)
+
+
+def lora_target_names(model: torch.nn.Module) -> list[str]:
+    """Short names (q_proj, c_attn, …) of the layers a LoRA adapter may target: every Linear, and
+    transformers' Conv1D (GPT-2's linear layers, stored transposed), except the output head."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear | Conv1D) and not name.endswith("lm_head")
+        }
+    )
+
+
+def context_length(loaded: LoadedModel) -> int | None:
+    """The longest sequence (prompt + answer) the model's positions cover; None when it names none."""
+    length = getattr(loaded.model.config, "max_position_embeddings", None)
+    return length if isinstance(length, int) and length > 0 else None
+
+
+def prompt_limit(loaded: LoadedModel, max_prompt_tokens: int, *, explicit: bool) -> int:
+    """The longest prompt to accept: `max_prompt_tokens`, lowered to the model's context when that
+    is shorter and the limit was left at its default; an explicit limit longer than the context is
+    refused. Each request is checked against the context too, prompt and max_tokens together."""
+    length = context_length(loaded)
+    if length is None or max_prompt_tokens <= length:
+        return max_prompt_tokens
+    if explicit:
+        raise ModelRefused(
+            f"KTO_MAX_PROMPT_TOKENS is {max_prompt_tokens}, but {loaded.model_id} holds {length} tokens of "
+            f"context (prompt and answer together): set KTO_MAX_PROMPT_TOKENS to at most {length}, less to "
+            "leave room for the answer"
+        )
+    logger.info("%s holds %d tokens of context: prompts are limited to that", loaded.model_id, length)
+    return length
 
 
 def eos_token_ids(loaded: LoadedModel) -> set[int]:
-    """Every id that ends an answer: the tokenizer's EOS and the config's (which may be a list)."""
+    """Every id that ends an answer: the tokenizer's EOS, and the eos_token_id of config.json and
+    generation_config.json, each maybe a list (Llama 3's <|eot_id|>, Gemma's <end_of_turn>, …)."""
     ids = {loaded.tokenizer.eos_token_id}
-    config_eos = getattr(loaded.model.config, "eos_token_id", None)
-    if isinstance(config_eos, int):
-        ids.add(config_eos)
-    elif config_eos:
-        ids.update(config_eos)
+    generation = getattr(loaded.model, "generation_config", None)
+    for config_eos in (getattr(loaded.model.config, "eos_token_id", None), getattr(generation, "eos_token_id", None)):
+        if isinstance(config_eos, int):
+            ids.add(config_eos)
+        elif config_eos:
+            ids.update(config_eos)
     return {i for i in ids if i is not None}
 
 

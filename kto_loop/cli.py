@@ -343,7 +343,16 @@ def _serve(settings, log_level: str = "info", processes=None) -> int:
 
     from serve.app import create_app, server_config
 
-    uvicorn.Server(server_config(settings, create_app(settings, processes=processes), log_level=log_level)).run()
+    app = create_app(settings, processes=processes)
+    try:
+        uvicorn.Server(server_config(settings, app, log_level=log_level)).run()
+    except SystemExit:  # uvicorn's answer to a failed start-up
+        refused = getattr(app.state, "refused", None)
+        if refused is None:
+            raise
+        # A model it cannot serve as configured: kto_loop.supervisor does not retry status 2.
+        sys.stderr.write(f"kto-loop: {refused}; a restart cannot fix this\n")
+        return 2
     return 0
 
 

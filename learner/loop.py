@@ -32,7 +32,7 @@ from typing import Protocol
 import torch
 
 from foundation.disk import DiskProbe
-from foundation.models import default_device, ensure_demo_model, load_model, set_torch_threads
+from foundation.models import ModelRefused, default_device, ensure_demo_model, load_model, set_torch_threads
 from ingest.bus import open_bus
 from ingest.events import Topics
 from learner import erasure
@@ -88,9 +88,11 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
     model_path = settings.model or ensure_demo_model(settings.data_dir)
     try:
         loaded = load_model(model_path, model_id=settings.base_model_id, device=device, dtype=torch.float32)
+        policy = Policy(loaded, settings)
+    except ModelRefused as exc:
+        raise CannotStart(str(exc)) from exc
     except Exception as exc:
         raise CannotStart(f"the model {model_path} cannot be loaded: {exc}") from exc
-    policy = Policy(loaded, settings)
     topics = Topics(settings.topic_prefix)
     bus = open_bus(settings.bus_url)
     bus.create_topics(topics.all, settings.topic_partitions)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from foundation.models import LoadedModel
+from foundation.models import LoadedModel, ModelRefused, lora_target_names
 from learner.loss import sequence_logps
 from learner.settings import LearnerSettings
 
@@ -47,14 +47,14 @@ class Policy:
         self.pad_id = loaded.tokenizer.pad_token_id
         torch.manual_seed(settings.seed)
         targets = settings.lora_target_modules
+        available = lora_target_names(loaded.model)
         if targets == "all-linear":
             # Short names (q_proj, …), not PEFT's expansion into full paths: that is what serve checks.
-            targets = sorted(
-                {
-                    name.rsplit(".", 1)[-1]
-                    for name, m in loaded.model.named_modules()
-                    if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")
-                }
+            targets = available
+        elif missing := sorted(set(targets) - set(available)):
+            raise ModelRefused(
+                f"KTO_LORA_TARGET_MODULES names {missing}, which {loaded.model_id} does not have; "
+                f"its layers a LoRA adapter can take: {available} (or leave it at all-linear)"
             )
         config = LoraConfig(
             r=settings.lora_rank,

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from foundation.disk import DiskProbe
-from foundation.models import ensure_demo_model, load_model, set_torch_threads
+from foundation.models import ModelRefused, ensure_demo_model, load_model, prompt_limit, set_torch_threads
 from ingest.bus import Bus, open_bus
 from ingest.events import Topics
 from ingest.spool import Spool
@@ -44,7 +44,11 @@ def create_app(settings: ServeSettings, *, processes: ProcessReport | None = Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = await run_in_threadpool(_build_state, settings)
+        try:
+            state = await run_in_threadpool(_build_state, settings)
+        except ModelRefused as exc:
+            app.state.refused = exc  # for `kto-loop serve`'s one-line answer and exit status
+            raise
         state.processes = state.metrics.processes.report = processes
         app.state.serve = state
         state.engine.start()
@@ -84,6 +88,9 @@ def _build_state(settings: ServeSettings) -> ServeState:
     set_torch_threads(settings.torch_threads)
     model_path = settings.model or ensure_demo_model(settings.data_dir)
     loaded = load_model(model_path, model_id=settings.base_model_id)
+    explicit = "max_prompt_tokens" in settings.model_fields_set
+    limit = prompt_limit(loaded, settings.max_prompt_tokens, explicit=explicit)
+    settings = settings.model_copy(update={"max_prompt_tokens": limit})
     topics = Topics(settings.topic_prefix)
     metrics = ServeMetrics()
     disk = metrics.disk.probe = DiskProbe(settings.written_paths(), int(settings.disk_reserve_mb * 2**20))

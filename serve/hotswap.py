@@ -24,19 +24,13 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
+from foundation.models import lora_target_names
 from registry import Canary, Registry, VerificationError, in_canary
 from serve.compat import check_adapter
 from serve.engine import Engine
 from serve.metrics import ServeMetrics
 
 logger = logging.getLogger(__name__)
-
-
-def _module_names(model: torch.nn.Module) -> set[str]:
-    """Short names of the Linear layers LoRA may target (q_proj, up_proj, …)."""
-    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 class HotSwap:
@@ -59,7 +53,7 @@ class HotSwap:
         """The running canary as routed here: set once its candidate is loaded, else None."""
         self._seen: int | None = None
         self._lock = asyncio.Lock()  # the poll loop and the admin API may both call sync()
-        self._targets = _module_names(engine.loaded.model)
+        self._targets = set(lora_target_names(engine.loaded.model))
 
     async def run(self) -> None:
         while True:

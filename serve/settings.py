@@ -129,7 +129,8 @@ class ServeSettings(CommonSettings):
     """Largest max_tokens a request may ask for (tokens)."""
 
     max_prompt_tokens: int = Field(2048, ge=1)
-    """Longest prompt accepted, after the chat template (tokens)."""
+    """Longest prompt accepted, after the chat template (tokens). Left unset, it is lowered to the
+    model's context where that is shorter (GPT-2: 1024); set above the context, start-up refuses."""
 
     keep_alive_s: float = Field(75.0, gt=0)
     """How long an idle client connection is kept open (seconds). Longer than clients keep theirs

@@ -25,7 +25,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from foundation.models import render_prompt
+from foundation.models import context_length, render_prompt
 from ingest.events import ChatMessage, ResponseEvent, SamplingParams, encode_event
 from registry import RegistryError
 from serve.annotation_queue import QueueItem
@@ -80,7 +80,7 @@ async def chat_completions(body: ChatCompletionRequest, state: State, caller: Ch
     user = caller.user  # never the body's `user`: a client may write anything there
     adapter = await resolve_model(state, body.model, user)
     messages = [{"role": m.role, "content": m.content} for m in body.messages]
-    prompt_ids = render_prompt(state.loaded.tokenizer, messages)
+    prompt_ids = _prompt(state, messages)
     settings = state.settings
     if len(prompt_ids) > settings.max_prompt_tokens:
         raise BadRequest(
@@ -91,6 +91,14 @@ async def chat_completions(body: ChatCompletionRequest, state: State, caller: Ch
     max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
     if max_tokens > settings.max_tokens_limit:
         raise BadRequest(f"max_tokens is {max_tokens}; the limit is {settings.max_tokens_limit}", param="max_tokens")
+    context = context_length(state.loaded)
+    if context is not None and len(prompt_ids) + max_tokens > context:
+        raise BadRequest(
+            f"the model's context is {context} tokens; the prompt is {len(prompt_ids)} and max_tokens {max_tokens}:"
+            " shorten the messages or ask for fewer tokens",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     state.disk.check()  # DiskFull: a 507 now, rather than generate an answer we could not record
     if state.spool is not None:
         state.spool.check_room()  # SpoolFull: a 503 now, rather than an answer we could not record
@@ -99,6 +107,22 @@ async def chat_completions(body: ChatCompletionRequest, state: State, caller: Ch
     if body.stream:
         return StreamingResponse(call.sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     return await call.complete()
+
+
+def _prompt(state: ServeState, messages: list[dict]) -> list[int]:
+    """The prompt's token ids; a 400 naming the template's reason when the model's chat template
+    refuses the messages (Gemma 2 takes no system message; Mistral wants user and assistant turns
+    to alternate)."""
+    from jinja2 import TemplateError
+
+    try:
+        return render_prompt(state.loaded.tokenizer, messages)
+    except TemplateError as exc:
+        raise BadRequest(
+            f"the chat template of {state.settings.base_model_id} refuses these messages: {exc}",
+            param="messages",
+            code="chat_template_refused",
+        ) from exc
 
 
 async def resolve_model(state: ServeState, name: str | None, user: str | None = None) -> str | None:
