@@ -236,5 +236,6 @@ def quick_learner(data_dir: Path, model_dir: Path, **overrides: Any) -> LearnerS
         "min_labels_on_timer": 4,
         "poll_timeout_s": 0.1,
         "learning_rate": 1e-2,
+        "model_id": TINY_MODEL_ID,
     }
-    return LearnerSettings(data_dir=data_dir, model=str(model_dir), model_id=TINY_MODEL_ID, **{**fast, **overrides})
+    return LearnerSettings(data_dir=data_dir, model=str(model_dir), **{**fast, **overrides})

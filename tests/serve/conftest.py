@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from ingest.events import decode_event
 from serve.app import create_app
 from serve.deps import ServeState
 from serve.ledger import LedgerEntry
@@ -43,6 +45,22 @@ def state_of(client: TestClient) -> ServeState:
     """The ServeState behind an in-process client."""
     app: Any = client.app
     return app.state.serve
+
+
+def read_topic(state, topic: str) -> list:
+    """Every event on `topic` of the in-process server's bus, decoded."""
+    consumer = state.bus.consumer(f"test-reader-{topic}", [topic])
+    try:
+        return [decode_event(r.value) for r in consumer.poll(timeout_s=0.5)]
+    finally:
+        consumer.close()
+
+
+def sse_events(text: str) -> list:
+    """The JSON chunks of a streamed reply, which must end with [DONE]."""
+    lines = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
 
 
 def entry_of(client: TestClient, response_id: str) -> LedgerEntry:

@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from ingest.events import ResponseEvent, decode_event
+from ingest.events import ResponseEvent
+from tests.serve.conftest import read_topic, sse_events
 from tests.tiny import TINY_MODEL_ID
 
 USER = {"X-User-Id": "alice"}
 HELLO = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6, "temperature": 0}
-
-
-def read_topic(state, topic: str) -> list:
-    consumer = state.bus.consumer(f"test-reader-{topic}", [topic])
-    try:
-        return [decode_event(r.value) for r in consumer.poll(timeout_s=0.5)]
-    finally:
-        consumer.close()
-
-
-def sse_events(text: str) -> list:
-    lines = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
-    assert lines[-1] == "[DONE]"
-    return [json.loads(line) for line in lines[:-1]]
 
 
 def test_completion_is_openai_shaped_and_logged(client, state):
