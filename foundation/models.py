@@ -236,12 +236,15 @@ def set_torch_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def load_model(model: str | Path, *, model_id: str | None = None, device=None, dtype=None) -> LoadedModel:
+def load_model(
+    model: str | Path, *, model_id: str | None = None, device=None, dtype=None, quantization=None
+) -> LoadedModel:
     """Load a causal LM and its tokenizer with `from_pretrained`; eval mode, no grad.
 
     Refused (ModelRefused) at once, rather than failing on the first request: a model that is not
     a causal LM, one with no layer a LoRA adapter can take, and one with no end-of-answer token.
-    A tokenizer with no pad token pads with its EOS, as `generate` does.
+    A tokenizer with no pad token pads with its EOS, as `generate` does. `quantization`: a
+    transformers quantization config (learner.base_weights), loaded straight onto `device`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -250,7 +253,12 @@ def load_model(model: str | Path, *, model_id: str | None = None, device=None, d
         device, dtype = default_device()
     tokenizer = AutoTokenizer.from_pretrained(model)
     try:
-        lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+        if quantization is None:
+            lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device)
+        else:  # a quantized model cannot be moved after loading
+            lm = AutoModelForCausalLM.from_pretrained(
+                model, dtype=dtype, quantization_config=quantization, device_map={"": device}
+            )
     except ValueError as exc:
         if "Unrecognized configuration class" not in str(exc):
             raise
@@ -258,7 +266,6 @@ def load_model(model: str | Path, *, model_id: str | None = None, device=None, d
             f"{model} is not a causal language model (transformers' AutoModelForCausalLM cannot load it): "
             "kto-loop serves and trains decoder-only chat models; pass one with --model"
         ) from exc
-    lm = lm.to(device)
     lm.eval()
     loaded = LoadedModel(lm, tokenizer, model_id or str(model), torch.device(device), dtype)
     _check_loadable(loaded, model)

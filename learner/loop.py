@@ -32,10 +32,11 @@ from typing import Protocol
 import torch
 
 from foundation.disk import DiskProbe
-from foundation.models import ModelRefused, default_device, ensure_demo_model, load_model, set_torch_threads
+from foundation.models import ModelRefused, default_device, ensure_demo_model, set_torch_threads
 from ingest.bus import open_bus
 from ingest.events import Topics
 from learner import erasure
+from learner.base_weights import load_base
 from learner.buffer import Example, ExampleRef, ReplayBuffer
 from learner.canary import CanaryController
 from learner.consumer import EventJoiner
@@ -87,7 +88,7 @@ def main(settings: LearnerSettings, stop: threading.Event | None = None, metrics
     device, _ = default_device()
     model_path = settings.model or ensure_demo_model(settings.data_dir)
     try:
-        loaded = load_model(model_path, model_id=settings.base_model_id, device=device, dtype=torch.float32)
+        loaded = load_base(model_path, settings, device)
         policy = Policy(loaded, settings)
     except ModelRefused as exc:
         raise CannotStart(str(exc)) from exc

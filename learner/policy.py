@@ -38,6 +38,20 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> tu
     return ids.to(device), attention.to(device), completion.to(device)
 
 
+def _checkpoint_in_eval(model: torch.nn.Module) -> None:
+    """transformers checkpoints a decoder layer only in training mode; set that flag on the
+    layers alone (not recursively), so that their dropout stays off."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ModelRefused(
+            f"{type(model).__name__} has no layer transformers can checkpoint: unset KTO_GRADIENT_CHECKPOINTING"
+        )
+    for layer in layers:
+        layer.training = True
+
+
 class Policy:
     def __init__(self, loaded: LoadedModel, settings: LearnerSettings):
         from peft import LoraConfig, get_peft_model
@@ -63,8 +77,12 @@ class Policy:
             target_modules=targets,
             task_type="CAUSAL_LM",
         )
+        if settings.gradient_checkpointing:
+            loaded.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.model = get_peft_model(loaded.model, config, adapter_name=ADAPTER)
         self.model.eval()  # dropout off, as TRL's disable_dropout does; gradients still flow
+        if settings.gradient_checkpointing:
+            _checkpoint_in_eval(self.model)
         lora_config = self.model.peft_config[ADAPTER]
         assert isinstance(lora_config, LoraConfig)  # as given to get_peft_model above
         self.config = lora_config

@@ -99,6 +99,20 @@ class LearnerSettings(CommonSettings):
     lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Modules LoRA adapts: a list of names (q_proj, …) or `all-linear`."""
 
+    # ---- memory (learner.base_weights; what each mode needs: docs/models.md) ----
+    base_dtype: Literal["float32", "bfloat16"] = "float32"
+    """How the frozen base model's weights are held: float32 (exact; on CUDA the forward runs
+    under bf16 autocast either way) or bfloat16 (half the memory). The adapter trains in float32."""
+
+    quantize: Literal["none", "8bit", "4bit"] = "none"
+    """QLoRA: hold the base's linear layers in 8 bits or 4 (NF4, double-quantized) with
+    bitsandbytes, the rest in bfloat16; needs an NVIDIA GPU and `uv sync --extra qlora`. The
+    adapter trains in float32 and is served on the unquantized base."""
+
+    gradient_checkpointing: bool = False
+    """Keep only each layer's input during the forward pass and recompute the rest in the
+    backward: activation memory of one layer instead of all, for about a third more compute."""
+
     seed: int = 0
     """Seed for initialisation and batch sampling."""
 
