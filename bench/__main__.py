@@ -30,6 +30,7 @@ SUITES = {
     "flood": "bench.flood",
     "soak": "bench.soak",
     "annotation": "bench.annotation",
+    "memory": "bench.memory",
     "implicit-feedback": "bench.implicit_feedback",
 }  # name -> module with run(options) -> Path
 
