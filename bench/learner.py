@@ -1,12 +1,13 @@
 """Learner benchmarks: our KTO update path against TRL's KTOTrainer, and feedback → served latency.
 
-    .venv/bin/python -m bench --only learner            # full: about 8 minutes on 2 CPU cores
-    .venv/bin/python -m bench --only learner --quick    # smoke run: about 3-4 minutes
+    .venv/bin/python -m bench --only learner            # full: about 11 minutes on 2 CPU cores
+    .venv/bin/python -m bench --only learner --quick    # smoke run: about 5 minutes
     .venv/bin/python -m bench --only learner --model PATH   # a local model instead of the random ones
 
 This module is the suite's entry (`run`), the plan and the throughput comparison's orchestration;
 bench/learner_sides.py runs one side (ours / TRL) in its own subprocess (`python -m
-bench.learner_sides --side ...`); bench/feedback_latency.py is part 2. What is measured and how:
+bench.learner_sides --side ...`); bench/learner_families.py repeats the comparison on a tiny model of
+each family users bring; bench/feedback_latency.py is part 2. What is measured and how:
 docs/benchmarks.md.
 """
 
@@ -52,6 +53,8 @@ class Plan:
         ModelSpec("larger (h512, 6 layers)", 512, 6, 8, 4),
     )
     breakdown_steps: int = 3  # an extra instrumented run of ours: where the time goes (steps after the first)
+    family_steps: int = 16  # N for each model family's tiny model (bench/learner_families.py)
+    family_repeats: int = 3
     # torch threads (OMP_NUM_THREADS) of the throughput workers on CPU, the same for both sides. Not
     # the default (one per core): on this shared 2-core box two OpenMP threads per process collapse
     # as soon as anything else holds a core (runs measured 10-50x slower and erratic), one does not.
@@ -73,6 +76,8 @@ FULL = Plan()
 QUICK = Plan(
     models=(ModelSpec("demo (h128, 4 layers)", 128, 4, 4, 8),),
     breakdown_steps=2,
+    family_steps=8,
+    family_repeats=1,
     measure_s=15.0,
     drain_s=35.0,
     diagnostic_env=(),
@@ -82,6 +87,8 @@ QUICK = Plan(
 def run(options) -> Path:
     import torch
 
+    from bench import learner_families  # imports this module: not at the top
+
     plan = QUICK if options.quick else FULL
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "bfloat16 autocast (fp32 weights)" if device == "cuda" else "float32"
@@ -89,21 +96,18 @@ def run(options) -> Path:
         tmp = Path(tmp_dir)
         models = resolve_models(options, plan, tmp)
         throughput = [compare_sides(spec, path, plan, tmp) for spec, path in models]
+        families = [] if options.model else learner_families.measure_families(plan, tmp)  # not a user's model
         latency = [measure_latency(plan, models[0][1], tmp / "latency")]
         if plan.diagnostic_env:
             env = dict(plan.diagnostic_env)
             logger.info("feedback latency again, diagnostic: %s", env)
-            latency.append(
-                measure_latency(
-                    replace(plan, measure_s=plan.diagnostic_measure_s, drain_s=plan.diagnostic_drain_s),
-                    models[0][1],
-                    tmp / "latency-diagnostic",
-                    env,
-                )
-            )
-    results = {"throughput": throughput, "latency": latency}
-    targets = make_targets(results)
-    print_tables(results, targets, plan)
+            diagnostic = replace(plan, measure_s=plan.diagnostic_measure_s, drain_s=plan.diagnostic_drain_s)
+            latency.append(measure_latency(diagnostic, models[0][1], tmp / "latency-diagnostic", env))
+    results = {"throughput": throughput, "families": families, "latency": latency}
+    targets = make_targets(results) + learner_families.make_targets(families)
+    print_tables(results, plan)
+    print(learner_families.table(families, plan))
+    print(report.targets_table(targets))
     payload = {
         "suite": "learner",
         "quick": options.quick,
@@ -150,8 +154,9 @@ def resolve_models(options, plan: Plan, tmp: Path) -> list[tuple[ModelSpec, Path
 # ---- 1. throughput: the orchestrating side ---------------------------------------------------
 
 
-def compare_sides(spec: ModelSpec, model_path: Path, plan: Plan, tmp: Path) -> dict[str, Any]:
-    """Timing in one subprocess (the sides alternate); peak memory in fresh ones, one per side.
+def compare_sides(spec: ModelSpec, model_path: Path, plan: Plan, tmp: Path, *, memory: bool = True) -> dict[str, Any]:
+    """Timing in one subprocess (the sides alternate); peak memory (unless `memory` is False) in
+    fresh ones, one per side.
 
     On CPU each side's memory is taken twice: with glibc's defaults (what the process's RSS
     really reached) and with its mmap threshold fixed at 64 KiB (`MALLOC_MMAP_THRESHOLD_`), so
@@ -180,7 +185,7 @@ def compare_sides(spec: ModelSpec, model_path: Path, plan: Plan, tmp: Path) -> d
     sides = _worker(
         "both", [*common, "--repeats", str(plan.repeats), "--breakdown-steps", str(plan.breakdown_steps)], tmp, threads
     )
-    for side in ("ours", "trl"):
+    for side in ("ours", "trl") if memory else ():
         logger.info("%s on %s: peak memory", side, spec.name)
         sides[side]["memory"] = _worker(side, common, tmp, threads)[side]["memory"]
         if sides[side]["device"] == "cuda":  # the CUDA allocator's own peak is exact already
@@ -190,7 +195,7 @@ def compare_sides(spec: ModelSpec, model_path: Path, plan: Plan, tmp: Path) -> d
         fixed = {**threads, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
         sides[side]["memory_fixed_mmap"] = _worker(side, common, tmp, fixed)[side]["memory"]
     ours, trl = sides["ours"], sides["trl"]
-    return {
+    compared = {
         "model": spec.name,
         "path": str(model_path),
         "parameters": ours["parameters"],
@@ -205,11 +210,11 @@ def compare_sides(spec: ModelSpec, model_path: Path, plan: Plan, tmp: Path) -> d
         "ratio_best_of_runs": report.ratio(trl["best_seconds"], ours["best_seconds"]),
         "ratio_with_reference": report.ratio(ours["with_reference"]["examples_per_s"], trl["examples_per_s"]),
         "ratio_steady_step": report.ratio(trl["steady_step_s"], ours["steady_step_s"]),
-        "memory_ratio": report.ratio(ours["memory"]["peak_delta_mib"], trl["memory"]["peak_delta_mib"]),
-        "memory_ratio_fixed_mmap": report.ratio(
-            ours["memory_fixed_mmap"]["peak_delta_mib"], trl["memory_fixed_mmap"]["peak_delta_mib"]
-        ),
     }
+    if memory:
+        peak = lambda key: report.ratio(ours[key]["peak_delta_mib"], trl[key]["peak_delta_mib"])
+        compared |= {"memory_ratio": peak("memory"), "memory_ratio_fixed_mmap": peak("memory_fixed_mmap")}
+    return compared
 
 
 def _worker(side: str, args: list[str], tmp: Path, env: dict[str, str]) -> dict[str, Any]:
@@ -250,7 +255,7 @@ def make_targets(results: dict[str, Any]) -> list[report.Target]:
     return targets
 
 
-def print_tables(results: dict[str, Any], targets: list[report.Target], plan: Plan) -> None:
+def print_tables(results: dict[str, Any], plan: Plan) -> None:
     rows = []
     for t in results["throughput"]:
         o, r = t["ours"], t["trl"]
@@ -280,11 +285,9 @@ def print_tables(results: dict[str, Any], targets: list[report.Target], plan: Pl
     device = f"{first.get('device')}, {first.get('torch_threads')} torch thread(s)"
     print(
         report.table(
-            f"1. Learner throughput, one pass of N steps x B examples ({device}; median of "
-            f"{plan.repeats} runs per side, "
-            f"sides alternating; LoRA r{LORA_RANK} on every linear layer; peak memory above the loaded "
-            "model, one fresh "
-            f"process per side)",
+            f"1. Learner throughput, one pass of N steps x B examples ({device}; median of {plan.repeats} runs per "
+            f"side, sides alternating; LoRA r{LORA_RANK} on every linear layer; peak memory above the loaded "
+            "model, one fresh process per side)",
             [
                 "model",
                 "path",
@@ -389,7 +392,6 @@ def print_tables(results: dict[str, Any], targets: list[report.Target], plan: Pl
             f"{lat['server_log_errors'][:2]}"
         )
     print()
-    print(report.targets_table(targets))
 
 
 if __name__ == "__main__":  # the side worker's former entry point, still accepted

@@ -145,7 +145,7 @@ def worker(argv: list[str]) -> None:
 
         datasets.disable_progress_bars()
 
-    from foundation.models import default_device, load_model
+    from foundation.models import default_device, load_model, lora_target_names
 
     device, _ = default_device()
     n = args.batch * args.steps
@@ -156,6 +156,7 @@ def worker(argv: list[str]) -> None:
             loaded = load_model(args.model, device=device, dtype=torch.float32)
             texts = make_texts(loaded.tokenizer, n, args.prompt_tokens, args.completion_tokens)
             tokens = [tokenize_like_trl(loaded.tokenizer, p, c) for p, c in texts]
+            targets = lora_target_names(loaded.model)  # before either side wraps the model in LoRA layers
             memory = Memory(device.type) if args.side != "both" else None
             meter = report.CpuMeter()
             one = (run_ours if side == "ours" else run_trl)(loaded, texts, tokens, args)
@@ -166,6 +167,7 @@ def worker(argv: list[str]) -> None:
                 {
                     "parameters": sum(p.numel() for p in loaded.model.parameters() if not p.requires_grad),
                     "trainable": one.pop("trainable"),
+                    "lora_targets": targets,
                     "mean_tokens": {
                         "prompt": statistics.fmean(len(p) for p, _ in tokens),
                         "completion": statistics.fmean(len(c) for _, c in tokens),
@@ -208,19 +210,6 @@ def worker(argv: list[str]) -> None:
                 "reference_s": statistics.median(r["reference_s"] for r in got),
             }
     args.out.write_text(json.dumps(report._clean(result)))
-
-
-def lora_targets(model) -> list[str]:
-    """What `Policy` targets for "all-linear": short names of every Linear but the LM head."""
-    import torch
-
-    return sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")
-        }
-    )
 
 
 def _examples(tokens: list[tuple[list[int], list[int]]], batch: int):
@@ -390,6 +379,8 @@ def run_trl(loaded, texts, tokens, args) -> dict[str, Any]:
     from transformers import TrainerCallback
     from trl import KTOConfig, KTOTrainer
 
+    from foundation.models import lora_target_names
+
     cuda = loaded.device.type == "cuda"
     n = len(texts)
     dataset = Dataset.from_dict(
@@ -424,7 +415,7 @@ def run_trl(loaded, texts, tokens, args) -> dict[str, Any]:
             r=LORA_RANK,
             lora_alpha=LORA_ALPHA,
             lora_dropout=0.0,
-            target_modules=lora_targets(loaded.model),
+            target_modules=lora_target_names(loaded.model),
             task_type="CAUSAL_LM",
         )
         step_ends: list[float] = []
