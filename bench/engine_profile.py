@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from foundation.models import default_device, load_model
-from serve.engine import Engine, Finished, GenerationRequest
+from serve.engine import Engine
+from serve.generation import Finished, GenerationRequest
 
 
 def per_step_s(engine: Engine, prompt: list[int], rows: int, tokens: int, seeded: bool) -> float:

@@ -40,7 +40,7 @@ import torch
 from bench import report, swap
 from bench.live import ADMIN_TOKEN, PROMPT, Clients, LiveServer, Reply, bench_model, complete, make_adapters, stream
 from foundation.models import render_prompt
-from serve.engine import Failed, Finished, GenerationRequest
+from serve.generation import Failed, Finished, GenerationRequest
 from serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)

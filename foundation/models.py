@@ -273,6 +273,28 @@ def load_model(
     return loaded
 
 
+def load_shape(model: str | Path, *, model_id: str | None = None) -> LoadedModel:
+    """The tokenizer and the model built on the meta device from its config: its layers, context
+    and end-of-answer ids without its weights, for an engine that loads them itself (vLLM).
+    Refused as `load_model` refuses."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    config = AutoConfig.from_pretrained(model)
+    try:
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(config)
+    except ValueError as exc:
+        raise ModelRefused(f"{model} is not a causal language model: {exc}") from exc
+    try:
+        lm.generation_config = GenerationConfig.from_pretrained(model)
+    except OSError:
+        pass  # none shipped: the config's ids stand
+    loaded = LoadedModel(lm, tokenizer, model_id or str(model), torch.device("meta"), lm.dtype)
+    _check_loadable(loaded, model)
+    return loaded
+
+
 def _check_loadable(loaded: LoadedModel, model: str | Path) -> None:
     if not lora_target_names(loaded.model):
         raise ModelRefused(

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from foundation.disk import DiskProbe
-from foundation.models import ModelRefused, ensure_demo_model, load_model, prompt_limit, set_torch_threads
+from foundation.models import ModelRefused, ensure_demo_model, prompt_limit, set_torch_threads
 from ingest.bus import Bus, open_bus
 from ingest.events import Topics
 from ingest.spool import Spool
@@ -23,7 +23,7 @@ from serve.annotation_queue import open_annotation_queue
 from serve.auth import Authenticator, refuse_unsafe_exposure
 from serve.credentials import open_key_store
 from serve.deps import ServeState
-from serve.engine import Engine
+from serve.generation import open_engine
 from serve.hotswap import HotSwap
 from serve.ledger import open_ledger
 from serve.ledger_backlog import BackloggedLedger
@@ -87,16 +87,21 @@ def _build_state(settings: ServeSettings) -> ServeState:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     set_torch_threads(settings.torch_threads)
     model_path = settings.model or ensure_demo_model(settings.data_dir)
-    loaded = load_model(model_path, model_id=settings.base_model_id)
+    loaded, engine = open_engine(
+        settings.engine,
+        str(model_path),
+        model_id=settings.base_model_id,
+        max_batch=settings.max_batch,
+        max_lora_rank=settings.max_lora_rank,
+    )
     explicit = "max_prompt_tokens" in settings.model_fields_set
-    limit = prompt_limit(loaded, settings.max_prompt_tokens, explicit=explicit)
-    settings = settings.model_copy(update={"max_prompt_tokens": limit})
+    # In place, not a copy: the routes and the admin API share this one settings object.
+    settings.max_prompt_tokens = prompt_limit(loaded, settings.max_prompt_tokens, explicit=explicit)
     topics = Topics(settings.topic_prefix)
     metrics = ServeMetrics()
     disk = metrics.disk.probe = DiskProbe(settings.written_paths(), int(settings.disk_reserve_mb * 2**20))
     registry = open_registry(settings.registry_url, settings.adapter_dir)
     metrics.set_active(None, settings.base_model_id)
-    engine = Engine(loaded, max_batch=settings.max_batch)
     hotswap = HotSwap(
         engine,
         registry,

@@ -19,8 +19,8 @@ from registry import Registry
 from serve.annotation_queue import AnnotationQueue
 from serve.auth import Authenticator, BadCredential, Caller, KeysUnreachable, MissingCredential
 from serve.credentials import KeyStore, KeysUnavailable
-from serve.engine import Engine
 from serve.errors import Forbidden, TooManyRequests, Unauthorized, Unavailable
+from serve.generation import GenerationEngine
 from serve.hotswap import HotSwap
 from serve.ledger import ResponseLedger
 from serve.metrics import ServeMetrics
@@ -38,7 +38,7 @@ class ServeState:
 
     settings: ServeSettings
     loaded: LoadedModel
-    engine: Engine
+    engine: GenerationEngine
     bus: Bus
     """Where routes publish: the embedded bus, or Kafka behind the spool (then ``spool`` is it too)."""
     topics: Topics

@@ -8,7 +8,8 @@ when they share one the plain (faster) path runs.
 
 All model access — forward passes, loading and deleting adapters — happens on the engine
 thread, so a hot-swap never races a forward pass. Other threads talk to it through
-`submit()`, `load_adapter()` and `retain()`.
+`submit()`, `load_adapter()`, `retain()` and `log_ratios()`: the interface serve.generation
+names, which the vLLM engine (serve.vllm_engine) implements too.
 """
 
 from __future__ import annotations
@@ -25,56 +26,16 @@ from typing import Any
 
 import torch
 
-from foundation.models import LoadedModel, eos_token_ids
+from foundation.models import LoadedModel, eos_token_ids, lora_target_names
 from serve.batch import RunningBatch, left_pad
+from serve.generation import Delta, Failed, Finished, GenerationRequest, Handle, Output, Pair
+from serve.pins import VersionPins
 from serve.sampling import sample_next
 from serve.text import TextTracker
 
 logger = logging.getLogger(__name__)
 
 _PEFT_NO_ADAPTER = "__base__"  # PEFT's reserved name for "no adapter" in a mixed batch (the base model is None here)
-
-
-@dataclass
-class GenerationRequest:
-    prompt_ids: list[int]
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    adapter: str | None = None  # the pinned version; None = the base model
-
-
-@dataclass
-class Delta:
-    text: str
-
-
-@dataclass
-class Finished:
-    finish_reason: str  # "stop" | "length"
-    text: str
-    token_ids: list[int]  # exactly as generated, including the EOS or stop-string tokens
-    prompt_tokens: int
-
-
-@dataclass
-class Failed:
-    error: str
-
-
-Output = Delta | Finished | Failed
-
-
-class Handle:
-    """What `submit` returns: lets the caller cancel (e.g. the client went away)."""
-
-    def __init__(self) -> None:
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
 
 @dataclass
@@ -89,6 +50,8 @@ class _Sequence:
 
 
 class Engine:
+    """The built-in engine (serve.generation.GenerationEngine)."""
+
     def __init__(self, loaded: LoadedModel, *, max_batch: int = 16):
         self.loaded = loaded
         # Becomes a PeftModel when the first adapter arrives; the two share no type that has
@@ -102,10 +65,8 @@ class Engine:
         self._wake = threading.Event()
         self._running: list[_Sequence] = []
         self._batch: RunningBatch | None = None
-        self._refs: dict[str | None, int] = {}
-        self._refs_lock = threading.Lock()
-        self._keep: set[str] = set()
-        self._loaded: set[str] = set()
+        self._pins = VersionPins()
+        self.lora_targets = frozenset(lora_target_names(loaded.model))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.steps = itertools.count()
@@ -127,7 +88,7 @@ class Engine:
 
     @property
     def loaded_versions(self) -> frozenset[str]:
-        return frozenset(self._loaded)
+        return self._pins.loaded
 
     @property
     def waiting(self) -> int:
@@ -139,10 +100,7 @@ class Engine:
 
     def submit(self, request: GenerationRequest, emit: Callable[[Output], object]) -> Handle:
         """Queue a request; `emit` is called from the engine thread with each output."""
-        with self._refs_lock:  # pinned from now on: its version cannot be unloaded under it
-            if request.adapter is not None and request.adapter not in self._loaded:
-                raise KeyError(request.adapter)
-            self._refs[request.adapter] = self._refs.get(request.adapter, 0) + 1
+        self._pins.pin(request.adapter)  # from now on its version cannot be unloaded under it
         generator = None
         if request.seed is not None:
             generator = torch.Generator(device=self.loaded.device).manual_seed(request.seed)
@@ -162,10 +120,9 @@ class Engine:
         """Keep these versions loaded; others are unloaded once no request holds them."""
         return self._call(lambda: self._set_keep(versions))
 
-    def call(self, fn: Callable[[], object]) -> Future:
-        """Run ``fn`` on the engine thread between decoding steps, where it may use the model
-        (and switch its adapter: every decoding step sets the one it needs)."""
-        return self._call(fn)
+    def log_ratios(self, version: str, pairs: list[Pair]) -> Future:
+        """Computed on the engine thread between decoding steps: chat pauses for one short pass."""
+        return self._call(lambda: self._log_ratios(version, pairs))
 
     # ---- engine thread ---------------------------------------------------------------------
 
@@ -303,14 +260,13 @@ class Engine:
             seq.handle.cancel()
 
     def _release(self, seq: _Sequence) -> None:
-        with self._refs_lock:
-            self._refs[seq.request.adapter] -= 1
+        self._pins.release(seq.request.adapter)
 
     def _forward(self, versions, ids, mask, positions, cache) -> torch.Tensor:
         kwargs = dict(
             input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
         )
-        if not self._loaded:
+        if not self._pins.loaded:
             return self.model(**kwargs).logits
         distinct = set(versions)
         if distinct == {None}:
@@ -330,33 +286,50 @@ class Engine:
 
     def _load(self, version: str, path) -> float:
         started = time.perf_counter()
-        if version in self._loaded:
+        if version in self._pins.loaded:
             return 0.0
-        if not self._loaded and not hasattr(self.model, "peft_config"):
+        if not hasattr(self.model, "peft_config"):
             from peft import PeftModel
 
             self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=version)
         else:
             self.model.load_adapter(str(path), adapter_name=version)
         self.model.eval()
-        with self._refs_lock:
-            self._loaded.add(version)
-            self._keep.add(version)
+        self._pins.add(version)
         elapsed = time.perf_counter() - started
         logger.info("loaded adapter %s in %.0f ms", version, elapsed * 1000)
         return elapsed
 
     def _set_keep(self, versions: set[str]) -> None:
-        self._keep = set(versions)
+        self._pins.keep(versions)
         self._collect()
 
     def _collect(self) -> None:
         """Unload versions that are neither kept nor held by a request."""
-        with self._refs_lock:  # held with submit's check, so a version is never pinned mid-delete
-            held = {v for v, n in self._refs.items() if n > 0}
-            for version in sorted(self._loaded - self._keep - held):
-                if len(self._loaded) == 1:
-                    break  # PEFT needs one adapter to stay wrapped; it costs little to keep
-                self.model.delete_adapter(version)
-                self._loaded.discard(version)
-                logger.info("unloaded adapter %s", version)
+        for version in self._pins.collect(self.model.delete_adapter, keep_one=True):
+            logger.info("unloaded adapter %s", version)
+
+    @torch.inference_mode()
+    def _log_ratios(self, version: str, pairs: list[Pair]) -> list[float] | None:
+        if version not in self._pins.loaded:
+            return None
+        length = max(len(p) + len(c) for p, c in pairs)
+        ids = torch.full((len(pairs), length), self.pad_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        answer = torch.zeros_like(ids, dtype=torch.bool)
+        for i, (prompt, completion) in enumerate(pairs):  # right-padded: positions count from 0
+            ids[i, : len(prompt) + len(completion)] = torch.tensor(prompt + completion)
+            mask[i, : len(prompt) + len(completion)] = 1
+            answer[i, len(prompt) : len(prompt) + len(completion)] = True
+        ids, mask, answer = ids.to(self.loaded.device), mask.to(self.loaded.device), answer.to(self.loaded.device)
+        self.model.set_adapter(version)
+        policy = _logps(self.model(input_ids=ids, attention_mask=mask).logits, ids, answer)
+        with self.model.disable_adapter():
+            reference = _logps(self.model(input_ids=ids, attention_mask=mask).logits, ids, answer)
+        return (policy - reference).tolist()
+
+
+def _logps(logits: torch.Tensor, ids: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """Σ log p of the answer tokens; the logits at t predict the token at t + 1."""
+    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (logps * answer[:, 1:]).sum(-1)

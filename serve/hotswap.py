@@ -24,10 +24,9 @@ import logging
 import time
 from pathlib import Path
 
-from foundation.models import lora_target_names
 from registry import Canary, Registry, VerificationError, in_canary
 from serve.compat import check_adapter
-from serve.engine import Engine
+from serve.generation import GenerationEngine
 from serve.metrics import ServeMetrics
 
 logger = logging.getLogger(__name__)
@@ -36,7 +35,7 @@ logger = logging.getLogger(__name__)
 class HotSwap:
     def __init__(
         self,
-        engine: Engine,
+        engine: GenerationEngine,
         registry: Registry,
         metrics: ServeMetrics,
         *,
@@ -53,7 +52,6 @@ class HotSwap:
         """The running canary as routed here: set once its candidate is loaded, else None."""
         self._seen: int | None = None
         self._lock = asyncio.Lock()  # the poll loop and the admin API may both call sync()
-        self._targets = set(lora_target_names(engine.loaded.model))
 
     async def run(self) -> None:
         while True:
@@ -122,7 +120,7 @@ class HotSwap:
         return check_adapter(
             self.registry.adapter_path(version),
             base_model=self.base_model,
-            allowed_target_modules=self._targets,
+            allowed_target_modules=set(self.engine.lora_targets),
             max_rank=self.max_rank,
         )
 

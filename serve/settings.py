@@ -119,6 +119,11 @@ class ServeSettings(CommonSettings):
     served_model_name: str = "kto-loop"
     """Model name that means "whatever version is active now" (listed first in /v1/models)."""
 
+    engine: Literal["auto", "builtin", "vllm"] = "auto"
+    """What generates: `builtin` (continuous batching on the Hugging Face model, CPU or GPU),
+    `vllm` (NVIDIA GPUs; installed with `uv sync --extra vllm --no-dev`), or `auto`: vLLM where
+    it is installed and a GPU is present, the built-in engine elsewhere (serve.generation)."""
+
     max_batch: int = Field(16, ge=1, le=256)
     """Most sequences decoded together in one step (sequences)."""
 

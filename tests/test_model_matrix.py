@@ -110,7 +110,7 @@ def prefer(token_id: int):
 def test_every_end_of_turn_token_stops_the_answer(family, client):
     chosen, _ = family
     state = state_of(client)
-    head = state.engine.model.get_output_embeddings()
+    head = state.loaded.model.get_output_embeddings()  # the model every engine step runs
     for token in chosen.end_of_turn:
         token_id = state.loaded.tokenizer.get_vocab()[token]
         hook = head.register_forward_hook(prefer(token_id))

@@ -31,8 +31,8 @@ from registry import RegistryError
 from serve.annotation_queue import QueueItem
 from serve.annotation_strategies import wants_overlap
 from serve.deps import ChatCaller, Identified, ServeState, State
-from serve.engine import Delta, Failed, Finished, GenerationRequest, Output
 from serve.errors import AUTHENTICATED, ApiError, BadRequest, NotFound, responses, unavailable
+from serve.generation import Delta, Failed, Finished, GenerationRequest, Output
 from serve.schemas import ChatCompletionRequest
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,9 @@
-"""The engine: batched rows generate exactly what each would alone, pinned to their version."""
+"""The engine contract (serve.generation), against every engine available here: the built-in one
+always, vLLM where it is installed and an NVIDIA GPU is present. Rows are pinned to their version,
+streamed text adds up, stop strings and lengths hold, unused versions are unloaded.
+
+What only the built-in engine promises is marked so: batched rows generate exactly what each
+would alone (vLLM's batched kernels are not batch-invariant)."""
 
 from __future__ import annotations
 
@@ -6,10 +11,14 @@ import threading
 
 import pytest
 
-from serve.engine import Delta, Engine, Failed, Finished, GenerationRequest
+from serve.engine import Engine
+from serve.generation import Delta, Failed, Finished, GenerationEngine, GenerationRequest
+from serve.vllm_engine import VllmEngine, vllm_available
+
+ENGINES = ["builtin", *(["vllm"] if vllm_available() else [])]
 
 
-def run_all(engine: Engine, requests: list[GenerationRequest], timeout: float = 60) -> list[list]:
+def run_all(engine: GenerationEngine, requests: list[GenerationRequest], timeout: float = 60) -> list[list]:
     """Submit every request at once; return each one's outputs."""
     outputs: list[list] = [[] for _ in requests]
     done = [threading.Event() for _ in requests]
@@ -34,12 +43,22 @@ def final(outputs: list) -> Finished:
     return outputs[-1]
 
 
-@pytest.fixture
-def engine(tiny_model):
-    engine = Engine(tiny_model, max_batch=8)
+@pytest.fixture(params=ENGINES)
+def engine(request, tiny_model, tiny_model_dir):
+    from foundation.models import load_shape
+
+    if request.param == "builtin":
+        engine: GenerationEngine = Engine(tiny_model, max_batch=8)
+    else:
+        engine = VllmEngine(str(tiny_model_dir), load_shape(tiny_model_dir), max_batch=8, max_lora_rank=16)
     engine.start()
     yield engine
     engine.stop()
+
+
+def builtin_only(engine: GenerationEngine) -> None:
+    if not isinstance(engine, Engine):
+        pytest.skip("a promise of the built-in engine only")
 
 
 def prompt(tiny_model, text: str) -> list[int]:
@@ -52,6 +71,7 @@ TEXTS = ["Hello there", "What is the capital of France?", "Yes", "Tell me about 
 
 
 def test_batched_greedy_equals_solo(engine, tiny_model):
+    builtin_only(engine)
     requests = [GenerationRequest(prompt(tiny_model, t), max_tokens=10, temperature=0) for t in TEXTS]
     solo = [final(run_all(engine, [r])[0]).token_ids for r in requests]
     together = [final(o).token_ids for o in run_all(engine, requests)]
@@ -60,6 +80,7 @@ def test_batched_greedy_equals_solo(engine, tiny_model):
 
 
 def test_rows_pinned_to_different_adapters(engine, tiny_model, make_adapter):
+    builtin_only(engine)  # solo equals mixed: batch invariance (vLLM: test_each_row_gets_its_version)
     engine.load_adapter("v1", make_adapter(1)).result()
     engine.load_adapter("v2", make_adapter(2)).result()
     versions = [None, "v1", "v2", "v1"]
@@ -129,3 +150,23 @@ def test_a_failing_step_fails_its_requests_not_the_engine(engine, tiny_model):
     assert isinstance(out[-1], Failed)
     good = run_all(engine, [GenerationRequest(prompt(tiny_model, "Hi"), max_tokens=3, temperature=0)])[0]
     assert isinstance(good[-1], Finished)
+
+
+def test_each_row_gets_its_version(engine, tiny_model, make_adapter):
+    engine.load_adapter("v1", make_adapter(1)).result()
+    engine.load_adapter("v2", make_adapter(2)).result()
+    assert engine.load_adapter("v1", make_adapter(1)).result() == 0.0  # loaded once, under its name
+    same_prompt = [
+        GenerationRequest(prompt(tiny_model, TEXTS[0]), max_tokens=8, temperature=0, adapter=v)
+        for v in (None, "v1", "v2")
+    ]
+    together = [final(o).token_ids for o in run_all(engine, same_prompt)]
+    assert len({tuple(a) for a in together}) == 3  # three versions, three answers in one batch
+
+
+def test_log_ratios_under_a_loaded_version_and_none_for_another(engine, tiny_model, make_adapter):
+    engine.load_adapter("v1", make_adapter(1)).result()
+    pairs = [(prompt(tiny_model, t), [20, 21, 22]) for t in TEXTS[:2]]
+    ratios = engine.log_ratios("v1", pairs).result()
+    assert len(ratios) == 2 and all(abs(r) > 1e-4 for r in ratios)
+    assert engine.log_ratios("not-loaded", pairs).result() is None
