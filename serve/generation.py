@@ -130,5 +130,9 @@ def open_engine(engine: str, model: str, *, model_id: str, max_batch: int, max_l
     else:
         loaded = load_model(model, model_id=model_id)
         chosen = Engine(loaded, max_batch=max_batch)
-    logger.info("generating with the %s engine", type(chosen).__name__)
+    logger.info(
+        "generating with %s (KTO_ENGINE=%s)",
+        "vLLM" if isinstance(chosen, VllmEngine) else "the built-in engine",
+        engine,
+    )
     return loaded, chosen
