@@ -341,18 +341,16 @@ def _serve(settings, log_level: str = "info", processes=None) -> int:
     """``processes``: what `up` runs beside the server, for /readyz and /metrics (serve.processes)."""
     import uvicorn
 
-    from serve.app import create_app, server_config
+    from foundation.models import ModelRefused
+    from serve.app import check_servable, create_app, server_config
 
-    app = create_app(settings, processes=processes)
     try:
-        uvicorn.Server(server_config(settings, app, log_level=log_level)).run()
-    except SystemExit:  # uvicorn's answer to a failed start-up
-        refused = getattr(app.state, "refused", None)
-        if refused is None:
-            raise
-        # A model it cannot serve as configured: kto_loop.supervisor does not retry status 2.
-        sys.stderr.write(f"kto-loop: {refused}; a restart cannot fix this\n")
+        check_servable(settings)
+    except ModelRefused as exc:  # kto_loop.supervisor does not retry status 2
+        sys.stderr.write(f"kto-loop: {exc}; a restart cannot fix this\n")
         return 2
+    app = create_app(settings, processes=processes)
+    uvicorn.Server(server_config(settings, app, log_level=log_level)).run()
     return 0
 
 

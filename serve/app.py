@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from foundation.disk import DiskProbe
-from foundation.models import ModelRefused, ensure_demo_model, prompt_limit, set_torch_threads
+from foundation.models import ModelRefused, ensure_demo_model, load_shape, prompt_limit, set_torch_threads
 from ingest.bus import Bus, open_bus
 from ingest.events import Topics
 from ingest.spool import Spool
@@ -23,7 +23,7 @@ from serve.annotation_queue import open_annotation_queue
 from serve.auth import Authenticator, refuse_unsafe_exposure
 from serve.credentials import open_key_store
 from serve.deps import ServeState
-from serve.generation import open_engine
+from serve.generation import check_engine, open_engine
 from serve.hotswap import HotSwap
 from serve.ledger import open_ledger
 from serve.ledger_backlog import BackloggedLedger
@@ -44,11 +44,7 @@ def create_app(settings: ServeSettings, *, processes: ProcessReport | None = Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        try:
-            state = await run_in_threadpool(_build_state, settings)
-        except ModelRefused as exc:
-            app.state.refused = exc  # for `kto-loop serve`'s one-line answer and exit status
-            raise
+        state = await run_in_threadpool(_build_state, settings)
         state.processes = state.metrics.processes.report = processes
         app.state.serve = state
         state.engine.start()
@@ -80,6 +76,23 @@ def create_app(settings: ServeSettings, *, processes: ProcessReport | None = Non
     for module in (chat, feedback, annotation, me, admin, retention, audit, health, page, keys, users, rules):
         app.include_router(module.router)
     return app
+
+
+def check_servable(settings: ServeSettings) -> None:
+    """What start-up would refuse (ModelRefused), found from the model's shape alone (its config
+    and tokenizer, no weights) before the server starts, so that `kto-loop serve` answers it in
+    one line rather than after a failed start-up's traceback. Start-up checks it all again: the
+    demo model, and a model not readable here, are checked only there."""
+    check_engine(settings.engine)
+    if not settings.model:
+        return
+    try:
+        loaded = load_shape(settings.model, model_id=settings.base_model_id)
+    except ModelRefused:
+        raise
+    except Exception:  # e.g. a hub id while offline: start-up reports it as it loads the model
+        return
+    prompt_limit(loaded, settings.max_prompt_tokens, explicit="max_prompt_tokens" in settings.model_fields_set)
 
 
 def _build_state(settings: ServeSettings) -> ServeState:

@@ -113,17 +113,24 @@ class GenerationEngine(Protocol):
         ...
 
 
-def open_engine(engine: str, model: str, *, model_id: str, max_batch: int, max_lora_rank: int):
-    """(the model as serve sees it, the engine) for `KTO_ENGINE`'s value; ModelRefused when the
-    engine asked for cannot run here."""
-    from serve.engine import Engine
-    from serve.vllm_engine import VllmEngine, vllm_available
+def check_engine(engine: str) -> None:
+    """ModelRefused when the engine `KTO_ENGINE` asks for cannot run here."""
+    from serve.vllm_engine import vllm_available
 
     if engine == "vllm" and not vllm_available():
         raise ModelRefused(
             "KTO_ENGINE=vllm needs vLLM and an NVIDIA GPU: install it on a GPU host with "
             "`uv sync --extra vllm --no-dev`, or set KTO_ENGINE=builtin"
         )
+
+
+def open_engine(engine: str, model: str, *, model_id: str, max_batch: int, max_lora_rank: int):
+    """(the model as serve sees it, the engine) for `KTO_ENGINE`'s value; ModelRefused when the
+    engine asked for cannot run here."""
+    from serve.engine import Engine
+    from serve.vllm_engine import VllmEngine, vllm_available
+
+    check_engine(engine)
     if engine == "vllm" or (engine == "auto" and vllm_available()):
         loaded = load_shape(model, model_id=model_id)
         chosen: GenerationEngine = VllmEngine(model, loaded, max_batch=max_batch, max_lora_rank=max_lora_rank)

@@ -90,8 +90,8 @@ def test_asking_for_vllm_where_it_cannot_run_is_refused_with_one_line(tiny_model
         pytest.skip("vLLM and a GPU are here: nothing to refuse")
     monkeypatch.setenv("KTO_ENGINE", "vllm")
     assert main(["serve", "--data-dir", str(tmp_path), "--model", str(tiny_model_dir), "--port", "0"]) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("kto-loop: KTO_ENGINE=vllm needs vLLM and an NVIDIA GPU") and "KTO_ENGINE=builtin" in last
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("kto-loop: KTO_ENGINE=vllm needs vLLM and an NVIDIA GPU") and "KTO_ENGINE=builtin" in line
 
 
 # ---- the engine's own logic, on a stand-in for vLLM (tests/serve/vllm_stand_in.py) ----------
