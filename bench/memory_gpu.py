@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 
-def scratch_model() -> Path:
+def scratch_model(device: str = "cuda") -> Path:
     import torch
     from transformers import LlamaForCausalLM
 
@@ -31,16 +31,17 @@ def scratch_model() -> Path:
     if not (path / "config.json").exists():
         build_tokenizer(path)
         torch.set_default_dtype(torch.bfloat16)
-        with torch.device("cuda"):
+        with torch.device(device):
             model = LlamaForCausalLM(config_of(MEASURED))
         model.save_pretrained(path)
         del model
         torch.set_default_dtype(torch.float32)
-        torch.cuda.empty_cache()
     return path
 
 
-def measure(mode: str, checkpointing: bool) -> dict:
+def measure(mode: str, checkpointing: bool, device: str = "cuda") -> dict:
+    """One update step's peak memory (CUDA's allocator; None on another device, where this only
+    checks that the script runs)."""
     import torch
 
     from bench.memory import MEASURED, MODES, TOKENS, GiB, config_of, count, estimate
@@ -50,7 +51,8 @@ def measure(mode: str, checkpointing: bool) -> dict:
     from learner.settings import LearnerSettings
     from learner.update import run_update
 
-    path = scratch_model()
+    path = scratch_model(device)
+    cuda = device == "cuda"
     dtype, quantize = MODES[mode]
     settings = LearnerSettings(
         data_dir=path / "data",
@@ -59,8 +61,9 @@ def measure(mode: str, checkpointing: bool) -> dict:
         quantize=quantize,
         gradient_checkpointing=checkpointing,
     )
-    torch.cuda.reset_peak_memory_stats()
-    policy = Policy(load_base(path, settings, torch.device("cuda")), settings)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    policy = Policy(load_base(path, settings, torch.device(device)), settings)
     rng = random.Random(0)
     vocab = len(policy.loaded.tokenizer)
 
@@ -81,19 +84,20 @@ def measure(mode: str, checkpointing: bool) -> dict:
         run_update(
             policy, optimizer, [batch], beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, max_grad_norm=1.0
         )
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         steps.append(time.perf_counter() - started)
     guess = estimate(count(config_of(MEASURED)), base_dtype=dtype, quantize=quantize, checkpointing=checkpointing)
     return {
         "model": MEASURED,
         "mode": mode,
         "checkpointing": checkpointing,
-        "peak_gib": torch.cuda.max_memory_allocated() / GiB,
+        "peak_gib": torch.cuda.max_memory_allocated() / GiB if cuda else None,
         "estimate_gib": guess["total"] / GiB,
         "step_s": min(steps[1:]),
         "micro_batch": settings.micro_batch,
         "tokens": TOKENS,
-        "gpu": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if cuda else device,
     }
 
 
