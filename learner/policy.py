@@ -38,6 +38,14 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> tu
     return ids.to(device), attention.to(device), completion.to(device)
 
 
+def _enable_checkpointing(model) -> None:
+    kwargs = {"use_reentrant": False}  # no inputs that require grad needed, unlike the reentrant kind
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers' newer name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # the vllm extra resolves an older transformers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _checkpoint_in_eval(model: torch.nn.Module) -> None:
     """transformers checkpoints a decoder layer only in training mode; set that flag on the
     layers alone (not recursively), so that their dropout stays off."""
@@ -78,7 +86,7 @@ class Policy:
             task_type="CAUSAL_LM",
         )
         if settings.gradient_checkpointing:
-            loaded.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            _enable_checkpointing(loaded.model)
         self.model = get_peft_model(loaded.model, config, adapter_name=ADAPTER)
         self.model.eval()  # dropout off, as TRL's disable_dropout does; gradients still flow
         if settings.gradient_checkpointing:

@@ -14,6 +14,7 @@ names, which the vLLM engine (serve.vllm_engine) implements too.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import queue
@@ -66,6 +67,9 @@ class Engine:
         self._running: list[_Sequence] = []
         self._batch: RunningBatch | None = None
         self._pins = VersionPins()
+        # transformers 5.2x renamed past_key_values to cache; the vllm extra resolves an older one.
+        forward = inspect.signature(loaded.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward else "past_key_values"
         self.lora_targets = frozenset(lora_target_names(loaded.model))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -263,9 +267,8 @@ class Engine:
         self._pins.release(seq.request.adapter)
 
     def _forward(self, versions, ids, mask, positions, cache) -> torch.Tensor:
-        kwargs = dict(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
-        )
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        kwargs[self._cache_arg] = cache
         if not self._pins.loaded:
             return self.model(**kwargs).logits
         distinct = set(versions)
