@@ -37,53 +37,28 @@ logger = logging.getLogger(__name__)
 GiB = 2**30
 RANK, MICRO_BATCH, TOKENS = 8, 16, 512  # the learner's defaults; 512 tokens of prompt and answer
 
-LLAMA = dict(model_type="llama", rope_theta=500000.0, max_position_embeddings=131072)
+
+def _llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int, **extra: Any) -> dict:
+    return dict(
+        model_type="llama",
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        **extra,
+    )
+
+
+LLAMA3 = dict(rope_theta=500000.0, max_position_embeddings=131072)
 CONFIGS: dict[str, dict[str, Any]] = {  # the published configs' sizes
-    "Llama 3.2 1B": dict(
-        LLAMA,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        vocab_size=128256,
-        tie_word_embeddings=True,
-    ),
-    "Llama 3.1 8B": dict(
-        LLAMA,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=128256,
-        tie_word_embeddings=False,
-    ),
-    "Llama 3.1 70B": dict(
-        LLAMA,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=128256,
-        tie_word_embeddings=False,
-    ),
+    "Llama 3.2 1B": _llama(2048, 8192, 16, 32, 8, 128256, head_dim=64, tie_word_embeddings=True, **LLAMA3),
+    "Llama 3.1 8B": _llama(4096, 14336, 32, 32, 8, 128256, head_dim=128, tie_word_embeddings=False, **LLAMA3),
+    "Llama 3.1 70B": _llama(8192, 28672, 80, 64, 8, 128256, head_dim=128, tie_word_embeddings=False, **LLAMA3),
 }
 MEASURED = "Llama 2 7B"  # measured on a GPU: random weights, a 7B-class config
-CONFIGS[MEASURED] = dict(
-    model_type="llama",
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32000,
-    tie_word_embeddings=False,
-)
+CONFIGS[MEASURED] = _llama(4096, 11008, 32, 32, 32, 32000, tie_word_embeddings=False)
 MODES = {  # name -> (KTO_BASE_DTYPE, KTO_QUANTIZE)
     "float32 base (default)": ("float32", "none"),
     "bfloat16 base": ("bfloat16", "none"),

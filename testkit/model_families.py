@@ -145,6 +145,14 @@ def _gpt2_config(tok):
 
 
 _ATTENTION_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _gemma_tokens(template: str) -> TokenizerSpec:
+    """Gemma 2 and 3 share their special tokens; their templates differ on system messages."""
+    specials = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>")
+    return TokenizerSpec(specials=specials, bos="<bos>", eos="<eos>", pad="<pad>", chat_template=template)
+
+
 _GEMMA_SIZES = dict(head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM, sliding_window=512)
 
 FAMILIES: dict[str, Family] = {
@@ -215,13 +223,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "gemma2",
-            TokenizerSpec(
-                specials=("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
-                bos="<bos>",
-                eos="<eos>",
-                pad="<pad>",
-                chat_template=GEMMA2_TEMPLATE,
-            ),
+            _gemma_tokens(GEMMA2_TEMPLATE),
             _config("Gemma2Config", **_GEMMA_SIZES),
             "Gemma2ForCausalLM",
             ("<eos>", "<end_of_turn>"),
@@ -230,13 +232,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "gemma3",
-            TokenizerSpec(
-                specials=("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
-                bos="<bos>",
-                eos="<eos>",
-                pad="<pad>",
-                chat_template=GEMMA3_TEMPLATE,
-            ),
+            _gemma_tokens(GEMMA3_TEMPLATE),
             _config("Gemma3TextConfig", **_GEMMA_SIZES),
             "Gemma3ForCausalLM",
             ("<eos>", "<end_of_turn>"),
